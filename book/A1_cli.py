@@ -1,0 +1,79 @@
+# ---
+# jupyter:
+#   edm_lit:
+#     export: cli
+#   jupytext:
+#     formats: ipynb,py:percent
+#     notebook_metadata_filter: edm_lit
+#     text_representation:
+#       extension: .py
+#       format_name: percent
+#       format_version: '1.3'
+#       jupytext_version: 1.19.6
+#   kernelspec:
+#     display_name: Python 3
+#     language: python
+#     name: python3
+# ---
+
+# %% [markdown]
+# # A. The command line
+#
+# Installing the package (`pip install .`) puts one command on your path, `edm-lit`. Each
+# chapter that builds something a user runs at scale — converting checkpoints, training,
+# generating, computing FID — adds a subcommand here, and each subcommand is a thin wrapper
+# around a function of the package, so anything the command line does can also be done from
+# Python. So far there is one subcommand:
+#
+# | command | does |
+# |---|---|
+# | `edm-lit info` | prints the package version, the run mode and device (Chapter 0), and the modules |
+
+# %% tags=["export"]
+import argparse
+import pkgutil
+import sys
+
+import torch
+
+import edm_lit
+from edm_lit.mode import get_mode
+
+
+def _info(args) -> int:
+    mode = get_mode()
+    modules = sorted(m.name for m in pkgutil.iter_modules(edm_lit.__path__))
+    print(f"edm_lit {edm_lit.__version__} (torch {torch.__version__})")
+    print(f"mode: {mode.name}, device: {mode.device}")
+    print("modules: " + ", ".join(modules))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The `edm-lit` argument parser with one subparser per subcommand. Appendix A."""
+    parser = argparse.ArgumentParser(prog="edm-lit", description="EDM: train, sample and evaluate diffusion models.")
+    parser.add_argument("--version", action="version", version=f"edm_lit {edm_lit.__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    info = sub.add_parser("info", help="print version, run mode, device and modules")
+    info.set_defaults(func=_info)
+    return parser
+
+
+def main(argv=None) -> int:
+    """Entry point of the `edm-lit` console script. Appendix A."""
+    args = build_parser().parse_args(sys.argv[1:] if argv is None else argv)
+    return args.func(args)
+
+
+# %% [markdown]
+# **Check** — the command runs, and an unknown subcommand is refused with argparse's usage message
+# (exit status 2) rather than a traceback.
+
+# %%
+assert main(["info"]) == 0
+try:
+    main(["tran"])
+except SystemExit as e:
+    assert e.code == 2
+else:
+    raise AssertionError("an unknown subcommand must be refused")

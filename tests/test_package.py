@@ -1,0 +1,89 @@
+"""The package as a user meets it: mode switch, command line, import without Jupyter, export and pairing checks."""
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from edm_lit.cli import main
+from edm_lit.mode import MODE_ENV, get_mode
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_mode_switch():
+    assert get_mode({}).name == "quick"
+    assert get_mode({MODE_ENV: " QUICK "}).quick
+    with pytest.raises(ValueError, match="EDM_LIT_MODE must be one of"):
+        get_mode({MODE_ENV: "fast"})
+    if not torch.cuda.is_available():
+        with pytest.raises(RuntimeError, match="needs a CUDA GPU"):
+            get_mode({MODE_ENV: "full"})
+    assert get_mode({}).pick(quick=1, full=2) == (1 if get_mode({}).quick else 2)
+
+
+def test_cli(capsys):
+    assert main(["info"]) == 0
+    assert "mode: quick" in capsys.readouterr().out
+    with pytest.raises(SystemExit) as e:
+        main(["no-such-command"])
+    assert e.value.code == 2
+
+
+def test_console_script_installed():
+    exe = shutil.which("edm-lit", path=str(Path(sys.executable).parent))
+    assert exe, "the edm-lit console script is not installed next to this Python"
+    out = subprocess.run([exe, "--version"], capture_output=True, text=True, check=True).stdout
+    assert out.startswith("edm_lit ")
+
+
+def test_package_imports_without_jupyter():
+    code = (
+        "import sys, pkgutil, importlib\n"
+        "for name in ['IPython', 'ipykernel', 'ipywidgets', 'jupytext', 'nbformat', 'matplotlib']:\n"
+        "    sys.modules[name] = None  # any import of these now fails\n"
+        "import edm_lit\n"
+        "for m in pkgutil.iter_modules(edm_lit.__path__):\n"
+        "    importlib.import_module('edm_lit.' + m.name)\n"
+        "print('ok')\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd="/")
+    assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr
+
+
+def test_book_and_package_in_step():
+    """edm_lit/ is exactly what the chapters export, and every .ipynb matches its .py."""
+    out = subprocess.run([sys.executable, str(ROOT / "tools" / "nbtools.py"), "check"], capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+
+
+def _copy_project(tmp_path):
+    for name in ["book", "edm_lit", "tools"]:
+        shutil.copytree(ROOT / name, tmp_path / name, ignore=shutil.ignore_patterns("__pycache__"))
+    shutil.copy(ROOT / "pyproject.toml", tmp_path)
+    return tmp_path
+
+
+def _check(root):
+    return subprocess.run([sys.executable, str(root / "tools" / "nbtools.py"), "check"], capture_output=True, text=True)
+
+
+def test_check_catches_hand_edit(tmp_path):
+    root = _copy_project(tmp_path)
+    target = root / "edm_lit" / "framework.py"
+    target.write_text(target.read_text().replace("def ode_slope(", "def ode_slope_edited(", 1))
+    out = _check(root)
+    assert out.returncode == 1 and "edm_lit/framework.py differs" in out.stderr
+
+
+def test_check_catches_stray_module_and_unsynced_pair(tmp_path):
+    root = _copy_project(tmp_path)
+    (root / "edm_lit" / "extra.py").write_text("x = 1\n")
+    chapter = root / "book" / "01_framework.py"
+    chapter.write_text(chapter.read_text() + "\n# %%\nprint('new cell')\n")
+    out = _check(root)
+    assert out.returncode == 1
+    assert "edm_lit/extra.py is not exported by any chapter" in out.stderr
+    assert "01_framework.ipynb is out of sync with 01_framework.py" in out.stderr
