@@ -7,6 +7,7 @@ Each module says at its top which chapter derives it. Modules:
     edm_lit.cli
     edm_lit.framework
     edm_lit.mode
+    edm_lit.samplers
 """
 
 __version__ = "0.1.0"

@@ -45,7 +45,9 @@ class GaussianMixture:
         if means.ndim < 2:
             raise ValueError(f"means must be [K, *shape] with at least one event dimension, got shape {tuple(means.shape)}")
         K = means.shape[0]
-        stds = _as_f64(stds, "stds").expand(K).clone() if _as_f64(stds, "stds").numel() == 1 else _as_f64(stds, "stds")
+        stds = _as_f64(stds, "stds")
+        if stds.numel() == 1:
+            stds = stds.reshape(()).expand(K).clone()
         if stds.shape != (K,):
             raise ValueError(f"stds must be a scalar or have shape [{K}], got {tuple(stds.shape)}")
         if (stds < 0).any() or not torch.isfinite(stds).all():
@@ -205,12 +207,17 @@ class Schedule:
         """The time at which sigma(t) = sigma_max; the schedule is defined on [0, t_max]."""
         return float(self._sigma_inv(torch.tensor(self.sigma_max, dtype=torch.float64)))
 
+    def _t_gap(self) -> float:
+        """Times in (0, _t_gap()) have no real sigma(t): 0 here; a VP schedule with beta_min < 0 has a gap."""
+        return 0.0
+
     def _check_t(self, t) -> torch.Tensor:
         t = _as_f64(t, "t")
-        t_max = self.t_max
-        if not torch.isfinite(t).all() or (t < 0).any() or (t > t_max * (1 + 1e-12)).any():
-            raise ValueError(f"{self.name}: t must lie in [0, {t_max:g}], got values in "
-                             f"[{t.min().item():g}, {t.max().item():g}]")
+        t_max, gap = self.t_max, self._t_gap()
+        if (not torch.isfinite(t).all() or (t < 0).any() or (t > t_max * (1 + 1e-12)).any()
+                or ((t > 0) & (t < gap)).any()):
+            raise ValueError(f"{self.name}: t must lie in [0, {t_max:g}]" + (f" outside (0, {gap:g})" if gap else "")
+                             + f", got values in [{t.min().item():g}, {t.max().item():g}]")
         return t
 
     def sigma(self, t) -> torch.Tensor:
@@ -261,8 +268,9 @@ class VP(Schedule):
     name = "vp"
 
     def __init__(self, beta_d: float = 19.9, beta_min: float = 0.1, epsilon_s: float = 1e-3):
-        if not (beta_d > 0 and beta_min >= 0 and 0 < epsilon_s < 1):
-            raise ValueError(f"need beta_d > 0, beta_min >= 0, 0 < epsilon_s < 1; got {beta_d}, {beta_min}, {epsilon_s}")
+        if not (beta_d > 0 and 0 < epsilon_s < 1 and 0.5 * beta_d * epsilon_s + beta_min > 0):
+            raise ValueError(f"need beta_d > 0, 0 < epsilon_s < 1 and sigma(epsilon_s) > 0 (beta_min > -beta_d epsilon_s / 2); "
+                             f"got beta_d={beta_d}, beta_min={beta_min}, epsilon_s={epsilon_s}")
         self.beta_d, self.beta_min, self.epsilon_s = float(beta_d), float(beta_min), float(epsilon_s)
         f = lambda t: 0.5 * beta_d * t**2 + beta_min * t
         super().__init__(math.sqrt(math.expm1(f(epsilon_s))), math.sqrt(math.expm1(f(1.0))))
@@ -271,11 +279,16 @@ class VP(Schedule):
     def from_sigma_range(cls, sigma_min: float, sigma_max: float, epsilon_s: float = 1e-3) -> "VP":
         """The VP schedule whose t in [epsilon_s, 1] spans exactly [sigma_min, sigma_max].
 
-        beta_min comes out >= 0 only for epsilon_s <= sqrt(ln(1 + sigma_min^2) / ln(1 + sigma_max^2)).
+        beta_min comes out >= 0 only for epsilon_s <= sqrt(ln(1 + sigma_min^2) / ln(1 + sigma_max^2)); a negative one
+        (e.g. sigma in [0.002, 80], as the ablation sampler of Chapter 2 asks for) leaves sigma(t) real on [epsilon_s, 1]
+        but not on (0, -2 beta_min / beta_d), where the public methods refuse t.
         """
         a, b = math.log(sigma_min**2 + 1), math.log(sigma_max**2 + 1)
         beta_d = 2 * (a / epsilon_s - b) / (epsilon_s - 1)
         return cls(beta_d=beta_d, beta_min=b - 0.5 * beta_d, epsilon_s=epsilon_s)
+
+    def _t_gap(self):
+        return max(0.0, -2 * self.beta_min / self.beta_d)
 
     def _f(self, t):
         return 0.5 * self.beta_d * t**2 + self.beta_min * t

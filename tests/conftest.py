@@ -5,6 +5,9 @@ import torch
 
 DATA = Path(__file__).parent / "data"
 
+# The unit tests use small tensors: one thread is as fast and immune to OpenMP spinning on a busy machine.
+torch.set_num_threads(1)
+
 
 @pytest.fixture(scope="session")
 def parity():
