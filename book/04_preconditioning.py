@@ -1,0 +1,857 @@
+# ---
+# jupyter:
+#   edm_lit:
+#     export: precond
+#   jupytext:
+#     formats: ipynb,py:percent
+#     notebook_metadata_filter: edm_lit
+#     text_representation:
+#       extension: .py
+#       format_name: percent
+#       format_version: '1.3'
+#       jupytext_version: 1.19.6
+#   kernelspec:
+#     display_name: Python 3
+#     language: python
+#     name: python3
+# ---
+
+# %% [markdown]
+# # 4. Preconditioning and the training objective
+#
+# Chapters 1–3 treated the denoiser $D(\mathbf{x}; \sigma)$ as given. Now we have to *learn* it,
+# with a neural network, over noise levels from $\sigma \approx 0.002$ to $\sigma = 80$. A raw
+# network is a poor fit for that job: its input $\mathbf{y} + \mathbf{n}$ has a standard
+# deviation that grows 160-fold over the range, and its output must be an image at every σ.
+# The paper (Sec. 5, App. B.6) wraps the network in **preconditioning** — scalings of its input
+# and output that depend on σ only — and chooses the **training objective** (which σ to train
+# on, and how much each σ weighs) to match. This chapter derives both and exports them:
+#
+# - `edm_lit.precond`: `VPPrecond`, `VEPrecond`, `iDDPMPrecond`, `EDMPrecond`, the four
+#   columns of the paper's Table 1, each a `torch.nn.Module` wrapping an inner network;
+# - `edm_lit.loss`: `VPLoss`, `VELoss`, `EDMLoss`, the training losses.
+#
+# The inner networks themselves (`SongUNet`, `DhariwalUNet`) arrive in Chapter 5. Here every
+# preconditioner wraps either a tiny stand-in network or the *ideal* network computed from the
+# ground truth of Chapter 1, so that each claim can be checked exactly.
+
+# %% tags=["export"]
+import importlib
+
+import torch
+
+from edm_lit.framework import iddpm_u
+
+# %% tags=["export:loss"]
+import torch
+
+from edm_lit.precond import vp_sigma
+
+# %%
+import functools
+import math
+
+import matplotlib.pyplot as plt
+import torch
+
+from edm_lit.framework import VP, GaussianMixture, iddpm_u, toy_image_mixture
+from edm_lit.mode import get_mode
+
+MODE = get_mode()
+torch.manual_seed(0)
+plt.rcParams.update({"figure.dpi": 80, "axes.grid": True, "grid.alpha": 0.3})
+
+# %% [markdown]
+# ## 4.1 The preconditioned denoiser (Eq. 7, 8)
+#
+# The paper does not ask the network $F_\theta$ for $D$ directly. It writes
+#
+# $$D_\theta(\mathbf{x}; \sigma) = c_\text{skip}(\sigma)\, \mathbf{x} + c_\text{out}(\sigma)\, F_\theta\big(c_\text{in}(\sigma)\, \mathbf{x};\ c_\text{noise}(\sigma)\big) \tag{7}$$
+#
+# with four scalar functions of σ: $c_\text{in}$ scales the network's input, $c_\text{noise}$ is
+# the number it receives as its noise condition, $c_\text{skip}$ lets part of the noisy input
+# pass straight through, and $c_\text{out}$ scales what the network adds. Substituting Eq. 7
+# into the denoising loss of Eq. 2, weighted by some $\lambda(\sigma)$, gives the objective the
+# network actually sees (Eq. 8):
+#
+# $$\mathbb{E}_{\sigma, \mathbf{y}, \mathbf{n}} \Big[ \underbrace{\lambda(\sigma)\, c_\text{out}(\sigma)^2}_\text{effective weight}
+#   \big\| \underbrace{F_\theta\big(c_\text{in}(\sigma)(\mathbf{y}+\mathbf{n}); c_\text{noise}(\sigma)\big)}_\text{network output}
+#   - \underbrace{\tfrac{1}{c_\text{out}(\sigma)}\big(\mathbf{y} - c_\text{skip}(\sigma)(\mathbf{y}+\mathbf{n})\big)}_\text{effective training target} \big\|_2^2 \Big]. \tag{8}$$
+#
+# So the network regresses an *effective target* from a *scaled input*, and the four functions
+# decide how big both are at each σ. The paper's design principle: make the network's input
+# and its target have **unit variance** at every σ (networks train best on unit-scale signals),
+# and, among the choices that achieve it, **amplify the network's errors as little as
+# possible** — any error $\Delta F$ reaches the denoiser as $c_\text{out}\,\Delta F$.
+#
+# ## 4.2 Deriving the EDM coefficients (App. B.6)
+#
+# Let $\mathbf{y}$ have per-element variance $\sigma_\text{data}^2$ and $\mathbf{n} \sim \mathcal{N}(\mathbf{0}, \sigma^2\mathbf{I})$
+# be independent of it.
+#
+# **Input.** $\operatorname{Var}[c_\text{in}(\mathbf{y}+\mathbf{n})] = c_\text{in}^2 (\sigma_\text{data}^2 + \sigma^2) = 1$ gives
+#
+# $$c_\text{in}(\sigma) = 1 / \sqrt{\sigma^2 + \sigma_\text{data}^2}.$$
+#
+# **Target.** With $\mathbf{y} - c_\text{skip}(\mathbf{y}+\mathbf{n}) = (1 - c_\text{skip})\mathbf{y} - c_\text{skip}\mathbf{n}$,
+# $\operatorname{Var}[\text{target}] = \big((1-c_\text{skip})^2\sigma_\text{data}^2 + c_\text{skip}^2\sigma^2\big) / c_\text{out}^2 = 1$, so
+#
+# $$c_\text{out}^2 = (1 - c_\text{skip})^2 \sigma_\text{data}^2 + c_\text{skip}^2 \sigma^2 .$$
+#
+# **Minimal amplification.** Choose $c_\text{skip}$ to make $|c_\text{out}|$ as small as possible:
+# setting the derivative $-2(1-c_\text{skip})\sigma_\text{data}^2 + 2 c_\text{skip}\sigma^2$ to zero,
+#
+# $$c_\text{skip}(\sigma) = \frac{\sigma_\text{data}^2}{\sigma^2 + \sigma_\text{data}^2}, \qquad
+#   c_\text{out}(\sigma) = \frac{\sigma\, \sigma_\text{data}}{\sqrt{\sigma^2 + \sigma_\text{data}^2}} .$$
+#
+# At small σ, $c_\text{skip} \to 1$ and $c_\text{out} \to \sigma$: the network predicts the (small)
+# noise and the input passes through. At large σ, $c_\text{skip} \to 0$ and $c_\text{out} \to \sigma_\text{data}$:
+# the network predicts the clean image itself, and its errors are never amplified beyond
+# $\sigma_\text{data}$.
+#
+# **Weight.** The effective weight $\lambda(\sigma) c_\text{out}(\sigma)^2$ should be the same at
+# every σ, so that no noise level dominates the gradient: $\lambda(\sigma) = 1/c_\text{out}(\sigma)^2 = (\sigma^2 + \sigma_\text{data}^2) / (\sigma\sigma_\text{data})^2$.
+#
+# **Noise condition.** $c_\text{noise}(\sigma) = \frac14 \ln\sigma$, chosen empirically: a
+# logarithmic scale, shrunk so that the training range of σ maps to a few units.
+#
+# **Check** — minimise $c_\text{out}^2$ over a fine grid of $c_\text{skip}$ by brute force and
+# compare with the closed forms, for σ from 0.002 to 80.
+
+# %%
+sigma_data = 0.5
+grid = torch.linspace(0, 1, 200_001, dtype=torch.float64)
+for sigma in [0.002, 0.1, 0.5, 2.0, 80.0]:
+    c_out_sq = (1 - grid) ** 2 * sigma_data**2 + grid**2 * sigma**2  # unit-variance target for each c_skip
+    best = c_out_sq.argmin()
+    c_skip_closed = sigma_data**2 / (sigma**2 + sigma_data**2)
+    c_out_closed = sigma * sigma_data / math.sqrt(sigma**2 + sigma_data**2)
+    print(f"sigma={sigma:<6} c_skip: grid {grid[best]:.5f} closed {c_skip_closed:.5f}   "
+          f"c_out: grid {c_out_sq[best].sqrt():.5f} closed {c_out_closed:.5f}")
+    assert abs(grid[best] - c_skip_closed) < 1e-5 and abs(c_out_sq[best].sqrt() - c_out_closed) < 1e-6
+
+# %% [markdown]
+# ## 4.3 Table 1 as code: the preconditioners
+#
+# The paper's Table 1 gives the four functions for each of the models it compares:
+#
+# | | VP | VE | iDDPM | EDM |
+# |---|---|---|---|---|
+# | $c_\text{skip}$ | $1$ | $1$ | $1$ | $\sigma_\text{data}^2/(\sigma^2 + \sigma_\text{data}^2)$ |
+# | $c_\text{out}$ | $-\sigma$ | $\sigma$ | $-\sigma$ | $\sigma\sigma_\text{data}/\sqrt{\sigma^2 + \sigma_\text{data}^2}$ |
+# | $c_\text{in}$ | $1/\sqrt{\sigma^2 + 1}$ | $1$ | $1/\sqrt{\sigma^2 + 1}$ | $1/\sqrt{\sigma^2 + \sigma_\text{data}^2}$ |
+# | $c_\text{noise}$ | $(M - 1)\,\sigma^{-1}(\sigma)$ | $\ln(\frac12\sigma)$ | $M - 1 - \arg\min_j \lvert u_j - \sigma\rvert$ | $\frac14\ln\sigma$ |
+#
+# VP, VE and iDDPM all set $c_\text{skip} = 1$ and $c_\text{out} = \pm\sigma$: their networks
+# predict the noise $\mathbf{n}/\sigma$. VP and iDDPM divide the input by $\sqrt{\sigma^2 + 1}$
+# — the variance-preserving scaling $s(t)$ of Chapter 1, which assumes $\sigma_\text{data} = 1$ —
+# and VE does not scale it at all.
+#
+# Each preconditioner is a `torch.nn.Module` holding its inner network as `self.model`, built as
+# `model_type(img_resolution=..., in_channels=img_channels, out_channels=img_channels, label_dim=..., **model_kwargs)`
+# (iDDPM's network has twice the output channels: it also predicts variances, which EDM ignores).
+# `model_type` is a class (or any callable), or the name of a network of `edm_lit.networks`
+# (Chapter 5), looked up when the preconditioner is built. The constructor arguments, their
+# defaults, the attributes (`img_resolution`, `img_channels`, `label_dim`, `use_fp16`,
+# `sigma_min`, `sigma_max`, `round_sigma`) and the `state_dict` keys (`model.…`, plus the
+# table `u` for iDDPM) are those of the official implementation, so its pretrained snapshots
+# load unchanged (Chapter 5).
+#
+# The forward pass is the same for all four, `net(x, sigma, class_labels=None, force_fp32=False, **model_kwargs)`:
+# `x` and σ are cast to float32 (the samplers work in float64; the network does not), σ becomes
+# one value per image, `[N, 1, 1, 1]`; a conditional network called with `class_labels=None`
+# gets an all-zero label; the inner network runs in float16 only when asked (`use_fp16`), not
+# forced back (`force_fp32`), and on a GPU; extra keyword arguments (augmentation labels,
+# Chapter 6) go through to the inner network; and Eq. 7 assembles the result in float32.
+
+# %% tags=["export"]
+def _resolve_model_type(model_type):
+    """The inner network's constructor: a class or callable as given, or a name in edm_lit.networks (Chapter 5)."""
+    if not isinstance(model_type, str):
+        if not callable(model_type):
+            raise ValueError(f"model_type must be a class, a callable or a network name, got {model_type!r}")
+        return model_type
+    try:
+        networks = importlib.import_module("edm_lit.networks")
+    except ModuleNotFoundError as e:
+        if e.name != "edm_lit.networks":
+            raise
+        raise ValueError(f"model_type {model_type!r} needs edm_lit.networks (Chapter 5), which is not available; "
+                         "pass the network class instead") from None
+    cls = getattr(networks, model_type, None)
+    if not (isinstance(cls, type) and issubclass(cls, torch.nn.Module)):
+        raise ValueError(f"unknown model_type {model_type!r}: expected a network of edm_lit.networks such as "
+                         "'SongUNet' or 'DhariwalUNet', or a network class")
+    return cls
+
+
+def _check_count(value, name: str, minimum: int):
+    if isinstance(value, bool) or int(value) != value or value < minimum:
+        raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
+    return int(value)
+
+
+def _check_sigma_range(sigma_min, sigma_max):
+    if not 0 <= sigma_min < sigma_max:
+        raise ValueError(f"need 0 <= sigma_min < sigma_max, got sigma_min={sigma_min}, sigma_max={sigma_max}")
+    return float(sigma_min), float(sigma_max)
+
+
+class Precond(torch.nn.Module):
+    """D(x; sigma) = c_skip x + c_out F(c_in x; c_noise) around an inner network F (Eq. 7). Chapter 4.
+
+    The base of the four columns of Table 1: a subclass sets `sigma_min`, `sigma_max` and gives
+    `coefficients(sigma) -> (c_skip, c_out, c_in, c_noise)`. The inner network is `self.model`.
+    """
+
+    def __init__(self, img_resolution, img_channels, label_dim=0, use_fp16=False, model_type=None,
+                 model_out_channels=None, **model_kwargs):
+        super().__init__()
+        self.img_resolution = _check_count(img_resolution, "img_resolution", 1)
+        self.img_channels = _check_count(img_channels, "img_channels", 1)
+        self.label_dim = _check_count(label_dim, "label_dim", 0)
+        self.use_fp16 = bool(use_fp16)
+        out_channels = self.img_channels if model_out_channels is None else model_out_channels
+        self.model = _resolve_model_type(model_type)(
+            img_resolution=self.img_resolution, in_channels=self.img_channels, out_channels=out_channels,
+            label_dim=self.label_dim, **model_kwargs)
+
+    def coefficients(self, sigma):
+        """(c_skip, c_out, c_in, c_noise) at sigma, Table 1; broadcastable against sigma."""
+        raise NotImplementedError
+
+    def round_sigma(self, sigma):
+        """The noise level the network supports nearest to sigma: any sigma for a continuous model."""
+        return torch.as_tensor(sigma)
+
+    def _prepare(self, x, sigma, class_labels):
+        """Check shapes (no device syncs) and cast x, sigma [N,1,1,1] and the labels to float32."""
+        C, R = self.img_channels, self.img_resolution
+        if x.ndim != 4 or tuple(x.shape[1:]) != (C, R, R):
+            raise ValueError(f"x must have shape [N, {C}, {R}, {R}], got {tuple(x.shape)}")
+        x = x.to(torch.float32)
+        sigma = torch.as_tensor(sigma, device=x.device).to(torch.float32).reshape(-1, 1, 1, 1)
+        if sigma.shape[0] not in (1, x.shape[0]):
+            raise ValueError(f"sigma must hold 1 or {x.shape[0]} values (one per image), got {sigma.shape[0]}")
+        if self.label_dim == 0:
+            class_labels = None
+        elif class_labels is None:
+            class_labels = torch.zeros([1, self.label_dim], device=x.device)  # unconditional call: all-zero label
+        elif class_labels.ndim == 0 or class_labels.shape[-1] != self.label_dim:
+            raise ValueError(f"class_labels must have shape [N, {self.label_dim}], got {tuple(class_labels.shape)}")
+        else:
+            class_labels = class_labels.to(torch.float32).reshape(-1, self.label_dim)
+        return x, sigma, class_labels
+
+    def forward(self, x, sigma, class_labels=None, force_fp32=False, **model_kwargs):
+        """D(x; sigma) by Eq. 7, float32 [N, C, H, W]; `model_kwargs` (e.g. augment_labels) go to the inner network."""
+        x, sigma, class_labels = self._prepare(x, sigma, class_labels)
+        dtype = torch.float16 if (self.use_fp16 and not force_fp32 and x.device.type == "cuda") else torch.float32
+        c_skip, c_out, c_in, c_noise = self.coefficients(sigma)
+        F_x = self.model((c_in * x).to(dtype), c_noise.flatten(), class_labels=class_labels, **model_kwargs)
+        if F_x.dtype != dtype and not torch.is_autocast_enabled(x.device.type):  # autocast may pick bf16/fp16
+            raise RuntimeError(f"the inner network returned {F_x.dtype}, expected {dtype}")
+        return c_skip * x + c_out * F_x[:, :self.img_channels].to(torch.float32)
+
+
+# %% [markdown]
+# **VP.** Its $c_\text{noise}$ is the *time* $t = \sigma^{-1}(\sigma)$ of the VP schedule of
+# Chapter 1, stretched to the $M$ steps of the original discrete model. The formulas are those of
+# `edm_lit.framework.VP`, but we do not call it: the official code evaluates them in single
+# precision as $e^{f} - 1$ and $\ln(1 + \sigma^2)$, where `framework.VP` computes in double
+# precision with `expm1` and `log1p`. At the smallest training time $\epsilon_t = 10^{-5}$ the two
+# differ visibly (the check below), and a pretrained VP network was trained on the official numbers,
+# so the preconditioner and the loss keep them, in the dtype of their argument.
+
+# %% tags=["export"]
+def vp_sigma(t, beta_d=19.9, beta_min=0.1):
+    """sigma(t) of the VP schedule (Table 1), as the official code computes it, in t's dtype. Chapter 4."""
+    t = torch.as_tensor(t)
+    return ((0.5 * beta_d * t**2 + beta_min * t).exp() - 1).sqrt()
+
+
+def vp_sigma_inv(sigma, beta_d=19.9, beta_min=0.1):
+    """t = sigma^-1(sigma) of the VP schedule (Table 1), as the official code computes it, in sigma's dtype. Chapter 4."""
+    sigma = torch.as_tensor(sigma)
+    return ((beta_min**2 + 2 * beta_d * (1 + sigma**2).log()).sqrt() - beta_min) / beta_d
+
+
+class VPPrecond(Precond):
+    """Variance-preserving preconditioning (Table 1, column VP): predicts the noise, c_noise = (M-1) t. Chapter 4."""
+
+    def __init__(self, img_resolution, img_channels, label_dim=0, use_fp16=False, beta_d=19.9, beta_min=0.1,
+                 M=1000, epsilon_t=1e-5, model_type="SongUNet", **model_kwargs):
+        if not (beta_d > 0 and beta_min >= 0 and 0 < epsilon_t < 1):
+            raise ValueError(f"need beta_d > 0, beta_min >= 0, 0 < epsilon_t < 1; got beta_d={beta_d}, "
+                             f"beta_min={beta_min}, epsilon_t={epsilon_t}")
+        super().__init__(img_resolution, img_channels, label_dim, use_fp16, model_type, **model_kwargs)
+        self.beta_d, self.beta_min, self.epsilon_t = beta_d, beta_min, epsilon_t
+        self.M = _check_count(M, "M", 2)
+        self.sigma_min = float(self.sigma(epsilon_t))
+        self.sigma_max = float(self.sigma(1))
+
+    def sigma(self, t):
+        """sigma(t) of this VP schedule (`vp_sigma`)."""
+        return vp_sigma(t, self.beta_d, self.beta_min)
+
+    def sigma_inv(self, sigma):
+        """t = sigma^-1(sigma) of this VP schedule (`vp_sigma_inv`)."""
+        return vp_sigma_inv(sigma, self.beta_d, self.beta_min)
+
+    def coefficients(self, sigma):
+        return 1, -sigma, 1 / (sigma**2 + 1).sqrt(), (self.M - 1) * self.sigma_inv(sigma)
+
+
+class VEPrecond(Precond):
+    """Variance-exploding preconditioning (Table 1, column VE): predicts the noise, c_noise = ln(sigma / 2). Chapter 4."""
+
+    def __init__(self, img_resolution, img_channels, label_dim=0, use_fp16=False, sigma_min=0.02, sigma_max=100,
+                 model_type="SongUNet", **model_kwargs):
+        sigma_min, sigma_max = _check_sigma_range(sigma_min, sigma_max)
+        super().__init__(img_resolution, img_channels, label_dim, use_fp16, model_type, **model_kwargs)
+        self.sigma_min, self.sigma_max = sigma_min, sigma_max
+
+    def coefficients(self, sigma):
+        return 1, sigma, 1, (0.5 * sigma).log()
+
+
+# %% [markdown]
+# **iDDPM** was trained only on the $M$ noise levels of its table $u$ (Chapter 1), so it
+# *rounds* σ to the nearest entry (`round_sigma`, which the samplers call on their time steps),
+# and its noise condition is that entry's index, counted from the clean end. The table is a
+# buffer of the module (`state_dict` key `u`, float32, built by `framework.iddpm_u` exactly as the
+# official code builds it); the nearest entry is found with `torch.cdist`, as in the official
+# code, so that near-ties are broken the same way.
+
+# %% tags=["export"]
+class iDDPMPrecond(Precond):
+    """Improved-DDPM preconditioning (Table 1, column iDDPM): sigma snaps to the table u, c_noise = its index. Chapter 4."""
+
+    def __init__(self, img_resolution, img_channels, label_dim=0, use_fp16=False, C_1=0.001, C_2=0.008, M=1000,
+                 model_type="DhariwalUNet", **model_kwargs):
+        M = _check_count(M, "M", 2)
+        if not (0 < C_1 <= 1 and C_2 >= 0):
+            raise ValueError(f"need 0 < C_1 <= 1 and C_2 >= 0, got C_1={C_1}, C_2={C_2}")
+        super().__init__(img_resolution, img_channels, label_dim, use_fp16, model_type,
+                         model_out_channels=2 * _check_count(img_channels, "img_channels", 1), **model_kwargs)
+        self.C_1, self.C_2, self.M = C_1, C_2, M
+        self.register_buffer("u", iddpm_u(M, C_1, C_2, dtype=torch.float32))
+        self.sigma_min = float(self.u[M - 1])
+        self.sigma_max = float(self.u[0])
+
+    def round_sigma(self, sigma, return_index=False):
+        """The entry of u nearest to each sigma (sigma's dtype), or its index j (int64); sigma's shape and device."""
+        sigma = torch.as_tensor(sigma)
+        flat = sigma.to(self.u.device).to(torch.float32).reshape(1, -1, 1)
+        index = torch.cdist(flat, self.u.reshape(1, -1, 1)).argmin(dim=2).reshape(sigma.shape)
+        result = index if return_index else self.u[index].to(sigma.dtype)
+        return result.to(sigma.device)
+
+    def coefficients(self, sigma):
+        c_noise = self.M - 1 - self.round_sigma(sigma, return_index=True).to(torch.float32)
+        return 1, -sigma, 1 / (sigma**2 + 1).sqrt(), c_noise
+
+
+# %% [markdown]
+# **EDM** is the derivation of §4.2, with $\sigma_\text{data} = 0.5$ (images in $[-1, 1]$) and no
+# limits on σ.
+
+# %% tags=["export"]
+class EDMPrecond(Precond):
+    """EDM preconditioning (Table 1, column EDM; App. B.6): unit-variance input and target. Chapter 4."""
+
+    def __init__(self, img_resolution, img_channels, label_dim=0, use_fp16=False, sigma_min=0, sigma_max=float("inf"),
+                 sigma_data=0.5, model_type="DhariwalUNet", **model_kwargs):
+        sigma_min, sigma_max = _check_sigma_range(sigma_min, sigma_max)
+        if not sigma_data > 0:
+            raise ValueError(f"sigma_data must be > 0, got {sigma_data}")
+        super().__init__(img_resolution, img_channels, label_dim, use_fp16, model_type, **model_kwargs)
+        self.sigma_min, self.sigma_max, self.sigma_data = sigma_min, sigma_max, sigma_data
+
+    def coefficients(self, sigma):
+        sd = self.sigma_data
+        c_skip = sd**2 / (sigma**2 + sd**2)
+        c_out = sigma * sd / (sigma**2 + sd**2).sqrt()
+        c_in = 1 / (sd**2 + sigma**2).sqrt()
+        return c_skip, c_out, c_in, sigma.log() / 4
+
+
+# %% [markdown]
+# To run a forward pass we need an inner network. Chapter 5 brings the real ones; a tiny
+# stand-in with the same calling convention — `F(x, noise_labels, class_labels=None, **kwargs)` —
+# shows the wrapper at work: two convolutions, with the noise condition and the class label
+# added in between.
+
+# %%
+class TinyNet(torch.nn.Module):
+    """A stand-in inner network with the interface of Chapter 5's networks (not a real architecture)."""
+
+    def __init__(self, img_resolution, in_channels, out_channels, label_dim=0, hidden=16, **unused):
+        super().__init__()
+        self.conv_in = torch.nn.Conv2d(in_channels, hidden, 3, padding=1)
+        self.map_noise = torch.nn.Linear(1, hidden)
+        self.map_label = torch.nn.Linear(label_dim, hidden, bias=False) if label_dim else None
+        self.conv_out = torch.nn.Conv2d(hidden, out_channels, 3, padding=1)
+
+    def forward(self, x, noise_labels, class_labels=None, augment_labels=None):
+        emb = self.map_noise(noise_labels.reshape(-1, 1).to(x.dtype))
+        if self.map_label is not None:
+            emb = emb + self.map_label(class_labels.to(x.dtype))
+        return self.conv_out(torch.nn.functional.silu(self.conv_in(x) + emb[:, :, None, None]))
+
+
+nets = {"vp": VPPrecond(8, 3, model_type=TinyNet), "ve": VEPrecond(8, 3, model_type=TinyNet),
+        "iddpm": iDDPMPrecond(8, 3, model_type=TinyNet), "edm": EDMPrecond(8, 3, label_dim=10, model_type=TinyNet)}
+x = torch.randn(4, 3, 8, 8, dtype=torch.float64)
+for name, net in nets.items():
+    D = net(x, torch.tensor(2.5, dtype=torch.float64))  # the samplers' call: float64 x, a 0-dim float64 sigma
+    keys = list(net.state_dict())
+    print(f"{type(net).__name__:13s} sigma in [{net.sigma_min:.4g}, {net.sigma_max:.4g}]  out {tuple(D.shape)} "
+          f"{D.dtype}  state_dict: {keys[:2]} ... ({len(keys)} keys)")
+    assert D.dtype == torch.float32 and D.shape == x.shape
+    assert all(k.startswith("model.") for k in keys if k != "u") and ("u" in keys) == (name == "iddpm")
+assert nets["iddpm"].model.conv_out.out_channels == 6 and nets["iddpm"].u.dtype == torch.float32
+assert torch.equal(nets["iddpm"].u, iddpm_u(dtype=torch.float32))
+
+# %% [markdown]
+# **Check** — the VP numbers. In double precision the VP schedule of Chapter 1 and
+# `vp_sigma`/`vp_sigma_inv` are the same functions; in single precision, as the official code
+# runs them, $e^f - 1$ loses most digits when $f$ is tiny, so the official $\sigma_\text{min} = \sigma(\epsilon_t)$
+# comes out as $2^{-10} \approx 0.000977$ instead of $0.0010005$ — a 2.4 % difference we keep for
+# compatibility with pretrained VP networks.
+
+# %%
+vp64 = VP(epsilon_s=1e-5)
+t = torch.linspace(1e-3, 1, 200, dtype=torch.float64)
+err = ((vp_sigma(t) - vp64.sigma(t)).abs() / vp64.sigma(t)).max().item()
+err_inv = ((vp_sigma_inv(vp64.sigma(t)) - t).abs() / t).max().item()
+vp_net = nets["vp"]
+print(f"float64: |vp_sigma - VP.sigma| {err:.1e}, |vp_sigma_inv(sigma(t)) - t| {err_inv:.1e} (relative)")
+print(f"sigma_min: official float32 arithmetic {vp_net.sigma_min:.7f}, exact {vp64.sigma_min:.7f}; "
+      f"sigma_max {vp_net.sigma_max:.4f} vs {vp64.sigma_max:.4f}")
+assert err < 1e-12 and err_inv < 1e-10
+assert vp_net.sigma_min == 2**-10 and abs(vp64.sigma_min / vp_net.sigma_min - 1) > 0.02
+assert abs(vp_net.sigma_max / vp64.sigma_max - 1) < 1e-7
+
+# %% [markdown]
+# **Check** — iDDPM's rounding: every σ maps to its nearest table entry, and the noise
+# condition is $M - 1 - j$. A σ exactly on the table is left alone, and one below
+# $u_{M-1}/2 \approx 0.003$ rounds to $u_M = 0$ (the samplers clamp σ to `sigma_min` first).
+
+# %%
+idd = nets["iddpm"]
+sig = torch.tensor([0.002, 0.05, 1.0, 30.0, 80.0, float(idd.u[500])], dtype=torch.float64)
+j = idd.round_sigma(sig, return_index=True)
+nearest = (sig[:, None] - idd.u[None, :].double()).abs().argmin(1)
+print("sigma", sig.tolist(), "\n  -> u_j", [f"{v:.4g}" for v in idd.round_sigma(sig).tolist()], "j", j.tolist())
+assert torch.equal(j, nearest) and idd.round_sigma(sig).dtype == torch.float64
+assert idd.round_sigma(sig)[-1] == sig[-1] and idd.round_sigma(torch.tensor(80.0)).shape == ()
+assert torch.equal(idd.coefficients(sig.float().reshape(-1, 1, 1, 1))[3].flatten(), (999 - nearest).float())
+
+# %% [markdown]
+# **Check** — the coefficients against the table, written out independently in double precision.
+
+# %%
+sig64 = torch.logspace(-3, 2, 41, dtype=torch.float64)
+sd = 0.5
+table = {
+    "vp": (torch.ones_like(sig64), -sig64, 1 / torch.sqrt(sig64**2 + 1), 999 * vp64.sigma_inv(sig64)),
+    "ve": (torch.ones_like(sig64), sig64, torch.ones_like(sig64), torch.log(sig64 / 2)),
+    "edm": (sd**2 / (sig64**2 + sd**2), sig64 * sd / torch.sqrt(sig64**2 + sd**2), 1 / torch.sqrt(sig64**2 + sd**2),
+            torch.log(sig64) / 4),
+}
+for name, expected in table.items():
+    got = [torch.as_tensor(c, dtype=torch.float64).expand_as(sig64) for c in nets[name].coefficients(sig64)]
+    worst = max(((g - e).abs() / e.abs().clamp_min(1e-300)).max().item() for g, e in zip(got, expected))
+    print(f"{name:4s}: largest relative difference from Table 1: {worst:.1e}")
+    assert worst < (1e-9 if name == "vp" else 1e-12)  # VP: ln(1 + sigma^2) loses ~1e-10 against log1p at sigma = 0.001
+
+# %% [markdown]
+# ## 4.4 What the network sees
+#
+# Now the numbers behind the design. We take the image-shaped mixture of Chapter 1 as data
+# (its $\sigma_\text{data}$ is about 0.39, so we pass that to EDM), noise it at σ from 0.002 to
+# 100, and measure for each preconditioner the standard deviation of the network's input
+# $c_\text{in}(\mathbf{y}+\mathbf{n})$ and of the effective target of Eq. 8, and the amplification
+# $|c_\text{out}|$ of the network's errors.
+
+# %%
+gm = toy_image_mixture()
+sd_toy = gm.data_std
+stat_nets = {**nets, "edm": EDMPrecond(8, 3, sigma_data=sd_toy, model_type=TinyNet)}
+y = gm.sample(MODE.pick(quick=2048, full=8192))
+sigmas = torch.logspace(math.log10(0.002), 2, 31, dtype=torch.float64)
+stats = {name: {"input": [], "target": [], "c_out": []} for name in stat_nets}
+for sigma in sigmas:
+    xn = y + sigma * torch.randn_like(y)
+    for name, net in stat_nets.items():
+        c_skip, c_out, c_in, _ = net.coefficients(sigma)
+        stats[name]["input"].append((c_in * xn).std().item())
+        stats[name]["target"].append(((y - c_skip * xn) / c_out).std().item())
+        stats[name]["c_out"].append(abs(float(c_out)))
+stats = {n: {k: torch.tensor(v, dtype=torch.float64) for k, v in s.items()} for n, s in stats.items()}
+for name, s in stats.items():
+    print(f"{name:5s} input std in [{s['input'].min():.3f}, {s['input'].max():7.3f}]   "
+          f"target std in [{s['target'].min():.3f}, {s['target'].max():.3f}]   |c_out| up to {s['c_out'].max():.3g}")
+
+# %% [markdown]
+# **Check** — with EDM both the input and the target have unit variance at every σ (up to
+# sampling error and the mixture's non-zero mean), and the amplification never exceeds
+# $\sigma_\text{data}$. The other three keep the *target* at unit variance too — they predict
+# the noise $\mathbf{n}/\sigma$, which has unit variance by construction — but not the input:
+# VE's input grows like σ, and VP/iDDPM shrink small-σ inputs to $\sigma_\text{data} \approx 0.39$
+# because their scaling assumes $\sigma_\text{data} = 1$. And their errors are amplified by $|c_\text{out}| = \sigma$,
+# 100-fold at σ = 100: at large σ a noise predictor must be extremely precise, because
+# $D = \mathbf{x} - \sigma F$ is the difference of two large quantities.
+
+# %%
+edm_s = stats["edm"]
+assert ((edm_s["input"] - 1).abs() < 0.03).all() and ((edm_s["target"] - 1).abs() < 0.03).all()
+assert (edm_s["c_out"] <= sd_toy).all() and (edm_s["c_out"] < sigmas).all()
+for name in ["vp", "ve", "iddpm"]:
+    assert ((stats[name]["target"] - 1).abs() < 0.03).all()  # noise prediction: unit-variance target
+    assert torch.allclose(stats[name]["c_out"], sigmas, rtol=1e-6)  # ... but errors amplified by sigma
+assert stats["ve"]["input"].max() > 50 and stats["vp"]["input"].min() < 0.45 and stats["iddpm"]["input"].min() < 0.45
+
+# %%
+fig, axes = plt.subplots(1, 3, figsize=(14, 3.8))
+titles = {"input": "std of the network input c_in(y+n)", "target": "std of the effective target (Eq. 8)",
+          "c_out": "error amplification |c_out|"}
+for ax, key in zip(axes, ["input", "target", "c_out"]):
+    for i, (name, s) in enumerate(stats.items()):
+        ax.plot(sigmas, s[key], ["-", "--", ":", "-"][i], lw=[1.5, 1.5, 2.5, 2.5][i], label=name)
+    ax.set(xscale="log", yscale="log", xlabel="σ", ylabel="standard deviation" if key != "c_out" else "|c_out(σ)|",
+           title=titles[key])
+axes[1].set_ylim(0.5, 2)
+_ = axes[0].legend()
+plt.tight_layout()
+
+# %% [markdown]
+# ## 4.5 The ideal network
+#
+# For data whose ideal denoiser $D^*$ we know (Chapter 1), Eq. 7 tells us the network a perfect
+# training run would produce: $F^* = (D^* - c_\text{skip}\mathbf{x}) / c_\text{out}$, evaluated
+# at the input $c_\text{in}\mathbf{x}$ and condition $c_\text{noise}$ it receives. For EDM we can
+# undo both, $\sigma = e^{4 c_\text{noise}}$ and $\mathbf{x} = (c_\text{in}\mathbf{x}) / c_\text{in}(\sigma)$,
+# so $F^*$ is an inner network like any other and `EDMPrecond` can wrap it through `model_type`.
+#
+# **Check** — wrapped in the preconditioner, $F^*$ gives back $D^*$ (to single precision, the
+# dtype the preconditioner computes in).
+
+# %%
+class IdealF(torch.nn.Module):
+    """F* = (D* - c_skip x) / c_out for EDM preconditioning, from a ground-truth mixture (Chapter 1)."""
+
+    def __init__(self, mixture, sigma_data, img_resolution, in_channels, out_channels, label_dim=0):
+        super().__init__()
+        self.mixture, self.sigma_data = mixture, sigma_data
+
+    def forward(self, x_in, noise_labels, class_labels=None, augment_labels=None):
+        sigma = (4 * noise_labels.to(torch.float64)).exp().reshape(-1, 1, 1, 1)
+        sd = self.sigma_data
+        x = x_in.to(torch.float64) * (sigma**2 + sd**2).sqrt()  # undo c_in
+        c_skip, c_out = sd**2 / (sigma**2 + sd**2), sigma * sd / (sigma**2 + sd**2).sqrt()
+        D = self.mixture.denoise(x, sigma.flatten().expand(len(x)))
+        return ((D - c_skip * x) / c_out).to(x_in.dtype)
+
+
+ideal_net = EDMPrecond(8, 3, sigma_data=sd_toy, model_type=functools.partial(IdealF, gm, sd_toy))
+for sigma in [0.002, 0.1, 1.0, 10.0, 80.0]:
+    xn = (gm.sample(64) + sigma * torch.randn(64, *gm.shape, dtype=torch.float64)).float()
+    D_ref = gm.denoise(xn.double(), sigma)
+    err = ((ideal_net(xn, torch.tensor(sigma)) - D_ref).abs().max() / D_ref.abs().max()).item()
+    print(f"sigma={sigma:<6}: |D(c_skip x + c_out F*) - D*| / |D*| = {err:.1e}")
+    assert err < 1e-5
+
+# %% [markdown]
+# ## 4.6 The training losses
+#
+# A loss call draws one σ per image from the training distribution $p_\text{train}$ of Table 1,
+# noises the images, and returns the weighted squared error $\lambda(\sigma)\,\|D(\mathbf{y}+\mathbf{n}; \sigma) - \mathbf{y}\|^2$
+# **per element**, `[N, C, H, W]`, unreduced (the training loop sums it). The three losses of
+# the official code differ only in $p_\text{train}$ and $\lambda$:
+#
+# | | VP | VE | EDM |
+# |---|---|---|---|
+# | training σ | $\sigma(t)$, $t \sim \mathcal{U}(\epsilon_t, 1)$ | $\ln\sigma \sim \mathcal{U}(\ln\sigma_\text{min}, \ln\sigma_\text{max})$ | $\ln\sigma \sim \mathcal{N}(P_\text{mean}, P_\text{std}^2)$ |
+# | $\lambda(\sigma)$ | $1/\sigma^2$ | $1/\sigma^2$ | $(\sigma^2 + \sigma_\text{data}^2) / (\sigma\sigma_\text{data})^2$ |
+# | constants | $\beta_d = 19.9$, $\beta_\text{min} = 0.1$, $\epsilon_t = 10^{-5}$ | $\sigma_\text{min} = 0.02$, $\sigma_\text{max} = 100$ | $P_\text{mean} = -1.2$, $P_\text{std} = 1.2$, $\sigma_\text{data} = 0.5$ |
+#
+# With λ = 1/σ², the VP and VE effective weight $\lambda c_\text{out}^2$ is 1 too; what EDM
+# changes is the preconditioning (§4.4) and *where* it trains (§4.7).
+#
+# The order of the random draws is part of the interface: first σ (one number per image,
+# `[N, 1, 1, 1]`), then the augmentation (Chapter 6; it returns the augmented images and their
+# augmentation labels, which reach the network as `augment_labels`), then the noise with
+# `torch.randn_like`. With the same seed, the same images and the same network, our losses then
+# return the official code's numbers, to float32 rounding (`tests/test_precond_loss.py` checks
+# it against reference outputs).
+
+# %% tags=["export:loss"]
+class DenoisingLoss:
+    """lambda(sigma) ||D(y + n; sigma) - y||^2 per element, sigma ~ p_train (Eq. 2 weighted, Table 1). Chapter 4.
+
+    A subclass gives `draw_sigma(images)` ([N, 1, 1, 1], the first random draw) and `weight(sigma)`.
+    """
+
+    def draw_sigma(self, images):
+        raise NotImplementedError
+
+    def weight(self, sigma):
+        raise NotImplementedError
+
+    def __call__(self, net, images, labels=None, augment_pipe=None):
+        """The unreduced loss [N, C, H, W]. Draws: sigma, then the augmentation, then the noise (randn_like)."""
+        if images.ndim != 4:
+            raise ValueError(f"images must have shape [N, C, H, W], got {tuple(images.shape)}")
+        sigma = self.draw_sigma(images)
+        weight = self.weight(sigma)
+        y, augment_labels = augment_pipe(images) if augment_pipe is not None else (images, None)
+        n = torch.randn_like(y) * sigma
+        D_yn = net(y + n, sigma, labels, augment_labels=augment_labels)
+        return weight * ((D_yn - y) ** 2)
+
+
+class VPLoss(DenoisingLoss):
+    """The VP training loss (Table 1): sigma = sigma(t), t ~ U(epsilon_t, 1), lambda = 1/sigma^2. Chapter 4."""
+
+    def __init__(self, beta_d=19.9, beta_min=0.1, epsilon_t=1e-5):
+        if not (beta_d > 0 and beta_min >= 0 and 0 < epsilon_t < 1):
+            raise ValueError(f"need beta_d > 0, beta_min >= 0, 0 < epsilon_t < 1; got beta_d={beta_d}, "
+                             f"beta_min={beta_min}, epsilon_t={epsilon_t}")
+        self.beta_d, self.beta_min, self.epsilon_t = beta_d, beta_min, epsilon_t
+
+    def sigma(self, t):
+        """sigma(t) of the VP schedule (`edm_lit.precond.vp_sigma`)."""
+        return vp_sigma(t, self.beta_d, self.beta_min)
+
+    def draw_sigma(self, images):
+        rnd_uniform = torch.rand([images.shape[0], 1, 1, 1], device=images.device)
+        return self.sigma(1 + rnd_uniform * (self.epsilon_t - 1))
+
+    def weight(self, sigma):
+        return 1 / sigma**2
+
+
+class VELoss(DenoisingLoss):
+    """The VE training loss (Table 1): ln sigma ~ U(ln sigma_min, ln sigma_max), lambda = 1/sigma^2. Chapter 4."""
+
+    def __init__(self, sigma_min=0.02, sigma_max=100):
+        if not 0 < sigma_min < sigma_max:
+            raise ValueError(f"need 0 < sigma_min < sigma_max, got sigma_min={sigma_min}, sigma_max={sigma_max}")
+        self.sigma_min, self.sigma_max = sigma_min, sigma_max
+
+    def draw_sigma(self, images):
+        rnd_uniform = torch.rand([images.shape[0], 1, 1, 1], device=images.device)
+        return self.sigma_min * ((self.sigma_max / self.sigma_min) ** rnd_uniform)
+
+    def weight(self, sigma):
+        return 1 / sigma**2
+
+
+class EDMLoss(DenoisingLoss):
+    """The EDM training loss (Sec. 5): ln sigma ~ N(P_mean, P_std^2), lambda = 1/c_out^2. Chapter 4."""
+
+    def __init__(self, P_mean=-1.2, P_std=1.2, sigma_data=0.5):
+        if not (P_std >= 0 and sigma_data > 0):
+            raise ValueError(f"need P_std >= 0 and sigma_data > 0, got P_std={P_std}, sigma_data={sigma_data}")
+        self.P_mean, self.P_std, self.sigma_data = P_mean, P_std, sigma_data
+
+    def draw_sigma(self, images):
+        rnd_normal = torch.randn([images.shape[0], 1, 1, 1], device=images.device)
+        return (rnd_normal * self.P_std + self.P_mean).exp()
+
+    def weight(self, sigma):
+        return (sigma**2 + self.sigma_data**2) / (sigma * self.sigma_data) ** 2
+
+
+# %% [markdown]
+# **Check** — the draw order. A network that records what it is given, and a replay of the
+# random stream by hand: the first draw makes σ, the next one (after an augmentation that
+# draws numbers of its own) makes the noise.
+
+# %%
+class Recorder(torch.nn.Module):
+    """Returns its input unchanged and remembers the call (a stand-in 'network' for checks)."""
+
+    def forward(self, x, sigma, class_labels=None, **kwargs):
+        self.calls = getattr(self, "calls", []) + [(x, sigma, class_labels, kwargs)]
+        return x
+
+
+def flip_augment(images):
+    """A toy augmentation pipe: mirrors each image with probability 1/2, returns (images, augment labels)."""
+    flip = (torch.rand([images.shape[0], 1, 1, 1], device=images.device) < 0.5).to(images.dtype)
+    return images * (1 - flip) + images.flip(3) * flip, flip.reshape(-1, 1)
+
+
+images = gm.sample(8).float()
+sigma_from_first_draw = {  # how each loss turns its first draw into sigma (Table 1, training sigma)
+    VPLoss: lambda r: vp_sigma(1 + r * (1e-5 - 1)),
+    VELoss: lambda r: 0.02 * (100 / 0.02) ** r,
+    EDMLoss: lambda r: (r * 1.2 - 1.2).exp(),
+}
+for cls, to_sigma in sigma_from_first_draw.items():
+    rec, loss_fn = Recorder(), cls()
+    torch.manual_seed(7)
+    loss = loss_fn(rec, images, augment_pipe=flip_augment)
+    torch.manual_seed(7)  # replay the stream by hand
+    first = torch.randn(8, 1, 1, 1) if cls is EDMLoss else torch.rand(8, 1, 1, 1)
+    y_aug, aug_labels = flip_augment(images)
+    noise_unit = torch.randn_like(y_aug)
+    x_in, sigma, _, kwargs = rec.calls[0]
+    assert torch.equal(sigma, to_sigma(first)) and torch.equal(kwargs["augment_labels"], aug_labels)
+    assert torch.equal(x_in, y_aug + noise_unit * sigma)
+    assert loss.shape == images.shape and torch.equal(loss, loss_fn.weight(sigma) * (x_in - y_aug) ** 2)
+    print(f"{cls.__name__}: sigma = {[f'{s:.3g}' for s in sigma.flatten()[:4].tolist()]} ... from the first draw; "
+          "noise drawn after the augmentation")
+
+# %% [markdown]
+# ## 4.7 Where to train: the loss floor and $p_\text{train}$
+#
+# Even a perfect network cannot bring the loss to zero: the ideal denoiser $D^*$ still errs by
+# the posterior spread of $\mathbf{y}$ given $\mathbf{y} + \mathbf{n}$. For a single Gaussian,
+# $p_\text{data} = \mathcal{N}(\mathbf{0}, s^2\mathbf{I})$, that spread is known: $D^*(\mathbf{x}) = \frac{s^2}{s^2+\sigma^2}\mathbf{x}$
+# and $\mathbb{E}\|D^* - \mathbf{y}\|^2 = \frac{s^2\sigma^2}{s^2+\sigma^2}$ per element, so the
+# loss floor is $\lambda(\sigma)\frac{s^2\sigma^2}{s^2+\sigma^2}$.
+#
+# We measure it with the exported `EDMLoss` itself: with $P_\text{std} = 0$ the loss trains at
+# the single level $\sigma = e^{P_\text{mean}}$, so averaging it over many images is a Monte
+# Carlo estimate of the floor at that σ.
+#
+# **Check** — Monte Carlo against the closed form, for $s = 1$ and $\sigma_\text{data} = 0.5$
+# (a deliberately mismatched $\sigma_\text{data}$). When $s = \sigma_\text{data}$ the floor is
+# exactly 1 at every σ and $F^* = 0$: the skip connection alone is the ideal denoiser of a
+# Gaussian with the assumed variance, and the network only has to learn what the data adds to it.
+
+# %%
+def loss_floor(net, mixture, sigma, n, sigma_data):
+    """Monte Carlo mean of EDMLoss at a single sigma (P_std = 0) for the ideal network of `mixture`."""
+    loss_fn = EDMLoss(P_mean=math.log(sigma), P_std=0.0, sigma_data=sigma_data)
+    return loss_fn(net, mixture.sample(n).float()).mean().item()
+
+
+n_mc = MODE.pick(quick=4096, full=32768)
+for s in [1.0, 0.5]:
+    gauss = GaussianMixture(torch.zeros(1, 3, 8, 8, dtype=torch.float64), stds=s)
+    net_g = EDMPrecond(8, 3, sigma_data=0.5, model_type=functools.partial(IdealF, gauss, 0.5))
+    for sigma in [0.01, 0.3, 3.0, 50.0]:
+        sigma32 = float(torch.tensor(math.log(sigma)).exp())  # the sigma EDMLoss actually draws, in float32
+        lam = (sigma32**2 + 0.25) / (sigma32 * 0.5) ** 2
+        closed = lam * s**2 * sigma32**2 / (s**2 + sigma32**2)
+        mc = loss_floor(net_g, gauss, sigma, n_mc, 0.5)
+        print(f"s={s}, sigma={sigma:<5}: Monte Carlo {mc:.4f}   closed form {closed:.4f}")
+        assert abs(mc / closed - 1) < 0.02
+    if s == 0.5:
+        F_star = net_g.model(torch.randn(4, 3, 8, 8), torch.tensor([-1.0, 0.0, 0.5, 1.0]))
+        assert F_star.abs().max() < 1e-5
+
+# %% [markdown]
+# On the image mixture the floor tells us where training can make progress at all (paper
+# Fig. 5a). At very small σ it is 1: the noise is far smaller than the data's own spread, the
+# target is essentially the unit noise, and nothing about it can be predicted. At very large σ
+# it is nearly 1 again: the input is almost pure noise and the best guess of the image is close
+# to the data mean. Only in between can a network reduce the loss below 1 — and that middle range
+# is where the paper's log-normal $p_\text{train}$ puts its samples (Fig. 5b; the paper tuned
+# $P_\text{mean}$ and $P_\text{std}$ on real images, whose floor has its own shape). VE spreads its training
+# uniformly in $\ln\sigma$ over a much wider range, and VP spends most of it at large σ.
+
+# %%
+floor_sigmas = torch.logspace(math.log10(0.002), math.log10(80), MODE.pick(quick=25, full=60), dtype=torch.float64)
+floor = torch.tensor([loss_floor(ideal_net, gm, float(s), n_mc // 4, sd_toy) for s in floor_sigmas])
+print(f"loss floor on the image mixture: {floor[0]:.3f} at sigma={floor_sigmas[0]:.3g}, "
+      f"minimum {floor.min():.3f} at sigma={floor_sigmas[floor.argmin()]:.3g}, {floor[-1]:.3f} at sigma=80")
+assert abs(floor[0] - 1) < 0.05 and floor[-1] > 0.75 and floor.min() < 0.5
+
+# %% [markdown]
+# The densities of $\ln\sigma$ under each training distribution: EDM's is a normal density by
+# construction; VE's is uniform; VP's follows from $t \sim \mathcal{U}(\epsilon_t, 1)$ by a change of
+# variables, $p(\ln\sigma) = \frac{\sigma}{(1 - \epsilon_t)\,\dot\sigma(t)}$ with $\dot\sigma$ from
+# `framework.VP`; iDDPM trains on its $M$ table entries with equal probability.
+#
+# **Check** — histograms of σ drawn by the exported losses' `draw_sigma` match those densities.
+
+# %%
+n_draw = MODE.pick(quick=200_000, full=2_000_000)
+dummy = torch.empty(n_draw, 1, 1, 1)
+ln_edges = torch.linspace(math.log(0.002), math.log(200), 61, dtype=torch.float64)
+ln_mid = 0.5 * (ln_edges[1:] + ln_edges[:-1])
+vp_sched = VP()  # sigma(t) and its derivative in float64
+
+
+def density_vp(ln_sigma):
+    t = vp_sched.sigma_inv(ln_sigma.exp())
+    inside = (t >= 1e-5) & (t <= 1)
+    return torch.where(inside, ln_sigma.exp() / ((1 - 1e-5) * vp_sched.sigma_deriv(t.clamp(1e-5, 1))), 0.0)
+
+
+densities = {
+    "edm": (EDMLoss(), lambda l: torch.exp(-0.5 * ((l + 1.2) / 1.2) ** 2) / (1.2 * math.sqrt(2 * math.pi))),
+    "ve": (VELoss(), lambda l: ((l >= math.log(0.02)) & (l <= math.log(100))).double() / math.log(100 / 0.02)),
+    "vp": (VPLoss(), density_vp),
+}
+hists = {}
+for name, (loss_fn, pdf) in densities.items():
+    ln_s = loss_fn.draw_sigma(dummy).double().log().flatten()
+    hist = torch.histogram(ln_s, ln_edges).hist / (n_draw * (ln_edges[1] - ln_edges[0]))
+    hists[name] = hist
+    inside = (pdf(ln_edges[:-1]) > 0) & (pdf(ln_edges[1:]) > 0)  # bins wholly inside the support
+    gap = (hist - pdf(ln_mid))[inside].abs().max().item()
+    print(f"{name:4s}: max |histogram - density| = {gap:.3f} over {int(inside.sum())} bins "
+          f"(peak density {pdf(ln_mid).max():.3f})")
+    assert gap < 0.03 * pdf(ln_mid).max() + 0.01
+
+# %%
+fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(12, 4))
+ax1.plot(floor_sigmas, floor, "o-", ms=3, color="C3")
+ax1.axhline(1, color="gray", lw=0.8)
+ax1.set(xscale="log", xlabel="σ", ylabel="λ(σ) E‖D*(y+n; σ) − y‖² per element",
+        title="(a) EDM loss of the ideal denoiser, image mixture", ylim=(0, 1.1))
+for name, (loss_fn, pdf) in densities.items():
+    ax2.plot(ln_mid.exp(), pdf(ln_mid), label=f"{name} (formula)")
+    ax2.step(ln_mid.exp(), hists[name], where="mid", lw=0.6, color="gray")
+u_ln = iddpm_u().double()[:-1].log()
+ax2.hist(u_ln.exp().numpy(), bins=ln_edges.exp().numpy(), weights=torch.full_like(u_ln, 1 / (len(u_ln) * (ln_edges[1] - ln_edges[0]))).numpy(),
+         histtype="step", label="iddpm (table u; reaches 2·10⁴)")
+ax2.set(xscale="log", xlabel="σ", ylabel="density of ln σ", title="(b) training distributions p_train (gray: sampled)")
+_ = ax2.legend()
+plt.tight_layout()
+
+# %% [markdown]
+# ## Summary
+#
+# Exported to `edm_lit.precond`:
+#
+# - `Precond`, the shared forward pass of Eq. 7 (`forward(x, sigma, class_labels=None, force_fp32=False, **model_kwargs)`,
+#   `round_sigma`, `coefficients(sigma)`), and the four columns of Table 1: `VPPrecond`,
+#   `VEPrecond`, `iDDPMPrecond` (with its table buffer `u` and `round_sigma(sigma, return_index)`),
+#   `EDMPrecond` — the official constructor arguments and defaults, the inner network as
+#   `self.model`, given as a class or as the name of a Chapter 5 network;
+# - `vp_sigma`, `vp_sigma_inv`: the VP schedule in the official single-precision arithmetic.
+#
+# Exported to `edm_lit.loss`: `DenoisingLoss` and `VPLoss`, `VELoss`, `EDMLoss`
+# (`loss(net, images, labels=None, augment_pipe=None)` → per-element loss `[N, C, H, W]`;
+# σ drawn first by `draw_sigma`, then the augmentation, then the noise).
+#
+# Chapter 5 puts real networks inside the preconditioners and trains one.
+#
+# ## Exercises
+#
+# 1. Which $c_\text{skip}$, $c_\text{out}$ would make the network predict the clean image $\mathbf{y}$
+#    directly? What would its effective target variance be at σ = 0.002?
+# 2. Run §4.4 with `EDMPrecond(sigma_data=0.5)` on the mixture (true $\sigma_\text{data} \approx 0.39$).
+#    How far from 1 do the input and target standard deviations get?
+# 3. What happens to the loss floor of §4.7 if the data set is finite (`GaussianMixture.from_data`)?
+#
+# :::{dropdown} Answers
+# 1. $c_\text{skip} = 0$, $c_\text{out} = 1$: the target is $\mathbf{y}$ itself, with variance
+#    $\sigma_\text{data}^2$ at every σ, but at σ = 0.002 the network must reproduce its input
+#    almost exactly, and every error reaches $D$ unscaled — EDM's $c_\text{out} \approx \sigma$ there
+#    shrinks it 500-fold instead.
+# 2. At small σ the input std drops to $0.39/0.5 \approx 0.77$ while the target (the noise) stays
+#    at 1; at large σ the input returns to 1 and the target, now essentially $\mathbf{y}/\sigma_\text{data}$,
+#    drops to 0.77. Neither strays far from 1: a moderately wrong $\sigma_\text{data}$ costs little.
+# 3. Its ideal denoiser returns a training point as σ → 0, with zero error: the floor drops to 0
+#    at small σ. A network that reached it would only reproduce its training set (Chapter 1,
+#    exercise 2).
+# :::
