@@ -4,10 +4,12 @@
 """edm_lit: EDM (Karras et al., 2022), exported from a literate book.
 
 Each module says at its top which chapter derives it. Modules:
+    edm_lit.checkpoints
     edm_lit.cli
     edm_lit.framework
     edm_lit.loss
     edm_lit.mode
+    edm_lit.networks
     edm_lit.precond
     edm_lit.samplers
 """

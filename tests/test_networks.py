@@ -1,0 +1,239 @@
+"""Chapter 5 (edm_lit.networks): parity with the official networks, key names, parameter counts, precision."""
+import math
+
+import pytest
+import torch
+
+from edm_lit.networks import (Conv2d, DhariwalUNet, FourierEmbedding, Linear, PositionalEmbedding, SongUNet, UNetBlock,
+                              attention, weight_init)
+from edm_lit.precond import EDMPrecond
+
+
+def rel_err(a, b):
+    return ((a.float() - b.float()).abs().max() / b.float().abs().max()).item()
+
+
+@pytest.fixture(scope="module")
+def ref(parity):
+    return parity("precond_edm.pt")
+
+
+@pytest.fixture(scope="module")
+def small(ref):
+    """The official DDPM++ parity network rebuilt with our SongUNet and its official weights."""
+    kwargs = {k: v for k, v in ref["kwargs"].items() if k not in ("img_channels", "model_type")}
+    net = SongUNet(in_channels=3, out_channels=3, **kwargs).eval()
+    net.load_state_dict({k.removeprefix("model."): v for k, v in ref["state_dict"].items()}, strict=True)
+    return net
+
+
+def model_args(ref):
+    return ref["model_in_x"], ref["model_in_noise_labels"], ref["model_in_class_labels"]
+
+
+def test_songunet_matches_official(small, ref):
+    with torch.no_grad():
+        assert rel_err(small(*model_args(ref)), ref["model_out"]) <= 1e-5
+        out = small(*model_args(ref), augment_labels=ref["augment_labels"])
+        assert rel_err(out, ref["model_out_with_augment_labels"]) <= 1e-5
+    assert sum(p.numel() for p in small.parameters()) == ref["num_params"]
+    assert list(small.state_dict()) == [k.removeprefix("model.") for k in ref["state_dict"]]  # same keys, same order
+
+
+def test_edmprecond_matches_official(ref):
+    net = EDMPrecond(**ref["kwargs"]).eval()
+    net.load_state_dict(ref["state_dict"], strict=True)
+    assert (net.sigma_min, net.sigma_max) == (ref["sigma_min_attr"], ref["sigma_max_attr"])
+    with torch.no_grad():
+        assert rel_err(net(ref["x"], ref["sigma"], ref["class_labels"]), ref["out"]) <= 1e-5
+        assert rel_err(net(ref["x"], ref["sigma"], None), ref["out_class_labels_none"]) <= 1e-5
+        out = net(ref["x"], ref["sigma"], ref["class_labels"], augment_labels=ref["augment_labels"])
+        assert rel_err(out, ref["out_with_augment_labels"]) <= 1e-5
+
+
+CIFAR = dict(img_resolution=32, img_channels=3, label_dim=10, augment_dim=9, model_channels=128, channel_mult=[2, 2, 2],
+             dropout=0.13, model_type="SongUNet")
+PAPER = {
+    "ddpmpp": (dict(CIFAR, embedding_type="positional", encoder_type="standard", decoder_type="standard",
+                    channel_mult_noise=1, resample_filter=[1, 1]), 55_735_299),
+    "ncsnpp": (dict(CIFAR, embedding_type="fourier", encoder_type="residual", decoder_type="standard",
+                    channel_mult_noise=2, resample_filter=[1, 3, 3, 1]), 56_400_643),
+    "adm": (dict(img_resolution=64, img_channels=3, label_dim=1000, model_type="DhariwalUNet", model_channels=192,
+                 channel_mult=[1, 2, 3, 4], num_blocks=3, attn_resolutions=[32, 16, 8], dropout=0.10), 295_899_267),
+}
+
+
+def meta_net(kwargs):
+    with torch.device("meta"):
+        return EDMPrecond(**kwargs)
+
+
+@pytest.mark.parametrize("name", sorted(PAPER))
+def test_paper_parameter_counts(name):
+    kwargs, official = PAPER[name]
+    assert sum(p.numel() for p in meta_net(kwargs).parameters()) == official
+
+
+def test_adm_key_names():
+    keys = {k: tuple(v.shape) for k, v in meta_net(PAPER["adm"][0]).state_dict().items()}
+    assert keys["model.map_label.weight"] == (768, 1000) and "model.map_label.bias" not in keys
+    assert "model.map_augment.weight" not in keys  # augment_dim = 0
+    assert keys["model.enc.32x32_down.conv0.resample_filter"] == (1, 1, 2, 2)
+    assert keys["model.enc.32x32_down.skip.resample_filter"] == (1, 1, 2, 2)
+    assert "model.enc.32x32_down.skip.weight" not in keys  # same channels: a pure resampler on the skip path
+    assert keys["model.enc.8x8_block2.qkv.weight"] == (3 * 768, 768, 1, 1)
+    assert keys["model.dec.64x64_block3.conv0.weight"] == (192, 384, 3, 3)
+    assert keys["model.out_conv.weight"] == (3, 192, 3, 3) and keys["model.out_norm.bias"] == (192,)
+    assert not any(k.startswith("model.enc.64x64_block0.qkv") for k in keys)
+    blocks = {k.split(".")[2] for k in keys if k.startswith("model.dec.")}
+    assert blocks == ({f"{r}x{r}_{b}" for r in (64, 32, 16) for b in ["up", "block0", "block1", "block2", "block3"]}
+                      | {"8x8_in0", "8x8_in1"} | {f"8x8_block{i}" for i in range(4)})
+
+
+def test_ncsnpp_keys_and_forward():
+    net = SongUNet(16, 3, 3, label_dim=0, model_channels=16, channel_mult=[1, 2, 2], num_blocks=1, attn_resolutions=[8],
+                   embedding_type="fourier", channel_mult_noise=2, encoder_type="residual", resample_filter=[1, 3, 3, 1])
+    sd = net.state_dict()
+    assert sd["map_noise.freqs"].shape == (16,)  # a persistent buffer, as in the official checkpoints
+    assert sd["enc.8x8_aux_residual.resample_filter"].shape == (1, 1, 4, 4)
+    assert sd["enc.8x8_aux_residual.weight"].shape == (16, 3, 3, 3)  # the image path: 3 -> 16 channels
+    assert sd["enc.4x4_aux_residual.weight"].shape == (32, 16, 3, 3)
+    out = net(torch.randn(2, 3, 16, 16), torch.randn(2), None)
+    assert out.shape == (2, 3, 16, 16) and out.abs().max() < 1e-2  # output layer initialised at 1e-5
+
+
+@pytest.mark.parametrize("encoder_type,decoder_type", [("skip", "skip"), ("standard", "skip"), ("skip", "standard")])
+def test_progressive_variants_run(encoder_type, decoder_type):
+    net = SongUNet(16, 3, 3, model_channels=16, channel_mult=[1, 2, 2], num_blocks=1, attn_resolutions=[],
+                   encoder_type=encoder_type, decoder_type=decoder_type)
+    x = torch.randn(2, 3, 16, 16, requires_grad=True)
+    net(x, torch.randn(2), None).square().sum().backward()
+    assert x.grad.shape == x.shape
+
+
+def test_fresh_adm_output_is_zero_and_gradients_flow():
+    net = DhariwalUNet(16, 3, 3, label_dim=4, augment_dim=2, model_channels=64, channel_mult=[1, 2], num_blocks=1,
+                       attn_resolutions=[8])
+    x, labels = torch.randn(2, 3, 16, 16), torch.eye(4)[:2]
+    out = net(x, torch.randn(2), labels, augment_labels=torch.randn(2, 2))
+    assert torch.equal(out, torch.zeros_like(out))  # ADM zero-initialises its output layers
+    out.sum().backward()
+    assert net.out_conv.weight.grad.abs().sum() > 0
+
+
+def test_all_parameters_get_gradients(small):
+    net = SongUNet(**small.init_kwargs).train()
+    with torch.no_grad():  # make the output layers non-zero so that gradients reach everything
+        for p in net.parameters():
+            p.add_(0.01 * torch.randn_like(p))
+    out = net(torch.randn(2, 3, 16, 16), torch.randn(2), torch.eye(10)[:2], augment_labels=torch.randn(2, 9))
+    out.square().sum().backward()
+    assert [n for n, p in net.named_parameters() if p.grad is None or p.grad.abs().sum() == 0] == []
+
+
+def test_label_dropout_and_required_labels():
+    kw = dict(img_resolution=8, in_channels=3, out_channels=3, label_dim=5, model_channels=16, channel_mult=[1, 2],
+              num_blocks=1, attn_resolutions=[], dropout=0)
+    for cls in (SongUNet, DhariwalUNet):
+        kw_ = dict(kw, **({"model_channels": 64} if cls is DhariwalUNet else {}))
+        net = cls(**kw_, label_dropout=1.0).train()
+        with torch.no_grad():
+            for p in net.parameters():
+                p.add_(0.01 * torch.randn_like(p))
+        x, noise = torch.randn(2, 3, 8, 8), torch.randn(2)
+        dropped = net(x, noise, torch.eye(5)[:2])
+        assert torch.allclose(dropped, net(x, noise, torch.zeros(2, 5)))
+        with pytest.raises(ValueError, match="class_labels are required"):
+            net(x, noise, None)
+
+
+def test_bad_arguments():
+    for bad in [dict(embedding_type="sinusoidal"), dict(encoder_type="fancy"), dict(decoder_type="residual")]:
+        with pytest.raises(ValueError, match=next(iter(bad))):
+            SongUNet(16, 3, 3, model_channels=16, **bad)
+    with pytest.raises(ValueError, match="img_resolution"):
+        SongUNet(12, 3, 3, model_channels=16, channel_mult=[1, 2, 2, 2])
+    with pytest.raises(ValueError, match="exclusive"):
+        Conv2d(4, 4, 3, up=True, down=True)
+    with pytest.raises(ValueError, match="init mode"):
+        weight_init([3], "he_normal", 3, 3)
+
+
+@pytest.mark.parametrize("mode", ["xavier_uniform", "xavier_normal", "kaiming_uniform", "kaiming_normal"])
+def test_weight_init_variance(mode):
+    torch.manual_seed(0)
+    w = weight_init([500, 400], mode, fan_in=200, fan_out=600)
+    fan = 200 if mode.startswith("kaiming") else 400
+    assert abs(w.var().item() * fan - 1) < 0.02
+    if mode.endswith("uniform"):
+        assert w.abs().max() <= math.sqrt(3 / fan)
+
+
+def test_layers_basic():
+    lin = Linear(4, 3, init_bias=1)
+    x = torch.randn(5, 4)
+    assert torch.allclose(lin(x), x @ lin.weight.T + lin.bias)
+    assert Linear(4, 3).bias.abs().sum() == 0  # default init_bias = 0
+    pe = PositionalEmbedding(8, endpoint=True)(torch.tensor([0.0, 1.0]))
+    assert torch.allclose(pe[0], torch.tensor([1.0] * 4 + [0.0] * 4))
+    assert torch.allclose(pe[1, [0, 3, 4, 7]], torch.tensor([math.cos(1), math.cos(1e-4), math.sin(1), math.sin(1e-4)]))
+    fe = FourierEmbedding(8)
+    assert fe(torch.zeros(3)).shape == (3, 8) and "freqs" in fe.state_dict()
+
+
+@pytest.mark.parametrize("filt", [[1, 1], [1, 3, 3, 1]])
+@pytest.mark.parametrize("fused", [False, True])
+def test_resampling_paths(filt, fused):
+    """The box shortcut equals the grouped convolution, and a loaded non-box filter switches it off."""
+    x = torch.randn(2, 4, 8, 8)
+    for up in (False, True):
+        conv = Conv2d(4, 6, kernel=3, up=up, down=not up, resample_filter=filt, fused_resample=fused)
+        fast = conv(x)
+        if not (up and fused):  # (the official fused up-sampling, used by no configuration, crops the border)
+            assert fast.shape == ((2, 6, 16, 16) if up else (2, 6, 4, 4))
+        conv._box = False
+        assert torch.allclose(fast, conv(x), atol=1e-5)
+    box = Conv2d(4, 4, kernel=0, down=True)
+    assert box._box
+    state = box.state_dict()
+    state["resample_filter"] = torch.tensor([[[[0.1, 0.2], [0.3, 0.4]]]])
+    box.load_state_dict(state)
+    assert not box._box
+    assert torch.allclose(box(x), torch.nn.functional.conv2d(x, state["resample_filter"].tile(4, 1, 1, 1), groups=4,
+                                                             stride=2))
+
+
+def test_attention_matches_formula():
+    qkv = torch.randn(3, 3 * 12, 4, 4)
+    heads, c = 3, 4
+    q, k, v = qkv.reshape(3 * heads, c, 3, 16).unbind(2)
+    w = torch.softmax(torch.einsum("ncq,nck->nqk", q, k) / math.sqrt(c), dim=2)
+    assert torch.allclose(attention(qkv, heads), torch.einsum("nqk,nck->ncq", w, v).reshape(3, 12, 4, 4), atol=1e-6)
+
+
+def test_unet_block_zero_init_is_skip():
+    block = UNetBlock(8, 16, emb_channels=4, up=True, attention=True, num_heads=2)
+    x = torch.randn(2, 8, 4, 4)
+    assert torch.allclose(block(x, torch.randn(2, 4)), block.skip(x), atol=1e-6)
+
+
+def test_reduced_precision_close_to_float32(small, ref):
+    args = model_args(ref)
+    with torch.no_grad():
+        out32 = small(*args)
+        out16 = small(args[0].half(), *args[1:])
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            outbf = small(*args)
+    assert out16.dtype == torch.float16 and rel_err(out16, out32) < 5e-3
+    assert outbf.dtype == torch.bfloat16 and rel_err(outbf, out32) < 5e-2
+    net = SongUNet(**small.init_kwargs).train()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss = net(*args).float().square().mean()
+    loss.backward()
+    assert all(p.grad is None or p.grad.dtype == torch.float32 for p in net.parameters())
+
+
+def test_init_kwargs_rebuild(small):
+    twin = SongUNet(**small.init_kwargs)
+    assert {k: v.shape for k, v in twin.state_dict().items()} == {k: v.shape for k, v in small.state_dict().items()}
+    assert small.init_kwargs["channel_mult"] == [1, 2] and "self" not in small.init_kwargs
