@@ -28,7 +28,7 @@
 # | command | does |
 # |---|---|
 # | `edm-lit info` | prints the package version, the run mode and device (Chapter 0), and the modules |
-# | `edm-lit convert IN OUT` | reads an official snapshot `IN` (a `.pkl` path or URL) *without running code stored in it* and writes its `ema` network in our format, `OUT.json` + `OUT.safetensors` (Chapter 5, `edm_lit.checkpoints.convert`) |
+# | `edm-lit convert IN OUT` | reads an official snapshot `IN` (a `.pkl` path or URL) *without running code stored in it* and writes its `ema` network in our format, `OUT.json` + `OUT.safetensors` (Appendix B, `edm_lit.checkpoints.convert`) |
 
 # %% tags=["export"]
 import argparse
@@ -88,7 +88,7 @@ def main(argv=None) -> int:
 # **Check** — the commands run, and an unknown subcommand is refused with argparse's usage message
 # (exit status 2) rather than a traceback. `convert` on a file that is not an official snapshot
 # — here a pickle that would call `os.system`, and a missing file — fails with exit status 1, a
-# one-line reason and no output files. (Chapter 5 converts a snapshot in the official layout, and
+# one-line reason and no output files. (Appendix B converts a snapshot in the official layout, and
 # so do the tests.)
 
 # %%

@@ -1,4 +1,4 @@
-"""Chapter 5 (edm_lit.checkpoints): official pickles loaded safely, our format, downloads, `edm-lit convert`."""
+"""Appendix B (edm_lit.checkpoints): official pickles loaded safely, our format, downloads, `edm-lit convert`."""
 import http.server
 import io
 import json
