@@ -44,6 +44,49 @@ DISCRETIZATIONS = ("vp", "ve", "iddpm", "edm")
 SCHEDULES = ("vp", "ve", "linear")
 SCALINGS = ("vp", "none")
 
+# %% [markdown]
+# The samplers check every argument a user passes, at the door, and name it in the error. The
+# four small checks they share are in the collapsed cell below (exported with the rest; open it
+# to read them): a choice among names, a real number with an optional lower bound, a step
+# count, and a vector of time steps ending at 0.
+
+# %% tags=["export", "hide-input"]
+def check_choice(value, name, choices):
+    """`value` if it is one of the strings `choices`; else a ValueError naming `name`. Chapter 2."""
+    if not isinstance(value, str) or value not in choices:
+        raise ValueError(f"{name} must be one of {', '.join(map(repr, choices))}; got {value!r}")
+    return value
+
+
+def check_real(value, name, minimum=None, strict=True):
+    """`value` as a float; refuses NaN and, if `minimum` is given, values below it (or equal, if strict). Chapter 2."""
+    try:
+        value = float(value)
+    except (TypeError, ValueError, RuntimeError):
+        raise ValueError(f"{name} must be a real number, got {value!r}") from None
+    if math.isnan(value):
+        raise ValueError(f"{name} must not be NaN")
+    if minimum is not None and (value <= minimum if strict else value < minimum):
+        raise ValueError(f"{name} must be {'>' if strict else '>='} {minimum:g}, got {value}")
+    return value
+
+
+def check_num_steps(num_steps):
+    """`num_steps` as an int >= 1 (an integral float is accepted); else a ValueError. Chapter 2."""
+    ok = isinstance(num_steps, numbers.Real) and not isinstance(num_steps, bool)
+    if not ok or not math.isfinite(num_steps) or num_steps != int(num_steps) or num_steps < 1:
+        raise ValueError(f"num_steps must be an integer >= 1, got {num_steps!r}")
+    return int(num_steps)
+
+
+def check_t_steps(t_steps, device=None):
+    """Time steps t_0 > ... > t_N = 0 as a float64 tensor on `device`; else a ValueError. Chapter 2."""
+    t_steps = torch.as_tensor(t_steps, dtype=torch.float64, device=device)
+    if t_steps.ndim != 1 or len(t_steps) < 2 or t_steps[-1] != 0 or not bool((t_steps[:-1] > 0).all()):
+        raise ValueError("t_steps must be 1-D with at least two entries, all > 0 except the last, which must be 0")
+    return t_steps
+
+
 # %%
 import matplotlib.pyplot as plt
 import torch
@@ -78,25 +121,6 @@ F64 = torch.float64
 # form, `(x - D) / t`, which is also how the official sampler computes it.
 
 # %% tags=["export"]
-def _choice(value, name, choices):
-    if not isinstance(value, str) or value not in choices:
-        raise ValueError(f"{name} must be one of {', '.join(map(repr, choices))}; got {value!r}")
-    return value
-
-
-def _real(value, name, minimum=None, strict=True):
-    """value as a float; refuses NaN and, if `minimum` is given, values below it (or equal, if strict)."""
-    try:
-        value = float(value)
-    except (TypeError, ValueError, RuntimeError):
-        raise ValueError(f"{name} must be a real number, got {value!r}") from None
-    if math.isnan(value):
-        raise ValueError(f"{name} must not be NaN")
-    if minimum is not None and (value <= minimum if strict else value < minimum):
-        raise ValueError(f"{name} must be {'>' if strict else '>='} {minimum:g}, got {value}")
-    return value
-
-
 class SamplerSchedule:
     """The sigma(t) and s(t) a sampler steps in, and the ODE slope they give (Eq. 4 with Eq. 3). Chapter 2.
 
@@ -106,7 +130,7 @@ class SamplerSchedule:
     """
 
     def __init__(self, sigma=None, scaling="none"):
-        self.base, self.scaling = sigma, _choice(scaling, "scaling", SCALINGS)
+        self.base, self.scaling = sigma, check_choice(scaling, "scaling", SCALINGS)
         self.plain = sigma is None and scaling == "none"
 
     def __repr__(self):
@@ -115,7 +139,7 @@ class SamplerSchedule:
     @classmethod
     def from_names(cls, schedule="linear", scaling="none", sigma_min=0.002, sigma_max=80.0, epsilon_s=1e-3):
         """By the ablation sampler's names: schedule 'vp' (fitted to [sigma_min, sigma_max]), 've' or 'linear'."""
-        _choice(schedule, "schedule", SCHEDULES)
+        check_choice(schedule, "schedule", SCHEDULES)
         if schedule == "vp":
             return cls(vp_fitted(sigma_min, sigma_max, epsilon_s), scaling)
         return cls(VE(sigma_min, sigma_max) if schedule == "ve" else None, scaling)
@@ -146,7 +170,7 @@ class SamplerSchedule:
 
 def vp_fitted(sigma_min, sigma_max, epsilon_s=1e-3):
     """The VP schedule with sigma(epsilon_s) = sigma_min and sigma(1) = sigma_max, as the ablation sampler fits it."""
-    epsilon_s = _real(epsilon_s, "epsilon_s", 0)
+    epsilon_s = check_real(epsilon_s, "epsilon_s", 0)
     floor = math.log1p(sigma_min**2) / math.log1p(sigma_max**2)  # below it, beta_d would come out <= 0
     if not floor < epsilon_s < 1:
         raise ValueError(f"epsilon_s must lie in ({floor:.3g}, 1) for a VP schedule on [{sigma_min:g}, {sigma_max:g}], "
@@ -265,13 +289,6 @@ assert abs(math.log(local["heun"][-2] / local["heun"][-1]) / math.log(2) - 3) < 
 # and it appends $t_N = 0$.
 
 # %% tags=["export"]
-def _num_steps(num_steps):
-    ok = isinstance(num_steps, numbers.Real) and not isinstance(num_steps, bool)
-    if not ok or not math.isfinite(num_steps) or num_steps != int(num_steps) or num_steps < 1:
-        raise ValueError(f"num_steps must be an integer >= 1, got {num_steps!r}")
-    return int(num_steps)
-
-
 def check_sampler_inputs(net, latents, class_labels=None):
     """Refuse a net without the denoiser interface and latents or labels that do not fit. Chapter 2."""
     missing = [a for a in ("sigma_min", "sigma_max", "round_sigma") if not hasattr(net, a)]
@@ -289,7 +306,7 @@ def check_sampler_inputs(net, latents, class_labels=None):
 
 def sigma_range(net, sigma_min, sigma_max):
     """The noise range a sampler covers: [sigma_min, sigma_max] clamped to the network's. Chapter 2."""
-    sigma_min, sigma_max = _real(sigma_min, "sigma_min", 0), _real(sigma_max, "sigma_max", 0)
+    sigma_min, sigma_max = check_real(sigma_min, "sigma_min", 0), check_real(sigma_max, "sigma_max", 0)
     if not sigma_min < sigma_max < math.inf:
         raise ValueError(f"need sigma_min < sigma_max < inf, got sigma_min={sigma_min:g}, sigma_max={sigma_max:g}")
     lo, hi = max(sigma_min, float(net.sigma_min)), min(sigma_max, float(net.sigma_max))
@@ -301,7 +318,7 @@ def sigma_range(net, sigma_min, sigma_max):
 
 def edm_time_steps(net, num_steps=18, sigma_min=0.002, sigma_max=80.0, rho=7.0, device=None):
     """EDM's t_0 > ... > t_{N-1} (Eq. 5) on the network's range and grid (round_sigma), then t_N = 0. Chapter 2."""
-    num_steps, rho = _num_steps(num_steps), _real(rho, "rho", 0)
+    num_steps, rho = check_num_steps(num_steps), check_real(rho, "rho", 0)
     sigma_min, sigma_max = sigma_range(net, sigma_min, sigma_max)
     t_steps = torch.as_tensor(net.round_sigma(edm_sigma_steps(num_steps, sigma_min, sigma_max, rho, device=device)))
     return torch.cat([t_steps, torch.zeros_like(t_steps[:1])])
@@ -345,13 +362,6 @@ assert abs(t_narrow[0] - 20) < 1e-12 and abs(t_narrow[-2] - 0.01) < 1e-15
 # `x` and a 0-dim float64 σ and is free to compute in lower precision inside.
 
 # %% tags=["export"]
-def _check_t_steps(t_steps, device):
-    t_steps = torch.as_tensor(t_steps, dtype=torch.float64, device=device)
-    if t_steps.ndim != 1 or len(t_steps) < 2 or t_steps[-1] != 0 or not bool((t_steps[:-1] > 0).all()):
-        raise ValueError("t_steps must be 1-D with at least two entries, all > 0 except the last, which must be 0")
-    return t_steps
-
-
 def sample_ode(net, latents, t_steps, schedule=None, class_labels=None, solver="heun", alpha=1.0):
     """Algorithm 1: deterministic sampling along t_steps (t_N = 0) from x_0 = latents sigma(t_0) s(t_0). Chapter 2.
 
@@ -359,10 +369,10 @@ def sample_ode(net, latents, t_steps, schedule=None, class_labels=None, solver="
     last step, to sigma = 0, is an Euler step. float64 throughout, like the official samplers.
     """
     check_sampler_inputs(net, latents, class_labels)
-    second_order = _choice(solver, "solver", SOLVERS) == "heun"
-    alpha = _real(alpha, "alpha", 0)
+    second_order = check_choice(solver, "solver", SOLVERS) == "heun"
+    alpha = check_real(alpha, "alpha", 0)
     schedule = SamplerSchedule() if schedule is None else schedule
-    t_steps = _check_t_steps(t_steps, latents.device)
+    t_steps = check_t_steps(t_steps, latents.device)
     num_steps = len(t_steps) - 1
     x_next = latents.to(torch.float64) * (schedule.sigma(t_steps[0]) * schedule.s(t_steps[0]))
     for i, (t_cur, t_next) in enumerate(zip(t_steps[:-1], t_steps[1:])):
@@ -639,7 +649,7 @@ ABLATION_SIGMA_RANGE = {"ve": (0.02, 100.0), "iddpm": (0.002, 81.0), "edm": (0.0
 def ablation_sigma_steps(num_steps, sigma_min, sigma_max, discretization="edm", rho=7.0, epsilon_s=1e-3,
                          C_1=0.001, C_2=0.008, M=1000, device=None):
     """sigma_0 > ... > sigma_{N-1} of a column of Table 1 ('time steps' row) on [sigma_min, sigma_max]. Chapter 2."""
-    _choice(discretization, "discretization", DISCRETIZATIONS)
+    check_choice(discretization, "discretization", DISCRETIZATIONS)
     i = torch.arange(num_steps, dtype=torch.float64, device=device)
     frac = i / max(num_steps - 1, 1)
     if discretization == "vp":
@@ -664,11 +674,11 @@ def ablation_setup(net, num_steps=18, sigma_min=None, sigma_max=None, rho=7.0, d
     Returns (t_steps, schedule) for `sample_ode` (and Chapter 3's samplers); the arguments are the official
     ablation sampler's.
     """
-    num_steps, rho = _num_steps(num_steps), _real(rho, "rho", 0)
-    _choice(discretization, "discretization", DISCRETIZATIONS)
-    _choice(schedule, "schedule", SCHEDULES)
-    _choice(scaling, "scaling", SCALINGS)
-    epsilon_s = _real(epsilon_s, "epsilon_s", 0)
+    num_steps, rho = check_num_steps(num_steps), check_real(rho, "rho", 0)
+    check_choice(discretization, "discretization", DISCRETIZATIONS)
+    check_choice(schedule, "schedule", SCHEDULES)
+    check_choice(scaling, "scaling", SCALINGS)
+    epsilon_s = check_real(epsilon_s, "epsilon_s", 0)
     if not epsilon_s < 1:
         raise ValueError(f"epsilon_s must lie in (0, 1), got {epsilon_s}")
     default = (VP(epsilon_s=epsilon_s).sigma_min, VP().sigma_max) if discretization == "vp" \
@@ -779,7 +789,8 @@ assert vp_edm_steps[0] < edm_35[0] and vp_edm_steps[1] > 3 * edm_35[1]
 # - `sample_ode` — Algorithm 1 along any time steps: NFE = 2N − 1 for Heun, N for Euler;
 # - `ablation_sigma_steps`, `ablation_setup` — the VP, VE, iDDPM and EDM discretizations and any
 #   pairing of σ(t) and s(t), with the official ablation sampler's arguments and defaults;
-# - `check_sampler_inputs` and the name tuples `SOLVERS`, `DISCRETIZATIONS`, `SCHEDULES`, `SCALINGS`.
+# - `check_sampler_inputs` and the argument checks `check_choice`, `check_real`, `check_num_steps`,
+#   `check_t_steps`; the name tuples `SOLVERS`, `DISCRETIZATIONS`, `SCHEDULES`, `SCALINGS`.
 #
 # Measured on the image-shaped mixture (quick mode, 256 samples; the tables above), at the
 # paper's 35 NFE: Heun with EDM's steps has a typical error of 9.1 × 10⁻³ and no sample in the
