@@ -879,12 +879,13 @@ glue("ex3_euler_gain", f"{euler30[35] / euler30[70]:.1f}", display=False)
 #    with ρ = 30?
 #
 # :::{dropdown} Answers
-# 1. At 35 NFE the typical error *drops* (to {glue:text}`ex1_35`): no steps are spent below 0.02.
-#    But it stops falling, at about {glue:text}`ex1_floor` (513 NFE), however many steps you add. The final Euler step from
-#    σ_min to 0 lands on $D(\mathbf{x}(\sigma_\text{min}); \sigma_\text{min})$, not on $\mathbf{x}(0)$; for a
-#    component of std s it stops short by a fraction ≈ σ_min²/(2s²) of the distance to the
-#    component's mean — {glue:text}`ex1_short` here, {glue:text}`ex1_short_edm` with σ_min = 0.002. σ_min sets the floor; the steps set
-#    how fast you reach it.
+# 1. At 35 NFE the typical error *drops* (to {glue:text}`ex1_35`): no steps are spent below
+#    0.02. But it stops falling, at about {glue:text}`ex1_floor` (513 NFE), however many steps you
+#    add. The final Euler step from σ_min to 0 lands on
+#    $D(\mathbf{x}(\sigma_\text{min}); \sigma_\text{min})$, not on $\mathbf{x}(0)$; for a component
+#    of std s it stops short by a fraction ≈ σ_min²/(2s²) of the distance to the component's mean —
+#    {glue:text}`ex1_short` here, {glue:text}`ex1_short_edm` with σ_min = 0.002. σ_min sets the
+#    floor; the steps set how fast you reach it.
 # 2. Any α > 0 gives a second-order method. On the single Gaussian the midpoint rule does even
 #    better (error ratios near {glue:text}`ex2_ratio` per halving): a property
 #    of that particular ODE, not of the method — try it on the mixture.
