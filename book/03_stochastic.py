@@ -431,13 +431,17 @@ for i, c in enumerate(CHURNS):
     print(f"{c:8.2f}" + "".join(f"{t[i, 0]:11.1e} / {t[i, 1]:+9.2e}" for t in terms.values()))
 
 # %%
-fig, ax = plt.subplots(figsize=(6.5, 4))
+fig, ax = plt.subplots(figsize=(8, 4.5))
 for name, t in terms.items():
     ax.plot(CHURNS, t[:, 1], "o-", ms=4, label=f"{name}: std − s")
-    ax.plot(CHURNS, t[:, 0], ":", lw=1, color=ax.lines[-1].get_color(), label=f"{name}: mean term")
+    color = ax.lines[-1].get_color()
+    ax.plot(CHURNS, t[:, 0], ":", lw=1, color=color, label=f"{name}: mean term")
+    if name != "exact":  # what is left after subtracting the sampler's own error: the denoiser's part
+        ax.plot(CHURNS, t[:, 1] - terms["exact"][:, 1], "--", lw=1, color=color, label=f"{name} − exact: the denoiser's part")
 ax.axhline(0, color="k", lw=0.6)
-ax.set(xlabel="S_churn (18 steps)", ylabel="per pixel", title="the two terms of W₂: std error (solid), mean (dotted)")
-_ = ax.legend(fontsize=8)
+ax.set(xlabel="S_churn (18 steps)", ylabel="per pixel", title="the terms of W₂: std error (solid), mean (dotted)")
+_ = ax.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.01, 0.5))
+plt.tight_layout()
 
 # %% [markdown]
 # What the data show, asserted below:
@@ -456,7 +460,7 @@ _ = ax.legend(fontsize=8)
 #   sign, not the absence of error.
 # * **What Langevin correction itself does.** Subtract the exact denoiser's std error at the same
 #   $S_\text{churn}$ (the sampler's part) from the imperfect one's: what remains is the part due to
-#   the denoiser. Churn shrinks it from {glue:text}`imp_own_0` to {glue:text}`imp_own_best`, by
+#   the denoiser (dashed in the figure). Churn shrinks it from {glue:text}`imp_own_0` to {glue:text}`imp_own_best`, by
 #   {glue:text}`langevin_imp` %. That is the genuine correction — real, but on its own it would
 #   shrink the error by that fraction, not {glue:text}`w2_imp_gain`-fold. The under-denoising network of
 #   exercise 1 shows it on its own: there the two errors have the *same* sign, nothing cancels,
