@@ -118,9 +118,7 @@ assert {"mode", "framework", "samplers"} <= present  # the chapters that the nex
 #
 # The package needs only {glue:text}`dependencies` (the `dependencies` of `pyproject.toml`);
 # it imports and runs with no Jupyter installed. The cell below reads that list and, for each
-# entry, the modules of `edm_lit` that import it. `tqdm` is declared ahead of its use: the
-# training loop and generation (Chapters 7 and 8, not written yet) show progress bars with it;
-# until then no module imports it, and the cell says so.
+# entry, the modules of `edm_lit` that import it. {glue:text}`planned_note`
 
 # %%
 import ast
@@ -133,7 +131,7 @@ from myst_nb import glue
 ROOT = Path(edm_lit.__file__).resolve().parents[1]
 declared = [re.split(r"[<>=!~ \[;]", d, maxsplit=1)[0] for d in
             tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["dependencies"]]
-PLANNED = {"tqdm": "Chapters 7-8 (progress bars of training and generation)"}  # declared ahead of use
+PLANNED = {"tqdm": "the progress bars of training and generation, Chapters 7 and 8"}  # declared ahead of use
 users, imported = {d: [] for d in declared}, set()
 for path in sorted((ROOT / "edm_lit").glob("*.py")):
     for node in ast.walk(ast.parse(path.read_text())):
@@ -150,6 +148,9 @@ for dep, mods in users.items():
 nbtools_lines = len((ROOT / "tools" / "nbtools.py").read_text().splitlines())
 glue("dependencies", ", ".join(declared[:-1]) + f" and {declared[-1]}", display=False)
 glue("nbtools_lines", str(nbtools_lines), display=False)
+ahead = [d for d in declared if not users[d]]
+glue("planned_note", " ".join(f"{d} is declared ahead of its use ({PLANNED[d]}): no module imports it yet." for d in ahead)
+     or "Every one of them is imported by some module.", display=False)
 
 # %% [markdown]
 # ## Quick and full mode
