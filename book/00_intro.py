@@ -64,26 +64,30 @@
 # | 2 deterministic sampling | Euler vs Heun (Alg. 1), the time steps (Eq. 5), the original samplers re-expressed | `edm_lit.samplers` |
 # | 3 stochastic sampling | Alg. 2: churn, S_tmin/S_tmax, S_noise | `edm_lit.samplers` |
 # | 4 preconditioning & loss | c_skip, c_out, c_in, c_noise, λ(σ), p_train | `edm_lit.precond`, `edm_lit.loss` |
-# | 5 networks | DDPM++/NCSN++ and ADM; loading official snapshots safely | `edm_lit.networks`, `edm_lit.checkpoints` |
+# | 5 networks | DDPM++/NCSN++ and ADM; a first training | `edm_lit.networks` |
 # | 6 augmentation | non-leaking augmentation | `edm_lit.augment` |
 # | 7 training | data sets, EMA, mixed precision, DDP, snapshots and exact resume | `edm_lit.data`, `edm_lit.training` |
 # | 8 evaluation | generation at scale, FID | `edm_lit.generate`, `edm_lit.fid` |
 # | 9 reproduction | the paper's tables beside ours | (reads `book/results/`) |
-# | A command line | `edm-lit` and its subcommands | `edm_lit.cli` |
+# | A1 command line | `edm-lit` and its subcommands | `edm_lit.cli` |
+# | A2 checkpoints | official snapshots loaded without running their code; our safetensors format | `edm_lit.checkpoints` |
 #
 # Chapters are added in this order; the table of contents lists those written so far. The
-# cell below checks that every module the package has is on this map.
+# cell below lists the modules the package has *now* (it reads the package, so the list is as
+# current as the build) and checks that every one of them is on this map.
 
 # %%
 import pkgutil
+import re
 
 import edm_lit
 
 MAP = {"mode", "framework", "samplers", "precond", "loss", "networks", "checkpoints", "augment",
        "data", "training", "generate", "fid", "cli"}
 present = {m.name for m in pkgutil.iter_modules(edm_lit.__path__)}
-print("modules exported so far:", ", ".join(sorted(present)))
+print(f"modules exported so far ({len(present)} of {len(MAP)}):", ", ".join(sorted(present)))
 assert present <= MAP, f"modules missing from the map: {present - MAP}"
+assert {"mode", "framework", "samplers"} <= present  # the chapters that the next ones build on
 
 # %% [markdown]
 # ## How the export works
@@ -100,9 +104,10 @@ assert present <= MAP, f"modules missing from the map: {present - MAP}"
 # ```
 #
 # We chose cell tags over nbdev's `#| export` comments because tags are metadata: the rendered
-# book shows the code and nothing else. We chose a small exporter (`tools/nbtools.py`, about
-# 200 lines) over nbdev because nbdev reads only `.ipynb` files (our reviewed source is the
-# `.py`), always writes extra files, and has no *check* mode. Ours has three commands:
+# book shows the code and nothing else. We chose a small exporter (`tools/nbtools.py`,
+# {glue:text}`nbtools_lines` lines) over nbdev because nbdev reads only `.ipynb` files (our
+# reviewed source is the `.py`), always writes extra files, and has no *check* mode. Ours has
+# three commands:
 #
 # - `python tools/nbtools.py export` writes `edm_lit/` from the chapters;
 # - `python tools/nbtools.py check` fails when `edm_lit/` differs from what the chapters export
@@ -111,8 +116,41 @@ assert present <= MAP, f"modules missing from the map: {present - MAP}"
 # - `python tools/nbtools.py execute [chapter.py ...]` runs chapters and writes their `.ipynb`
 #   with outputs.
 #
-# The package needs only `torch`, `numpy` and `tqdm`: it imports and runs with no Jupyter
-# installed.
+# The package needs only {glue:text}`dependencies` (the `dependencies` of `pyproject.toml`);
+# it imports and runs with no Jupyter installed. The cell below reads that list and, for each
+# entry, the modules of `edm_lit` that import it. {glue:text}`planned_note`
+
+# %%
+import ast
+import sys
+import tomllib
+from pathlib import Path
+
+from myst_nb import glue
+
+ROOT = Path(edm_lit.__file__).resolve().parents[1]
+declared = [re.split(r"[<>=!~ \[;]", d, maxsplit=1)[0] for d in
+            tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["dependencies"]]
+PLANNED = {"tqdm": "the progress bars of training and generation, Chapters 7 and 8"}  # declared ahead of use
+users, imported = {d: [] for d in declared}, set()
+for path in sorted((ROOT / "edm_lit").glob("*.py")):
+    for node in ast.walk(ast.parse(path.read_text())):
+        names = [a.name for a in node.names] if isinstance(node, ast.Import) else \
+            [node.module] if isinstance(node, ast.ImportFrom) and node.level == 0 and node.module else []
+        imported |= {n.split(".")[0] for n in names}
+        for top in {n.split(".")[0] for n in names} & set(users):
+            users[top].append(path.stem)
+third_party = imported - set(sys.stdlib_module_names) - {"edm_lit"}
+assert third_party <= set(declared), f"imported but not declared in pyproject.toml: {third_party - set(declared)}"
+for dep, mods in users.items():
+    print(f"{dep:12s} imported by: {', '.join(sorted(set(mods))) or '(none yet: ' + PLANNED.get(dep, '?') + ')'}")
+    assert mods or dep in PLANNED, f"{dep} is declared but no module uses it"
+nbtools_lines = len((ROOT / "tools" / "nbtools.py").read_text().splitlines())
+glue("dependencies", ", ".join(declared[:-1]) + f" and {declared[-1]}", display=False)
+glue("nbtools_lines", str(nbtools_lines), display=False)
+ahead = [d for d in declared if not users[d]]
+glue("planned_note", " ".join(f"{d} is declared ahead of its use ({PLANNED[d]}): no module imports it yet." for d in ahead)
+     or "Every one of them is imported by some module.", display=False)
 
 # %% [markdown]
 # ## Quick and full mode

@@ -44,9 +44,55 @@ DISCRETIZATIONS = ("vp", "ve", "iddpm", "edm")
 SCHEDULES = ("vp", "ve", "linear")
 SCALINGS = ("vp", "none")
 
+# %% [markdown]
+# The samplers check every argument a user passes, at the door, and name it in the error. The
+# four small checks they share are in the collapsed cell below (exported with the rest; open it
+# to read them): a choice among names, a real number with an optional lower bound, a step
+# count, and a vector of time steps ending at 0.
+
+# %% tags=["export", "hide-input"]
+def check_choice(value, name, choices):
+    """`value` if it is one of the strings `choices`; else a ValueError naming `name`. Chapter 2."""
+    if not isinstance(value, str) or value not in choices:
+        raise ValueError(f"{name} must be one of {', '.join(map(repr, choices))}; got {value!r}")
+    return value
+
+
+def check_real(value, name, minimum=None, strict=True):
+    """`value` as a float; refuses NaN and, if `minimum` is given, values below it (or equal, if strict). Chapter 2."""
+    try:
+        value = float(value)
+    except (TypeError, ValueError, RuntimeError):
+        raise ValueError(f"{name} must be a real number, got {value!r}") from None
+    if math.isnan(value):
+        raise ValueError(f"{name} must not be NaN")
+    if minimum is not None and (value <= minimum if strict else value < minimum):
+        raise ValueError(f"{name} must be {'>' if strict else '>='} {minimum:g}, got {value}")
+    return value
+
+
+def check_num_steps(num_steps):
+    """`num_steps` as an int >= 1 (an integral float is accepted); else a ValueError. Chapter 2."""
+    ok = isinstance(num_steps, numbers.Real) and not isinstance(num_steps, bool)
+    if not ok or not math.isfinite(num_steps) or num_steps != int(num_steps) or num_steps < 1:
+        raise ValueError(f"num_steps must be an integer >= 1, got {num_steps!r}")
+    return int(num_steps)
+
+
+def check_t_steps(t_steps, device=None):
+    """Time steps t_0 > ... > t_N = 0 as a float64 tensor on `device`; else a ValueError. Chapter 2."""
+    t_steps = torch.as_tensor(t_steps, dtype=torch.float64, device=device)
+    if t_steps.ndim != 1 or len(t_steps) < 2 or t_steps[-1] != 0 or not bool((t_steps[:-1] > 0).all()):
+        raise ValueError("t_steps must be 1-D with at least two entries, all > 0 except the last, which must be 0")
+    return t_steps
+
+
 # %%
+import statistics
+
 import matplotlib.pyplot as plt
 import torch
+from myst_nb import glue
 
 from edm_lit.framework import EDM, VE, VP, GaussianMixture, ode_slope, solve_ode_rk4, toy_image_mixture
 from edm_lit.mode import get_mode
@@ -56,6 +102,17 @@ torch.manual_seed(0)
 torch.set_num_threads(1)  # the tensors of this chapter are tiny: one thread is fastest, and immune to a busy machine
 plt.rcParams.update({"figure.dpi": 80, "axes.grid": True, "grid.alpha": 0.3})
 F64 = torch.float64
+
+
+def sci(v, digits=1):
+    """v as 'm.m × 10⁻ᵏ' for prose (glued into the text)."""
+    m, e = f"{v:.{digits}e}".split("e")
+    return f"{m} × 10{str(int(e)).translate(str.maketrans('-0123456789', '⁻⁰¹²³⁴⁵⁶⁷⁸⁹'))}"
+
+
+def pct(v):
+    """a fraction as a percentage for prose."""
+    return f"{100 * v:.1f} %"
 
 # %% [markdown]
 # ## 2.1 A sampler's view of time
@@ -78,25 +135,6 @@ F64 = torch.float64
 # form, `(x - D) / t`, which is also how the official sampler computes it.
 
 # %% tags=["export"]
-def _choice(value, name, choices):
-    if not isinstance(value, str) or value not in choices:
-        raise ValueError(f"{name} must be one of {', '.join(map(repr, choices))}; got {value!r}")
-    return value
-
-
-def _real(value, name, minimum=None, strict=True):
-    """value as a float; refuses NaN and, if `minimum` is given, values below it (or equal, if strict)."""
-    try:
-        value = float(value)
-    except (TypeError, ValueError, RuntimeError):
-        raise ValueError(f"{name} must be a real number, got {value!r}") from None
-    if math.isnan(value):
-        raise ValueError(f"{name} must not be NaN")
-    if minimum is not None and (value <= minimum if strict else value < minimum):
-        raise ValueError(f"{name} must be {'>' if strict else '>='} {minimum:g}, got {value}")
-    return value
-
-
 class SamplerSchedule:
     """The sigma(t) and s(t) a sampler steps in, and the ODE slope they give (Eq. 4 with Eq. 3). Chapter 2.
 
@@ -106,7 +144,7 @@ class SamplerSchedule:
     """
 
     def __init__(self, sigma=None, scaling="none"):
-        self.base, self.scaling = sigma, _choice(scaling, "scaling", SCALINGS)
+        self.base, self.scaling = sigma, check_choice(scaling, "scaling", SCALINGS)
         self.plain = sigma is None and scaling == "none"
 
     def __repr__(self):
@@ -115,7 +153,7 @@ class SamplerSchedule:
     @classmethod
     def from_names(cls, schedule="linear", scaling="none", sigma_min=0.002, sigma_max=80.0, epsilon_s=1e-3):
         """By the ablation sampler's names: schedule 'vp' (fitted to [sigma_min, sigma_max]), 've' or 'linear'."""
-        _choice(schedule, "schedule", SCHEDULES)
+        check_choice(schedule, "schedule", SCHEDULES)
         if schedule == "vp":
             return cls(vp_fitted(sigma_min, sigma_max, epsilon_s), scaling)
         return cls(VE(sigma_min, sigma_max) if schedule == "ve" else None, scaling)
@@ -146,7 +184,7 @@ class SamplerSchedule:
 
 def vp_fitted(sigma_min, sigma_max, epsilon_s=1e-3):
     """The VP schedule with sigma(epsilon_s) = sigma_min and sigma(1) = sigma_max, as the ablation sampler fits it."""
-    epsilon_s = _real(epsilon_s, "epsilon_s", 0)
+    epsilon_s = check_real(epsilon_s, "epsilon_s", 0)
     floor = math.log1p(sigma_min**2) / math.log1p(sigma_max**2)  # below it, beta_d would come out <= 0
     if not floor < epsilon_s < 1:
         raise ValueError(f"epsilon_s must lie in ({floor:.3g}, 1) for a VP schedule on [{sigma_min:g}, {sigma_max:g}], "
@@ -169,7 +207,7 @@ for name, (ours, column) in pairs.items():
     mine, ref = ours.derivative(gm_img, x, t), ode_slope(column, gm_img, x, t)
     err = ((mine - ref).abs().max() / ref.abs().max()).item()
     print(f"{name:6s}: |SamplerSchedule.derivative - ode_slope| / |ode_slope| = {err:.1e}")
-    assert err < 1e-12
+    assert err < 2e-15  # the same arithmetic up to rounding
 
 # %% [markdown]
 # ## 2.2 Euler and Heun
@@ -265,13 +303,6 @@ assert abs(math.log(local["heun"][-2] / local["heun"][-1]) / math.log(2) - 3) < 
 # and it appends $t_N = 0$.
 
 # %% tags=["export"]
-def _num_steps(num_steps):
-    ok = isinstance(num_steps, numbers.Real) and not isinstance(num_steps, bool)
-    if not ok or not math.isfinite(num_steps) or num_steps != int(num_steps) or num_steps < 1:
-        raise ValueError(f"num_steps must be an integer >= 1, got {num_steps!r}")
-    return int(num_steps)
-
-
 def check_sampler_inputs(net, latents, class_labels=None):
     """Refuse a net without the denoiser interface and latents or labels that do not fit. Chapter 2."""
     missing = [a for a in ("sigma_min", "sigma_max", "round_sigma") if not hasattr(net, a)]
@@ -289,7 +320,7 @@ def check_sampler_inputs(net, latents, class_labels=None):
 
 def sigma_range(net, sigma_min, sigma_max):
     """The noise range a sampler covers: [sigma_min, sigma_max] clamped to the network's. Chapter 2."""
-    sigma_min, sigma_max = _real(sigma_min, "sigma_min", 0), _real(sigma_max, "sigma_max", 0)
+    sigma_min, sigma_max = check_real(sigma_min, "sigma_min", 0), check_real(sigma_max, "sigma_max", 0)
     if not sigma_min < sigma_max < math.inf:
         raise ValueError(f"need sigma_min < sigma_max < inf, got sigma_min={sigma_min:g}, sigma_max={sigma_max:g}")
     lo, hi = max(sigma_min, float(net.sigma_min)), min(sigma_max, float(net.sigma_max))
@@ -301,7 +332,7 @@ def sigma_range(net, sigma_min, sigma_max):
 
 def edm_time_steps(net, num_steps=18, sigma_min=0.002, sigma_max=80.0, rho=7.0, device=None):
     """EDM's t_0 > ... > t_{N-1} (Eq. 5) on the network's range and grid (round_sigma), then t_N = 0. Chapter 2."""
-    num_steps, rho = _num_steps(num_steps), _real(rho, "rho", 0)
+    num_steps, rho = check_num_steps(num_steps), check_real(rho, "rho", 0)
     sigma_min, sigma_max = sigma_range(net, sigma_min, sigma_max)
     t_steps = torch.as_tensor(net.round_sigma(edm_sigma_steps(num_steps, sigma_min, sigma_max, rho, device=device)))
     return torch.cat([t_steps, torch.zeros_like(t_steps[:1])])
@@ -345,13 +376,6 @@ assert abs(t_narrow[0] - 20) < 1e-12 and abs(t_narrow[-2] - 0.01) < 1e-15
 # `x` and a 0-dim float64 σ and is free to compute in lower precision inside.
 
 # %% tags=["export"]
-def _check_t_steps(t_steps, device):
-    t_steps = torch.as_tensor(t_steps, dtype=torch.float64, device=device)
-    if t_steps.ndim != 1 or len(t_steps) < 2 or t_steps[-1] != 0 or not bool((t_steps[:-1] > 0).all()):
-        raise ValueError("t_steps must be 1-D with at least two entries, all > 0 except the last, which must be 0")
-    return t_steps
-
-
 def sample_ode(net, latents, t_steps, schedule=None, class_labels=None, solver="heun", alpha=1.0):
     """Algorithm 1: deterministic sampling along t_steps (t_N = 0) from x_0 = latents sigma(t_0) s(t_0). Chapter 2.
 
@@ -359,10 +383,10 @@ def sample_ode(net, latents, t_steps, schedule=None, class_labels=None, solver="
     last step, to sigma = 0, is an Euler step. float64 throughout, like the official samplers.
     """
     check_sampler_inputs(net, latents, class_labels)
-    second_order = _choice(solver, "solver", SOLVERS) == "heun"
-    alpha = _real(alpha, "alpha", 0)
+    second_order = check_choice(solver, "solver", SOLVERS) == "heun"
+    alpha = check_real(alpha, "alpha", 0)
     schedule = SamplerSchedule() if schedule is None else schedule
-    t_steps = _check_t_steps(t_steps, latents.device)
+    t_steps = check_t_steps(t_steps, latents.device)
     num_steps = len(t_steps) - 1
     x_next = latents.to(torch.float64) * (schedule.sigma(t_steps[0]) * schedule.s(t_steps[0]))
     for i, (t_cur, t_next) in enumerate(zip(t_steps[:-1], t_steps[1:])):
@@ -447,7 +471,8 @@ _ = ax.legend()
 # (8 components, 3 × 8 × 8, component std 0.1): the ODE must pick a component, and then bend
 # into it. Its exact solution at σ = 0 we compute with Chapter 1's RK4 reference solver, 200 steps
 # uniform in log σ down to σ = 10⁻⁴, then one application of the ideal denoiser (what is left of
-# the path below 10⁻⁴ moves a point by about 10⁻⁷, far below the errors we measure). Every
+# the path below 10⁻⁴ moves a point by at most {glue:text}`tail_move`, far below the errors we
+# measure). Every
 # sampler below starts from the *same* latents and is compared to that end point.
 #
 # Two numbers per run. The **typical error** is the median over samples of the RMS difference
@@ -488,6 +513,12 @@ def score(out, sigma_max=80.0):
 coarse, fine = exact_end(80.0, z_img[:32], steps=100), exact_end(80.0, z_img[:32])
 print(f"RK4 reference, 100 vs 200 steps: max difference {(coarse - fine).abs().max():.1e}")
 assert (coarse - fine).abs().max() < 1e-4
+x_1e4 = solve_ode_rk4(EDM(1e-4, 80.0), gm_img, z_img[:32] * 80.0,
+                      torch.logspace(math.log10(80), -4, 201, dtype=F64))[-1]
+tail_move = (gm_img.denoise(x_1e4, 1e-4) - x_1e4).abs().max().item()  # the final denoising step's size
+print(f"the path below sigma = 1e-4 moves a point by at most {tail_move:.1e}")
+assert tail_move < 1e-6
+glue("tail_move", sci(tail_move), display=False)
 
 # %% [markdown]
 # Now the analogue of the paper's Fig. 2 for EDM's own σ(t) = t: Euler and Heun, each with
@@ -546,6 +577,11 @@ assert all(heun1[n][0] > euler1[n][0] for n in NFES)  # uniform steps: Heun is w
 assert all(heun7[n][0] < euler7[n][0] / 2 for n in NFES if n >= 65)
 assert heun7[9][0] > euler7[9][0]
 assert 3 < heun7[65][0] / heun7[129][0] < 5 and 1.6 < euler7[65][0] / euler7[129][0] < 2.4
+glue("n_samples", str(B), display=False)
+for key, row in [("heun7", heun7), ("euler7", euler7), ("euler1", euler1)]:
+    glue(f"s_{key}_35", sci(row[35][0]), display=False)
+    glue(f"s_{key}_35c", pct(row[35][1]), display=False)
+    glue(f"s_{key}_129", sci(row[129][0]), display=False)
 
 # %% [markdown]
 # ## 2.6 Why ρ ≈ 7
@@ -553,8 +589,8 @@ assert 3 < heun7[65][0] / heun7[129][0] < 5 and 1.6 < euler7[65][0] / euler7[129
 # Where does a sampler's error come from? Take the exact solution at each time step $t_i$, make
 # one Heun step to $t_{i+1}$ and compare with the exact solution there: the **local truncation
 # error** of step i. Plotted against σ for ρ = 1, 3 and 7 (N = 18), it shows what ρ does: with
-# uniform steps, the steps at large σ are wasted (errors of 10⁻⁶) while the few steps at small σ
-# are catastrophic; raising ρ moves steps from where the trajectory is straight to where it bends.
+# uniform steps, the steps at large σ are wasted (errors down to {glue:text}`lte_rho1_min`) while
+# the few steps at small σ are catastrophic (up to {glue:text}`lte_rho1_max`); raising ρ moves steps from where the trajectory is straight to where it bends.
 
 # %%
 def local_errors(rho, num_steps=18, latents=z_img[:64]):
@@ -574,12 +610,16 @@ RHOS_LTE = [1, 2, 3, 4, 5, 7, 10]
 lte = {rho: local_errors(rho) for rho in RHOS_LTE}
 spread = {rho: e.log10().std().item() for rho, (_, e) in lte.items()}
 print("spread of log10(local error) over the steps:", ", ".join(f"ρ={r}: {s:.2f}" for r, s in spread.items()))
+glue("lte_rho1_min", sci(lte[1][1].min().item()), display=False)
+glue("lte_rho1_max", sci(lte[1][1].max().item()), display=False)
+glue("rho_equal", str(min(spread, key=spread.get)), display=False)
+assert lte[1][1].max() > 1e4 * lte[1][1].min()
 
 # %% [markdown]
 # The paper reports that ρ = 3 nearly *equalises* the truncation error over the steps, yet
 # ρ between 5 and 10 samples images much better, and concludes that errors near σ_min weigh
 # more. Our ground truth says the same. Equalisation (the smallest spread of the local errors,
-# in decades) happens around ρ = 3–4; the *global* error keeps falling well past that, because an
+# in decades) happens at ρ = {glue:text}`rho_equal`; the *global* error keeps falling well past that, because an
 # error made at large σ is shrunk by the rest of the trajectory (it contracts towards the data
 # by the factor $\sqrt{s^2 + \sigma^2}/\sqrt{s^2 + \sigma_i^2}$ for a Gaussian), while an error made
 # near σ_min stays in the output. Below, the sweep of ρ at 18 Heun steps (35 NFE).
@@ -639,7 +679,7 @@ ABLATION_SIGMA_RANGE = {"ve": (0.02, 100.0), "iddpm": (0.002, 81.0), "edm": (0.0
 def ablation_sigma_steps(num_steps, sigma_min, sigma_max, discretization="edm", rho=7.0, epsilon_s=1e-3,
                          C_1=0.001, C_2=0.008, M=1000, device=None):
     """sigma_0 > ... > sigma_{N-1} of a column of Table 1 ('time steps' row) on [sigma_min, sigma_max]. Chapter 2."""
-    _choice(discretization, "discretization", DISCRETIZATIONS)
+    check_choice(discretization, "discretization", DISCRETIZATIONS)
     i = torch.arange(num_steps, dtype=torch.float64, device=device)
     frac = i / max(num_steps - 1, 1)
     if discretization == "vp":
@@ -664,11 +704,11 @@ def ablation_setup(net, num_steps=18, sigma_min=None, sigma_max=None, rho=7.0, d
     Returns (t_steps, schedule) for `sample_ode` (and Chapter 3's samplers); the arguments are the official
     ablation sampler's.
     """
-    num_steps, rho = _num_steps(num_steps), _real(rho, "rho", 0)
-    _choice(discretization, "discretization", DISCRETIZATIONS)
-    _choice(schedule, "schedule", SCHEDULES)
-    _choice(scaling, "scaling", SCALINGS)
-    epsilon_s = _real(epsilon_s, "epsilon_s", 0)
+    num_steps, rho = check_num_steps(num_steps), check_real(rho, "rho", 0)
+    check_choice(discretization, "discretization", DISCRETIZATIONS)
+    check_choice(schedule, "schedule", SCHEDULES)
+    check_choice(scaling, "scaling", SCALINGS)
+    epsilon_s = check_real(epsilon_s, "epsilon_s", 0)
     if not epsilon_s < 1:
         raise ValueError(f"epsilon_s must lie in (0, 1), got {epsilon_s}")
     default = (VP(epsilon_s=epsilon_s).sigma_min, VP().sigma_max) if discretization == "vp" \
@@ -748,11 +788,13 @@ plt.tight_layout()
 # At the paper's budget of 35 NFE, EDM's sampler beats each original sampler on both counts
 # (asserted below). The intermediate curves tell a more mixed story than the paper's FID curves.
 # Heun with the *original* time steps trades one kind of error for the other (for VP it lowers
-# the component errors but raises the typical error; for VE and iDDPM the reverse). And for the
-# VP model, Heun with EDM's steps but VP's σ(t) and s(t) reaches a *smaller* typical error than
-# with σ(t) = t, yet sends more samples to the wrong component (2 % against none, in quick mode):
-# the nearly straight trajectories of σ(t) = t are what keep samples in the right mode when
-# steps are few.
+# the component errors but raises the typical error; for VE and iDDPM the reverse; also
+# asserted). And for the VP model, Heun with EDM's steps but VP's σ(t) and s(t) reaches a
+# *smaller* typical error than with σ(t) = t ({glue:text}`vp_edm_err` against
+# {glue:text}`edm35_err`), yet sends more samples to the wrong component
+# ({glue:text}`vp_edm_comp` against {glue:text}`edm35_comp`, in this run): the nearly straight
+# trajectories of σ(t) = t (Chapter 1, §1.4) are what keep samples in the right mode when steps
+# are few.
 
 # %%
 print(f"{'at 35 NFE':42s} typical error  wrong component")
@@ -765,7 +807,44 @@ for model in FIG2:
     assert edm_35[0] < orig_35[0] and edm_35[1] < orig_35[1] / 4, model
 vp_edm_steps = dict(zip(NFES, fig2[("VP", "Heun + EDM steps")]))[35]
 edm_35 = dict(zip(NFES, fig2[("VP", EDM_SAMPLER[0])]))[35]
-assert vp_edm_steps[0] < edm_35[0] and vp_edm_steps[1] > 3 * edm_35[1]
+assert vp_edm_steps[0] < edm_35[0] and vp_edm_steps[1] > 3 * edm_35[1] and vp_edm_steps[1] > 0
+for model, sign in [("VP", +1), ("VE", -1), ("iDDPM", -1)]:  # the trade-off of Heun with the original steps
+    euler_o, heun_o = (dict(zip(NFES, fig2[(model, label)]))[35] for label in [FIG2[model][0][0], "Heun"])
+    # VP: typical error up, component errors down; VE and iDDPM: the reverse
+    assert sign * (heun_o[0] - euler_o[0]) > 0 and sign * (heun_o[1] - euler_o[1]) < 0, model
+glue("vp_edm_err", sci(vp_edm_steps[0]), display=False)
+glue("edm35_err", sci(edm_35[0]), display=False)
+glue("vp_edm_comp", pct(vp_edm_steps[1]), display=False)
+glue("edm35_comp", pct(edm_35[1]), display=False)
+
+# %% tags=["hide-input"]
+# the numbers that the answers to the exercises below quote
+ex1 = {n: score(sample_ode(gm_img, z_img, edm_time_steps(gm_img, (n + 1) // 2, sigma_min=0.02)))[0] for n in [35, 129, 513]}
+s_comp = float(gm_img.stds.max())  # the components' std
+print("exercise 1 (sigma_min = 0.02): typical error " + ", ".join(f"{e:.1e} at {n} NFE" for n, e in ex1.items()))
+assert ex1[35] < heun7[35][0] and ex1[513] > 0.8 * ex1[129] > 2 * heun7[129][0]  # better at 35 NFE, then a floor
+mid = [(sample_ode(gauss, zg, edm_time_steps(gauss, n + 1), alpha=0.5) - gauss_target(zg)).abs().max().item()
+       for n in intervals]  # §2.4's convergence check with the midpoint rule
+mid_ratios = [a / b for a, b in zip(mid[:-1], mid[1:])]
+mid_ratio = statistics.median(mid_ratios[2:])
+print(f"exercise 2 (alpha = 1/2): max error {', '.join(f'{e:.1e}' for e in mid)}; "
+      f"ratios {', '.join(f'{r:.2f}' for r in mid_ratios)}")
+assert 6 < mid_ratio < 10 and mid[-1] < global_err["heun"][-1]  # better than Heun's 4x per halving on this ODE
+euler30 = {n: score(sample_ode(gm_img, z_img, edm_time_steps(gm_img, n, rho=30), solver="euler"))[0] for n in [35, 70]}
+heun_69 = score(sample_ode(gm_img, z_img, edm_time_steps(gm_img, 35)))[0]
+print(f"exercise 3: Euler rho = 30 {euler30[35]:.1e} (35 NFE), {euler30[70]:.1e} (70 NFE); Heun rho = 7 "
+      f"{heun7[35][0]:.1e} (35 NFE), {heun_69:.1e} (69 NFE)")
+assert euler30[35] < heun7[35][0] and heun_69 < euler30[70]
+assert 3 < heun7[35][0] / heun_69 < 5.5 and 1.5 < euler30[35] / euler30[70] < 2.5
+glue("ex1_35", sci(ex1[35]), display=False)
+glue("ex1_floor", sci(ex1[513]), display=False)
+glue("ex1_short", f"{100 * 0.02**2 / (2 * s_comp**2):.0f} %", display=False)
+glue("ex1_short_edm", f"{100 * 0.002**2 / (2 * s_comp**2):.2f} %", display=False)
+glue("ex2_ratio", f"{mid_ratio:.0f}", display=False)
+glue("ex3_euler", sci(euler30[35]), display=False)
+glue("ex3_heun", sci(heun7[35][0]), display=False)
+glue("ex3_heun_gain", f"{heun7[35][0] / heun_69:.1f}", display=False)
+glue("ex3_euler_gain", f"{euler30[35] / euler30[70]:.1f}", display=False)
 
 # %% [markdown]
 # ## Summary
@@ -779,13 +858,16 @@ assert vp_edm_steps[0] < edm_35[0] and vp_edm_steps[1] > 3 * edm_35[1]
 # - `sample_ode` — Algorithm 1 along any time steps: NFE = 2N − 1 for Heun, N for Euler;
 # - `ablation_sigma_steps`, `ablation_setup` — the VP, VE, iDDPM and EDM discretizations and any
 #   pairing of σ(t) and s(t), with the official ablation sampler's arguments and defaults;
-# - `check_sampler_inputs` and the name tuples `SOLVERS`, `DISCRETIZATIONS`, `SCHEDULES`, `SCALINGS`.
+# - `check_sampler_inputs` and the argument checks `check_choice`, `check_real`, `check_num_steps`,
+#   `check_t_steps`; the name tuples `SOLVERS`, `DISCRETIZATIONS`, `SCHEDULES`, `SCALINGS`.
 #
-# Measured on the image-shaped mixture (quick mode, 256 samples; the tables above), at the
-# paper's 35 NFE: Heun with EDM's steps has a typical error of 9.1 × 10⁻³ and no sample in the
-# wrong component; Euler with the same 35 evaluations has 1.0 × 10⁻² and 3.1 % (EDM steps) or
-# 1.4 × 10⁻¹ and 8.6 % (uniform steps). At 129 NFE the typical errors are 5.5 × 10⁻⁴ (Heun)
-# against 2.8 × 10⁻³ (Euler).
+# Measured on the image-shaped mixture (this run: {glue:text}`n_samples` samples; the tables
+# above), at the paper's 35 NFE: Heun with EDM's steps has a typical error of
+# {glue:text}`s_heun7_35` and {glue:text}`s_heun7_35c` of the samples in the wrong component;
+# Euler with the same 35 evaluations has {glue:text}`s_euler7_35` and {glue:text}`s_euler7_35c`
+# (EDM steps) or {glue:text}`s_euler1_35` and {glue:text}`s_euler1_35c` (uniform steps). At 129
+# NFE the typical errors are {glue:text}`s_heun7_129` (Heun) against {glue:text}`s_euler7_129`
+# (Euler).
 #
 # ## Exercises
 #
@@ -797,16 +879,18 @@ assert vp_edm_steps[0] < edm_35[0] and vp_edm_steps[1] > 3 * edm_35[1]
 #    with ρ = 30?
 #
 # :::{dropdown} Answers
-# 1. At 35 NFE the typical error *drops* (to about 5 × 10⁻³): no steps are spent below 0.02.
-#    But it stops falling at about 2 × 10⁻³ however many steps you add. The final Euler step from
-#    σ_min to 0 lands on $D(\mathbf{x}(\sigma_\text{min}); \sigma_\text{min})$, not on $\mathbf{x}(0)$; for a
-#    component of std s it stops short by a fraction ≈ σ_min²/(2s²) of the distance to the
-#    component's mean — 2 % here, 0.02 % with σ_min = 0.002. σ_min sets the floor; the steps set
-#    how fast you reach it.
+# 1. At 35 NFE the typical error *drops* (to {glue:text}`ex1_35`): no steps are spent below
+#    0.02. But it stops falling, at about {glue:text}`ex1_floor` (513 NFE), however many steps you
+#    add. The final Euler step from σ_min to 0 lands on
+#    $D(\mathbf{x}(\sigma_\text{min}); \sigma_\text{min})$, not on $\mathbf{x}(0)$; for a component
+#    of std s it stops short by a fraction ≈ σ_min²/(2s²) of the distance to the component's mean —
+#    {glue:text}`ex1_short` here, {glue:text}`ex1_short_edm` with σ_min = 0.002. σ_min sets the
+#    floor; the steps set how fast you reach it.
 # 2. Any α > 0 gives a second-order method. On the single Gaussian the midpoint rule does even
-#    better (error ratios near 8 per halving): a property of that particular ODE, not of the
-#    method — try it on the mixture.
-# 3. On this toy, 35 Euler steps with ρ = 30 reach a typical error of about 8 × 10⁻³, slightly
-#    below Heun's 9 × 10⁻³: raising ρ helps Euler too. But Euler stays first order: double the
-#    budget and Heun's error falls 4×, Euler's 2×.
+#    better (error ratios near {glue:text}`ex2_ratio` per halving): a property
+#    of that particular ODE, not of the method — try it on the mixture.
+# 3. On this toy, 35 Euler steps with ρ = 30 reach a typical error of {glue:text}`ex3_euler`,
+#    slightly below Heun's {glue:text}`ex3_heun`: raising ρ helps Euler too. But Euler stays first
+#    order: double the budget and Heun's error falls {glue:text}`ex3_heun_gain`×, Euler's
+#    {glue:text}`ex3_euler_gain`×.
 # :::

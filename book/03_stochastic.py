@@ -31,20 +31,30 @@
 # %%
 import math
 
+import statistics
+import time
+
 import matplotlib.pyplot as plt
 import torch
+from myst_nb import glue
 
 from edm_lit.framework import GaussianMixture, toy_image_mixture
 from edm_lit.mode import get_mode
 # Chapter 2's pieces, which this chapter's exported code builds on (in the package they share one module)
-from edm_lit.samplers import (SOLVERS, SamplerSchedule, _check_t_steps, _choice, _real, ablation_setup,
-                              check_sampler_inputs, edm_time_steps, ode_step, sample_ode)
+from edm_lit.samplers import (SOLVERS, SamplerSchedule, ablation_setup, check_choice, check_real, check_sampler_inputs,
+                              check_t_steps, edm_time_steps, ode_step, sample_ode)
 
 MODE = get_mode()
 torch.manual_seed(0)
 torch.set_num_threads(1)  # the tensors of this chapter are tiny: one thread is fastest, and immune to a busy machine
 plt.rcParams.update({"figure.dpi": 80, "axes.grid": True, "grid.alpha": 0.3})
 F64 = torch.float64
+
+
+def sci(v, digits=1):
+    """v as 'm.m × 10⁻ᵏ' for prose (glued into the text)."""
+    m, e = f"{v:.{digits}e}".split("e")
+    return f"{m} × 10{str(int(e)).translate(str.maketrans('-0123456789', '⁻⁰¹²³⁴⁵⁶⁷⁸⁹'))}"
 
 # %% [markdown]
 # ## 3.1 Why noise can help
@@ -94,8 +104,8 @@ F64 = torch.float64
 
 # %% tags=["export"]
 def _churn_args(S_churn, S_min, S_max, S_noise):
-    return (_real(S_churn, "S_churn", 0, strict=False), _real(S_min, "S_min"), _real(S_max, "S_max"),
-            _real(S_noise, "S_noise", 0, strict=False))
+    return (check_real(S_churn, "S_churn", 0, strict=False), check_real(S_min, "S_min"), check_real(S_max, "S_max"),
+            check_real(S_noise, "S_noise", 0, strict=False))
 
 
 def churn(net, schedule, x_cur, t_cur, gamma, S_min=0.0, S_max=math.inf, S_noise=1.0, randn_like=torch.randn_like):
@@ -168,11 +178,11 @@ def sample_sde(net, latents, t_steps, schedule=None, class_labels=None, randn_li
     With S_churn = 0 the result equals sample_ode's bit for bit (one noise draw per step is still made).
     """
     check_sampler_inputs(net, latents, class_labels)
-    second_order = _choice(solver, "solver", SOLVERS) == "heun"
-    alpha = _real(alpha, "alpha", 0)
+    second_order = check_choice(solver, "solver", SOLVERS) == "heun"
+    alpha = check_real(alpha, "alpha", 0)
     S_churn, S_min, S_max, S_noise = _churn_args(S_churn, S_min, S_max, S_noise)
     schedule = SamplerSchedule() if schedule is None else schedule
-    t_steps = _check_t_steps(t_steps, latents.device)
+    t_steps = check_t_steps(t_steps, latents.device)
     num_steps = len(t_steps) - 1
     gamma = min(S_churn / num_steps, math.sqrt(2) - 1)
     x_next = latents.to(torch.float64) * (schedule.sigma(t_steps[0]) * schedule.s(t_steps[0]))
@@ -202,9 +212,9 @@ def ablation_sampler(net, latents, class_labels=None, randn_like=torch.randn_lik
     solver 'euler'/'heun'; discretization 'vp'/'ve'/'iddpm'/'edm'; schedule 'vp'/'ve'/'linear'; scaling 'vp'/'none'.
     """
     check_sampler_inputs(net, latents, class_labels)
-    _choice(solver, "solver", SOLVERS)
+    check_choice(solver, "solver", SOLVERS)
     _churn_args(S_churn, S_min, S_max, S_noise)
-    _real(alpha, "alpha", 0)
+    check_real(alpha, "alpha", 0)
     t_steps, sched = ablation_setup(net, num_steps, sigma_min, sigma_max, rho, discretization, schedule, scaling,
                                     epsilon_s, C_1, C_2, M, device=latents.device)
     return sample_sde(net, latents, t_steps, sched, class_labels, randn_like, solver, alpha, S_churn, S_min, S_max,
@@ -336,14 +346,22 @@ def w2_per_pixel(net, **sampler_kwargs):
 
 # %% [markdown]
 # **Check** — the probes against brute force: run the stochastic sampler on many real random
-# latents and noises and compare the sample mean and standard deviation.
+# latents and noises and compare the sample mean and standard deviation, to within the Monte
+# Carlo error: a standard error of $1/\sqrt{2nd}$ = {glue:text}`mc_se` on the pixel-averaged std
+# (n samples, d pixels), and a mean absolute difference of the means near
+# $\sqrt{2/\pi}\,\mathrm{std}/\sqrt{n}$.
 
 # %%
 n_mc = MODE.pick(quick=2000, full=20000)
 mean, std = output_gaussian(gauss_img, **settings)
 mc = edm_sampler(gauss_img, torch.randn(n_mc, *gauss_img.shape, dtype=F64), **settings)
 print(f"per-pixel std: probes {std:.4f}, Monte Carlo {mc.std(0).mean():.4f} ({n_mc} samples)")
-assert abs(mc.std(0).mean() / std - 1) < 0.01 and (mc.mean(0) - mean).abs().mean() < 3 * std / math.sqrt(n_mc)
+mc_se = 1 / math.sqrt(2 * n_mc * D)  # relative standard error of the pixel-averaged std
+std_dev = abs(mc.std(0).mean() / std - 1) / mc_se
+mean_dev = (mc.mean(0) - mean).abs().mean() / (math.sqrt(2 / math.pi) * std / math.sqrt(n_mc))
+print(f"std off by {std_dev:.1f} standard errors; mean absolute difference of the means {mean_dev:.2f}x its expectation")
+assert std_dev < 4 and mean_dev < 1.5
+glue("mc_se", f"{100 * mc_se:.2f} %", display=False)
 
 # %% [markdown]
 # ## 3.5 When churn helps
@@ -391,16 +409,65 @@ ax.set(xlabel="S_churn (18 steps; γ reaches its cap √2 − 1 at the right end
 _ = ax.legend()
 
 # %% [markdown]
-# What the curves say, asserted below:
+# The imperfect denoiser's distance falls from {glue:text}`w2_imp_0` without churn to
+# {glue:text}`w2_imp_best` at $S_\text{churn}$ = {glue:text}`churn_best`, a factor of
+# {glue:text}`w2_imp_gain`. Before crediting Langevin dynamics with that, split $W_2$ into its two
+# terms. For Gaussians in general $W_2^2 = \|\boldsymbol\mu_1 - \boldsymbol\mu_2\|^2 +
+# \operatorname{tr}\big(\Sigma_1 + \Sigma_2 - 2(\Sigma_2^{1/2}\Sigma_1\Sigma_2^{1/2})^{1/2}\big)$; with our
+# isotropic covariances the second term is $d\,(\text{std} - s)^2$. Per pixel, the **mean term**
+# is $\|\mathbf{c} - \boldsymbol\mu\|/\sqrt d$ and the **std term** the signed error of the output's
+# standard deviation, $\text{std} - s$ (positive: too much variance).
+
+# %%
+def w2_terms(net, **sampler_kwargs):
+    """(mean term, signed std error) per pixel of the sampler's output: W2^2 / d = mean^2 + std_err^2."""
+    mean, std = output_gaussian(net, **sampler_kwargs)
+    return (mean - mu_img[0]).pow(2).mean().sqrt().item(), std - S_DATA
+
+
+under = OverDenoising(gauss_img, amount=-0.1)  # exercise 1: a denoiser that removes 10 % too little
+terms = {name: torch.tensor([w2_terms(net, S_churn=c) for c in CHURNS], dtype=F64)
+         for name, net in [("exact", gauss_img), ("imperfect", imperfect), ("under", under)]}
+print(f"{'S_churn':>8s}" + "".join(f"{n:>24s}" for n in terms) + "   (mean term / std - s, per pixel)")
+for i, c in enumerate(CHURNS):
+    print(f"{c:8.2f}" + "".join(f"{t[i, 0]:11.1e} / {t[i, 1]:+9.2e}" for t in terms.values()))
+
+# %%
+fig, ax = plt.subplots(figsize=(8, 4.5))
+for name, t in terms.items():
+    ax.plot(CHURNS, t[:, 1], "o-", ms=4, label=f"{name}: std − s")
+    color = ax.lines[-1].get_color()
+    ax.plot(CHURNS, t[:, 0], ":", lw=1, color=color, label=f"{name}: mean term")
+    if name != "exact":  # what is left after subtracting the sampler's own error: the denoiser's part
+        ax.plot(CHURNS, t[:, 1] - terms["exact"][:, 1], "--", lw=1, color=color, label=f"{name} − exact: the denoiser's part")
+ax.axhline(0, color="k", lw=0.6)
+ax.set(xlabel="S_churn (18 steps)", ylabel="per pixel", title="the terms of W₂: std error (solid), mean (dotted)")
+_ = ax.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.01, 0.5))
+plt.tight_layout()
+
+# %% [markdown]
+# What the data show, asserted below:
 #
-# * **Exact denoiser: churn does not help.** The deterministic sampler is best; every bit of
-#   churn makes the output worse (the ODE step from the raised $\hat t$ is longer, and its
-#   discretization error larger — here, the noise added is not quite all removed again).
-# * **Imperfect denoiser: churn helps, then hurts.** The ODE carries the error the denoiser makes
-#   around σ ≈ 1 straight into the output (the samples come out too smooth); churn at the
-#   later, smaller noise levels, where the denoiser is nearly exact, pulls the distribution back.
-#   A moderate amount cuts the distance several-fold. Beyond it, the churn's own error —
-#   the same one that hurts the exact denoiser — takes over.
+# * **The mean term is negligible.** It stays below {glue:text}`mean_term_max` per pixel for all three
+#   denoisers (churn even shrinks it: Langevin forgets the mismatch of the starting noise, see
+#   below). $W_2$ here is the std error.
+# * **Exact denoiser: churn adds variance.** At 18 steps the ODE already leaves slightly too much
+#   variance ({glue:text}`exact_err_0` per pixel), and every bit of churn adds more, up to
+#   {glue:text}`exact_err_cap` at the cap: the longer ODE step from the raised $\hat t$ does not
+#   quite remove the noise that was added. So $S_\text{churn} = 0$ is best.
+# * **Imperfect denoiser: one variance error cancels another.** Over-denoising leaves too *little*
+#   variance ({glue:text}`imp_err_0` without churn). Churn pushes the std up; at the optimum the
+#   std error crosses zero ({glue:text}`imp_err_best`), and past it the sampler's own excess
+#   takes over. The near-zero $W_2$ at the optimum is a cancellation of two errors of opposite
+#   sign, not the absence of error.
+# * **What Langevin correction itself does.** Subtract the exact denoiser's std error at the same
+#   $S_\text{churn}$ (the sampler's part) from the imperfect one's: what remains is the part due to
+#   the denoiser (dashed in the figure). Churn shrinks it from {glue:text}`imp_own_0` to {glue:text}`imp_own_best`, by
+#   {glue:text}`langevin_imp` %. That is the genuine correction — real, but on its own it would
+#   shrink the error by that fraction, not {glue:text}`w2_imp_gain`-fold. The under-denoising network of
+#   exercise 1 shows it on its own: there the two errors have the *same* sign, nothing cancels,
+#   and churn removes {glue:text}`langevin_under` % of the denoiser's part, so $W_2$ improves
+#   only by {glue:text}`under_gain` % at its best $S_\text{churn}$.
 
 # %%
 exact_row, imperfect_row = w2["exact"], w2["imperfect"]
@@ -409,24 +476,69 @@ print(f"imperfect denoiser: W2 {imperfect_row[0]:.1e} without churn, {imperfect_
       f"{imperfect_row[-1]:.1e} at the cap")
 assert all(b >= a for a, b in zip(exact_row, exact_row[1:]))  # exact: monotone, S_churn = 0 is best
 assert 0 < best < len(CHURNS) - 1  # imperfect: an interior optimum ...
-assert imperfect_row[best] < imperfect_row[0] / 3  # ... that helps a lot ...
-assert imperfect_row[-1] > 2 * imperfect_row[best]  # ... and too much churn hurts
-
+assert imperfect_row[best] < imperfect_row[0] / 20  # ... far below the start ...
+assert imperfect_row[-1] > 10 * imperfect_row[best]  # ... and too much churn hurts
+# the decomposition
+mean_max = max(t[:, 0].max().item() for t in terms.values())
+std_err = {name: t[:, 1] for name, t in terms.items()}
+assert all(mean_max < 0.1 * e.abs()[0] for e in std_err.values())  # W2 is the std term
+assert (std_err["exact"] > 0).all() and (std_err["exact"].diff() > 0).all()  # the sampler's own error: excess variance
+e_imp = std_err["imperfect"]
+assert e_imp[0] < 0 and e_imp[best - 1] < 0 < e_imp[best + 1] and abs(e_imp[best]) < 0.05 * abs(e_imp[0])  # a sign change
+own_imp, own_under = e_imp - std_err["exact"], std_err["under"] - std_err["exact"]  # the denoiser's part
+langevin_imp = 1 - own_imp[best] / own_imp[0]
+w2_under = terms["under"].pow(2).sum(1).sqrt()
+best_under = int(w2_under.argmin())
+langevin_under = 1 - own_under[best_under] / own_under[0]
+under_gain = 1 - w2_under[best_under] / w2_under[0]
+print(f"the denoiser's own std error, reduced by churn: {100 * langevin_imp:.0f} % (over-denoising, at S_churn = "
+      f"{CHURNS[best]}), {100 * langevin_under:.0f} % (under-denoising, at S_churn = {CHURNS[best_under]}); "
+      f"W2 gain under-denoising {100 * under_gain:.0f} %")
+assert 0.25 < langevin_imp < 0.5 and 0.25 < langevin_under < 0.5  # a genuine, partial correction in both cases
+assert (std_err["under"] > 0).all() and 0 < best_under < len(CHURNS) - 1  # exercise 1: no cancellation, an optimum
+assert 0.05 < under_gain < 0.15  # ... that improves W2 only a little
+glue("w2_imp_0", sci(imperfect_row[0]), display=False)
+glue("w2_imp_best", sci(imperfect_row[best]), display=False)
+glue("churn_best", f"{CHURNS[best]:g}", display=False)
+glue("w2_imp_gain", f"{imperfect_row[0] / imperfect_row[best]:.0f}", display=False)
+glue("mean_term_max", sci(mean_max), display=False)
+glue("exact_err_0", f"{std_err['exact'][0]:+.1e}", display=False)
+glue("exact_err_cap", f"{std_err['exact'][-1]:+.1e}", display=False)
+glue("imp_err_0", f"{e_imp[0]:+.1e}", display=False)
+glue("imp_err_best", f"{e_imp[best]:+.1e}", display=False)
+glue("imp_own_0", f"{own_imp[0]:+.1e}", display=False)
+glue("imp_own_best", f"{own_imp[best]:+.1e}", display=False)
+glue("langevin_imp", f"{100 * langevin_imp:.0f}", display=False)
+glue("langevin_under", f"{100 * langevin_under:.0f}", display=False)
+glue("under_gain", f"{100 * under_gain:.0f}", display=False)
+glue("under_best", f"{CHURNS[best_under]:g}", display=False)
 # %% [markdown]
 # Churn is not *wrong*, only costly at a small budget. With the exact denoiser and a fixed
-# S_churn, its distance falls about 4× per doubling of the steps, like the ODE's. With many
-# steps it even ends *below* the deterministic sampler, which levels off at about 2 × 10⁻³:
-# that floor is not a solver error but the start — mean-zero noise at σ_max = 80, where the true
-# $p(\mathbf{x}; 80)$ has the data's mean — and the ODE carries the mismatch (shrunk by about
-# s/σ_max) into the output, while Langevin forgets it like any other error.
+# S_churn, its distance falls about {glue:text}`conv_ratio`× per doubling of the steps, like the
+# ODE's. With many steps it even ends *below* the deterministic sampler, which levels off at
+# {glue:text}`conv_floor`: that floor is not a solver error but the start — mean-zero noise at
+# σ_max = 80, where the true $p(\mathbf{x}; 80)$ has the data's mean — and the ODE carries the
+# mismatch into the output, shrunk by {glue:text}`floor_shrink` (about s/σ_max =
+# {glue:text}`s_over_smax`; it is the mean term that remains), while Langevin forgets it like any
+# other error.
 
 # %%
 NS = [16, 32, 64, 128, 256]
 conv = {c: [w2_per_pixel(gauss_img, num_steps=n, S_churn=c) for n in NS] for c in [0, 4]}
 for c, row in conv.items():
     print(f"exact denoiser, S_churn = {c}: W2 per pixel " + ", ".join(f"N={n}: {v:.1e}" for n, v in zip(NS, row)))
-assert all(3.5 < a / b < 5 for a, b in zip(conv[4][:3], conv[4][1:4]))
-assert conv[4][-1] < conv[0][-1] / 4 and abs(conv[0][-1] / conv[0][-2] - 1) < 0.05
+ratios = [a / b for a, b in zip(conv[4][:4], conv[4][1:])]
+assert all(3.5 < r < 5 for r in ratios[:3])
+assert conv[4][-1] < conv[0][-1] / 6 and abs(conv[0][-1] / conv[0][-2] - 1) < 0.05
+mean_term, std_term = w2_terms(gauss_img, num_steps=NS[-1])
+shrink = mean_term / mu_img[0].pow(2).mean().sqrt().item()  # the output's mean error / the start's mean mismatch
+print(f"deterministic, N = {NS[-1]}: mean term {mean_term:.1e}, std term {std_term:+.1e}; "
+      f"mean error / data mean = {shrink:.2e}, s / sigma_max = {S_DATA / 80:.2e}")
+assert mean_term > 5 * abs(std_term) and abs(shrink / (S_DATA / 80) - 1) < 0.05
+glue("conv_ratio", f"{statistics.median(ratios[:3]):.0f}", display=False)
+glue("conv_floor", sci(conv[0][-1]), display=False)
+glue("floor_shrink", f"{shrink:.1e}", display=False)
+glue("s_over_smax", f"{S_DATA / 80:.1e}", display=False)
 
 # %% [markdown]
 # ## 3.6 Explore: S_churn, the window and S_noise
@@ -471,6 +583,22 @@ for ax, S_noise in zip(axes, [1.0, 1.007, 1.05]):
     plot_churn(ax, S_noise=S_noise)
 plt.tight_layout()
 
+# %% tags=["hide-input"]
+# the numbers that the answers to the exercises below quote
+w2_window = [w2_per_pixel(imperfect, S_churn=c, S_min=2.0) for c in CHURNS]  # exercise 2: churn only above sigma = 2
+window_gain = 1 - min(w2_window) / w2_window[0]
+best_noisy = {}
+for S_noise in [1.0, 1.007]:  # exercise 3
+    row = [w2_per_pixel(imperfect, S_churn=c, S_noise=S_noise) for c in CHURNS]
+    best_noisy[S_noise] = CHURNS[min(range(len(CHURNS)), key=row.__getitem__)]
+exact_noisy = [w2_per_pixel(gauss_img, S_churn=c, S_noise=1.007) for c in CHURNS]
+print(f"exercise 2: churn only above sigma = 2 improves W2 by {100 * window_gain:.0f} %; exercise 3: best S_churn "
+      f"{best_noisy[1.0]:g} (S_noise = 1), {best_noisy[1.007]:g} (S_noise = 1.007)")
+assert 0.05 < window_gain < 0.2
+assert best_noisy[1.007] < best_noisy[1.0]
+assert exact_noisy[0] == exact_row[0] and all(a > b for a, b in zip(exact_noisy[1:], exact_row[1:]))
+glue("window_gain", f"{100 * window_gain:.0f}", display=False)
+
 # %% [markdown]
 # ## Summary
 #
@@ -483,18 +611,57 @@ plt.tight_layout()
 #   `ablation_sampler(..., solver, discretization, schedule, scaling, epsilon_s, C_1, C_2, M, alpha, ...)`
 #   — the official interfaces, same defaults and random draws, float64 throughout.
 #
-# On exact ground truth (18 steps): with the exact denoiser churn only adds error; with a
-# denoiser that over-smooths by up to 10 % around σ ≈ 1, a moderate S_churn cuts the distance
-# to the data several-fold and the maximal amount gives part of that back.
+# On exact ground truth (18 steps): with the exact denoiser churn only adds error (excess
+# variance); with a denoiser that over-smooths by up to 10 % around σ ≈ 1, a moderate S_churn
+# cuts the distance to the data {glue:text}`w2_imp_gain`-fold, mostly because churn's excess
+# variance cancels the denoiser's deficit; Langevin correction proper removes
+# {glue:text}`langevin_imp` % of the denoiser's error. The accuracy of the deterministic samplers
+# is summarised at the end of Chapter 2.
 #
-# **Closing numbers for Chapters 2–3.** Accuracy, on the image-shaped mixture at the paper's 35
-# NFE (§2.5, quick mode): Heun with EDM's steps, typical error 9.1 × 10⁻³ and no sample in the
-# wrong component; Euler with 35 steps, 1.0 × 10⁻² and 3.1 % (EDM's steps) or 1.4 × 10⁻¹ and
-# 8.6 % (uniform steps). Cost, from `benchmarks/bench_sampler_overhead.py` (batch 64 × 3 × 32 × 32,
-# CPU, one thread): everything `edm_sampler` does besides the network takes about 9–11 ms per
-# Heun step, 0.02 % of one call of a CIFAR-10-sized DDPM++ network; per Euler step it is 5–9×
-# the cost of diffusers' `EDMEulerScheduler`, almost all of it the float64 noise draw that the
-# official sampler makes at every step (without the draw, 0.8–1.2×). See `benchmarks/README.md`.
+# **Cost.** What `edm_sampler` costs besides the network, measured in this build (below: CPU,
+# one thread, batch 64 × 3 × 32 × 32, a denoiser that returns a preallocated tensor, median of 5
+# runs): {glue:text}`ms_heun` ms per Heun step; {glue:text}`ms_euler` ms per Euler step, of which
+# the float64 noise draw that the official sampler makes at every step is {glue:text}`draw_share` %
+# ({glue:text}`ms_no_draw` ms without it). `benchmarks/bench_sampler_overhead.py` puts these
+# beside one call of a CIFAR-10-sized DDPM++ network and beside diffusers' `EDMEulerScheduler`
+# (`benchmarks/README.md`); absolute times depend on the machine.
+
+# %%
+class FreeDenoiser:
+    """The denoiser interface at almost no cost: returns a preallocated tensor, so a run times the sampler itself."""
+
+    sigma_min, sigma_max = 0.0, math.inf
+
+    def __init__(self, out):
+        self.out = out
+
+    def round_sigma(self, sigma):
+        return torch.as_tensor(sigma)
+
+    def __call__(self, x, sigma, class_labels=None):
+        return self.out
+
+
+bench = torch.randn(64, 3, 32, 32)
+free, zeros = FreeDenoiser(torch.zeros_like(bench, dtype=F64)), torch.zeros_like(bench, dtype=F64)
+runs = {"heun": lambda: edm_sampler(free, bench), "euler": lambda: ablation_sampler(free, bench, solver="euler"),
+        "no_draw": lambda: ablation_sampler(free, bench, solver="euler", randn_like=lambda x: zeros)}
+per_step = {name: [] for name in runs}
+for _ in range(5):  # interleaved rounds, so that a busy machine slows all three alike
+    for name, run in runs.items():
+        start = time.perf_counter()
+        run()
+        per_step[name].append((time.perf_counter() - start) / 18 * 1e3)
+ms = {name: statistics.median(v) for name, v in per_step.items()}
+draw_share = 1 - ms["no_draw"] / ms["euler"]
+print(f"ms per step: Heun {ms['heun']:.2f}, Euler {ms['euler']:.2f}, Euler without the noise draw {ms['no_draw']:.2f} "
+      f"(the draw: {100 * draw_share:.0f} % of an Euler step)")
+assert ms["no_draw"] < ms["euler"]  # the per-step draw is a real cost
+for name, key in [("ms_heun", "heun"), ("ms_euler", "euler"), ("ms_no_draw", "no_draw")]:
+    glue(name, f"{ms[key]:.1f}", display=False)
+glue("draw_share", f"{100 * draw_share:.0f}", display=False)
+
+# %% [markdown]
 #
 # ## Exercises
 #
@@ -506,13 +673,15 @@ plt.tight_layout()
 #    S_noise > 1?
 #
 # :::{dropdown} Answers
-# 1. It helps, but much less (about 10 % at `amount` = −0.1, with a shallow optimum). An
-#    under-denoising network leaves the output too noisy, and churn's own error *also* adds
-#    variance; the two no longer cancel, and only the genuine Langevin correction remains.
-# 2. It barely helps (about 10 %). The correction only works where the score is right; above
-#    σ = 2 our denoiser is still off, and below 2, where it makes most of its error, nothing
+# 1. It helps, but much less ({glue:text}`under_gain` % at `amount` = −0.1, with a shallow optimum
+#    at S_churn = {glue:text}`under_best`). An under-denoising network leaves the output too
+#    noisy, and churn's own error *also* adds variance; the two no longer cancel, and only the
+#    genuine Langevin correction remains (§3.5).
+# 2. It barely helps ({glue:text}`window_gain` %). The correction only works where the score is
+#    right; above σ = 2 our denoiser is still off, and below 2, where it makes most of its error, nothing
 #    corrects it any more: the rest is plain ODE sampling that carries the error to the end.
 # 3. `amount` > 0: a denoiser that removes too much noise leaves too little variance, and a
-#    little extra noise during churn compensates. In the panels above, S_noise > 1 moves the
-#    optimum of the imperfect denoiser to smaller S_churn and only hurts the exact one.
+#    little extra noise during churn compensates. In the panels above (and asserted in the
+#    collapsed cell before the summary), S_noise > 1 moves the optimum of the imperfect denoiser
+#    to smaller S_churn and only hurts the exact one.
 # :::

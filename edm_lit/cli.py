@@ -39,7 +39,7 @@ def _convert(args) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     """The `edm-lit` argument parser with one subparser per subcommand. Appendix A."""
-    parser = argparse.ArgumentParser(prog="edm-lit", description="EDM: train, sample and evaluate diffusion models.")
+    parser = argparse.ArgumentParser(prog="edm-lit", description="EDM tools: package information and safe conversion of official snapshots.")
     parser.add_argument("--version", action="version", version=f"edm_lit {edm_lit.__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     info = sub.add_parser("info", help="print version, run mode, device and modules")

@@ -13,10 +13,16 @@ from edm_lit.precond import vp_sigma
 
 # ── 04_preconditioning.py § 4.6 The training losses ──
 
+def _one_per_image(images):
+    """The shape of a per-image quantity such as the training sigma: [N, 1, 1, 1], broadcast over C, H, W."""
+    return (images.shape[0], 1, 1, 1)
+
+
 class DenoisingLoss:
     """lambda(sigma) ||D(y + n; sigma) - y||^2 per element, sigma ~ p_train (Eq. 2 weighted, Table 1). Chapter 4.
 
-    A subclass gives `draw_sigma(images)` ([N, 1, 1, 1], the first random draw) and `weight(sigma)`.
+    A subclass states its column of Table 1 with two methods: `draw_sigma(images)`, the training sigma of each
+    image ([N, 1, 1, 1], the first random draw), and `weight(sigma)`, lambda(sigma).
     """
 
     def draw_sigma(self, images):
@@ -29,12 +35,19 @@ class DenoisingLoss:
         """The unreduced loss [N, C, H, W]. Draws: sigma, then the augmentation, then the noise (randn_like)."""
         if images.ndim != 4:
             raise ValueError(f"images must have shape [N, C, H, W], got {tuple(images.shape)}")
-        sigma = self.draw_sigma(images)
-        weight = self.weight(sigma)
-        y, augment_labels = augment_pipe(images) if augment_pipe is not None else (images, None)
-        n = torch.randn_like(y) * sigma
-        D_yn = net(y + n, sigma, labels, augment_labels=augment_labels)
-        return weight * ((D_yn - y) ** 2)
+        sigma = self.draw_sigma(images)  # p_train: the first draw
+        if augment_pipe is None:
+            clean, augment_labels = images, None
+        else:  # the augmentation draws next, and tells the network what it did
+            clean, augment_labels = augment_pipe(images)
+        noisy = clean + sigma * torch.randn_like(clean)  # y + n, n ~ N(0, sigma^2 I): the last draw
+        error = net(noisy, sigma, labels, augment_labels=augment_labels) - clean
+        return self.weight(sigma) * error.square()
+
+
+def _inverse_square(sigma):
+    """lambda(sigma) = 1 / sigma^2, the weight of the noise-predicting columns VP and VE (Table 1)."""
+    return sigma.square().reciprocal()
 
 
 class VPLoss(DenoisingLoss):
@@ -51,11 +64,12 @@ class VPLoss(DenoisingLoss):
         return vp_sigma(t, self.beta_d, self.beta_min)
 
     def draw_sigma(self, images):
-        rnd_uniform = torch.rand([images.shape[0], 1, 1, 1], device=images.device)
-        return self.sigma(1 + rnd_uniform * (self.epsilon_t - 1))
+        # t runs from 1 down to epsilon_t as the uniform draw u runs from 0 to 1: t = 1 - (1 - epsilon_t) u
+        u = torch.rand(_one_per_image(images), device=images.device)
+        return self.sigma(1 - (1 - self.epsilon_t) * u)
 
     def weight(self, sigma):
-        return 1 / sigma**2
+        return _inverse_square(sigma)
 
 
 class VELoss(DenoisingLoss):
@@ -67,11 +81,12 @@ class VELoss(DenoisingLoss):
         self.sigma_min, self.sigma_max = sigma_min, sigma_max
 
     def draw_sigma(self, images):
-        rnd_uniform = torch.rand([images.shape[0], 1, 1, 1], device=images.device)
-        return self.sigma_min * ((self.sigma_max / self.sigma_min) ** rnd_uniform)
+        # log-uniform: sigma = sigma_min (sigma_max / sigma_min)^u with u uniform on [0, 1)
+        u = torch.rand(_one_per_image(images), device=images.device)
+        return self.sigma_min * torch.pow(self.sigma_max / self.sigma_min, u)
 
     def weight(self, sigma):
-        return 1 / sigma**2
+        return _inverse_square(sigma)
 
 
 class EDMLoss(DenoisingLoss):
@@ -83,8 +98,10 @@ class EDMLoss(DenoisingLoss):
         self.P_mean, self.P_std, self.sigma_data = P_mean, P_std, sigma_data
 
     def draw_sigma(self, images):
-        rnd_normal = torch.randn([images.shape[0], 1, 1, 1], device=images.device)
-        return (rnd_normal * self.P_std + self.P_mean).exp()
+        # log-normal: ln sigma = P_mean + P_std z with z standard normal
+        z = torch.randn(_one_per_image(images), device=images.device)
+        return torch.exp(self.P_mean + self.P_std * z)
 
     def weight(self, sigma):
-        return (sigma**2 + self.sigma_data**2) / (sigma * self.sigma_data) ** 2
+        # 1 / c_out(sigma)^2 with c_out = sigma sigma_data / sqrt(sigma^2 + sigma_data^2) (Sec. 4.2, App. B.6)
+        return (sigma.square() + self.sigma_data**2) / (self.sigma_data * sigma).square()

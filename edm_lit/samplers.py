@@ -18,17 +18,15 @@ DISCRETIZATIONS = ("vp", "ve", "iddpm", "edm")
 SCHEDULES = ("vp", "ve", "linear")
 SCALINGS = ("vp", "none")
 
-
-# ── 02_deterministic.py § 2.1 A sampler's view of time ──
-
-def _choice(value, name, choices):
+def check_choice(value, name, choices):
+    """`value` if it is one of the strings `choices`; else a ValueError naming `name`. Chapter 2."""
     if not isinstance(value, str) or value not in choices:
         raise ValueError(f"{name} must be one of {', '.join(map(repr, choices))}; got {value!r}")
     return value
 
 
-def _real(value, name, minimum=None, strict=True):
-    """value as a float; refuses NaN and, if `minimum` is given, values below it (or equal, if strict)."""
+def check_real(value, name, minimum=None, strict=True):
+    """`value` as a float; refuses NaN and, if `minimum` is given, values below it (or equal, if strict). Chapter 2."""
     try:
         value = float(value)
     except (TypeError, ValueError, RuntimeError):
@@ -40,6 +38,24 @@ def _real(value, name, minimum=None, strict=True):
     return value
 
 
+def check_num_steps(num_steps):
+    """`num_steps` as an int >= 1 (an integral float is accepted); else a ValueError. Chapter 2."""
+    ok = isinstance(num_steps, numbers.Real) and not isinstance(num_steps, bool)
+    if not ok or not math.isfinite(num_steps) or num_steps != int(num_steps) or num_steps < 1:
+        raise ValueError(f"num_steps must be an integer >= 1, got {num_steps!r}")
+    return int(num_steps)
+
+
+def check_t_steps(t_steps, device=None):
+    """Time steps t_0 > ... > t_N = 0 as a float64 tensor on `device`; else a ValueError. Chapter 2."""
+    t_steps = torch.as_tensor(t_steps, dtype=torch.float64, device=device)
+    if t_steps.ndim != 1 or len(t_steps) < 2 or t_steps[-1] != 0 or not bool((t_steps[:-1] > 0).all()):
+        raise ValueError("t_steps must be 1-D with at least two entries, all > 0 except the last, which must be 0")
+    return t_steps
+
+
+# ── 02_deterministic.py § 2.1 A sampler's view of time ──
+
 class SamplerSchedule:
     """The sigma(t) and s(t) a sampler steps in, and the ODE slope they give (Eq. 4 with Eq. 3). Chapter 2.
 
@@ -49,7 +65,7 @@ class SamplerSchedule:
     """
 
     def __init__(self, sigma=None, scaling="none"):
-        self.base, self.scaling = sigma, _choice(scaling, "scaling", SCALINGS)
+        self.base, self.scaling = sigma, check_choice(scaling, "scaling", SCALINGS)
         self.plain = sigma is None and scaling == "none"
 
     def __repr__(self):
@@ -58,7 +74,7 @@ class SamplerSchedule:
     @classmethod
     def from_names(cls, schedule="linear", scaling="none", sigma_min=0.002, sigma_max=80.0, epsilon_s=1e-3):
         """By the ablation sampler's names: schedule 'vp' (fitted to [sigma_min, sigma_max]), 've' or 'linear'."""
-        _choice(schedule, "schedule", SCHEDULES)
+        check_choice(schedule, "schedule", SCHEDULES)
         if schedule == "vp":
             return cls(vp_fitted(sigma_min, sigma_max, epsilon_s), scaling)
         return cls(VE(sigma_min, sigma_max) if schedule == "ve" else None, scaling)
@@ -89,7 +105,7 @@ class SamplerSchedule:
 
 def vp_fitted(sigma_min, sigma_max, epsilon_s=1e-3):
     """The VP schedule with sigma(epsilon_s) = sigma_min and sigma(1) = sigma_max, as the ablation sampler fits it."""
-    epsilon_s = _real(epsilon_s, "epsilon_s", 0)
+    epsilon_s = check_real(epsilon_s, "epsilon_s", 0)
     floor = math.log1p(sigma_min**2) / math.log1p(sigma_max**2)  # below it, beta_d would come out <= 0
     if not floor < epsilon_s < 1:
         raise ValueError(f"epsilon_s must lie in ({floor:.3g}, 1) for a VP schedule on [{sigma_min:g}, {sigma_max:g}], "
@@ -116,13 +132,6 @@ def ode_step(net, schedule, x_hat, t_hat, t_next, class_labels=None, second_orde
 
 # ── 02_deterministic.py § 2.3 Where to put the steps: Eq. 5 ──
 
-def _num_steps(num_steps):
-    ok = isinstance(num_steps, numbers.Real) and not isinstance(num_steps, bool)
-    if not ok or not math.isfinite(num_steps) or num_steps != int(num_steps) or num_steps < 1:
-        raise ValueError(f"num_steps must be an integer >= 1, got {num_steps!r}")
-    return int(num_steps)
-
-
 def check_sampler_inputs(net, latents, class_labels=None):
     """Refuse a net without the denoiser interface and latents or labels that do not fit. Chapter 2."""
     missing = [a for a in ("sigma_min", "sigma_max", "round_sigma") if not hasattr(net, a)]
@@ -140,7 +149,7 @@ def check_sampler_inputs(net, latents, class_labels=None):
 
 def sigma_range(net, sigma_min, sigma_max):
     """The noise range a sampler covers: [sigma_min, sigma_max] clamped to the network's. Chapter 2."""
-    sigma_min, sigma_max = _real(sigma_min, "sigma_min", 0), _real(sigma_max, "sigma_max", 0)
+    sigma_min, sigma_max = check_real(sigma_min, "sigma_min", 0), check_real(sigma_max, "sigma_max", 0)
     if not sigma_min < sigma_max < math.inf:
         raise ValueError(f"need sigma_min < sigma_max < inf, got sigma_min={sigma_min:g}, sigma_max={sigma_max:g}")
     lo, hi = max(sigma_min, float(net.sigma_min)), min(sigma_max, float(net.sigma_max))
@@ -152,20 +161,13 @@ def sigma_range(net, sigma_min, sigma_max):
 
 def edm_time_steps(net, num_steps=18, sigma_min=0.002, sigma_max=80.0, rho=7.0, device=None):
     """EDM's t_0 > ... > t_{N-1} (Eq. 5) on the network's range and grid (round_sigma), then t_N = 0. Chapter 2."""
-    num_steps, rho = _num_steps(num_steps), _real(rho, "rho", 0)
+    num_steps, rho = check_num_steps(num_steps), check_real(rho, "rho", 0)
     sigma_min, sigma_max = sigma_range(net, sigma_min, sigma_max)
     t_steps = torch.as_tensor(net.round_sigma(edm_sigma_steps(num_steps, sigma_min, sigma_max, rho, device=device)))
     return torch.cat([t_steps, torch.zeros_like(t_steps[:1])])
 
 
 # ── 02_deterministic.py § 2.4 Algorithm 1 ──
-
-def _check_t_steps(t_steps, device):
-    t_steps = torch.as_tensor(t_steps, dtype=torch.float64, device=device)
-    if t_steps.ndim != 1 or len(t_steps) < 2 or t_steps[-1] != 0 or not bool((t_steps[:-1] > 0).all()):
-        raise ValueError("t_steps must be 1-D with at least two entries, all > 0 except the last, which must be 0")
-    return t_steps
-
 
 def sample_ode(net, latents, t_steps, schedule=None, class_labels=None, solver="heun", alpha=1.0):
     """Algorithm 1: deterministic sampling along t_steps (t_N = 0) from x_0 = latents sigma(t_0) s(t_0). Chapter 2.
@@ -174,10 +176,10 @@ def sample_ode(net, latents, t_steps, schedule=None, class_labels=None, solver="
     last step, to sigma = 0, is an Euler step. float64 throughout, like the official samplers.
     """
     check_sampler_inputs(net, latents, class_labels)
-    second_order = _choice(solver, "solver", SOLVERS) == "heun"
-    alpha = _real(alpha, "alpha", 0)
+    second_order = check_choice(solver, "solver", SOLVERS) == "heun"
+    alpha = check_real(alpha, "alpha", 0)
     schedule = SamplerSchedule() if schedule is None else schedule
-    t_steps = _check_t_steps(t_steps, latents.device)
+    t_steps = check_t_steps(t_steps, latents.device)
     num_steps = len(t_steps) - 1
     x_next = latents.to(torch.float64) * (schedule.sigma(t_steps[0]) * schedule.s(t_steps[0]))
     for i, (t_cur, t_next) in enumerate(zip(t_steps[:-1], t_steps[1:])):
@@ -193,7 +195,7 @@ ABLATION_SIGMA_RANGE = {"ve": (0.02, 100.0), "iddpm": (0.002, 81.0), "edm": (0.0
 def ablation_sigma_steps(num_steps, sigma_min, sigma_max, discretization="edm", rho=7.0, epsilon_s=1e-3,
                          C_1=0.001, C_2=0.008, M=1000, device=None):
     """sigma_0 > ... > sigma_{N-1} of a column of Table 1 ('time steps' row) on [sigma_min, sigma_max]. Chapter 2."""
-    _choice(discretization, "discretization", DISCRETIZATIONS)
+    check_choice(discretization, "discretization", DISCRETIZATIONS)
     i = torch.arange(num_steps, dtype=torch.float64, device=device)
     frac = i / max(num_steps - 1, 1)
     if discretization == "vp":
@@ -218,11 +220,11 @@ def ablation_setup(net, num_steps=18, sigma_min=None, sigma_max=None, rho=7.0, d
     Returns (t_steps, schedule) for `sample_ode` (and Chapter 3's samplers); the arguments are the official
     ablation sampler's.
     """
-    num_steps, rho = _num_steps(num_steps), _real(rho, "rho", 0)
-    _choice(discretization, "discretization", DISCRETIZATIONS)
-    _choice(schedule, "schedule", SCHEDULES)
-    _choice(scaling, "scaling", SCALINGS)
-    epsilon_s = _real(epsilon_s, "epsilon_s", 0)
+    num_steps, rho = check_num_steps(num_steps), check_real(rho, "rho", 0)
+    check_choice(discretization, "discretization", DISCRETIZATIONS)
+    check_choice(schedule, "schedule", SCHEDULES)
+    check_choice(scaling, "scaling", SCALINGS)
+    epsilon_s = check_real(epsilon_s, "epsilon_s", 0)
     if not epsilon_s < 1:
         raise ValueError(f"epsilon_s must lie in (0, 1), got {epsilon_s}")
     default = (VP(epsilon_s=epsilon_s).sigma_min, VP().sigma_max) if discretization == "vp" \
@@ -239,8 +241,8 @@ def ablation_setup(net, num_steps=18, sigma_min=None, sigma_max=None, rho=7.0, d
 # ── 03_stochastic.py § 3.2 Algorithm 2: churn ──
 
 def _churn_args(S_churn, S_min, S_max, S_noise):
-    return (_real(S_churn, "S_churn", 0, strict=False), _real(S_min, "S_min"), _real(S_max, "S_max"),
-            _real(S_noise, "S_noise", 0, strict=False))
+    return (check_real(S_churn, "S_churn", 0, strict=False), check_real(S_min, "S_min"), check_real(S_max, "S_max"),
+            check_real(S_noise, "S_noise", 0, strict=False))
 
 
 def churn(net, schedule, x_cur, t_cur, gamma, S_min=0.0, S_max=math.inf, S_noise=1.0, randn_like=torch.randn_like):
@@ -270,11 +272,11 @@ def sample_sde(net, latents, t_steps, schedule=None, class_labels=None, randn_li
     With S_churn = 0 the result equals sample_ode's bit for bit (one noise draw per step is still made).
     """
     check_sampler_inputs(net, latents, class_labels)
-    second_order = _choice(solver, "solver", SOLVERS) == "heun"
-    alpha = _real(alpha, "alpha", 0)
+    second_order = check_choice(solver, "solver", SOLVERS) == "heun"
+    alpha = check_real(alpha, "alpha", 0)
     S_churn, S_min, S_max, S_noise = _churn_args(S_churn, S_min, S_max, S_noise)
     schedule = SamplerSchedule() if schedule is None else schedule
-    t_steps = _check_t_steps(t_steps, latents.device)
+    t_steps = check_t_steps(t_steps, latents.device)
     num_steps = len(t_steps) - 1
     gamma = min(S_churn / num_steps, math.sqrt(2) - 1)
     x_next = latents.to(torch.float64) * (schedule.sigma(t_steps[0]) * schedule.s(t_steps[0]))
@@ -304,9 +306,9 @@ def ablation_sampler(net, latents, class_labels=None, randn_like=torch.randn_lik
     solver 'euler'/'heun'; discretization 'vp'/'ve'/'iddpm'/'edm'; schedule 'vp'/'ve'/'linear'; scaling 'vp'/'none'.
     """
     check_sampler_inputs(net, latents, class_labels)
-    _choice(solver, "solver", SOLVERS)
+    check_choice(solver, "solver", SOLVERS)
     _churn_args(S_churn, S_min, S_max, S_noise)
-    _real(alpha, "alpha", 0)
+    check_real(alpha, "alpha", 0)
     t_steps, sched = ablation_setup(net, num_steps, sigma_min, sigma_max, rho, discretization, schedule, scaling,
                                     epsilon_s, C_1, C_2, M, device=latents.device)
     return sample_sde(net, latents, t_steps, sched, class_labels, randn_like, solver, alpha, S_churn, S_min, S_max,

@@ -1,8 +1,8 @@
 """End-to-end parity with the official implementation (NVlabs/edm @ 008a4e5), real network included.
 
 The reference files in tests/data/ hold the official code's outputs for a small EDMPrecond(SongUNet) with seeded
-random weights (see /work/shared/parity/README.md for how they were made). Here the whole stack runs: our
-SongUNet with the official state_dict, our EDMPrecond, our EDMLoss with the same seed, our samplers on that
+random weights (tests/data/README.md says how each file was made, and with which versions). Here the whole stack
+runs: our SongUNet with the official state_dict, our EDMPrecond, our EDMLoss with the same seed, our samplers on that
 network. The network's own outputs are checked in test_networks.py; unit-level parity (replayed network calls,
 fake inner models) lives in the per-module test files.
 """
@@ -40,7 +40,7 @@ def test_loss_matches_official_seeded(net, parity):
     loss = loss_fn(net.train(), ref["images"], ref["labels"])
     net.eval()
     assert loss.shape == ref["loss"].shape
-    assert rel(loss, ref["loss"]) <= 1e-5
+    assert rel(loss, ref["loss"]) <= 1e-6
 
 
 @pytest.fixture(scope="module")
@@ -63,7 +63,7 @@ def test_deterministic_sampler_matches_official(net, sref):
         out = edm_sampler(recording, sref["latents"], sref["class_labels"], **_settings(sref["det_settings"]))
     assert out.dtype == torch.float64 and len(sigmas) == 35
     assert torch.allclose(torch.tensor(sigmas, dtype=torch.float64), sref["det_call_sigmas"], rtol=1e-12, atol=0)
-    assert rel(out, sref["det_out"]) <= 1e-3
+    assert rel(out, sref["det_out"]) <= 1e-6  # measured ~2e-7: float32 rounding in the network
 
 
 def test_stochastic_sampler_matches_official(net, sref):
@@ -73,17 +73,17 @@ def test_stochastic_sampler_matches_official(net, sref):
         out = edm_sampler(net, sref["latents"], sref["class_labels"], randn_like=randn_like,
                           **_settings(sref["sto_settings"]))
     assert next(noises, None) is None  # exactly one draw per step, also where gamma = 0
-    assert rel(out, sref["sto_out"]) <= 1e-3
+    assert rel(out, sref["sto_out"]) <= 1e-6
 
 
 def test_custom_settings_match_official(net, sref):
     with torch.no_grad():
         out = edm_sampler(net, sref["latents"], sref["class_labels"], **sref["custom_settings"])
-    assert rel(out, sref["custom_out"]) <= 1e-3
+    assert rel(out, sref["custom_out"]) <= 5e-6  # measured ~1.3e-6
 
 
 def test_bf16_autocast_close_to_fp32(net, ref):
     with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
         out = net(ref["x"], ref["sigma"], ref["class_labels"])
     assert out.dtype == torch.float32  # Eq. 7 is assembled in float32 whatever the inner network ran in
-    assert rel(out, ref["out"]) <= 5e-2
+    assert rel(out, ref["out"]) <= 3e-2  # measured ~1.2e-2: bfloat16 keeps 8 bits of mantissa
