@@ -646,7 +646,10 @@ def build_network(record: PersistentObject, source="the checkpoint") -> torch.nn
         raise CheckpointError(f"{source}: the {record.class_name} record has positional constructor arguments")
     kwargs = check_init_kwargs(record.class_name, record.state.get("_init_kwargs"), source)
     meta = build_meta_network(record.class_name, kwargs, source)
-    state = _collect(record, meta, "", {})
+    try:
+        state = _collect(record, meta, "", {})
+    except CheckpointError as e:
+        raise CheckpointError(f"{source}: {e}") from None
     check_shapes({k: v.shape for k, v in meta.state_dict().items()}, {k: v.shape for k, v in state.items()}, source)
     net = NETWORK_CLASSES[record.class_name](**kwargs)
     net.load_state_dict(state, strict=True)
@@ -823,8 +826,11 @@ def _load_ours(path, weights_path=None) -> torch.nn.Module:
     header = _read_config(config_path)
     name = header.get("class_name")
     weights_path = weights_path or config_path.parent / _weights_name(header, config_path)
-    kwargs = check_init_kwargs(name, {k: _from_json(v) for k, v in header.get("init_kwargs", {}).items()},
-                               str(config_path))
+    try:
+        kwargs = {k: _from_json(v) for k, v in header.get("init_kwargs", {}).items()}
+    except CheckpointError as e:
+        raise CheckpointError(f"{config_path}: {e}") from None
+    kwargs = check_init_kwargs(name, kwargs, str(config_path))
     data = read_regular_file(weights_path)
     if hashlib.sha256(data).hexdigest() != header["weights_sha256"]:
         raise CheckpointError(f"{weights_path} does not match the SHA-256 recorded in {config_path} "
