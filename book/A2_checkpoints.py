@@ -227,8 +227,10 @@ class SnapshotUnpickler:
         """Record that `container` now holds `children`: depth and entry count stay within the limits."""
         self.items += len(children)
         depth = 1 + max((self.depth.get(id(c), 0) for c in children), default=0)
-        if self.items > MAX_ITEMS or depth > MAX_DEPTH:
-            raise self._fail(f"more than {MAX_ITEMS:,} entries or nesting deeper than {MAX_DEPTH}")
+        if depth > MAX_DEPTH:
+            raise self._fail(f"containers nested deeper than {MAX_DEPTH}")
+        if self.items > MAX_ITEMS:
+            raise self._fail(f"more than {MAX_ITEMS:,} container entries")
         if id(container) not in self.depth:
             self.keep.append(container)
         self.depth[id(container)] = max(depth, self.depth.get(id(container), 1))
@@ -242,7 +244,9 @@ class SnapshotUnpickler:
     def _target(self, kinds, what):
         floor = self.marks[-1] if self.marks else 0
         if len(self.stack) <= floor or not isinstance(self.stack[-1], kinds):
-            raise self._fail(f"{what} on something that is not a {kinds}")
+            found = type(self.stack[-1]).__name__ if len(self.stack) > floor else "nothing"
+            allowed = ", ".join(k.__name__ for k in (kinds if isinstance(kinds, tuple) else (kinds,)))
+            raise self._fail(f"{what} on a {found}; only {allowed} may receive it")
         return self.stack[-1]
 
     # -- opcodes
@@ -661,7 +665,8 @@ def read_official_pickle(path):
 #    `state_dict()` shapes are compared with the tensors in the file (missing, unexpected and
 #    mis-shaped names are reported), walking the file's module tree along *our* network's tree,
 #    so a file's cycles or extra children cannot make the walk longer than our network;
-# 3. only then is the real network built and the weights copied in with a strict `load_state_dict`.
+# 3. only then is memory allocated for the network (`to_empty`, no random initialisation to waste
+#    time on) and the weights copied in with a strict `load_state_dict`, which overwrites every tensor.
 #
 # Since the tensors of a file never total more elements than the bytes it holds (above), the
 # network we allocate is never larger than the file that asked for it.
@@ -771,6 +776,18 @@ def _collect(record, module, prefix, out):
     return out
 
 
+def materialize(meta: torch.nn.Module, state: dict, class_name: str, kwargs: dict) -> torch.nn.Module:
+    """The real network holding `state`: memory for the meta network, filled by a strict load (no random init). Appendix B."""
+    names = set(meta.state_dict())
+    left_on_meta = [k for m in meta.modules() for k, v in vars(m).items() if isinstance(v, torch.Tensor) and v.is_meta]
+    if left_on_meta or any(name not in names for name, _ in meta.named_buffers()):
+        net = NETWORK_CLASSES[class_name](**kwargs)  # a tensor the state does not cover: build it the usual way
+    else:
+        net = meta.to_empty(device="cpu")  # every tensor is overwritten by the strict load below
+    net.load_state_dict(state, strict=True)
+    return net.eval().requires_grad_(False)
+
+
 def build_network(record: PersistentObject, source="the checkpoint") -> torch.nn.Module:
     """Our network (EDMPrecond, SongUNet, ...) with the weights of an official record, in eval mode. Appendix B."""
     if not isinstance(record, PersistentObject) or record.class_name not in NETWORK_CLASSES:
@@ -785,9 +802,7 @@ def build_network(record: PersistentObject, source="the checkpoint") -> torch.nn
     except CheckpointError as e:
         raise CheckpointError(f"{source}: {e}") from None
     check_shapes({k: v.shape for k, v in meta.state_dict().items()}, {k: v.shape for k, v in state.items()}, source)
-    net = NETWORK_CLASSES[record.class_name](**kwargs)
-    net.load_state_dict(state, strict=True)
-    return net.eval().requires_grad_(False)
+    return materialize(meta, state, record.class_name, kwargs)
 
 
 def load_official_snapshot(path) -> dict:
@@ -1004,9 +1019,7 @@ def _load_ours(path, weights_path=None) -> torch.nn.Module:
         state = load(data)
     except Exception as e:  # the library's own validation of the file
         raise CheckpointError(f"{weights_path} is not a readable safetensors file: {e}") from None
-    net = NETWORK_CLASSES[name](**kwargs)
-    net.load_state_dict(state, strict=True)
-    return net.eval().requires_grad_(False)
+    return materialize(meta, state, name, kwargs)
 
 # %% [markdown]
 # ## B.3 URLs, one entry point, and conversion
@@ -1177,6 +1190,7 @@ def convert(src, dst) -> tuple:
 # official outputs.
 
 # %%
+import copy
 import io
 import os
 import pickle
@@ -1184,8 +1198,8 @@ import sys
 import tempfile
 import types
 
-from edm_lit.checkpoints import (NETWORK_CLASSES, CheckpointError, convert, load_network, network_config,
-                                 read_official_pickle, save_network)
+from edm_lit.checkpoints import (NETWORK_CLASSES, CheckpointError, build_meta_network, convert, load_network,
+                                 network_config, read_official_pickle, save_network)
 from edm_lit.loss import EDMLoss
 
 PERSISTENT = set(NETWORK_CLASSES) | {"Linear", "Conv2d", "GroupNorm", "UNetBlock", "PositionalEmbedding",
@@ -1297,7 +1311,105 @@ for bad in [workdir / "truncated.pkl", workdir / "converted" / "wrong.json"]:
         raise AssertionError(f"{bad} must be refused")
 
 # %% [markdown]
-# ## B.4 Sampling from an official pretrained network
+# ## B.4 What a hostile file can and cannot do
+#
+# `load_network` (and `edm-lit convert`) may be given any file or URL. For **any** content of
+# the `.pkl`, the `.json`, the `.safetensors` file or the server's answers, it guarantees:
+#
+# 1. **No code from the file runs.** The only callables a pickle can reach are the functions in
+#    the table of `find_class` — all ours, each checking its arguments; `module_src` is never read.
+# 2. **Bounded time and memory.** Every opcode consumes bytes of a file of at most
+#    `MAX_FILE_BYTES`, every declared length is checked against the bytes that are left, nesting
+#    and container entries are capped, keys hash in time linear in their length, nothing is
+#    decompressed. Memory is the file plus the network, and the network is allocated only after
+#    the file has shown it holds all its weights, so it is never larger than the file's tensors.
+# 3. **No memory that is not in the file becomes a weight.** Every tensor lies inside its
+#    storage, and a storage is exactly the bytes the file holds for it.
+# 4. **Only the named files are read**: a regular file (never a FIFO, device or directory), and
+#    for our format the weights file beside the `.json`, by a bare name.
+# 5. **Every failure is a `CheckpointError`** (a `ValueError`) whose message names the file;
+#    `edm-lit convert` prints it as one line and exits with status 1.
+# 6. **Writing is atomic and durable**: a `.json` + `.safetensors` pair is replaced as a pair;
+#    only complete downloads enter the cache.
+#
+# What it does **not** promise: that the *numbers* in a file are benign (a file can hold any
+# weights, so any outputs); that a legitimately large network fits in your memory (the limits are
+# module constants, e.g. `MAX_FILE_BYTES` of 8 GiB); protection against someone who can rewrite
+# the files while they are being loaded.
+#
+# Each class of attack has a test in `tests/test_checkpoints.py` that builds the hostile file,
+# asserts the `CheckpointError` and a time bound (every test also runs under a 120 s alarm), and,
+# where the file carries code, that a marker file it would write never appears:
+#
+# | attack | defence | test |
+# |---|---|---|
+# | a reduce calling `os.system`, `eval`, `getattr`, ...; the same inside a storage blob | globals only from our table; `REDUCE` only calls those | `test_malicious_reduce_is_refused_without_effect`, `test_malicious_storage_payload_is_refused` |
+# | code in `module_src`, which the official loader `exec`s | never read | `test_module_src_is_never_executed` |
+# | a storage smaller than its tensor; an offset or stride past its end; overlapping or shared elements | our parser of the legacy storage (declared count = bytes held); bounds, overlap and sharing checks; `as_strided` over a buffer that cannot grow | `test_attack_tensor_outside_its_storage` |
+# | a tiny file asking for a huge network; a deflate-compressed zip storage; a storage claiming 10¹² elements | argument limits; a `meta`-device build compared with the file's shapes before any allocation; zip refused undecompressed; declared = held | `test_attack_tiny_file_asks_for_huge_network` |
+# | a FIFO `x.pkl`, a `.json` linked to `/dev/zero`, a directory; deep nesting, tuples as dict keys, a 1 TB length in an 11-byte file, a memo-shared "billion laughs" | non-blocking open, regular files only, size caps; depth and entry caps, scalar keys only, lengths checked against the bytes left | `test_attack_special_files_and_bombs` |
+# | `"weights": "../x"` or an absolute path, also in a `.json` from a URL | a bare name beside the `.json`; one error whether or not the target exists | `test_attack_weights_path_traversal` |
+# | `BUILD` setting a function's `__defaults__` or a record's `__class__`; `NEWOBJ` of other types; a callable `model_type` | `BUILD` only on `ModuleDict` records (a plain dict) and NumPy dtypes; `NEWOBJ` only our two records; `model_type` one of two names | `test_attack_build_and_callables` |
+# | a download cut short without `Content-Length`; a malformed `Content-Length`; a `Range` answer that does not continue the file | without a length, cached only if it parses, else deleted; the header validated; `Content-Range` checked | `test_attack_download_without_or_with_bad_content_length`, `test_url_download_resumes_after_a_drop` |
+# | content that provokes `AttributeError`, `TypeError`, `RecursionError`, `IsADirectoryError`, `UnicodeDecodeError`, JSON errors | checks at each step; one boundary that turns anything left into a `CheckpointError` naming the file | `test_attack_malformed_files_give_checkpoint_errors`, `test_truncated_files` |
+# | a crash while saving; a restrictive umask | weights by hash, then the `.json` renamed in; `fsync` of files and directory; mode `0o666` minus the umask | `test_save_network_pair_is_atomic_durable_and_honours_umask` |
+# | a traceback instead of an error message | `edm-lit convert: error: ...`, one line, status 1 | `test_cli_convert_errors_are_one_line` |
+#
+# **Check** — a few of these attacks, run here: each is refused with a `CheckpointError`, quickly,
+# and the process's peak memory grows by less than 1 % of what one of them asks for — a network
+# of tens of GB.
+
+# %%
+import resource
+import time
+
+from myst_nb import glue
+
+attacks = workdir / "attacks"
+attacks.mkdir()
+os.mkfifo(attacks / "fifo.pkl")
+(attacks / "zero.json").symlink_to("/dev/zero")
+(attacks / "deep-key.pkl").write_bytes(b"\x80\x04}" + b")" + b"\x85" * 100_000 + b"Ns.")  # ((((...)))) as a dict key
+(attacks / "terabyte.pkl").write_bytes(b"\x80\x04\x8e" + (10**12).to_bytes(8, "little"))  # BINBYTES8 of 1 TB
+huge = copy.deepcopy(official)
+huge.model.init_kwargs = dict(huge.model.init_kwargs, model_channels=4096)  # the weights stay small
+(attacks / "huge.pkl").write_bytes(official_layout_pickle({"ema": huge}))
+huge_meta = build_meta_network("EDMPrecond", network_config(huge)["init_kwargs"])
+cfg = json.loads(config_path.read_text())
+(attacks / "traversal.json").write_text(json.dumps(dict(cfg, weights="../../network-snapshot-000000.pkl")))
+(attacks / "defaults.pkl").write_bytes(  # BUILD: set the __defaults__ of a function the table hands out
+    b"\x80\x04\x8c\x17torch_utils.persistence\x8c\x1b_reconstruct_persistent_obj\x93N}\x8c\x0c__defaults__K\x01\x85s\x86b.")
+
+rss_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # MiB (Linux reports KiB)
+times = {}
+for path in sorted(attacks.iterdir()):
+    start = time.perf_counter()
+    try:
+        load_network(path)
+    except CheckpointError as e:
+        times[path.name] = time.perf_counter() - start
+        print(f"{path.name:15} refused in {1e3 * times[path.name]:6.1f} ms: {str(e).replace(str(attacks), '')[:110]}")
+    else:
+        raise AssertionError(f"{path.name} must be refused")
+rss_growth = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024 - rss_before
+huge_gb = 4 * sum(p.numel() for p in huge_meta.parameters()) / 1e9
+print(f"huge.pkl: {(attacks / 'huge.pkl').stat().st_size / 1e6:.1f} MB asking for {huge_gb:.0f} GB of weights; "
+      f"peak memory grew by {rss_growth:.0f} MiB")
+assert max(times.values()) < 5 and huge_gb > 10
+assert rss_growth < 0.01 * huge_gb * 1024  # far below 1 % of what the file asks for: nothing of that size was allocated
+glue("attack_count", len(times), display=False)
+glue("attack_max_ms", 1e3 * max(times.values()), display=False)
+glue("huge_gb", huge_gb, display=False)
+glue("rss_growth_mib", rss_growth, display=False)
+
+# %% [markdown]
+# Here {glue:text}`attack_count` hostile files were refused, the slowest in
+# {glue:text}`attack_max_ms:.0f` ms (building the `meta` network the large request describes);
+# the file that asks for {glue:text}`huge_gb:.0f` GB of weights raised the peak memory of this
+# process by {glue:text}`rss_growth_mib:.0f` MiB.
+
+# %% [markdown]
+# ## B.5 Sampling from an official pretrained network
 #
 # Everything above comes together in four lines. To generate CIFAR-10 images with the paper's
 # best conditional model (FID 1.79, 35 network evaluations), on a machine with internet access

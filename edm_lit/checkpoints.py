@@ -133,8 +133,10 @@ class SnapshotUnpickler:
         """Record that `container` now holds `children`: depth and entry count stay within the limits."""
         self.items += len(children)
         depth = 1 + max((self.depth.get(id(c), 0) for c in children), default=0)
-        if self.items > MAX_ITEMS or depth > MAX_DEPTH:
-            raise self._fail(f"more than {MAX_ITEMS:,} entries or nesting deeper than {MAX_DEPTH}")
+        if depth > MAX_DEPTH:
+            raise self._fail(f"containers nested deeper than {MAX_DEPTH}")
+        if self.items > MAX_ITEMS:
+            raise self._fail(f"more than {MAX_ITEMS:,} container entries")
         if id(container) not in self.depth:
             self.keep.append(container)
         self.depth[id(container)] = max(depth, self.depth.get(id(container), 1))
@@ -148,7 +150,9 @@ class SnapshotUnpickler:
     def _target(self, kinds, what):
         floor = self.marks[-1] if self.marks else 0
         if len(self.stack) <= floor or not isinstance(self.stack[-1], kinds):
-            raise self._fail(f"{what} on something that is not a {kinds}")
+            found = type(self.stack[-1]).__name__ if len(self.stack) > floor else "nothing"
+            allowed = ", ".join(k.__name__ for k in (kinds if isinstance(kinds, tuple) else (kinds,)))
+            raise self._fail(f"{what} on a {found}; only {allowed} may receive it")
         return self.stack[-1]
 
     # -- opcodes
@@ -637,6 +641,18 @@ def _collect(record, module, prefix, out):
     return out
 
 
+def materialize(meta: torch.nn.Module, state: dict, class_name: str, kwargs: dict) -> torch.nn.Module:
+    """The real network holding `state`: memory for the meta network, filled by a strict load (no random init). Appendix B."""
+    names = set(meta.state_dict())
+    left_on_meta = [k for m in meta.modules() for k, v in vars(m).items() if isinstance(v, torch.Tensor) and v.is_meta]
+    if left_on_meta or any(name not in names for name, _ in meta.named_buffers()):
+        net = NETWORK_CLASSES[class_name](**kwargs)  # a tensor the state does not cover: build it the usual way
+    else:
+        net = meta.to_empty(device="cpu")  # every tensor is overwritten by the strict load below
+    net.load_state_dict(state, strict=True)
+    return net.eval().requires_grad_(False)
+
+
 def build_network(record: PersistentObject, source="the checkpoint") -> torch.nn.Module:
     """Our network (EDMPrecond, SongUNet, ...) with the weights of an official record, in eval mode. Appendix B."""
     if not isinstance(record, PersistentObject) or record.class_name not in NETWORK_CLASSES:
@@ -651,9 +667,7 @@ def build_network(record: PersistentObject, source="the checkpoint") -> torch.nn
     except CheckpointError as e:
         raise CheckpointError(f"{source}: {e}") from None
     check_shapes({k: v.shape for k, v in meta.state_dict().items()}, {k: v.shape for k, v in state.items()}, source)
-    net = NETWORK_CLASSES[record.class_name](**kwargs)
-    net.load_state_dict(state, strict=True)
-    return net.eval().requires_grad_(False)
+    return materialize(meta, state, record.class_name, kwargs)
 
 
 def load_official_snapshot(path) -> dict:
@@ -842,9 +856,7 @@ def _load_ours(path, weights_path=None) -> torch.nn.Module:
         state = load(data)
     except Exception as e:  # the library's own validation of the file
         raise CheckpointError(f"{weights_path} is not a readable safetensors file: {e}") from None
-    net = NETWORK_CLASSES[name](**kwargs)
-    net.load_state_dict(state, strict=True)
-    return net.eval().requires_grad_(False)
+    return materialize(meta, state, name, kwargs)
 
 
 # ── A2_checkpoints.py § B.3 URLs, one entry point, and conversion ──

@@ -541,9 +541,9 @@ def test_attack_special_files_and_bombs(tmp_path, official, marker):
 
     header = b"\x80\x04"
     bombs = {
-        "nesting deeper than": header + b"}" + b")" + b"\x85" * 100_000 + b"Ns.",  # a 100000-deep tuple as a dict key
+        "nested deeper than": header + b"}" + b")" + b"\x85" * 100_000 + b"Ns.",  # a 100000-deep tuple as a dict key
         "dict keys and set members": header + b"}" + b"K\x01\x85Ns.",  # any tuple as a dict key
-        "nesting deeper": header + b"]" * 100_000 + b"a" * 99_999 + b".",  # 100000-deep lists
+        "nested deeper": header + b"]" * 100_000 + b"a" * 99_999 + b".",  # 100000-deep lists
         "truncated": header + b"\x8e" + (10**12).to_bytes(8, "little"),  # 1 TB of bytes declared in 11
         "is not allowed": header + b"\x92",  # an opcode the official format does not use (NEWOBJ_EX)
     }
