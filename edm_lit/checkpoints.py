@@ -21,7 +21,6 @@ import struct
 import urllib.error
 import urllib.parse
 import urllib.request
-import warnings
 from pathlib import Path
 
 import numpy as np
@@ -53,7 +52,7 @@ MAX_LIST = 16               # entries of a list-valued constructor argument (cha
 MAX_INT_KWARG = 1 << 16     # any integer constructor argument (channels, resolution, label_dim, ...)
 KWARG_CAPS = {"num_blocks": 64, "M": 10_000}  # arguments that set a number of modules or the size of a CPU table
 
-def read_regular_file(path, max_bytes: int = MAX_FILE_BYTES) -> bytes:
+def read_regular_file(path, max_bytes: int = MAX_FILE_BYTES) -> bytearray:
     """The bytes of a regular file of at most max_bytes; FIFOs, devices and directories are refused without blocking. Appendix B."""
     try:
         fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_BINARY", 0))
@@ -67,9 +66,12 @@ def read_regular_file(path, max_bytes: int = MAX_FILE_BYTES) -> bytes:
             raise CheckpointError(f"{path} is not a regular file (a directory, FIFO or device): refused")
         if info.st_size > max_bytes:
             raise CheckpointError(f"{path} has {info.st_size:,} bytes, more than the limit of {max_bytes:,}")
-        data = f.read(max_bytes + 1)
-    if len(data) > max_bytes:
-        raise CheckpointError(f"{path} grew past the limit of {max_bytes:,} bytes while being read")
+        data = bytearray(info.st_size)  # writable: tensors made over it may be modified without harm
+        done = 0
+        while done < len(data) and (n := f.readinto(memoryview(data)[done:])):
+            done += n
+        if done < len(data) or f.read(1):
+            raise CheckpointError(f"{path} changed size while being read")
     return data
 
 _SCALARS = (str, int, float, bool, type(None))
@@ -204,7 +206,7 @@ class SnapshotUnpickler:
         self.stack.append(self._text(self._uint(8)))
 
     def op_SHORT_BINBYTES(self):
-        self.stack.append(self._take(self._uint(1)))  # a read-only view of the file, not a copy
+        self.stack.append(self._take(self._uint(1)))  # a view of the file's bytes, not a copy
 
     def op_BINBYTES(self):
         self.stack.append(self._take(self._uint(4)))
@@ -458,10 +460,8 @@ def _load_storage(blob):
     if count != numel or len(blob) - pos - 8 != numel * itemsize:
         raise CheckpointError(f"a tensor storage declares {numel:,} elements of {itemsize} bytes but holds "
                               f"{max(len(blob) - pos - 8, 0):,} bytes")
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", UserWarning)  # the buffer is read-only; we only ever copy out of it
-        flat = torch.frombuffer(blob[pos + 8:], dtype=dtype) if numel else torch.empty(0, dtype=dtype)
-    return _Storage(flat)
+    flat = torch.frombuffer(blob[pos + 8:], dtype=dtype) if numel else torch.empty(0, dtype=dtype)
+    return _Storage(flat)  # a view of the file's bytes: it cannot grow past them
 
 
 def _is_ints(value):
@@ -853,7 +853,7 @@ def _load_ours(path, weights_path=None) -> torch.nn.Module:
     check_shapes({k: v.shape for k, v in meta.state_dict().items()}, _safetensors_shapes(data, weights_path),
                  str(weights_path))
     try:
-        state = load(data)
+        state = load(bytes(data))
     except Exception as e:  # the library's own validation of the file
         raise CheckpointError(f"{weights_path} is not a readable safetensors file: {e}") from None
     return materialize(meta, state, name, kwargs)
