@@ -866,7 +866,10 @@ def _to_json(value, where="init_kwargs"):
 def _from_json(value, depth=0):
     """Inverse of _to_json for constructor arguments: scalars, {"float": "inf"}, and lists of them."""
     if isinstance(value, dict) and set(value) == {"float"} and type(value["float"]) is str:
-        return float(value["float"])
+        try:
+            return float(value["float"])
+        except ValueError:
+            raise CheckpointError(f"{value['float']!r:.40} is not a float") from None
     if isinstance(value, list) and depth == 0:
         return [_from_json(v, 1) for v in value]
     if type(value) not in _SCALARS:
@@ -1351,7 +1354,7 @@ for bad in [workdir / "truncated.pkl", workdir / "converted" / "wrong.json"]:
 # | `"weights": "../x"` or an absolute path, also in a `.json` from a URL | a bare name beside the `.json`; one error whether or not the target exists | `test_attack_weights_path_traversal` |
 # | `BUILD` setting a function's `__defaults__` or a record's `__class__`; `NEWOBJ` of other types; a callable `model_type` | `BUILD` only on `ModuleDict` records (a plain dict) and NumPy dtypes; `NEWOBJ` only our two records; `model_type` one of two names | `test_attack_build_and_callables` |
 # | a download cut short without `Content-Length`; a malformed `Content-Length`; a `Range` answer that does not continue the file | without a length, cached only if it parses, else deleted; the header validated; `Content-Range` checked | `test_attack_download_without_or_with_bad_content_length`, `test_url_download_resumes_after_a_drop` |
-# | content that provokes `AttributeError`, `TypeError`, `RecursionError`, `IsADirectoryError`, `UnicodeDecodeError`, JSON errors | checks at each step; one boundary that turns anything left into a `CheckpointError` naming the file | `test_attack_malformed_files_give_checkpoint_errors`, `test_truncated_files` |
+# | content that provokes `AttributeError`, `TypeError`, `RecursionError`, `IsADirectoryError`, `UnicodeDecodeError`, JSON errors | checks at each step; one boundary that turns anything left into a `CheckpointError` naming the file | `test_attack_malformed_files_give_checkpoint_errors`, `test_truncated_files`, `test_fuzzed_files_give_checkpoint_errors_only` (random damage to a snapshot's structure and to a `.json`) |
 # | a crash while saving; a restrictive umask | weights by hash, then the `.json` renamed in; `fsync` of files and directory; mode `0o666` minus the umask | `test_save_network_pair_is_atomic_durable_and_honours_umask` |
 # | a traceback instead of an error message | `edm-lit convert: error: ...`, one line, status 1 | `test_cli_convert_errors_are_one_line` |
 #

@@ -703,7 +703,10 @@ def _to_json(value, where="init_kwargs"):
 def _from_json(value, depth=0):
     """Inverse of _to_json for constructor arguments: scalars, {"float": "inf"}, and lists of them."""
     if isinstance(value, dict) and set(value) == {"float"} and type(value["float"]) is str:
-        return float(value["float"])
+        try:
+            return float(value["float"])
+        except ValueError:
+            raise CheckpointError(f"{value['float']!r:.40} is not a float") from None
     if isinstance(value, list) and depth == 0:
         return [_from_json(v, 1) for v in value]
     if type(value) not in _SCALARS:

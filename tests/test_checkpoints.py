@@ -675,6 +675,33 @@ def test_attack_malformed_files_give_checkpoint_errors(tmp_path, official):
         refused(lambda: load_network(tmp_path / "int.pkl"), "cannot open")
 
 
+def test_fuzzed_files_give_checkpoint_errors_only(tmp_path, official):
+    """Random damage to the structure of a snapshot (opcodes, lengths, storage headers) and to our .json:
+    every load either succeeds or raises CheckpointError, quickly; none ends in the catch-all for surprises."""
+    import pickletools
+    import random
+
+    blob = official_layout_pickle(dict(ema=official, loss_fn=EDMLoss(), dataset_kwargs={"a": 1}))
+    spots = []  # the bytes that describe structure: opcodes, short arguments, the headers of storage blobs
+    for op, arg, pos in pickletools.genops(blob):
+        spots += range(pos, pos + 1 + min(len(arg) if isinstance(arg, (str, bytes)) else 4, 420))
+    config, _ = save_network(official, tmp_path / "ours")
+    text = config.read_bytes()
+    rng = random.Random(0)
+    for i in range(120):
+        data, path = (bytearray(blob), tmp_path / "f.pkl") if i % 3 else (bytearray(text), config)
+        for _ in range(rng.choice([1, 2, 3])):
+            where = rng.choice(spots) if i % 3 else rng.randrange(len(data))
+            data[where] = rng.choice(b'().tR\x85}]sbu\x93\x81\x94hKN{}[]":,0-.ef/') if rng.random() < 0.5 else rng.randrange(256)
+        path.write_bytes(bytes(data[: rng.randrange(len(data))] if rng.random() < 0.1 else data))
+        start = time.perf_counter()
+        try:
+            load_network(path)
+        except CheckpointError as e:
+            assert "cannot load this checkpoint" not in str(e), str(e)  # each failure is caught where it happens
+        assert time.perf_counter() - start < 5
+
+
 def test_save_network_pair_is_atomic_durable_and_honours_umask(tmp_path, official, monkeypatch):
     for mask, mode in [(0o022, 0o644), (0o077, 0o600)]:
         previous = os.umask(mask)
