@@ -669,7 +669,7 @@ def read_official_pickle(path):
 #    time on) and the weights copied in with a strict `load_state_dict`, which overwrites every tensor.
 #
 # Since the tensors of a file never total more elements than the bytes it holds (above), the
-# network we allocate is never larger than the file that asked for it.
+# network we allocate never has more weights than the file has bytes.
 
 # %% tags=["export:checkpoints"]
 _INTERFACE_KWARGS = ("img_resolution", "in_channels", "out_channels", "label_dim")  # set by the preconditioner
@@ -1325,7 +1325,7 @@ for bad in [workdir / "truncated.pkl", workdir / "converted" / "wrong.json"]:
 #    `MAX_FILE_BYTES`, every declared length is checked against the bytes that are left, nesting
 #    and container entries are capped, keys hash in time linear in their length, nothing is
 #    decompressed. Memory is the file plus the network, and the network is allocated only after
-#    the file has shown it holds all its weights, so it is never larger than the file's tensors.
+#    the file has shown it holds all its weights, so it never has more weights than the file has bytes.
 # 3. **No memory that is not in the file becomes a weight.** Every tensor lies inside its
 #    storage, and a storage is exactly the bytes the file holds for it.
 # 4. **Only the named files are read**: a regular file (never a FIFO, device or directory), and
@@ -1337,7 +1337,7 @@ for bad in [workdir / "truncated.pkl", workdir / "converted" / "wrong.json"]:
 #
 # What it does **not** promise: that the *numbers* in a file are benign (a file can hold any
 # weights, so any outputs); that a legitimately large network fits in your memory (the limits are
-# module constants, e.g. `MAX_FILE_BYTES` of 8 GiB); protection against someone who can rewrite
+# module constants such as `MAX_FILE_BYTES`); protection against someone who can rewrite
 # the files while they are being loaded.
 #
 # Each class of attack has a test in `tests/test_checkpoints.py` that builds the hostile file,
@@ -1398,7 +1398,7 @@ rss_growth = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024 - rss_bef
 huge_gb = 4 * sum(p.numel() for p in huge_meta.parameters()) / 1e9
 print(f"huge.pkl: {(attacks / 'huge.pkl').stat().st_size / 1e6:.1f} MB asking for {huge_gb:.0f} GB of weights; "
       f"peak memory grew by {rss_growth:.0f} MiB")
-assert max(times.values()) < 5 and huge_gb > 10
+assert max(times.values()) < 5 and max(times, key=times.get) == "huge.pkl" and huge_gb > 10
 assert rss_growth < 0.01 * huge_gb * 1024  # far below 1 % of what the file asks for: nothing of that size was allocated
 glue("attack_count", len(times), display=False)
 glue("attack_max_ms", 1e3 * max(times.values()), display=False)
