@@ -162,13 +162,23 @@ def read_regular_file(path, max_bytes: int = MAX_FILE_BYTES) -> bytearray:
 # - `NEWOBJ` creates only our `ModuleDict` and `EasyDict` records, `BUILD` sets state only on
 #   `ModuleDict` records (a plain dict) and NumPy dtypes (a tuple): no attribute of any other
 #   object can be set from the file;
-# - dict keys and set members are plain scalars (str, int, float, bool, None), so hashing is cheap;
+# - dict keys and set members are plain scalars (str, int, float, bool, None), so hashing is cheap,
+#   and error messages never print a container from the file: with the memo, a 1 kB file can
+#   describe a tuple with 2⁹⁰ leaves, which hashing, comparing or printing would never finish;
 # - nesting depth (`MAX_DEPTH`), the total number of container entries (`MAX_ITEMS`) and every
 #   declared length (checked against the bytes that are left) are bounded, so the time is linear
 #   in the file's size.
 
 # %% tags=["export:checkpoints"]
 _SCALARS = (str, int, float, bool, type(None))
+
+
+def _brief(value) -> str:
+    """A short description of a value from a file, for an error message: never the repr of a container,
+    whose size (with shared parts, as the memo allows) can be exponential in the file's."""
+    if type(value) is str:
+        return repr(value[:60]) + ("..." if len(value) > 60 else "")
+    return repr(value) if type(value) in _SCALARS else f"a {type(value).__name__}"
 
 
 class SnapshotUnpickler:
@@ -390,8 +400,10 @@ class SnapshotUnpickler:
         self._memo_get(self._uint(4))
 
     def _global(self, module, name):
-        if not isinstance(module, str) or not isinstance(name, str) or (module, name) not in self.allowed:
-            raise CheckpointError(f"refusing to load '{module}.{name}' from a checkpoint: not an allowed type")
+        if type(module) is not str or type(name) is not str:
+            raise self._fail(f"a global named by {_brief(module)} and {_brief(name)}, not two strings")
+        if (module, name) not in self.allowed:
+            raise CheckpointError(f"refusing to load '{module[:100]}.{name[:100]}' from a checkpoint: not an allowed type")
         self.stack.append(self.allowed[(module, name)])
 
     def op_GLOBAL(self):
@@ -402,7 +414,7 @@ class SnapshotUnpickler:
 
     def op_REDUCE(self):
         func, args = self._pop(2)
-        if not any(func is f for f in self.allowed.values()) or type(args) is not tuple:
+        if not any(func is f for f in self.allowed.values()) or func in self.NEWOBJ_TYPES or type(args) is not tuple:
             raise self._fail("REDUCE of something that is not an allowed callable with a tuple of arguments")
         result = func(*args)
         self.stack.append(self._grow(result, args) if isinstance(result, (dict, set, PersistentObject)) else result)
@@ -502,8 +514,8 @@ class _NumpyDType:
     CODES = {"f2", "f4", "f8", "i1", "i2", "i4", "i8", "u1", "u2", "u4", "u8", "b1"}
 
     def __init__(self, code, align=False, copy=True):
-        if code not in self.CODES:
-            raise CheckpointError(f"refusing NumPy dtype {code!r} from a checkpoint: not a plain numeric scalar type")
+        if type(code) is not str or code not in self.CODES:
+            raise CheckpointError(f"refusing NumPy dtype {_brief(code)} from a checkpoint: not a plain numeric scalar type")
         self.code, self.order = code, "="
 
     def __setstate__(self, state):
@@ -521,10 +533,10 @@ def _reconstruct_persistent_obj(meta):
         raise CheckpointError("malformed persistent object in the pickle (expected meta with class_name and state)")
     name = meta["class_name"]
     if meta.get("type") != "class" or meta.get("version") != PERSISTENCE_VERSION:
-        raise CheckpointError(f"unsupported persistence record for {name!r}: type {meta.get('type')!r}, "
-                              f"version {meta.get('version')!r} (expected 'class', {PERSISTENCE_VERSION})")
+        raise CheckpointError(f"unsupported persistence record for {_brief(name)}: type {_brief(meta.get('type'))}, "
+                              f"version {_brief(meta.get('version'))} (expected 'class', {PERSISTENCE_VERSION})")
     if name not in NETWORK_CLASSES.keys() | SUBMODULE_CLASSES | RECORD_CLASSES:
-        raise CheckpointError(f"refusing to load persistent class {name!r} from a checkpoint: not an allowed class")
+        raise CheckpointError(f"refusing to load persistent class {_brief(name)} from a checkpoint: not an allowed class")
     return PersistentObject(name, meta["state"])  # meta['module_src'] is deliberately never looked at
 
 
@@ -606,6 +618,24 @@ def _rebuild_tensor(storage, storage_offset, size, stride, requires_grad=False, 
     return torch.as_strided(storage.flat, tuple(size), tuple(stride), storage_offset)
 
 
+def _scalar_set(items=()):
+    """builtins.set in a pickle (protocol 2 writes set([...])): members must be scalars, so hashing is cheap."""
+    if type(items) not in (list, tuple) or not all(type(k) in _SCALARS for k in items):
+        raise CheckpointError("malformed set in the pickle: members must be str, int, float, bool or None")
+    return set(items)
+
+
+def _scalar_frozenset(items=()):
+    return frozenset(_scalar_set(items))
+
+
+def _ordered_dict(*items):
+    """collections.OrderedDict() in a pickle: created empty; its items come with SETITEMS (scalar keys)."""
+    if items:
+        raise CheckpointError("malformed OrderedDict in the pickle: its items must come with SETITEMS")
+    return collections.OrderedDict()
+
+
 def _rebuild_parameter(data, requires_grad=False, backward_hooks=None, state=None):
     if not isinstance(data, torch.Tensor):
         raise CheckpointError("malformed parameter in the pickle")
@@ -628,9 +658,9 @@ _ALLOWED_GLOBALS = {
     ("torch._utils", "_rebuild_parameter_with_state"): _rebuild_parameter,
     ("torch.storage", "_load_from_bytes"): _load_storage,
     ("torch.nn.modules.container", "ModuleDict"): _ModuleDictRecord,
-    ("collections", "OrderedDict"): collections.OrderedDict,
-    ("builtins", "set"): set,
-    ("builtins", "frozenset"): frozenset,
+    ("collections", "OrderedDict"): _ordered_dict,
+    ("builtins", "set"): _scalar_set,
+    ("builtins", "frozenset"): _scalar_frozenset,
     ("dnnlib.util", "EasyDict"): _EasyDict,
     ("numpy", "dtype"): _NumpyDType,
     ("numpy.core.multiarray", "scalar"): _numpy_scalar,
@@ -683,12 +713,12 @@ def _parameters(cls) -> dict:
 def _check_value(name, value, source):
     items = value if type(value) in (list, tuple) else [value]
     if len(items) > MAX_LIST or not all(type(v) in _SCALARS for v in items):
-        raise CheckpointError(f"{source}: constructor argument {name}={value!r:.80} is not a number, string or "
+        raise CheckpointError(f"{source}: constructor argument {name}={_brief(value)} is not a number, string or "
                               f"short list of them")
     cap = KWARG_CAPS.get(name, MAX_INT_KWARG)
     for v in items:
         if (type(v) is int and abs(v) > cap) or (type(v) is str and len(v) > 64):
-            raise CheckpointError(f"{source}: constructor argument {name}={v!r:.80} is beyond the limit ({cap:,}) "
+            raise CheckpointError(f"{source}: constructor argument {name}={_brief(v)} is beyond the limit ({cap:,}) "
                                   "this loader accepts")
 
 
@@ -696,14 +726,14 @@ def check_init_kwargs(class_name: str, kwargs, source="the checkpoint") -> dict:
     """The constructor arguments a file gives for network `class_name`, checked against our class and the limits. Appendix B."""
     cls = NETWORK_CLASSES.get(class_name) if type(class_name) is str else None
     if cls is None:
-        raise CheckpointError(f"{source}: unknown network class {class_name!r:.80}, expected one of {sorted(NETWORK_CLASSES)}")
+        raise CheckpointError(f"{source}: unknown network class {_brief(class_name)}, expected one of {sorted(NETWORK_CLASSES)}")
     if type(kwargs) not in (dict, collections.OrderedDict, _EasyDict) or not all(type(k) is str for k in kwargs):
         raise CheckpointError(f"{source}: the {class_name} record has no keyword constructor arguments")
     allowed = _parameters(cls)
     if issubclass(cls, precond.Precond):
         model_type = kwargs.get("model_type", allowed["model_type"].default)
         if type(model_type) is not str or model_type not in INNER_NETWORKS:
-            raise CheckpointError(f"{source}: model_type must be one of {INNER_NETWORKS} (a name), got {model_type!r:.80}")
+            raise CheckpointError(f"{source}: model_type must be one of {INNER_NETWORKS} (a name), got {_brief(model_type)}")
         allowed = {k for k in allowed if k != "model_type"} | \
             {k for k in _parameters(NETWORK_CLASSES[model_type]) if k not in _INTERFACE_KWARGS}
     unknown = sorted(k for k in kwargs if k not in allowed and k != "model_type")
@@ -873,7 +903,7 @@ def _from_json(value, depth=0):
     if isinstance(value, list) and depth == 0:
         return [_from_json(v, 1) for v in value]
     if type(value) not in _SCALARS:
-        raise CheckpointError(f"constructor argument {value!r:.80} is not a number, string or short list of them")
+        raise CheckpointError(f"constructor argument {_brief(value)} is not a number, string or short list of them")
     return value
 
 
@@ -935,7 +965,7 @@ def _weights_name(header: dict, config_path) -> str:
     if type(name) is not str or not name.endswith(".safetensors") or name.startswith(".") or len(name) > 255 \
             or any(c in name for c in "/\\\0:") or Path(name).name != name:
         raise CheckpointError(f"{config_path}: 'weights' must be the bare name of a .safetensors file beside the "
-                              f"config, got {name!r:.80}")
+                              f"config, got {_brief(name)}")
     return name
 
 
@@ -949,7 +979,7 @@ def _read_config(config_path) -> dict:
     if not isinstance(header, dict) or header.get("format") != FORMAT_NAME:
         raise CheckpointError(f"{config_path} is not an edm_lit network config (no format {FORMAT_NAME!r})")
     if header.get("format_version") != FORMAT_VERSION:
-        raise CheckpointError(f"{config_path} has format_version {header.get('format_version')!r:.40}; "
+        raise CheckpointError(f"{config_path} has format_version {_brief(header.get('format_version'))}; "
                               f"this edm_lit reads version {FORMAT_VERSION}")
     if type(header.get("weights_sha256")) is not str or not re.fullmatch(r"[0-9a-f]{64}", header["weights_sha256"]):
         raise CheckpointError(f"{config_path}: 'weights_sha256' must be 64 lowercase hex digits")
@@ -1350,7 +1380,7 @@ for bad in [workdir / "truncated.pkl", workdir / "converted" / "wrong.json"]:
 # | code in `module_src`, which the official loader `exec`s | never read | `test_module_src_is_never_executed` |
 # | a storage smaller than its tensor; an offset or stride past its end; overlapping or shared elements | our parser of the legacy storage (declared count = bytes held); bounds, overlap and sharing checks; `as_strided` over a buffer that cannot grow | `test_attack_tensor_outside_its_storage` |
 # | a tiny file asking for a huge network; a deflate-compressed zip storage; a storage claiming 10¹² elements | argument limits; a `meta`-device build compared with the file's shapes before any allocation; zip refused undecompressed; declared = held | `test_attack_tiny_file_asks_for_huge_network` |
-# | a FIFO `x.pkl`, a `.json` linked to `/dev/zero`, a directory; deep nesting, tuples as dict keys, a 1 TB length in an 11-byte file, a memo-shared "billion laughs" | non-blocking open, regular files only, size caps; depth and entry caps, scalar keys only, lengths checked against the bytes left | `test_attack_special_files_and_bombs` |
+# | a FIFO `x.pkl`, a `.json` linked to `/dev/zero`, a directory; deep nesting, tuples as dict keys, a 1 TB length in an 11-byte file, a tuple with 2⁹⁰ leaves (shared through the memo) hashed or printed | non-blocking open, regular files only, size caps; depth and entry caps, scalar keys only, lengths checked against the bytes left | `test_attack_special_files_and_bombs` |
 # | `"weights": "../x"` or an absolute path, also in a `.json` from a URL | a bare name beside the `.json`; one error whether or not the target exists | `test_attack_weights_path_traversal` |
 # | `BUILD` setting a function's `__defaults__` or a record's `__class__`; `NEWOBJ` of other types; a callable `model_type` | `BUILD` only on `ModuleDict` records (a plain dict) and NumPy dtypes; `NEWOBJ` only our two records; `model_type` one of two names | `test_attack_build_and_callables` |
 # | a download cut short without `Content-Length`; a malformed `Content-Length`; a `Range` answer that does not continue the file | without a length, cached only if it parses, else deleted; the header validated; `Content-Range` checked | `test_attack_download_without_or_with_bad_content_length`, `test_url_download_resumes_after_a_drop` |

@@ -77,6 +77,14 @@ def read_regular_file(path, max_bytes: int = MAX_FILE_BYTES) -> bytearray:
 _SCALARS = (str, int, float, bool, type(None))
 
 
+def _brief(value) -> str:
+    """A short description of a value from a file, for an error message: never the repr of a container,
+    whose size (with shared parts, as the memo allows) can be exponential in the file's."""
+    if type(value) is str:
+        return repr(value[:60]) + ("..." if len(value) > 60 else "")
+    return repr(value) if type(value) in _SCALARS else f"a {type(value).__name__}"
+
+
 class SnapshotUnpickler:
     """A pure-Python pickle machine for the opcodes of the official snapshots only; see Appendix B for its rules.
 
@@ -296,8 +304,10 @@ class SnapshotUnpickler:
         self._memo_get(self._uint(4))
 
     def _global(self, module, name):
-        if not isinstance(module, str) or not isinstance(name, str) or (module, name) not in self.allowed:
-            raise CheckpointError(f"refusing to load '{module}.{name}' from a checkpoint: not an allowed type")
+        if type(module) is not str or type(name) is not str:
+            raise self._fail(f"a global named by {_brief(module)} and {_brief(name)}, not two strings")
+        if (module, name) not in self.allowed:
+            raise CheckpointError(f"refusing to load '{module[:100]}.{name[:100]}' from a checkpoint: not an allowed type")
         self.stack.append(self.allowed[(module, name)])
 
     def op_GLOBAL(self):
@@ -308,7 +318,7 @@ class SnapshotUnpickler:
 
     def op_REDUCE(self):
         func, args = self._pop(2)
-        if not any(func is f for f in self.allowed.values()) or type(args) is not tuple:
+        if not any(func is f for f in self.allowed.values()) or func in self.NEWOBJ_TYPES or type(args) is not tuple:
             raise self._fail("REDUCE of something that is not an allowed callable with a tuple of arguments")
         result = func(*args)
         self.stack.append(self._grow(result, args) if isinstance(result, (dict, set, PersistentObject)) else result)
@@ -387,8 +397,8 @@ class _NumpyDType:
     CODES = {"f2", "f4", "f8", "i1", "i2", "i4", "i8", "u1", "u2", "u4", "u8", "b1"}
 
     def __init__(self, code, align=False, copy=True):
-        if code not in self.CODES:
-            raise CheckpointError(f"refusing NumPy dtype {code!r} from a checkpoint: not a plain numeric scalar type")
+        if type(code) is not str or code not in self.CODES:
+            raise CheckpointError(f"refusing NumPy dtype {_brief(code)} from a checkpoint: not a plain numeric scalar type")
         self.code, self.order = code, "="
 
     def __setstate__(self, state):
@@ -406,10 +416,10 @@ def _reconstruct_persistent_obj(meta):
         raise CheckpointError("malformed persistent object in the pickle (expected meta with class_name and state)")
     name = meta["class_name"]
     if meta.get("type") != "class" or meta.get("version") != PERSISTENCE_VERSION:
-        raise CheckpointError(f"unsupported persistence record for {name!r}: type {meta.get('type')!r}, "
-                              f"version {meta.get('version')!r} (expected 'class', {PERSISTENCE_VERSION})")
+        raise CheckpointError(f"unsupported persistence record for {_brief(name)}: type {_brief(meta.get('type'))}, "
+                              f"version {_brief(meta.get('version'))} (expected 'class', {PERSISTENCE_VERSION})")
     if name not in NETWORK_CLASSES.keys() | SUBMODULE_CLASSES | RECORD_CLASSES:
-        raise CheckpointError(f"refusing to load persistent class {name!r} from a checkpoint: not an allowed class")
+        raise CheckpointError(f"refusing to load persistent class {_brief(name)} from a checkpoint: not an allowed class")
     return PersistentObject(name, meta["state"])  # meta['module_src'] is deliberately never looked at
 
 
@@ -491,6 +501,24 @@ def _rebuild_tensor(storage, storage_offset, size, stride, requires_grad=False, 
     return torch.as_strided(storage.flat, tuple(size), tuple(stride), storage_offset)
 
 
+def _scalar_set(items=()):
+    """builtins.set in a pickle (protocol 2 writes set([...])): members must be scalars, so hashing is cheap."""
+    if type(items) not in (list, tuple) or not all(type(k) in _SCALARS for k in items):
+        raise CheckpointError("malformed set in the pickle: members must be str, int, float, bool or None")
+    return set(items)
+
+
+def _scalar_frozenset(items=()):
+    return frozenset(_scalar_set(items))
+
+
+def _ordered_dict(*items):
+    """collections.OrderedDict() in a pickle: created empty; its items come with SETITEMS (scalar keys)."""
+    if items:
+        raise CheckpointError("malformed OrderedDict in the pickle: its items must come with SETITEMS")
+    return collections.OrderedDict()
+
+
 def _rebuild_parameter(data, requires_grad=False, backward_hooks=None, state=None):
     if not isinstance(data, torch.Tensor):
         raise CheckpointError("malformed parameter in the pickle")
@@ -513,9 +541,9 @@ _ALLOWED_GLOBALS = {
     ("torch._utils", "_rebuild_parameter_with_state"): _rebuild_parameter,
     ("torch.storage", "_load_from_bytes"): _load_storage,
     ("torch.nn.modules.container", "ModuleDict"): _ModuleDictRecord,
-    ("collections", "OrderedDict"): collections.OrderedDict,
-    ("builtins", "set"): set,
-    ("builtins", "frozenset"): frozenset,
+    ("collections", "OrderedDict"): _ordered_dict,
+    ("builtins", "set"): _scalar_set,
+    ("builtins", "frozenset"): _scalar_frozenset,
     ("dnnlib.util", "EasyDict"): _EasyDict,
     ("numpy", "dtype"): _NumpyDType,
     ("numpy.core.multiarray", "scalar"): _numpy_scalar,
@@ -548,12 +576,12 @@ def _parameters(cls) -> dict:
 def _check_value(name, value, source):
     items = value if type(value) in (list, tuple) else [value]
     if len(items) > MAX_LIST or not all(type(v) in _SCALARS for v in items):
-        raise CheckpointError(f"{source}: constructor argument {name}={value!r:.80} is not a number, string or "
+        raise CheckpointError(f"{source}: constructor argument {name}={_brief(value)} is not a number, string or "
                               f"short list of them")
     cap = KWARG_CAPS.get(name, MAX_INT_KWARG)
     for v in items:
         if (type(v) is int and abs(v) > cap) or (type(v) is str and len(v) > 64):
-            raise CheckpointError(f"{source}: constructor argument {name}={v!r:.80} is beyond the limit ({cap:,}) "
+            raise CheckpointError(f"{source}: constructor argument {name}={_brief(v)} is beyond the limit ({cap:,}) "
                                   "this loader accepts")
 
 
@@ -561,14 +589,14 @@ def check_init_kwargs(class_name: str, kwargs, source="the checkpoint") -> dict:
     """The constructor arguments a file gives for network `class_name`, checked against our class and the limits. Appendix B."""
     cls = NETWORK_CLASSES.get(class_name) if type(class_name) is str else None
     if cls is None:
-        raise CheckpointError(f"{source}: unknown network class {class_name!r:.80}, expected one of {sorted(NETWORK_CLASSES)}")
+        raise CheckpointError(f"{source}: unknown network class {_brief(class_name)}, expected one of {sorted(NETWORK_CLASSES)}")
     if type(kwargs) not in (dict, collections.OrderedDict, _EasyDict) or not all(type(k) is str for k in kwargs):
         raise CheckpointError(f"{source}: the {class_name} record has no keyword constructor arguments")
     allowed = _parameters(cls)
     if issubclass(cls, precond.Precond):
         model_type = kwargs.get("model_type", allowed["model_type"].default)
         if type(model_type) is not str or model_type not in INNER_NETWORKS:
-            raise CheckpointError(f"{source}: model_type must be one of {INNER_NETWORKS} (a name), got {model_type!r:.80}")
+            raise CheckpointError(f"{source}: model_type must be one of {INNER_NETWORKS} (a name), got {_brief(model_type)}")
         allowed = {k for k in allowed if k != "model_type"} | \
             {k for k in _parameters(NETWORK_CLASSES[model_type]) if k not in _INTERFACE_KWARGS}
     unknown = sorted(k for k in kwargs if k not in allowed and k != "model_type")
@@ -710,7 +738,7 @@ def _from_json(value, depth=0):
     if isinstance(value, list) and depth == 0:
         return [_from_json(v, 1) for v in value]
     if type(value) not in _SCALARS:
-        raise CheckpointError(f"constructor argument {value!r:.80} is not a number, string or short list of them")
+        raise CheckpointError(f"constructor argument {_brief(value)} is not a number, string or short list of them")
     return value
 
 
@@ -772,7 +800,7 @@ def _weights_name(header: dict, config_path) -> str:
     if type(name) is not str or not name.endswith(".safetensors") or name.startswith(".") or len(name) > 255 \
             or any(c in name for c in "/\\\0:") or Path(name).name != name:
         raise CheckpointError(f"{config_path}: 'weights' must be the bare name of a .safetensors file beside the "
-                              f"config, got {name!r:.80}")
+                              f"config, got {_brief(name)}")
     return name
 
 
@@ -786,7 +814,7 @@ def _read_config(config_path) -> dict:
     if not isinstance(header, dict) or header.get("format") != FORMAT_NAME:
         raise CheckpointError(f"{config_path} is not an edm_lit network config (no format {FORMAT_NAME!r})")
     if header.get("format_version") != FORMAT_VERSION:
-        raise CheckpointError(f"{config_path} has format_version {header.get('format_version')!r:.40}; "
+        raise CheckpointError(f"{config_path} has format_version {_brief(header.get('format_version'))}; "
                               f"this edm_lit reads version {FORMAT_VERSION}")
     if type(header.get("weights_sha256")) is not str or not re.fullmatch(r"[0-9a-f]{64}", header["weights_sha256"]):
         raise CheckpointError(f"{config_path}: 'weights_sha256' must be 64 lowercase hex digits")

@@ -554,6 +554,21 @@ def test_attack_special_files_and_bombs(tmp_path, official, marker):
     for match, data in bombs.items():
         (tmp_path / "bomb.pkl").write_bytes(data)
         refused(lambda: load_network(tmp_path / "bomb.pkl"), match)
+    dag = ()
+    for _ in range(90):
+        dag = (dag, dag)  # 90 levels, 2^90 leaves when unfolded: hashing, comparing or printing it never ends
+    body = pickle.dumps(dag, protocol=2)[2:-1]  # pushes the tuple, with the memo sharing each level
+    persistence = _g("torch_utils.persistence", "_reconstruct_persistent_obj")
+    dag_bombs = {  # every place where a file's value could be hashed or printed
+        "members must be": b"\x80\x02" + _g("builtins", "set") + b"]" + body + b"a\x85R.",  # set([dag])
+        "OrderedDict in the pickle": b"\x80\x02" + _g("collections", "OrderedDict") + b"]" + body + b"K\x01\x86a\x85R.",
+        "not two strings": b"\x80\x02" + body + _s("x") + b"\x93.",  # a global whose module name is the dag
+        "type a tuple": b"\x80\x02" + persistence + b"}(" + _s("type") + body + _s("class_name") + _s("EDMLoss")
+                        + _s("state") + b"}u\x85R.",  # an error message about meta['type']
+    }
+    for match, data in dag_bombs.items():
+        (tmp_path / "dag.pkl").write_bytes(data)
+        refused(lambda: load_network(tmp_path / "dag.pkl"), match)
     laughs = []
     for _ in range(60):
         laughs = [laughs, laughs]  # 2^60 leaves when unfolded; the memo keeps the file at 60 levels
