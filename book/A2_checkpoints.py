@@ -543,7 +543,7 @@ def _reconstruct_persistent_obj(meta):
 _STORAGE_TYPES = {("torch", f"{name}Storage"): dtype for name, dtype in [
     ("Float", torch.float32), ("Double", torch.float64), ("Half", torch.float16), ("BFloat16", torch.bfloat16),
     ("Long", torch.int64), ("Int", torch.int32), ("Short", torch.int16), ("Char", torch.int8),
-    ("Byte", torch.uint8), ("Bool", torch.bool)]}
+    ("Byte", torch.uint8)]}
 LEGACY_MAGIC, LEGACY_PROTOCOL = 0x1950A86A20F9469CFC6C, 1001
 
 
@@ -599,8 +599,8 @@ def _rebuild_tensor(storage, storage_offset, size, stride, requires_grad=False, 
     if not isinstance(storage, _Storage) or type(storage_offset) is not int or not _is_ints(size) \
             or not _is_ints(stride) or len(size) != len(stride):
         raise CheckpointError("malformed tensor in the pickle")
-    if storage_offset < 0 or any(v < 0 for v in size) or any(v < 0 for v in stride):
-        raise CheckpointError("malformed tensor in the pickle: negative size, stride or offset")
+    if not all(0 <= v < 1 << 62 for v in (storage_offset, *size, *stride)):
+        raise CheckpointError("malformed tensor in the pickle: a negative or absurd size, stride or offset")
     have, numel = storage.flat.numel(), math.prod(size)
     dims = sorted((s, n) for n, s in zip(size, stride) if n > 1)
     reach = 0  # the furthest element the dimensions seen so far address, relative to the offset

@@ -470,6 +470,7 @@ def test_attack_tensor_outside_its_storage(tmp_path, official, marker):
         (_TensorView(torch.zeros(n)._typed_storage(), (rows, cols), (2 * cols, 1)), bias, "reaches past the end"),
         (_TensorView(torch.zeros(1)._typed_storage(), (rows, cols), (0, 0)), bias, "addresses some elements twice"),
         (_TensorView(torch.zeros(n)._typed_storage(), (rows, cols), (-cols, 1)), bias, "negative"),
+        (_TensorView(torch.zeros(n)._typed_storage(), (0, 2**100), (1, 1)), bias, "absurd"),
         (_TensorView(shared, (rows, cols), (cols, 1)), _TensorView(shared, bias.shape, (1,)), "share storage elements"),
     ]
     for w, b, match in cases:
