@@ -768,3 +768,42 @@ def test_cli_convert_errors_are_one_line(tmp_path, snapshot_pkl, capsys):
                           "convert", str(tmp_path / "evil.pkl"), str(tmp_path / "o")], capture_output=True, text=True,
                          timeout=120)
     assert run.returncode == 1 and "Traceback" not in run.stderr and len(run.stderr.strip().splitlines()) == 1
+
+
+@pytest.mark.skipif(not os.environ.get("EDM_LIT_OFFICIAL"), reason="set EDM_LIT_OFFICIAL to a checkout of NVlabs/edm")
+@pytest.mark.parametrize("config", ["edm-songunet", "iddpm-dhariwal"])
+def test_snapshot_written_by_the_official_code_loads(tmp_path, config, monkeypatch):
+    """Opt-in: the official code (run, not copied; its path in EDM_LIT_OFFICIAL) pickles a snapshot exactly as its
+    training loop does; our loader reads it without running it and reproduces the official network's outputs."""
+    monkeypatch.syspath_prepend(os.environ["EDM_LIT_OFFICIAL"])
+    official = ("dnnlib", "training", "torch_utils")
+    for name in [m for m in sys.modules if m.split(".")[0] in official]:
+        monkeypatch.delitem(sys.modules, name)  # restored afterwards
+    monkeypatch.setattr(sys, "path", list(sys.path))
+    try:
+        _official_snapshot_roundtrip(tmp_path, config)
+    finally:  # drop the official modules this test imported
+        for name in [m for m in sys.modules if m.split(".")[0] in official]:
+            del sys.modules[name]
+
+
+def _official_snapshot_roundtrip(tmp_path, config):
+    import dnnlib
+    from training import augment, loss, networks
+
+    torch.manual_seed(0)
+    small = dict(img_resolution=16, img_channels=3, label_dim=10, channel_mult=[1, 2], num_blocks=1, attn_resolutions=[8])
+    net = (networks.EDMPrecond(model_type="SongUNet", model_channels=16, augment_dim=9, **small) if config == "edm-songunet"
+           else networks.iDDPMPrecond(model_type="DhariwalUNet", model_channels=64, **small)).eval().requires_grad_(False)
+    with torch.no_grad():
+        for p in net.parameters():
+            p.add_(0.02 * torch.randn_like(p))
+    data = dict(ema=net, loss_fn=loss.EDMLoss(), augment_pipe=augment.AugmentPipe(p=0.12, xflip=1e8),
+                dataset_kwargs=dict(dnnlib.EasyDict(path="x.zip", use_labels=True, resolution=16)))
+    with open(tmp_path / "network-snapshot-000000.pkl", "wb") as f:
+        pickle.dump(data, f)
+    ours = load_network(tmp_path / "network-snapshot-000000.pkl")
+    x, sigma, labels = torch.randn(2, 3, 16, 16), torch.tensor([0.3, 5.0]), torch.eye(10)[:2]
+    with torch.no_grad():
+        want, got = net(x, sigma, labels), ours(x, sigma, labels)
+    assert ((got - want).abs().max() / want.abs().max()).item() < 1e-5
