@@ -28,7 +28,7 @@
 # | command | does |
 # |---|---|
 # | `edm-lit info` | prints the package version, the run mode and device (Chapter 0), and the modules |
-# | `edm-lit convert IN OUT` | reads an official snapshot `IN` (a `.pkl` path or URL) *without running code stored in it* and writes its `ema` network in our format, `OUT.json` + `OUT.safetensors` (Appendix B, `edm_lit.checkpoints.convert`) |
+# | `edm-lit convert IN OUT` | reads an official snapshot `IN` (a `.pkl` path or URL) *without running code stored in it* and writes its `ema` network in our format, `OUT.json` + `OUT-<hash>.safetensors` (Appendix B, `edm_lit.checkpoints.convert`); any failure is one line `edm-lit convert: error: ...` and exit status 1 |
 
 # %% tags=["export"]
 import argparse
@@ -55,8 +55,9 @@ def _convert(args) -> int:
 
     try:
         config_path, weights_path = convert(args.src, args.dst)
-    except CheckpointError as e:
-        print(f"edm-lit convert: error: {e}", file=sys.stderr)
+    except (CheckpointError, OSError) as e:  # a refused or unreadable input, or an output that cannot be written
+        reason = " ".join(str(e).split()) if isinstance(e, CheckpointError) else f"cannot write {args.dst}: {e}"
+        print(f"edm-lit convert: error: {reason}", file=sys.stderr)  # one line, no traceback
         return 1
     print(f"wrote {config_path} and {weights_path}")
     return 0
@@ -71,9 +72,9 @@ def build_parser() -> argparse.ArgumentParser:
     info.set_defaults(func=_info)
     conv = sub.add_parser("convert", help="convert an official .pkl snapshot (path or URL) to safetensors + JSON",
                           description="Load the 'ema' network of an official EDM snapshot safely (no code stored in "
-                                      "the file is run) and write it as OUT.json + OUT.safetensors.")
+                                      "the file is run) and write it as OUT.json + OUT-<hash>.safetensors.")
     conv.add_argument("src", metavar="IN", help="official snapshot: a .pkl path or an http(s) URL")
-    conv.add_argument("dst", metavar="OUT", help="output name; OUT.json and OUT.safetensors are written")
+    conv.add_argument("dst", metavar="OUT", help="output name; OUT.json and OUT-<hash>.safetensors are written")
     conv.set_defaults(func=_convert)
     return parser
 

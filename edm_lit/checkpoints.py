@@ -10,12 +10,14 @@ import collections
 import hashlib
 import http.client
 import inspect
-import io
 import json
 import math
 import os
-import pickle
-import tempfile
+import pickletools
+import re
+import secrets
+import stat
+import struct
 import urllib.error
 import urllib.parse
 import urllib.request
@@ -36,9 +38,330 @@ NETWORK_CLASSES = {
     "EDMPrecond": precond.EDMPrecond, "VPPrecond": precond.VPPrecond, "VEPrecond": precond.VEPrecond,
     "iDDPMPrecond": precond.iDDPMPrecond, "SongUNet": networks.SongUNet, "DhariwalUNet": networks.DhariwalUNet,
 }
+INNER_NETWORKS = ("SongUNet", "DhariwalUNet")  # the only values a file's `model_type` may take
 SUBMODULE_CLASSES = {"Linear", "Conv2d", "GroupNorm", "UNetBlock", "PositionalEmbedding", "FourierEmbedding"}
 RECORD_CLASSES = {"AugmentPipe", "EDMLoss", "VPLoss", "VELoss"}  # kept as plain records of their settings
 PERSISTENCE_VERSION = 6
+
+# What a file may ask of us. Each limit is far above what the released snapshots need.
+MAX_FILE_BYTES = 8 << 30    # a checkpoint file (the largest released snapshot is about 1.2 GB)
+MAX_CONFIG_BYTES = 1 << 20  # our .json config
+MAX_DEPTH = 100             # nesting of containers in a pickle (an official snapshot needs about 30)
+MAX_ITEMS = 1 << 24         # entries of all containers of a pickle together
+MAX_LIST = 16               # entries of a list-valued constructor argument (channel_mult, attn_resolutions, ...)
+MAX_INT_KWARG = 1 << 16     # any integer constructor argument (channels, resolution, label_dim, ...)
+KWARG_CAPS = {"num_blocks": 64, "M": 10_000}  # arguments that set a number of modules or the size of a CPU table
+
+def read_regular_file(path, max_bytes: int = MAX_FILE_BYTES) -> bytearray:
+    """The bytes of a regular file of at most max_bytes; FIFOs, devices and directories are refused without blocking. Appendix B."""
+    try:
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_BINARY", 0))
+    except FileNotFoundError:
+        raise CheckpointError(f"no such checkpoint: {path}") from None
+    except (OSError, ValueError, TypeError) as e:  # permissions, a NUL in the name, ...
+        raise CheckpointError(f"cannot open {path}: {getattr(e, 'strerror', None) or e}") from None
+    with os.fdopen(fd, "rb") as f:
+        info = os.fstat(f.fileno())
+        if not stat.S_ISREG(info.st_mode):
+            raise CheckpointError(f"{path} is not a regular file (a directory, FIFO or device): refused")
+        if info.st_size > max_bytes:
+            raise CheckpointError(f"{path} has {info.st_size:,} bytes, more than the limit of {max_bytes:,}")
+        data = bytearray(info.st_size)  # writable: tensors made over it may be modified without harm
+        done = 0
+        while done < len(data) and (n := f.readinto(memoryview(data)[done:])):
+            done += n
+        if done < len(data) or f.read(1):
+            raise CheckpointError(f"{path} changed size while being read")
+    return data
+
+_SCALARS = (str, int, float, bool, type(None))
+
+
+def _brief(value) -> str:
+    """A short description of a value from a file, for an error message: never the repr of a container,
+    whose size (with shared parts, as the memo allows) can be exponential in the file's."""
+    if type(value) is str:
+        return repr(value[:60]) + ("..." if len(value) > 60 else "")
+    return repr(value) if type(value) in _SCALARS else f"a {type(value).__name__}"
+
+
+class SnapshotUnpickler:
+    """A pure-Python pickle machine for the opcodes of the official snapshots only; see Appendix B for its rules.
+
+    `allowed` maps (module, name) to the object GLOBAL yields; `persistent_load` handles BINPERSID (or None).
+    load() returns the value and sets `self.pos` to the byte after STOP.
+    """
+
+    NEWOBJ_TYPES = ()  # filled in below: the records NEWOBJ may create
+    BUILD_TYPES = ()   # the records BUILD may give a state to
+
+    def __init__(self, data, allowed: dict, persistent_load=None, pos: int = 0):
+        self.data, self.pos, self.allowed, self.persistent_load = memoryview(data), pos, allowed, persistent_load
+        self.stack, self.marks, self.memo = [], [], {}
+        self.depth, self.keep, self.items = {}, [], 0  # container id -> nesting depth; keep holds them alive
+
+    # -- reading the byte stream
+    def _fail(self, why):
+        return CheckpointError(f"malformed or refused pickle at byte {self.pos}: {why}")
+
+    def _take(self, n):
+        if n < 0 or self.pos + n > len(self.data):
+            raise self._fail(f"truncated: {n:,} bytes declared, {len(self.data) - self.pos:,} left")
+        self.pos += n
+        return self.data[self.pos - n:self.pos]
+
+    def _uint(self, n):
+        return int.from_bytes(self._take(n), "little")
+
+    def _text(self, n):
+        return str(self._take(n), "utf-8", "surrogatepass")
+
+    def _line(self):
+        end = bytes(self.data[self.pos:self.pos + 256]).find(b"\n")
+        if end < 0:
+            raise self._fail("GLOBAL name without an end of line")
+        return self._take(end + 1)[:-1].tobytes().decode("ascii")
+
+    # -- the stack, nesting depth and sizes
+    def _pop(self, n=1):
+        floor = self.marks[-1] if self.marks else 0
+        if len(self.stack) - n < floor:
+            raise self._fail("stack underflow")
+        items = self.stack[len(self.stack) - n:]
+        del self.stack[len(self.stack) - n:]
+        return items
+
+    def _pop_mark(self):
+        if not self.marks:
+            raise self._fail("no MARK on the stack")
+        start = self.marks.pop()
+        items = self.stack[start:]
+        del self.stack[start:]
+        return items
+
+    def _grow(self, container, children):
+        """Record that `container` now holds `children`: depth and entry count stay within the limits."""
+        self.items += len(children)
+        depth = 1 + max((self.depth.get(id(c), 0) for c in children), default=0)
+        if depth > MAX_DEPTH:
+            raise self._fail(f"containers nested deeper than {MAX_DEPTH}")
+        if self.items > MAX_ITEMS:
+            raise self._fail(f"more than {MAX_ITEMS:,} container entries")
+        if id(container) not in self.depth:
+            self.keep.append(container)
+        self.depth[id(container)] = max(depth, self.depth.get(id(container), 1))
+        return container
+
+    def _scalar_keys(self, keys):
+        if not all(type(k) in _SCALARS for k in keys):
+            raise self._fail("dict keys and set members must be str, int, float, bool or None")
+        return keys
+
+    def _target(self, kinds, what):
+        floor = self.marks[-1] if self.marks else 0
+        if len(self.stack) <= floor or not isinstance(self.stack[-1], kinds):
+            found = type(self.stack[-1]).__name__ if len(self.stack) > floor else "nothing"
+            allowed = ", ".join(k.__name__ for k in (kinds if isinstance(kinds, tuple) else (kinds,)))
+            raise self._fail(f"{what} on a {found}; only {allowed} may receive it")
+        return self.stack[-1]
+
+    # -- opcodes
+    def op_PROTO(self):
+        if self._uint(1) > 5:
+            raise self._fail("pickle protocol newer than 5")
+
+    def op_FRAME(self):
+        if self._uint(8) > len(self.data) - self.pos:
+            raise self._fail("truncated: a frame longer than the file")
+
+    def op_MARK(self):
+        self.marks.append(len(self.stack))
+
+    def op_NONE(self):
+        self.stack.append(None)
+
+    def op_NEWTRUE(self):
+        self.stack.append(True)
+
+    def op_NEWFALSE(self):
+        self.stack.append(False)
+
+    def op_BININT(self):
+        self.stack.append(int.from_bytes(self._take(4), "little", signed=True))
+
+    def op_BININT1(self):
+        self.stack.append(self._uint(1))
+
+    def op_BININT2(self):
+        self.stack.append(self._uint(2))
+
+    def op_LONG1(self):
+        n = self._uint(1)
+        if n > 16:
+            raise self._fail("integer longer than 16 bytes")
+        self.stack.append(int.from_bytes(self._take(n), "little", signed=True))
+
+    def op_BINFLOAT(self):
+        self.stack.append(struct.unpack(">d", self._take(8))[0])
+
+    def op_SHORT_BINUNICODE(self):
+        self.stack.append(self._text(self._uint(1)))
+
+    def op_BINUNICODE(self):
+        self.stack.append(self._text(self._uint(4)))
+
+    def op_BINUNICODE8(self):
+        self.stack.append(self._text(self._uint(8)))
+
+    def op_SHORT_BINBYTES(self):
+        self.stack.append(self._take(self._uint(1)))  # a view of the file's bytes, not a copy
+
+    def op_BINBYTES(self):
+        self.stack.append(self._take(self._uint(4)))
+
+    def op_BINBYTES8(self):
+        self.stack.append(self._take(self._uint(8)))
+
+    def op_EMPTY_TUPLE(self):
+        self.stack.append(())
+
+    def _tuple(self, items):
+        self.stack.append(self._grow(tuple(items), items))
+
+    def op_TUPLE(self):
+        self._tuple(self._pop_mark())
+
+    def op_TUPLE1(self):
+        self._tuple(self._pop(1))
+
+    def op_TUPLE2(self):
+        self._tuple(self._pop(2))
+
+    def op_TUPLE3(self):
+        self._tuple(self._pop(3))
+
+    def op_EMPTY_LIST(self):
+        self.stack.append(self._grow([], ()))
+
+    def op_EMPTY_DICT(self):
+        self.stack.append(self._grow({}, ()))
+
+    def op_EMPTY_SET(self):
+        self.stack.append(self._grow(set(), ()))
+
+    def op_APPEND(self):
+        (value,) = self._pop(1)
+        self._grow(self._target(list, "APPEND"), [value]).append(value)
+
+    def op_APPENDS(self):
+        values = self._pop_mark()
+        self._grow(self._target(list, "APPENDS"), values).extend(values)
+
+    def _setitems(self, flat):
+        if len(flat) % 2:
+            raise self._fail("SETITEMS with an odd number of entries")
+        keys, values = self._scalar_keys(flat[0::2]), flat[1::2]
+        target = self._grow(self._target(dict, "SETITEM"), values)
+        target.update(zip(keys, values))
+
+    def op_SETITEM(self):
+        self._setitems(self._pop(2))
+
+    def op_SETITEMS(self):
+        self._setitems(self._pop_mark())
+
+    def op_ADDITEMS(self):
+        items = self._scalar_keys(self._pop_mark())
+        self._grow(self._target(set, "ADDITEMS"), items).update(items)
+
+    def op_FROZENSET(self):
+        items = self._scalar_keys(self._pop_mark())
+        self.stack.append(self._grow(frozenset(items), items))
+
+    def _memo_put(self, index):
+        if not self.stack or len(self.memo) >= MAX_ITEMS:
+            raise self._fail("nothing to memoize, or memo too large")
+        self.memo[index] = self.stack[-1]
+
+    def op_MEMOIZE(self):
+        self._memo_put(len(self.memo))
+
+    def op_BINPUT(self):
+        self._memo_put(self._uint(1))
+
+    def op_LONG_BINPUT(self):
+        self._memo_put(self._uint(4))
+
+    def _memo_get(self, index):
+        if index not in self.memo:
+            raise self._fail(f"memo entry {index} does not exist")
+        self.stack.append(self.memo[index])
+
+    def op_BINGET(self):
+        self._memo_get(self._uint(1))
+
+    def op_LONG_BINGET(self):
+        self._memo_get(self._uint(4))
+
+    def _global(self, module, name):
+        if type(module) is not str or type(name) is not str:
+            raise self._fail(f"a global named by {_brief(module)} and {_brief(name)}, not two strings")
+        if (module, name) not in self.allowed:
+            raise CheckpointError(f"refusing to load '{module[:100]}.{name[:100]}' from a checkpoint: not an allowed type")
+        self.stack.append(self.allowed[(module, name)])
+
+    def op_GLOBAL(self):
+        self._global(self._line(), self._line())
+
+    def op_STACK_GLOBAL(self):
+        self._global(*self._pop(2))
+
+    def op_REDUCE(self):
+        func, args = self._pop(2)
+        if not any(func is f for f in self.allowed.values()) or func in self.NEWOBJ_TYPES or type(args) is not tuple:
+            raise self._fail("REDUCE of something that is not an allowed callable with a tuple of arguments")
+        result = func(*args)
+        self.stack.append(self._grow(result, args) if isinstance(result, (dict, set, PersistentObject)) else result)
+
+    def op_NEWOBJ(self):
+        cls, args = self._pop(2)
+        if cls not in self.NEWOBJ_TYPES or args != ():
+            raise self._fail(f"NEWOBJ of {getattr(cls, '__name__', type(cls).__name__)}: only our records may be created")
+        self.stack.append(self._grow(cls(), ()))
+
+    def op_BUILD(self):
+        (state,) = self._pop(1)
+        target = self._target(self.BUILD_TYPES, "BUILD")
+        self._grow(target, [state])
+        target.__setstate__(state)  # our records check the state's type; nothing else can receive a state
+
+    def op_BINPERSID(self):
+        (pid,) = self._pop(1)
+        if self.persistent_load is None:
+            raise CheckpointError("refusing a pickle with persistent ids: not the official snapshot format")
+        self.stack.append(self.persistent_load(pid))
+
+    def op_STOP(self):
+        return True
+
+    OPS = {}  # opcode byte -> method, filled in from the op_* names below
+
+    def load(self):
+        while True:
+            code = self._take(1)[0]
+            op = self.OPS.get(code)
+            if op is None:
+                name = pickletools.code2op.get(chr(code))
+                raise self._fail(f"opcode {name.name if name else hex(code)} is not allowed")
+            if op(self):
+                break
+        if len(self.stack) != 1 or self.marks:
+            raise self._fail("the pickle does not end with exactly one value")
+        return self.stack.pop()
+
+
+SnapshotUnpickler.OPS = {ord(op.code): getattr(SnapshotUnpickler, "op_" + op.name)
+                         for op in pickletools.opcodes if hasattr(SnapshotUnpickler, "op_" + op.name)}
 
 class PersistentObject:
     """A persistent object of an official pickle, as data: its class name and saved state; its code is never run. Appendix B."""
@@ -55,56 +378,145 @@ class _ModuleDictRecord:
 
     class_name = "ModuleDict"
 
+    def __init__(self):
+        self.state = {}
+
     def __setstate__(self, state):
-        if not isinstance(state, dict):
-            raise CheckpointError("malformed ModuleDict state in the pickle")
+        if type(state) is not dict:
+            raise CheckpointError("malformed ModuleDict state in the pickle: not a plain dict")
         self.state = state
 
 
 class _EasyDict(dict):
     """Stands in for dnnlib.util.EasyDict (a dict subclass) in a pickle."""
 
+
+class _NumpyDType:
+    """Stands in for numpy.dtype in a pickle: only the plain numeric scalar types."""
+
+    CODES = {"f2", "f4", "f8", "i1", "i2", "i4", "i8", "u1", "u2", "u4", "u8", "b1"}
+
+    def __init__(self, code, align=False, copy=True):
+        if type(code) is not str or code not in self.CODES:
+            raise CheckpointError(f"refusing NumPy dtype {_brief(code)} from a checkpoint: not a plain numeric scalar type")
+        self.code, self.order = code, "="
+
     def __setstate__(self, state):
-        pass
+        if type(state) is not tuple or len(state) < 2 or state[1] not in ("<", ">", "=", "|"):
+            raise CheckpointError("malformed NumPy dtype state in the pickle")
+        self.order = state[1] if state[1] != "|" else "="
+
+
+SnapshotUnpickler.NEWOBJ_TYPES = (_ModuleDictRecord, _EasyDict)
+SnapshotUnpickler.BUILD_TYPES = (_ModuleDictRecord, _NumpyDType)
 
 
 def _reconstruct_persistent_obj(meta):
-    if not isinstance(meta, dict) or not isinstance(meta.get("class_name"), str) or not isinstance(meta.get("state"), dict):
+    if type(meta) is not dict or type(meta.get("class_name")) is not str or not isinstance(meta.get("state"), dict):
         raise CheckpointError("malformed persistent object in the pickle (expected meta with class_name and state)")
     name = meta["class_name"]
     if meta.get("type") != "class" or meta.get("version") != PERSISTENCE_VERSION:
-        raise CheckpointError(f"unsupported persistence record for {name!r}: type {meta.get('type')!r}, "
-                              f"version {meta.get('version')!r} (expected 'class', {PERSISTENCE_VERSION})")
+        raise CheckpointError(f"unsupported persistence record for {_brief(name)}: type {_brief(meta.get('type'))}, "
+                              f"version {_brief(meta.get('version'))} (expected 'class', {PERSISTENCE_VERSION})")
     if name not in NETWORK_CLASSES.keys() | SUBMODULE_CLASSES | RECORD_CLASSES:
-        raise CheckpointError(f"refusing to load persistent class {name!r} from a checkpoint: not an allowed class")
+        raise CheckpointError(f"refusing to load persistent class {_brief(name)} from a checkpoint: not an allowed class")
     return PersistentObject(name, meta["state"])  # meta['module_src'] is deliberately never looked at
 
 
-def _load_storage(data):
-    if not isinstance(data, bytes):
+_STORAGE_TYPES = {("torch", f"{name}Storage"): dtype for name, dtype in [
+    ("Float", torch.float32), ("Double", torch.float64), ("Half", torch.float16), ("BFloat16", torch.bfloat16),
+    ("Long", torch.int64), ("Int", torch.int32), ("Short", torch.int16), ("Char", torch.int8),
+    ("Byte", torch.uint8)]}
+LEGACY_MAGIC, LEGACY_PROTOCOL = 0x1950A86A20F9469CFC6C, 1001
+
+
+class _Storage:
+    """The elements of one storage: a 1-D tensor over the file's bytes, and how many of them tensors use."""
+
+    def __init__(self, flat: torch.Tensor):
+        self.flat, self.used = flat, 0
+
+
+def _storage_id(pid):
+    ok = (type(pid) is tuple and len(pid) in (5, 6) and pid[0] == "storage" and isinstance(pid[1], torch.dtype)
+          and type(pid[2]) is str and type(pid[3]) is str and type(pid[4]) is int and pid[4] >= 0
+          and (len(pid) == 5 or pid[5] is None))
+    if not ok:
+        raise CheckpointError("malformed storage description in a tensor storage of the pickle")
+    return pid
+
+
+def _load_storage(blob):
+    """torch.storage._load_from_bytes, for the legacy format only: header pickles, count, raw elements."""
+    if not isinstance(blob, memoryview):
         raise CheckpointError("malformed tensor storage in the pickle")
-    try:
-        storage = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
-    except Exception as e:
-        raise CheckpointError(f"refusing a tensor storage that PyTorch's restricted loader rejects: {e}") from None
-    if not isinstance(storage, (torch.storage.TypedStorage, torch.UntypedStorage)):
-        raise CheckpointError(f"expected a tensor storage in the pickle, got {type(storage).__name__}")
-    return storage
+    if blob[:2] == b"PK":
+        raise CheckpointError("refusing a tensor storage in zip format: the official snapshots use the legacy format")
+    pos, parts = 0, []
+    for allowed, persistent in [({}, None)] * 3 + [(_STORAGE_TYPES, _storage_id), ({}, None)]:
+        machine = SnapshotUnpickler(blob, allowed, persistent, pos)
+        parts.append(machine.load())
+        pos = machine.pos
+    magic, protocol, sys_info, pid, keys = parts
+    if magic != LEGACY_MAGIC or protocol != LEGACY_PROTOCOL or type(sys_info) is not dict:
+        raise CheckpointError("a tensor storage in the pickle is not in PyTorch's legacy format")
+    if sys_info.get("little_endian") is not True:
+        raise CheckpointError("refusing a big-endian tensor storage")
+    if type(pid) is not tuple or keys != [pid[2]]:
+        raise CheckpointError("a tensor storage in the pickle must hold exactly one storage")
+    dtype, numel = pid[1], pid[4]
+    itemsize = torch.empty((), dtype=dtype).element_size()
+    count = int.from_bytes(blob[pos:pos + 8], "little", signed=True)
+    if count != numel or len(blob) - pos - 8 != numel * itemsize:
+        raise CheckpointError(f"a tensor storage declares {numel:,} elements of {itemsize} bytes but holds "
+                              f"{max(len(blob) - pos - 8, 0):,} bytes")
+    flat = torch.frombuffer(blob[pos + 8:], dtype=dtype) if numel else torch.empty(0, dtype=dtype)
+    return _Storage(flat)  # a view of the file's bytes: it cannot grow past them
 
 
 def _is_ints(value):
-    return isinstance(value, (tuple, list, torch.Size)) and all(isinstance(v, int) for v in value)
+    return type(value) in (tuple, list) and len(value) <= 8 and all(type(v) is int for v in value)
 
 
 def _rebuild_tensor(storage, storage_offset, size, stride, requires_grad=False, backward_hooks=None, metadata=None):
-    if not isinstance(storage, (torch.storage.TypedStorage, torch.UntypedStorage)) or not isinstance(storage_offset, int) \
-            or not _is_ints(size) or not _is_ints(stride) or len(size) != len(stride):
+    if not isinstance(storage, _Storage) or type(storage_offset) is not int or not _is_ints(size) \
+            or not _is_ints(stride) or len(size) != len(stride):
         raise CheckpointError("malformed tensor in the pickle")
-    try:
-        return torch._utils._rebuild_tensor_v2(storage, storage_offset, tuple(size), tuple(stride), False,
-                                               collections.OrderedDict())
-    except RuntimeError as e:  # e.g. a size that does not fit the storage
-        raise CheckpointError(f"malformed tensor in the pickle: {e}") from None
+    if not all(0 <= v < 1 << 62 for v in (storage_offset, *size, *stride)):
+        raise CheckpointError("malformed tensor in the pickle: a negative or absurd size, stride or offset")
+    have, numel = storage.flat.numel(), math.prod(size)
+    dims = sorted((s, n) for n, s in zip(size, stride) if n > 1)
+    reach = 0  # the furthest element the dimensions seen so far address, relative to the offset
+    for s, n in dims:
+        if s <= reach:
+            raise CheckpointError(f"a tensor in the pickle (size {tuple(size)}, stride {tuple(stride)}) "
+                                  "addresses some elements twice: refused")
+        reach += (n - 1) * s
+    if storage_offset > have or (numel and storage_offset + reach >= have):
+        raise CheckpointError(f"a tensor in the pickle (size {tuple(size)}, stride {tuple(stride)}, offset "
+                              f"{storage_offset}) reaches past the end of its storage of {have:,} elements: refused")
+    storage.used += numel
+    if storage.used > have:
+        raise CheckpointError("tensors in the pickle share storage elements: refused")
+    return torch.as_strided(storage.flat, tuple(size), tuple(stride), storage_offset)
+
+
+def _scalar_set(items=()):
+    """builtins.set in a pickle (protocol 2 writes set([...])): members must be scalars, so hashing is cheap."""
+    if type(items) not in (list, tuple) or not all(type(k) in _SCALARS for k in items):
+        raise CheckpointError("malformed set in the pickle: members must be str, int, float, bool or None")
+    return set(items)
+
+
+def _scalar_frozenset(items=()):
+    return frozenset(_scalar_set(items))
+
+
+def _ordered_dict(*items):
+    """collections.OrderedDict() in a pickle: created empty; its items come with SETITEMS (scalar keys)."""
+    if items:
+        raise CheckpointError("malformed OrderedDict in the pickle: its items must come with SETITEMS")
+    return collections.OrderedDict()
 
 
 def _rebuild_parameter(data, requires_grad=False, backward_hooks=None, state=None):
@@ -113,29 +525,13 @@ def _rebuild_parameter(data, requires_grad=False, backward_hooks=None, state=Non
     return data
 
 
-_NUMPY_SCALARS = {"f2", "f4", "f8", "i1", "i2", "i4", "i8", "u1", "u2", "u4", "u8", "b1"}
-
-
-class _NumpyDType:
-    """Stands in for numpy.dtype in a pickle: only the plain numeric scalar types."""
-
-    def __init__(self, code, align=False, copy=True):
-        if code not in _NUMPY_SCALARS:
-            raise CheckpointError(f"refusing NumPy dtype {code!r} from a checkpoint: not a plain numeric scalar type")
-        self.code, self.order = code, "="
-
-    def __setstate__(self, state):
-        if isinstance(state, tuple) and len(state) > 1 and state[1] in ("<", ">", "="):
-            self.order = state[1]
-
-
 def _numpy_scalar(dtype, data=b""):
-    if not isinstance(dtype, _NumpyDType) or not isinstance(data, bytes):
+    if not isinstance(dtype, _NumpyDType) or not isinstance(data, (bytes, memoryview)):
         raise CheckpointError("malformed NumPy scalar in the pickle")
     dt = np.dtype(dtype.code).newbyteorder(dtype.order)
     if len(data) != dt.itemsize:
         raise CheckpointError("malformed NumPy scalar in the pickle")
-    return np.frombuffer(data, dt)[0].item()  # a plain Python number
+    return np.frombuffer(bytes(data), dt)[0].item()  # a plain Python number
 
 
 _ALLOWED_GLOBALS = {
@@ -145,9 +541,9 @@ _ALLOWED_GLOBALS = {
     ("torch._utils", "_rebuild_parameter_with_state"): _rebuild_parameter,
     ("torch.storage", "_load_from_bytes"): _load_storage,
     ("torch.nn.modules.container", "ModuleDict"): _ModuleDictRecord,
-    ("collections", "OrderedDict"): collections.OrderedDict,
-    ("builtins", "set"): set,
-    ("builtins", "frozenset"): frozenset,
+    ("collections", "OrderedDict"): _ordered_dict,
+    ("builtins", "set"): _scalar_set,
+    ("builtins", "frozenset"): _scalar_frozenset,
     ("dnnlib.util", "EasyDict"): _EasyDict,
     ("numpy", "dtype"): _NumpyDType,
     ("numpy.core.multiarray", "scalar"): _numpy_scalar,
@@ -155,80 +551,134 @@ _ALLOWED_GLOBALS = {
 }
 
 
-class RestrictedUnpickler(pickle.Unpickler):
-    """Unpickles the official persistence format only; any other global is refused before it is called. Appendix B."""
-
-    def find_class(self, module, name):
-        target = _ALLOWED_GLOBALS.get((module, name))
-        if target is None:
-            raise CheckpointError(f"refusing to load '{module}.{name}' from a checkpoint: not an allowed type")
-        return target
-
-    def persistent_load(self, pid):
-        raise CheckpointError("refusing a pickle with persistent ids: not the official snapshot format")
-
-
 def read_official_pickle(path):
-    """Unpickle an official .pkl with the restricted unpickler: dicts, tensors and PersistentObject records. Appendix B."""
-    path = Path(path)
+    """Unpickle an official .pkl with SnapshotUnpickler: dicts, tensors and PersistentObject records. Appendix B."""
+    data = read_regular_file(path)
     try:
-        with open(path, "rb") as f:
-            return RestrictedUnpickler(f).load()
-    except CheckpointError:
-        raise
-    except FileNotFoundError:
-        raise CheckpointError(f"no such checkpoint: {path}") from None
-    except Exception as e:  # truncated files end in EOFError or UnpicklingError, garbage in many others
-        raise CheckpointError(f"{path} is not a readable official snapshot (truncated or corrupt?): "
-                              f"{type(e).__name__}: {e}") from None
+        machine = SnapshotUnpickler(data, _ALLOWED_GLOBALS)
+        value = machine.load()
+        if machine.pos != len(data):
+            raise CheckpointError(f"{len(data) - machine.pos:,} bytes after the end of the pickle")
+        return value
+    except CheckpointError as e:
+        raise CheckpointError(f"{path} is not a readable official snapshot: {e}") from None
+    except (RecursionError, MemoryError, ValueError, TypeError, struct.error) as e:
+        raise CheckpointError(f"{path} is not a readable official snapshot: {type(e).__name__}: {e}") from None
 
-def _state_of(record, prefix, out):
-    """Collect parameters and persistent buffers of a record tree into out[dotted name] = tensor."""
-    state = record.state
-    skip = state.get("_non_persistent_buffers_set") or set()
-    for group in ("_parameters", "_buffers"):
-        for name, tensor in (state.get(group) or {}).items():
-            if tensor is not None and name not in skip:
-                if not isinstance(tensor, torch.Tensor):
-                    raise CheckpointError(f"{prefix + name} in the pickle is not a tensor")
-                out[prefix + name] = tensor
-    for name, child in (state.get("_modules") or {}).items():
-        if child is not None:
-            _state_of(child, f"{prefix}{name}.", out)
-    return out
+_INTERFACE_KWARGS = ("img_resolution", "in_channels", "out_channels", "label_dim")  # set by the preconditioner
 
 
-def _check_architecture(record, module, prefix=""):
-    """Every child in the file must sit where our network has a module of the same class name."""
-    for name, child in (record.state.get("_modules") or {}).items():
-        ours = module._modules.get(name) if module is not None else None
-        where = prefix + name
-        if child is None:
-            continue
-        if not isinstance(child, (PersistentObject, _ModuleDictRecord)):
-            raise CheckpointError(f"{where} in the pickle is not a module")
-        if ours is None:
-            raise CheckpointError(f"wrong architecture: the checkpoint has a module {where!r} ({child.class_name}) "
-                                  f"that our {type(module).__name__} does not")
-        if type(ours).__name__ != child.class_name:
-            raise CheckpointError(f"wrong architecture at {where!r}: the checkpoint has {child.class_name}, "
-                                  f"our network {type(ours).__name__}")
-        _check_architecture(child, ours, where + ".")
+def _parameters(cls) -> dict:
+    return {k: p for k, p in inspect.signature(cls.__init__).parameters.items()
+            if k != "self" and p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)}
 
 
-def load_state_dict_strictly(net, state: dict, source) -> None:
-    """load_state_dict(strict=True), with a CheckpointError naming missing, unexpected and mis-shaped keys. Appendix B."""
-    expected = net.state_dict()
-    missing = [k for k in expected if k not in state]
-    unexpected = [k for k in state if k not in expected]
-    misshaped = [f"{k} (checkpoint {tuple(state[k].shape)}, network {tuple(v.shape)})"
-                 for k, v in expected.items() if k in state and state[k].shape != v.shape]
+def _check_value(name, value, source):
+    items = value if type(value) in (list, tuple) else [value]
+    if len(items) > MAX_LIST or not all(type(v) in _SCALARS for v in items):
+        raise CheckpointError(f"{source}: constructor argument {name}={_brief(value)} is not a number, string or "
+                              f"short list of them")
+    cap = KWARG_CAPS.get(name, MAX_INT_KWARG)
+    for v in items:
+        if (type(v) is int and abs(v) > cap) or (type(v) is str and len(v) > 64):
+            raise CheckpointError(f"{source}: constructor argument {name}={_brief(v)} is beyond the limit ({cap:,}) "
+                                  "this loader accepts")
+
+
+def check_init_kwargs(class_name: str, kwargs, source="the checkpoint") -> dict:
+    """The constructor arguments a file gives for network `class_name`, checked against our class and the limits. Appendix B."""
+    cls = NETWORK_CLASSES.get(class_name) if type(class_name) is str else None
+    if cls is None:
+        raise CheckpointError(f"{source}: unknown network class {_brief(class_name)}, expected one of {sorted(NETWORK_CLASSES)}")
+    if type(kwargs) not in (dict, collections.OrderedDict, _EasyDict) or not all(type(k) is str for k in kwargs):
+        raise CheckpointError(f"{source}: the {class_name} record has no keyword constructor arguments")
+    allowed = _parameters(cls)
+    if issubclass(cls, precond.Precond):
+        model_type = kwargs.get("model_type", allowed["model_type"].default)
+        if type(model_type) is not str or model_type not in INNER_NETWORKS:
+            raise CheckpointError(f"{source}: model_type must be one of {INNER_NETWORKS} (a name), got {_brief(model_type)}")
+        allowed = {k for k in allowed if k != "model_type"} | \
+            {k for k in _parameters(NETWORK_CLASSES[model_type]) if k not in _INTERFACE_KWARGS}
+    unknown = sorted(k for k in kwargs if k not in allowed and k != "model_type")
+    if unknown:
+        raise CheckpointError(f"{source}: {class_name} takes no constructor arguments {unknown[:5]}")
+    for name, value in kwargs.items():
+        if name != "model_type":
+            _check_value(name, value, source)
+    return dict(kwargs)
+
+
+def _on_meta(cls):
+    def build(**kwargs):
+        with torch.device("meta"):
+            return cls(**kwargs)
+    return build
+
+
+def build_meta_network(class_name: str, kwargs: dict, source="the checkpoint") -> torch.nn.Module:
+    """The network with checked `kwargs`, its parameters on the meta device (shapes, no memory). Appendix B."""
+    cls = NETWORK_CLASSES[class_name]
+    try:
+        if issubclass(cls, precond.Precond):  # the preconditioner's own small tables on the CPU, the network on meta
+            return cls(**dict(kwargs, model_type=_on_meta(NETWORK_CLASSES[kwargs.get("model_type",
+                                                          _parameters(cls)["model_type"].default)])))
+        return _on_meta(cls)(**kwargs)
+    except (TypeError, ValueError, RuntimeError, ZeroDivisionError, OverflowError) as e:
+        raise CheckpointError(f"{source}: cannot build {class_name}(**{kwargs}): {e}") from None
+
+
+def check_shapes(expected: dict, found: dict, source) -> None:
+    """Same names and shapes in the network (expected) and the file (found), else a CheckpointError naming them. Appendix B."""
+    missing = [k for k in expected if k not in found]
+    unexpected = [k for k in found if k not in expected]
+    misshaped = [f"{k} (checkpoint {tuple(found[k])}, network {tuple(v)})"
+                 for k, v in expected.items() if k in found and tuple(found[k]) != tuple(v)]
     problems = [f"{what} ({len(keys)}): {', '.join(keys[:5])}{', ...' if len(keys) > 5 else ''}"
                 for what, keys in [("missing keys", missing), ("unexpected keys", unexpected),
                                    ("shape mismatches", misshaped)] if keys]
     if problems:
-        raise CheckpointError(f"{source} does not fit {type(net).__name__}: " + "; ".join(problems))
+        raise CheckpointError(f"{source} does not fit the network: " + "; ".join(problems))
+
+
+def _collect(record, module, prefix, out):
+    """Tensors of a record tree into out[dotted name], walking along our module tree (so cycles end)."""
+    state = record.state
+    skip = state.get("_non_persistent_buffers_set") or set()
+    for group in ("_parameters", "_buffers"):
+        tensors = state.get(group) or {}
+        if not isinstance(tensors, dict):
+            raise CheckpointError(f"{prefix + group} in the pickle is not a dict")
+        for name, tensor in tensors.items():
+            if tensor is not None and name not in skip:
+                if not isinstance(tensor, torch.Tensor):
+                    raise CheckpointError(f"{prefix + str(name)} in the pickle is not a tensor")
+                out[prefix + str(name)] = tensor
+    children = state.get("_modules") or {}
+    if not isinstance(children, dict):
+        raise CheckpointError(f"{prefix}_modules in the pickle is not a dict")
+    for name, child in children.items():
+        where, ours = prefix + str(name), module._modules.get(name)
+        if child is None:
+            continue
+        if not isinstance(child, (PersistentObject, _ModuleDictRecord)):
+            raise CheckpointError(f"{where} in the pickle is not a module")
+        if ours is None or type(ours).__name__ != child.class_name:
+            raise CheckpointError(f"wrong architecture at {where!r}: the checkpoint has {child.class_name}, "
+                                  f"our network {type(ours).__name__ if ours is not None else 'nothing'}")
+        _collect(child, ours, where + ".", out)
+    return out
+
+
+def materialize(meta: torch.nn.Module, state: dict, class_name: str, kwargs: dict) -> torch.nn.Module:
+    """The real network holding `state`: memory for the meta network, filled by a strict load (no random init). Appendix B."""
+    names = set(meta.state_dict())
+    left_on_meta = [k for m in meta.modules() for k, v in vars(m).items() if isinstance(v, torch.Tensor) and v.is_meta]
+    if left_on_meta or any(name not in names for name, _ in meta.named_buffers()):
+        net = NETWORK_CLASSES[class_name](**kwargs)  # a tensor the state does not cover: build it the usual way
+    else:
+        net = meta.to_empty(device="cpu")  # every tensor is overwritten by the strict load below
     net.load_state_dict(state, strict=True)
+    return net.eval().requires_grad_(False)
 
 
 def build_network(record: PersistentObject, source="the checkpoint") -> torch.nn.Module:
@@ -236,16 +686,16 @@ def build_network(record: PersistentObject, source="the checkpoint") -> torch.nn
     if not isinstance(record, PersistentObject) or record.class_name not in NETWORK_CLASSES:
         found = record.class_name if isinstance(record, PersistentObject) else type(record).__name__
         raise CheckpointError(f"{source} holds {found}, not one of the networks {sorted(NETWORK_CLASSES)}")
-    args, kwargs = record.state.get("_init_args") or (), record.state.get("_init_kwargs")
-    if args or not isinstance(kwargs, dict):
-        raise CheckpointError(f"{source}: the {record.class_name} record has no keyword constructor arguments")
+    if record.state.get("_init_args"):
+        raise CheckpointError(f"{source}: the {record.class_name} record has positional constructor arguments")
+    kwargs = check_init_kwargs(record.class_name, record.state.get("_init_kwargs"), source)
+    meta = build_meta_network(record.class_name, kwargs, source)
     try:
-        net = NETWORK_CLASSES[record.class_name](**kwargs)
-    except (TypeError, ValueError) as e:
-        raise CheckpointError(f"{source}: cannot build {record.class_name}(**{kwargs}): {e}") from None
-    _check_architecture(record, net)
-    load_state_dict_strictly(net, _state_of(record, "", {}), source)
-    return net.eval().requires_grad_(False)
+        state = _collect(record, meta, "", {})
+    except CheckpointError as e:
+        raise CheckpointError(f"{source}: {e}") from None
+    check_shapes({k: v.shape for k, v in meta.state_dict().items()}, {k: v.shape for k, v in state.items()}, source)
+    return materialize(meta, state, record.class_name, kwargs)
 
 
 def load_official_snapshot(path) -> dict:
@@ -259,11 +709,11 @@ def load_official_snapshot(path) -> dict:
             else v for k, v in data.items()}
 
 
-# ── A2_checkpoints.py § Our own format ──
+# ── A2_checkpoints.py § B.2 Our own format ──
 
 FORMAT_NAME = "edm_lit.network"
 FORMAT_VERSION = 1
-_INTERFACE_KWARGS = ("img_resolution", "in_channels", "out_channels", "label_dim")  # set by the preconditioner
+_HASHED_WEIGHTS = re.compile(r"(.+)-[0-9a-f]{16}\.safetensors")
 
 
 def _to_json(value, where="init_kwargs"):
@@ -278,10 +728,18 @@ def _to_json(value, where="init_kwargs"):
     raise ValueError(f"{where} = {value!r} cannot be stored in a checkpoint's JSON config")
 
 
-def _from_json(value):
-    if isinstance(value, dict):
-        return float(value["float"]) if set(value) == {"float"} else {k: _from_json(v) for k, v in value.items()}
-    return [_from_json(v) for v in value] if isinstance(value, list) else value
+def _from_json(value, depth=0):
+    """Inverse of _to_json for constructor arguments: scalars, {"float": "inf"}, and lists of them."""
+    if isinstance(value, dict) and set(value) == {"float"} and type(value["float"]) is str:
+        try:
+            return float(value["float"])
+        except ValueError:
+            raise CheckpointError(f"{value['float']!r:.40} is not a float") from None
+    if isinstance(value, list) and depth == 0:
+        return [_from_json(v, 1) for v in value]
+    if type(value) not in _SCALARS:
+        raise CheckpointError(f"constructor argument {_brief(value)} is not a number, string or short list of them")
+    return value
 
 
 def network_config(net) -> dict:
@@ -290,9 +748,8 @@ def network_config(net) -> dict:
     if NETWORK_CLASSES.get(cls.__name__) is not cls:
         raise ValueError(f"net must be one of {sorted(NETWORK_CLASSES)} of edm_lit, got {cls.__module__}.{cls.__name__}")
     if isinstance(net, precond.Precond):
-        params = inspect.signature(cls.__init__).parameters
-        kwargs = {k: getattr(net, k) for k, p in params.items()
-                  if p.kind is p.POSITIONAL_OR_KEYWORD and k not in ("self", "model_type") and hasattr(net, k)}
+        kwargs = {k: getattr(net, k) for k, p in _parameters(cls).items()
+                  if p.kind is p.POSITIONAL_OR_KEYWORD and k != "model_type" and hasattr(net, k)}
         inner = network_config(net.model)
         kwargs["model_type"] = inner["class_name"]
         kwargs.update({k: v for k, v in inner["init_kwargs"].items() if k not in _INTERFACE_KWARGS})
@@ -301,87 +758,139 @@ def network_config(net) -> dict:
     return {"class_name": cls.__name__, "init_kwargs": kwargs}
 
 
-def _sha256(path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
-def _pair(path) -> tuple:
-    """(config .json, weights .safetensors) for a name given with or without either suffix."""
+def _config_path(path) -> Path:
+    """The .json of a pair, from the name given with either suffix or none (a weights name may carry its hash)."""
     path = Path(path)
-    stem = path.with_suffix("") if path.suffix in (".json", ".safetensors") else path
-    return stem.with_name(stem.name + ".json"), stem.with_name(stem.name + ".safetensors")
+    if path.suffix == ".json":
+        return path
+    if path.suffix == ".safetensors":
+        hashed = _HASHED_WEIGHTS.fullmatch(path.name)
+        return path.with_name((hashed.group(1) if hashed else path.stem) + ".json")
+    return path.with_name(path.name + ".json")
 
 
-def _write_atomically(path: Path, write) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
+def _fsync_dir(directory: Path) -> None:
+    if hasattr(os, "O_DIRECTORY"):  # POSIX: make the renames in `directory` durable
+        fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+def _write_durably(path: Path, data: bytes) -> None:
+    """Write data under a temporary name (mode 0o666 minus the umask), fsync, rename to path, fsync the directory."""
+    tmp = path.with_name(f".{path.name}.{secrets.token_hex(4)}.tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0), 0o666)
     try:
-        write(tmp)
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException:
-        Path(tmp).unlink(missing_ok=True)
+        tmp.unlink(missing_ok=True)
         raise
+    _fsync_dir(path.parent)
 
 
-def save_network(net, path) -> tuple:
-    """Write `net` as PATH.safetensors (weights) + PATH.json (class, constructor arguments, SHA-256); atomic. Appendix B."""
-    from safetensors.torch import save_file
-
-    config_path, weights_path = _pair(path)
-    config = network_config(net)
-    config_path.parent.mkdir(parents=True, exist_ok=True)
-    tensors = {k: v.detach().to("cpu").contiguous() for k, v in net.state_dict().items()}
-    _write_atomically(weights_path, lambda tmp: save_file(tensors, tmp, metadata={"format": FORMAT_NAME}))
-    header = {"format": FORMAT_NAME, "format_version": FORMAT_VERSION, "class_name": config["class_name"],
-              "init_kwargs": _to_json(config["init_kwargs"]), "weights": weights_path.name,
-              "weights_sha256": _sha256(weights_path)}
-    _write_atomically(config_path, lambda tmp: Path(tmp).write_text(json.dumps(header, indent=2) + "\n"))
-    return config_path, weights_path
+def _weights_name(header: dict, config_path) -> str:
+    """The weights file a config names: a bare name ending in .safetensors, else one and the same error."""
+    name = header.get("weights")
+    if type(name) is not str or not name.endswith(".safetensors") or name.startswith(".") or len(name) > 255 \
+            or any(c in name for c in "/\\\0:") or Path(name).name != name:
+        raise CheckpointError(f"{config_path}: 'weights' must be the bare name of a .safetensors file beside the "
+                              f"config, got {_brief(name)}")
+    return name
 
 
-def _load_ours(path) -> torch.nn.Module:
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
-
-    config_path, _ = _pair(path)
+def _read_config(config_path) -> dict:
+    """Our .json config: a regular file of at most MAX_CONFIG_BYTES, UTF-8 JSON, our format and version."""
+    data = read_regular_file(config_path, MAX_CONFIG_BYTES)
     try:
-        header = json.loads(config_path.read_text())
-    except FileNotFoundError:
-        raise CheckpointError(f"no such checkpoint: {config_path} is missing") from None
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise CheckpointError(f"{config_path} is not valid JSON (truncated?): {e}") from None
+        header = json.loads(data.decode("utf-8"))
+    except (UnicodeDecodeError, ValueError, RecursionError) as e:
+        raise CheckpointError(f"{config_path} is not valid JSON (truncated?): {type(e).__name__}: {e}") from None
     if not isinstance(header, dict) or header.get("format") != FORMAT_NAME:
         raise CheckpointError(f"{config_path} is not an edm_lit network config (no format {FORMAT_NAME!r})")
     if header.get("format_version") != FORMAT_VERSION:
-        raise CheckpointError(f"{config_path} has format_version {header.get('format_version')!r}; "
+        raise CheckpointError(f"{config_path} has format_version {_brief(header.get('format_version'))}; "
                               f"this edm_lit reads version {FORMAT_VERSION}")
+    if type(header.get("weights_sha256")) is not str or not re.fullmatch(r"[0-9a-f]{64}", header["weights_sha256"]):
+        raise CheckpointError(f"{config_path}: 'weights_sha256' must be 64 lowercase hex digits")
+    if type(header.get("init_kwargs", {})) is not dict:
+        raise CheckpointError(f"{config_path}: 'init_kwargs' must be an object")
+    return header
+
+
+def _safetensors_shapes(data: bytes, source) -> dict:
+    """Names and shapes from a safetensors header, with the file's length checked against the declared data."""
+    n = int.from_bytes(data[:8], "little")
+    try:
+        if len(data) < 8 or n > min(len(data) - 8, 100 << 20):
+            raise ValueError("header length past the end of the file")
+        header = json.loads(data[8:8 + n].decode("utf-8"))
+        entries = {k: v for k, v in header.items() if k != "__metadata__"}
+        shapes = {k: tuple(v["shape"]) for k, v in entries.items()}
+        end = max((v["data_offsets"][1] for v in entries.values()), default=0)
+    except (ValueError, TypeError, KeyError, IndexError, AttributeError, RecursionError) as e:
+        raise CheckpointError(f"{source} is not a readable safetensors file: {type(e).__name__}: {e}") from None
+    if end != len(data) - 8 - n or not all(_is_ints(s) for s in shapes.values()):
+        raise CheckpointError(f"{source} is not a complete safetensors file (truncated?)")
+    return shapes
+
+
+def save_network(net, path) -> tuple:
+    """Write `net` as PATH.json + PATH-<hash>.safetensors, atomically as a pair; returns both paths. Appendix B."""
+    from safetensors.torch import save
+
+    config_path = _config_path(path)
+    config = network_config(net)
+    blob = save({k: v.detach().to("cpu").contiguous() for k, v in net.state_dict().items()},
+                metadata={"format": FORMAT_NAME})
+    digest = hashlib.sha256(blob).hexdigest()
+    weights_path = config_path.with_name(f"{config_path.stem}-{digest[:16]}.safetensors")
+    header = {"format": FORMAT_NAME, "format_version": FORMAT_VERSION, "class_name": config["class_name"],
+              "init_kwargs": _to_json(config["init_kwargs"]), "weights": weights_path.name, "weights_sha256": digest}
+    config_path.parent.mkdir(parents=True, exist_ok=True)
+    try:  # the weights the current config names, if it is ours: removed once the new pair is in place
+        old = _weights_name(_read_config(config_path), config_path)
+    except CheckpointError:
+        old = None
+    _write_durably(weights_path, blob)
+    _write_durably(config_path, (json.dumps(header, indent=2) + "\n").encode())
+    if old not in (None, weights_path.name) and _config_path(config_path.parent / old) == config_path:
+        (config_path.parent / old).unlink(missing_ok=True)
+    return config_path, weights_path
+
+
+def _load_ours(path, weights_path=None) -> torch.nn.Module:
+    from safetensors.torch import load
+
+    config_path = _config_path(path)
+    header = _read_config(config_path)
     name = header.get("class_name")
-    if name not in NETWORK_CLASSES:
-        raise CheckpointError(f"{config_path}: unknown network class {name!r}, expected one of {sorted(NETWORK_CLASSES)}")
-    weights_path = config_path.parent / str(header.get("weights"))
-    if not weights_path.is_file():
-        raise CheckpointError(f"{config_path} names the weights file {weights_path}, which is missing")
-    if _sha256(weights_path) != header.get("weights_sha256"):
+    weights_path = weights_path or config_path.parent / _weights_name(header, config_path)
+    try:
+        kwargs = {k: _from_json(v) for k, v in header.get("init_kwargs", {}).items()}
+    except CheckpointError as e:
+        raise CheckpointError(f"{config_path}: {e}") from None
+    kwargs = check_init_kwargs(name, kwargs, str(config_path))
+    data = read_regular_file(weights_path)
+    if hashlib.sha256(data).hexdigest() != header["weights_sha256"]:
         raise CheckpointError(f"{weights_path} does not match the SHA-256 recorded in {config_path} "
                               "(truncated, corrupt or replaced)")
-    kwargs = _from_json(header.get("init_kwargs") or {})
+    meta = build_meta_network(name, kwargs, str(config_path))
+    check_shapes({k: v.shape for k, v in meta.state_dict().items()}, _safetensors_shapes(data, weights_path),
+                 str(weights_path))
     try:
-        net = NETWORK_CLASSES[name](**kwargs)
-    except (TypeError, ValueError) as e:
-        raise CheckpointError(f"{config_path}: cannot build {name}(**{kwargs}): {e}") from None
-    try:
-        state = load_file(weights_path)
-    except (SafetensorError, OSError) as e:
+        state = load(bytes(data))
+    except Exception as e:  # the library's own validation of the file
         raise CheckpointError(f"{weights_path} is not a readable safetensors file: {e}") from None
-    load_state_dict_strictly(net, state, str(weights_path))
-    return net.eval().requires_grad_(False)
+    return materialize(meta, state, name, kwargs)
 
 
-# ── A2_checkpoints.py § URLs, one entry point, and conversion ──
+# ── A2_checkpoints.py § B.3 URLs, one entry point, and conversion ──
 
 DOWNLOAD_ATTEMPTS = 3
 
@@ -395,30 +904,67 @@ def is_url(path_or_url) -> bool:
     return isinstance(path_or_url, str) and urllib.parse.urlparse(path_or_url).scheme in ("http", "https")
 
 
-def _fetch_into(url: str, part: Path, timeout: float) -> None:
-    """Append the rest of `url` to `part` (a Range request when part has bytes); raise if it ends early."""
+def _content_length(response, url):
+    value = response.headers.get("Content-Length")
+    if value is None:
+        return None
+    if not re.fullmatch(r"\s*[0-9]{1,19}\s*", value):
+        raise CheckpointError(f"could not download {url}: the server sent an invalid Content-Length {value!r:.40}")
+    return int(value)
+
+
+def _fetch_into(url: str, part: Path, timeout: float):
+    """Append the rest of `url` to `part` (a Range request when part has bytes); returns the expected size or None."""
     have = part.stat().st_size if part.exists() else 0
     request = urllib.request.Request(url, headers={"Range": f"bytes={have}-"} if have else {})
     try:
         response = urllib.request.urlopen(request, timeout=timeout)
     except urllib.error.HTTPError as e:
         if e.code == 416 and have:  # nothing left to send: the part file is already complete
-            return
+            return have
         raise
     with response:
-        if have and response.status != 206:  # the server ignored the range: start again
-            have = 0
-        length = response.headers.get("Content-Length")
-        expected = have + int(length) if length is not None else None
+        if have and response.status == 206 and not (response.headers.get("Content-Range") or "").startswith(
+                f"bytes {have}-"):  # a part of the file, but not the one that continues ours: start again
+            part.unlink()
+            raise http.client.HTTPException(f"the server answered the range request for bytes {have}- with "
+                                            f"{response.headers.get('Content-Range')!r:.60}")
+        if have and response.status != 206:
+            have = 0  # the server ignored the range and sends the whole file: start again
+        length = _content_length(response, url)
+        expected = None if length is None else have + length
+        if (expected or 0) > MAX_FILE_BYTES:
+            raise CheckpointError(f"could not download {url}: {expected:,} bytes is more than the limit")
         with open(part, "ab" if have else "wb") as f:
-            for block in iter(lambda: response.read(1 << 20), b""):
+            for block in iter(lambda: response.read(1 << 20), b""):  # a chunked body cut short raises here
                 f.write(block)
+                if f.tell() > MAX_FILE_BYTES:
+                    raise CheckpointError(f"could not download {url}: more than {MAX_FILE_BYTES:,} bytes")
     if expected is not None and part.stat().st_size != expected:
         raise http.client.IncompleteRead(b"", expected - part.stat().st_size)
+    return expected
+
+
+def _verify_complete(part: Path, name: str, url: str) -> None:
+    """Without a Content-Length, a download counts as complete only if it parses as what its name says."""
+    suffix = Path(name).suffix
+    try:
+        if suffix == ".pkl":
+            read_official_pickle(part)
+        elif suffix == ".json":
+            _read_config(part)
+        elif suffix == ".safetensors":
+            _safetensors_shapes(read_regular_file(part), part)
+        else:
+            raise CheckpointError("a file of unknown type cannot be checked")
+    except CheckpointError as e:
+        part.unlink(missing_ok=True)
+        raise CheckpointError(f"could not download {url}: the server sent no Content-Length and the file it sent "
+                              f"is incomplete or corrupt ({e}); nothing was cached") from None
 
 
 def download(url: str, cache=None, timeout: float = 60.0) -> Path:
-    """Download `url` into the cache (resumable, atomic rename when complete) and return the local path. Appendix B."""
+    """Download `url` into the cache (resumable, verified, atomic rename when complete) and return the local path. Appendix B."""
     cache = Path(cache) if cache is not None else cache_dir()
     name = Path(urllib.parse.urlparse(url).path).name or "download"
     dest = cache / f"{hashlib.sha256(url.encode()).hexdigest()[:12]}-{name}"
@@ -429,7 +975,8 @@ def download(url: str, cache=None, timeout: float = 60.0) -> Path:
     error = None
     for _ in range(DOWNLOAD_ATTEMPTS):
         try:
-            _fetch_into(url, part, timeout)
+            if _fetch_into(url, part, timeout) is None:
+                _verify_complete(part, name, url)
             os.replace(part, dest)
             return dest
         except (urllib.error.URLError, http.client.HTTPException, OSError) as e:
@@ -441,9 +988,19 @@ def download(url: str, cache=None, timeout: float = 60.0) -> Path:
                           f"in {part} and resumes on the next attempt")
 
 
-def load_network(path_or_url, cache=None) -> torch.nn.Module:
-    """The ready network (eval mode, no grad) from an official .pkl (its 'ema'), our format, or a URL. Appendix B."""
-    path = download(path_or_url, cache) if is_url(path_or_url) else Path(path_or_url)
+def _load_network(path_or_url, cache) -> torch.nn.Module:
+    if is_url(path_or_url):
+        path = download(path_or_url, cache)
+        if path.suffix == ".json":  # our format: the weights, by their bare name, beside the config's URL
+            name = _weights_name(_read_config(path), path_or_url)
+            weights = download(urllib.parse.urljoin(path_or_url, urllib.parse.quote(name)), cache)
+            return _load_ours(path, weights)
+        if path.suffix != ".pkl":
+            raise CheckpointError(f"cannot tell the format of {path_or_url}: a URL must end in .pkl or .json")
+    elif isinstance(path_or_url, (str, os.PathLike)):
+        path = Path(path_or_url)
+    else:
+        raise CheckpointError(f"path_or_url must be a path or an http(s) URL, got {type(path_or_url).__name__}")
     if path.is_dir():
         configs = sorted(path.glob("*.json"))
         if len(configs) != 1:
@@ -453,12 +1010,22 @@ def load_network(path_or_url, cache=None) -> torch.nn.Module:
         data = read_official_pickle(path)
         if isinstance(data, dict):
             if "ema" not in data:
-                raise CheckpointError(f"{path}: the snapshot has no 'ema' network (keys: {sorted(map(str, data))})")
+                raise CheckpointError(f"{path}: the snapshot has no 'ema' network (keys: {sorted(map(str, data))[:10]})")
             return build_network(data["ema"], f"{path} ['ema']")
         return build_network(data, str(path))
     if path.suffix in (".json", ".safetensors", ""):
         return _load_ours(path)
     raise CheckpointError(f"cannot tell the format of {path}: expected an official .pkl, or our .json/.safetensors")
+
+
+def load_network(path_or_url, cache=None) -> torch.nn.Module:
+    """The ready network (eval mode, no grad) from an official .pkl (its 'ema'), our format, or a URL. Appendix B."""
+    try:
+        return _load_network(path_or_url, cache)
+    except CheckpointError:
+        raise
+    except Exception as e:  # whatever else a malformed file provokes is reported as what it is: a bad checkpoint
+        raise CheckpointError(f"{path_or_url!s:.200}: cannot load this checkpoint ({type(e).__name__}: {e})") from None
 
 
 def convert(src, dst) -> tuple:

@@ -30,8 +30,9 @@ def _convert(args) -> int:
 
     try:
         config_path, weights_path = convert(args.src, args.dst)
-    except CheckpointError as e:
-        print(f"edm-lit convert: error: {e}", file=sys.stderr)
+    except (CheckpointError, OSError) as e:  # a refused or unreadable input, or an output that cannot be written
+        reason = " ".join(str(e).split()) if isinstance(e, CheckpointError) else f"cannot write {args.dst}: {e}"
+        print(f"edm-lit convert: error: {reason}", file=sys.stderr)  # one line, no traceback
         return 1
     print(f"wrote {config_path} and {weights_path}")
     return 0
@@ -46,9 +47,9 @@ def build_parser() -> argparse.ArgumentParser:
     info.set_defaults(func=_info)
     conv = sub.add_parser("convert", help="convert an official .pkl snapshot (path or URL) to safetensors + JSON",
                           description="Load the 'ema' network of an official EDM snapshot safely (no code stored in "
-                                      "the file is run) and write it as OUT.json + OUT.safetensors.")
+                                      "the file is run) and write it as OUT.json + OUT-<hash>.safetensors.")
     conv.add_argument("src", metavar="IN", help="official snapshot: a .pkl path or an http(s) URL")
-    conv.add_argument("dst", metavar="OUT", help="output name; OUT.json and OUT.safetensors are written")
+    conv.add_argument("dst", metavar="OUT", help="output name; OUT.json and OUT-<hash>.safetensors are written")
     conv.set_defaults(func=_convert)
     return parser
 
