@@ -305,3 +305,18 @@ def test_bad_images():
         AugmentPipe(brightness=1)(torch.zeros(1, 2, 8, 8))
     with pytest.raises(ValueError, match="inverse must"):
         warp_affine(torch.zeros(2, 3, 8, 8), torch.eye(3).expand(3, 3, 3))
+
+
+def test_pipe_in_the_loss_feeds_the_network_augment_labels():
+    """EDMLoss(net, images, augment_pipe=pipe) hands the pipe's labels to a network with augment_dim = 9."""
+    from edm_lit.loss import EDMLoss
+    from edm_lit.precond import EDMPrecond
+
+    torch.manual_seed(0)
+    net = EDMPrecond(img_resolution=8, img_channels=3, augment_dim=9, model_type="SongUNet", model_channels=16,
+                     channel_mult=[1], num_blocks=1, attn_resolutions=[])
+    seen = []
+    net.model.map_augment.register_forward_hook(lambda module, args, out: seen.append(args[0].detach()))
+    loss = EDMLoss()(net, images(4, res=8), augment_pipe=AugmentPipe(**PAPER))
+    assert loss.shape == (4, 3, 8, 8) and torch.isfinite(loss).all()
+    assert len(seen) == 1 and seen[0].shape == (4, 9)
