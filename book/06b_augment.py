@@ -36,7 +36,8 @@
 #    random-draw order, so the same seed gives the same augmented batch as the official code
 #    (§6b.2–6b.5, `edm_lit.augment.AugmentPipe`);
 # 3. shows an augmented batch of real digits (§6b.6) and **measures** the leak on a Gaussian
-#    mixture whose label-conditioned ideal denoiser is known in closed form (§6b.7).
+#    mixture whose label-conditioned ideal denoiser is known in closed form (§6b.7), then on a
+#    small trained network (§6b.8).
 
 # %% tags=["export"]
 import math
@@ -151,7 +152,9 @@ def translation_2d(tx, ty):
 # (`translate_int`, up to `translate_int_max` of the image size; the border is mirrored without
 # repeating the edge pixel, period $2(n-1)$). The labels: flips give their bit; the rotation
 # $k$ gives two bits in Gray code ($0 \to 00$, $1 \to 10$, $2 \to 11$, $3 \to 01$), so adjacent
-# rotations differ in one bit; translations their shift as a fraction of the maximum.
+# rotations differ in one bit; translations their shift as a fraction of the maximum — a
+# positive x label moves the content right, a positive y label moves it **up** (the official
+# convention; the fractional translation below moves it down).
 
 # %% tags=["export"]
 def _keep(value, prob, shape):
@@ -226,8 +229,9 @@ BLITS = (("xflip", _blit_xflip), ("yflip", _blit_yflip), ("rotate_int", _blit_ro
 # With the paper's settings the label vector is therefore
 # `[xflip, yflip, scale, cos θ − 1, sin θ, w cos φ, w sin φ, t_x, t_y]`: the 9 values of
 # `augment_dim=9`. In image coordinates (x to the right, y down the rows) the inverse rotation
-# step is `rotation_2d(θ)`, i.e. the image turns by −θ in that frame; the anisotropic step
-# rotates the frame, scales, and rotates back.
+# step is `rotation_2d(θ)`, i.e. the image turns by −θ in that frame, which is θ
+# counter-clockwise as displayed (θ = π/2 is `torch.rot90(x, 1, (2, 3))`); φ is measured the same
+# way. The anisotropic step rotates the frame, scales, and rotates back.
 
 # %% tags=["export"]
 def _geo_scale(pipe, n, height, width, device):
@@ -775,8 +779,8 @@ plt.show()
 #
 # Quick mode trains for a few hundred steps on the CPU: the network has not converged, and its
 # zero-label samples are still partly transformed; the check there is that the zero label
-# already removes a clear part of the leak. Full mode trains a larger network twenty times longer
-# and asks for most of the leak to be gone.
+# already closes a clear part (`REQUIRED` below) of the gap between the augmented and the clean
+# reference. Full mode trains a larger network twenty times longer and asks for half of it.
 
 # %%
 from edm_lit.loss import EDMLoss
@@ -832,10 +836,24 @@ for name, value in trained_stats.items():
     print(f"  {name:>27}: {value:.3f} nearest to a transformed training digit")
 
 # %%
-leak_removed = trained_stats["labels drawn from the pipe"] - trained_stats["zero label"]
-print(f"the zero label removes {leak_removed:.3f} of the transformed fraction")
+REQUIRED = MODE.pick(quick=0.15, full=0.5)
+gap = trained_stats["held-out digits, augmented"] - trained_stats["held-out digits"]
+closed = (trained_stats["labels drawn from the pipe"] - trained_stats["zero label"]) / gap
+print(f"the zero label closes {closed:.0%} of the gap between the augmented and the clean reference "
+      f"(required: {REQUIRED:.0%})")
 assert abs(trained_stats["labels drawn from the pipe"] - trained_stats["held-out digits, augmented"]) < 0.15
-assert leak_removed > MODE.pick(quick=0.05, full=0.2)
+assert closed > REQUIRED
+
+# %%
+fig, axes = plt.subplots(2, 12, figsize=(12, 2.4))
+for row, (name, x) in enumerate(trained_samples.items()):
+    for i in range(12):
+        axes[row, i].imshow(x[i, 0], cmap="gray_r", vmin=-1, vmax=1)
+        axes[row, i].set_xticks([]), axes[row, i].set_yticks([])
+    axes[row, 0].set_ylabel(name.replace(" from the pipe", "\nfrom the pipe"), rotation=0, ha="right", va="center")
+fig.suptitle(f"Samples of the trained network ({steps} training steps; same latents in each column)")
+fig.tight_layout()
+plt.show()
 
 
 # %% [markdown]
