@@ -20,9 +20,10 @@
 # # 6b. Non-leaking augmentation
 #
 # CIFAR-10 has 50,000 images and a 56-million-parameter denoiser sees each of them thousands of
-# times during 200 Mimg of training: it overfits. The paper regularises training with
-# geometric data augmentation (App. F.2, the "augment p" column of its training presets: 0.12 on
-# CIFAR-10, 0.15 on FFHQ and AFHQv2): each training image is flipped, rotated, scaled and shifted
+# times during 200 Mimg of training: it can overfit. The paper regularises training with
+# geometric data augmentation (Sec. 5, "augmentation regularization", with the details in its
+# appendix; the "augment p" column of its training presets: 0.12 on CIFAR-10, 0.15 on FFHQ and
+# AFHQv2): each training image is flipped, rotated, scaled and shifted
 # at random before the noise is added. The danger is obvious: a model of *augmented* images
 # generates augmented images — rotated faces, mirrored digits. The augmentations **leak**.
 #
@@ -89,10 +90,10 @@ plt.rcParams.update({"figure.dpi": 80})
 # must determine the transformation (else $D^*(\cdot;\cdot,a)$ averages several), and it must be
 # **zero exactly for the identity**. Hence angles enter as $(\cos\theta - 1, \sin\theta)$ — zero
 # only at θ = 0 and continuous across ±π — scales as $\log_2$ of the factor, flips as bits.
-# The augmentation probability $p$ then trades regularisation against nothing at all: it only
-# changes which $p_a$ the network sees, never what the zero label generates. (A finite network
-# shares weights across labels, which is the point: the transformed images teach it about
-# the untransformed ones.)
+# For an ideal denoiser the augmentation probability $p$ only changes which $p_a$ the network
+# sees, never what the zero label generates. A finite network shares its weights across labels:
+# that is the point of the regularisation (the transformed images teach it about the
+# untransformed ones) and also its cost (exercise 3).
 #
 # ## 6b.2 The transformations as matrices
 #
@@ -441,7 +442,7 @@ LABEL_SIZES = {"xflip": 1, "yflip": 1, "rotate_int": 2, "translate_int": 2, "sca
 
 
 class AugmentPipe:
-    """Non-leaking augmentation (App. F.2): `pipe(images) -> (images, augment_labels)`. Chapter 6b.
+    """Non-leaking augmentation (Sec. 5): `pipe(images) -> (images, augment_labels)`. Chapter 6b.
 
     Constructor arguments, defaults, label layout and random-draw order are those of the official
     `AugmentPipe`; every transformation is off (multiplier 0) by default. The paper's CIFAR-10 setting is

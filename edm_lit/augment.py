@@ -271,7 +271,7 @@ LABEL_SIZES = {"xflip": 1, "yflip": 1, "rotate_int": 2, "translate_int": 2, "sca
 
 
 class AugmentPipe:
-    """Non-leaking augmentation (App. F.2): `pipe(images) -> (images, augment_labels)`. Chapter 6b.
+    """Non-leaking augmentation (Sec. 5): `pipe(images) -> (images, augment_labels)`. Chapter 6b.
 
     Constructor arguments, defaults, label layout and random-draw order are those of the official
     `AugmentPipe`; every transformation is off (multiplier 0) by default. The paper's CIFAR-10 setting is
