@@ -516,8 +516,9 @@ class AugmentPipe:
 # ## 6b.6 Checks, and an augmented batch of real digits
 #
 # The tests (`tests/test_augment.py`) hold the pipeline to the official one — the same seed gives
-# the same augmented batch and labels, to $10^{-5}$, for the paper's CIFAR-10 setting — and each
-# transformation to an independent computation. Here, the properties the derivation needs.
+# the same augmented batch and labels, to $10^{-5}$, for the paper's CIFAR-10 setting and for
+# every other transformation, grey and non-square images included — and each transformation to
+# an independent computation. Here, the properties the derivation needs.
 # First, the resampler is exact where it should be: the identity warp and whole-pixel
 # translations return the pixels (up to float32 rounding), and a quarter turn through the
 # warp is `torch.rot90` only approximately, because `sym6` is only *nearly* symmetric — which is

@@ -33,12 +33,23 @@ def run(seed, x, **kwargs):
 def test_parity_with_official_pipeline(parity):
     ref = parity("augment_train.pt")
     case = ref["case"]
-    assert case["augment_kwargs"] == {k: v for k, v in PAPER.items()} or dict(case["augment_kwargs"]) == PAPER
+    assert dict(case["augment_kwargs"]) == PAPER
     out, labels = run(case["torch_manual_seed"], ref["images"], **case["augment_kwargs"])
     assert labels.shape == case["labels"].shape == (8, 9)
     torch.testing.assert_close(labels, case["labels"], rtol=0, atol=1e-6)
     err = (out - case["out"]).abs().max() / case["out"].abs().max()
     assert err <= 1e-5, f"relative error {err:.2e}"
+
+
+@pytest.mark.parametrize("index", range(4))
+def test_parity_beyond_the_paper_setting(parity, index):
+    """Every blit, geometric and colour transformation, grey and non-square images (tests/data/README.md)."""
+    case = parity("augment_all.pt")["cases"][index]
+    out, labels = run(case["torch_manual_seed"], case["images"], **case["augment_kwargs"])
+    assert labels.shape == case["labels"].shape
+    torch.testing.assert_close(labels, case["labels"], rtol=0, atol=1e-6)
+    err = (out - case["out"]).abs().max() / case["out"].abs().max()
+    assert err <= 1e-5, f"{case['name']}: relative error {err:.2e}"
 
 
 def test_parity_draw_order(parity):
