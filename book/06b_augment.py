@@ -108,7 +108,9 @@ plt.rcParams.update({"figure.dpi": 80})
 def affine_2d(a, b, c, d, tx=0.0, ty=0.0):
     """Batched homogeneous matrices [[a, b, tx], [c, d, ty], [0, 0, 1]] from tensors [N] or numbers. Chapter 6b."""
     entries = (a, b, tx, c, d, ty)
-    ref = next(e for e in entries if torch.is_tensor(e))
+    ref = next((e for e in entries if torch.is_tensor(e)), None)
+    if ref is None:
+        raise ValueError("affine_2d needs at least one tensor entry (it sets the batch shape, dtype and device)")
     out = torch.zeros(*ref.shape, 3, 3, dtype=ref.dtype, device=ref.device)
     for k, e in enumerate(entries):
         out[..., k // 3, k % 3] = e

@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from edm_lit.augment import AugmentPipe, mirror_index, rotation_2d, scaling_2d, translation_2d, warp_affine
+from edm_lit.augment import AugmentPipe, affine_2d, mirror_index, rotation_2d, scaling_2d, translation_2d, warp_affine
 
 PAPER = dict(p=0.12, xflip=1e8, yflip=1, scale=1, rotate_frac=1, aniso=1, translate_frac=1)
 ALL_GEOMETRIC = dict(xflip=1, yflip=1, rotate_int=1, translate_int=1, scale=1, rotate_frac=1, aniso=1,
@@ -314,6 +314,8 @@ def test_bad_images():
         AugmentPipe(rotate_int=1)(torch.zeros(1, 3, 8, 16))
     with pytest.raises(ValueError, match="channels"):
         AugmentPipe(brightness=1)(torch.zeros(1, 2, 8, 8))
+    with pytest.raises(ValueError, match="affine_2d needs"):
+        affine_2d(1.0, 0.0, 0.0, 1.0)
     with pytest.raises(ValueError, match="inverse must"):
         warp_affine(torch.zeros(2, 3, 8, 8), torch.eye(3).expand(3, 3, 3))
 
