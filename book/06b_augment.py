@@ -277,8 +277,9 @@ GEOMETRIC = (("scale", _geo_scale), ("rotate_frac", _geo_rotate_frac), ("aniso",
 # bilinearly, filter with $h$ and keep every second sample. Because $h$ is orthogonal
 # ($\sum_t h_t h_{t+2m} = \delta_m$), the identity warp returns the image unchanged; the check
 # below confirms it. The border is mirrored (`reflect` padding) as far as the warped image
-# corners reach, plus twice $P = 12/4 = 3$ pixels for the filters, taken over the whole batch;
-# beyond that the sampler reads zeros.
+# corners reach, plus twice $P = 12/4 = 3$ pixels for the filters, taken over the whole batch
+# and capped at one image size less one pixel (what mirroring can supply); beyond that the
+# sampler reads zeros.
 #
 # Conventions, which fix the result to floating-point rounding: upsampled sample $k$ sits at
 # position $k/2$ of the (padded) input; the output is computed on a grid of
