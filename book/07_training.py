@@ -88,7 +88,7 @@ plt.rcParams.update({"figure.dpi": 80, "axes.grid": True, "grid.alpha": 0.3})
 #
 # The architecture presets are facts of the paper (App. F.2): DDPM++ and NCSN++ differ in four
 # switches of `SongUNet`, ADM is `DhariwalUNet`. We add one preset of our own, `ddpmpp-tiny`:
-# the same DDPM++ blocks, two levels of 32 channels and one block per level — the quick-mode
+# the same DDPM++ blocks, two levels of 16 and 32 channels and one block per level — the quick-mode
 # network. Quick mode is not a separate code path: it is this preset and the digits data set
 # (`--data=digits`, Chapter 6) on the same loop.
 
@@ -102,7 +102,7 @@ ARCH_PRESETS = {
                "decoder_type": "standard", "channel_mult_noise": 2, "resample_filter": [1, 3, 3, 1],
                "model_channels": 128, "channel_mult": [2, 2, 2]},
     "adm": {"model_type": "DhariwalUNet", "model_channels": 192, "channel_mult": [1, 2, 3, 4]},
-    "ddpmpp-tiny": {**_DDPMPP, "model_channels": 32, "channel_mult": [1, 2], "num_blocks": 1,
+    "ddpmpp-tiny": {**_DDPMPP, "model_channels": 16, "channel_mult": [1, 2], "num_blocks": 1,
                     "attn_resolutions": [4]},
 }
 # --precond: (preconditioner, loss) of Table 1's columns (Chapter 4).
@@ -1256,3 +1256,214 @@ snap = load_network(first_run / "network-snapshot-000002.json")
 assert all(torch.equal(a, b) for a, b in zip(snap.state_dict().values(), ema.state_dict().values()))
 header, tensors = read_training_state(first_run / "training-state-000002.json")
 assert header["cur_nimg"] == 2016 and (first_run / "samples-000002.png").read_bytes()[:4] == b"\x89PNG"
+
+# %% [markdown]
+# ## 7.8 The command line
+#
+# `python -m edm_lit.train` (and `edm-lit train`, Appendix A) takes the official flags — the same
+# names, meanings and defaults, booleans written `--cond=1` as there — plus four of ours:
+# `--bf16` (bfloat16 autocast), `--lr-rampup` (the ramp-up in Mimg, officially fixed at 10),
+# `--grid` (images in each snapshot's sample grid, 0 for none), and `--data=digits` for the
+# quick data set of Chapter 6. `--resume` takes a `training-state-NNNNNN.json` or a run directory
+# (its latest complete state). The same command runs on one CPU, one GPU, or under `torchrun` on
+# many. The paper's runs, unchanged — CIFAR-10 class-conditional DDPM++ on 8 GPUs; FFHQ and AFHQv2
+# 64×64 (unconditional); ImageNet 64×64 with ADM on 32 GPUs over 4 nodes through torchrun's
+# rendezvous; and the quick-mode run of §7.9 on a CPU:
+#
+# ```bash
+# torchrun --standalone --nproc_per_node=8 -m edm_lit.train --outdir=training-runs \
+#     --data=datasets/cifar10-32x32.zip --cond=1 --arch=ddpmpp
+# torchrun --standalone --nproc_per_node=8 -m edm_lit.train --outdir=training-runs \
+#     --data=datasets/ffhq-64x64.zip --cond=0 --arch=ddpmpp --batch=256 --cres=1,2,2,2 --lr=2e-4 --dropout=0.05 --augment=0.15
+# torchrun --standalone --nproc_per_node=8 -m edm_lit.train --outdir=training-runs \
+#     --data=datasets/afhqv2-64x64.zip --cond=0 --arch=ddpmpp --batch=256 --cres=1,2,2,2 --lr=2e-4 --dropout=0.25 --augment=0.15
+# torchrun --nnodes=4 --nproc_per_node=8 --rdzv_backend=c10d --rdzv_endpoint=HOST:29500 -m edm_lit.train \
+#     --outdir=training-runs --data=datasets/imagenet-64x64.zip --cond=1 --arch=adm --duration=2500 \
+#     --batch=4096 --batch-gpu=32 --lr=1e-4 --ema=50 --dropout=0.10 --augment=0 --fp16=1 --ls=100 --tick=200
+# python -m edm_lit.train --outdir=runs QUICK_FLAGS   # see train_quick in §7.9
+# ```
+
+# %% tags=["export:train"]
+"""`python -m edm_lit.train` / `edm-lit train`: the official train.py's flags on edm_lit's loop (Chapter 7)."""
+import argparse
+import json
+import re
+import sys
+from pathlib import Path
+
+from edm_lit import training
+
+
+def parse_bool(text: str) -> bool:
+    """'1/0', 'true/false', 'yes/no', 'on/off' (any case), as click's BOOL."""
+    value = str(text).strip().lower()
+    if value in ("1", "true", "t", "yes", "y", "on"):
+        return True
+    if value in ("0", "false", "f", "no", "n", "off"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected a boolean (1/0, true/false, yes/no), got {text!r}")
+
+
+def parse_int_list(text: str) -> list:
+    """'1,2,5-7' -> [1, 2, 5, 6, 7]."""
+    values = []
+    for part in str(text).split(","):
+        bounds = re.fullmatch(r"\s*(\d+)\s*-\s*(\d+)\s*", part)
+        try:
+            values += list(range(int(bounds[1]), int(bounds[2]) + 1)) if bounds else [int(part)]
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected integers and ranges such as 1,2,5-7, got {text!r}") from None
+    return values
+
+
+def _positive(kind):
+    def check(text):
+        value = kind(text)
+        if not value > 0:
+            raise argparse.ArgumentTypeError(f"must be > 0, got {text}")
+        return value
+    return check
+
+
+def add_train_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """The official train.py's options (same names, meanings, defaults) and ours. Chapter 7."""
+    d = training.TRAIN_DEFAULTS
+    main = parser.add_argument_group("main options")
+    main.add_argument("--outdir", required=True, metavar="DIR", help="where to save the results")
+    main.add_argument("--data", required=True, metavar="ZIP|DIR", help="path to the data set, or 'digits' (quick mode)")
+    main.add_argument("--cond", type=parse_bool, default=d["cond"], metavar="BOOL", help="train a class-conditional model")
+    main.add_argument("--arch", choices=sorted(training.ARCH_PRESETS), default=d["arch"], help="network architecture")
+    main.add_argument("--precond", choices=sorted(training.PRECOND_CLASSES), default=d["precond"],
+                      help="preconditioning and loss function")
+    hyper = parser.add_argument_group("hyperparameters")
+    hyper.add_argument("--duration", type=_positive(float), default=d["duration"], metavar="MIMG", help="training duration")
+    hyper.add_argument("--batch", type=_positive(int), default=d["batch"], metavar="INT", help="total batch size")
+    hyper.add_argument("--batch-gpu", type=_positive(int), default=d["batch_gpu"], metavar="INT",
+                       help="limit batch size per GPU (gradient accumulation)")
+    hyper.add_argument("--cbase", type=int, default=d["cbase"], metavar="INT", help="channel multiplier [default: varies]")
+    hyper.add_argument("--cres", type=parse_int_list, default=d["cres"], metavar="LIST",
+                       help="channels per resolution [default: varies]")
+    hyper.add_argument("--lr", type=_positive(float), default=d["lr"], metavar="FLOAT", help="learning rate")
+    hyper.add_argument("--ema", type=float, default=d["ema"], metavar="MIMG", help="EMA half-life")
+    hyper.add_argument("--dropout", type=float, default=d["dropout"], metavar="FLOAT", help="dropout probability")
+    hyper.add_argument("--augment", type=float, default=d["augment"], metavar="FLOAT", help="augment probability")
+    hyper.add_argument("--xflip", type=parse_bool, default=d["xflip"], metavar="BOOL", help="enable data-set x-flips")
+    perf = parser.add_argument_group("performance")
+    perf.add_argument("--fp16", type=parse_bool, default=d["fp16"], metavar="BOOL", help="mixed-precision training (CUDA)")
+    perf.add_argument("--ls", type=_positive(float), default=d["ls"], metavar="FLOAT", help="loss scaling")
+    perf.add_argument("--bench", type=parse_bool, default=d["bench"], metavar="BOOL", help="enable cuDNN benchmarking")
+    perf.add_argument("--cache", type=parse_bool, default=d["cache"], metavar="BOOL", help="cache data set in CPU memory")
+    perf.add_argument("--workers", type=_positive(int), default=d["workers"], metavar="INT",
+                      help="DataLoader worker processes")
+    io = parser.add_argument_group("I/O")
+    io.add_argument("--desc", default=d["desc"], metavar="STR", help="string to include in result dir name")
+    io.add_argument("--nosubdir", action="store_true", help="do not create a subdirectory for results")
+    io.add_argument("--tick", type=_positive(int), default=d["tick"], metavar="KIMG", help="how often to print progress")
+    io.add_argument("--snap", type=_positive(int), default=d["snap"], metavar="TICKS", help="how often to save snapshots")
+    io.add_argument("--dump", type=_positive(int), default=d["dump"], metavar="TICKS", help="how often to dump state")
+    io.add_argument("--seed", type=int, default=d["seed"], metavar="INT", help="random seed [default: random]")
+    io.add_argument("--transfer", default=d["transfer"], metavar="PKL|URL",
+                    help="transfer learning from a network snapshot (ours or an official .pkl)")
+    io.add_argument("--resume", default=d["resume"], metavar="STATE|DIR",
+                    help="resume from training-state-NNNNNN.json, or the latest complete state in a run directory")
+    io.add_argument("-n", "--dry-run", action="store_true", help="print training options and exit")
+    ours = parser.add_argument_group("edm_lit additions")
+    ours.add_argument("--bf16", type=parse_bool, default=d["bf16"], metavar="BOOL", help="bfloat16 autocast (CPU or GPU)")
+    ours.add_argument("--lr-rampup", type=float, default=d["lr_rampup"], metavar="MIMG",
+                      help="learning-rate ramp-up (official: 10)")
+    ours.add_argument("--grid", type=int, default=d["grid"], metavar="INT", help="sample-grid images per snapshot, 0 = none")
+    return parser
+
+
+def run_train(args: argparse.Namespace, out=None) -> int:
+    """Resolve, print, and (unless --dry-run) train. Returns an exit status. Chapter 7."""
+    out = sys.stdout if out is None else out
+    flags = {k: v for k, v in vars(args).items() if k in training.TRAIN_DEFAULTS}
+    rank, world_size, device = training.init_distributed()
+    try:
+        options = training.build_options(flags, world_size=world_size, device=device)
+    except ValueError as e:
+        print(f"edm-lit train: error: {e}", file=sys.stderr)
+        return 1
+    say = (lambda *a: print(*a, file=out, flush=True)) if rank == 0 else (lambda *a: None)
+    net = options["network_kwargs"]
+    say("Training options:\n" + json.dumps(options, indent=2) + "\n")
+    for label, value in [("Output directory", options["run_dir"]), ("Dataset path", options["dataset_kwargs"]["path"]),
+                         ("Class-conditional", options["dataset_kwargs"]["use_labels"]),
+                         ("Network architecture", flags["arch"]), ("Preconditioning & loss", flags["precond"]),
+                         ("Number of ranks", world_size), ("Batch size", options["batch_size"]),
+                         ("Mixed-precision", net["use_fp16"] or options["autocast_dtype"] or False)]:
+        say(f"{label + ':':<25}{value}")
+    if args.dry_run:
+        say("Dry run; exiting.")
+        return 0
+    run_dir = Path(options["run_dir"])
+    log = None
+    if rank == 0:
+        if not args.nosubdir and run_dir.exists():
+            print(f"edm-lit train: error: {run_dir} exists already", file=sys.stderr)
+            return 1
+        run_dir.mkdir(parents=True, exist_ok=True)
+        training.write_atomic(run_dir / "training_options.json", (json.dumps(options, indent=2) + "\n").encode())
+        log_file = open(run_dir / "log.txt", "a")
+
+        def log(line):
+            print(line, file=out, flush=True)
+            log_file.write(line + "\n")
+            log_file.flush()
+    try:
+        training.TrainingRun(**options, device=device, log=log, progress_bar=rank == 0).run()
+    finally:
+        if torch_distributed_ready():
+            import torch
+            torch.distributed.destroy_process_group()
+    return 0
+
+
+def torch_distributed_ready() -> bool:
+    import torch
+    return torch.distributed.is_available() and torch.distributed.is_initialized()
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m edm_lit.train",
+                                     description="Train an EDM diffusion model (the official train.py's flags).")
+    return add_train_arguments(parser)
+
+
+def main(argv=None) -> int:
+    """Entry point of `python -m edm_lit.train`. Chapter 7."""
+    return run_train(build_parser().parse_args(sys.argv[1:] if argv is None else argv))
+
+
+if __name__ == "__main__" and __spec__ is not None and __spec__.name == "edm_lit.train":  # python -m edm_lit.train
+    sys.exit(main())
+
+# %% [markdown]
+# **Check** — `--dry-run` with the paper's CIFAR-10 flags prints the official configuration and
+# writes nothing; the bad inputs are refused with one line before any work: a missing data set,
+# a batch the ranks and `--batch-gpu` cannot split, `--fp16` on a CPU, `--transfer` with `--resume`.
+
+# %%
+import contextlib
+import io
+
+from edm_lit import train as train_cli
+
+buffer = io.StringIO()
+runs = scratch / "runs"
+status = train_cli.run_train(train_cli.build_parser().parse_args(
+    ["--outdir", str(runs), f"--data={fake_cifar}", "--cond=1", "--arch=ddpmpp", "--seed=0", "--dry-run"]), out=buffer)
+printed = buffer.getvalue()
+print(printed[-420:])
+assert status == 0 and '"batch_size": 512' in printed and "Dry run; exiting." in printed and not runs.exists()
+bad_inputs = {"missing data set": [f"--data={scratch}/no-such.zip"],
+              "batch vs --batch-gpu": [f"--data={fake_cifar}", "--batch=512", "--batch-gpu=48"],
+              "--fp16 on a CPU": [f"--data={fake_cifar}", "--fp16=1"],
+              "--transfer with --resume": [f"--data={fake_cifar}", "--transfer=a.pkl", f"--resume={first_run}"]}
+for case, flags in bad_inputs.items():
+    err = io.StringIO()
+    with contextlib.redirect_stderr(err):
+        status = train_cli.main(["--outdir", str(runs), "--dry-run", *flags])
+    print(f"{case:26s} -> exit {status}: {err.getvalue().strip()}")
+    assert status == 1 and err.getvalue().startswith("edm-lit train: error:")

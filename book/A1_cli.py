@@ -28,6 +28,7 @@
 # | command | does |
 # |---|---|
 # | `edm-lit info` | prints the package version, the run mode and device (Chapter 0), and the modules |
+# | `edm-lit train --outdir=DIR --data=DATA ...` | trains a model with the official `train.py`'s flags, one CPU, one GPU or many under `torchrun` (Chapter 7, `edm_lit.train`) |
 # | `edm-lit convert IN OUT` | reads an official snapshot `IN` (a `.pkl` path or URL) *without running code stored in it* and writes its `ema` network in our format, `OUT.json` + `OUT.safetensors` (Appendix B, `edm_lit.checkpoints.convert`) |
 
 # %% tags=["export"]
@@ -75,6 +76,10 @@ def build_parser() -> argparse.ArgumentParser:
     conv.add_argument("src", metavar="IN", help="official snapshot: a .pkl path or an http(s) URL")
     conv.add_argument("dst", metavar="OUT", help="output name; OUT.json and OUT.safetensors are written")
     conv.set_defaults(func=_convert)
+    from edm_lit import train as train_module  # Chapter 7: the official train.py's flags
+    train = sub.add_parser("train", help="train a model (the official train.py's flags; torchrun for several GPUs)",
+                           description="Train an EDM diffusion model on one CPU, one GPU or, under torchrun, many.")
+    train_module.add_train_arguments(train).set_defaults(func=train_module.run_train)
     return parser
 
 

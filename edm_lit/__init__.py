@@ -12,6 +12,7 @@ Each module says at its top which chapter derives it. Modules:
     edm_lit.networks
     edm_lit.precond
     edm_lit.samplers
+    edm_lit.train
     edm_lit.training
 """
 

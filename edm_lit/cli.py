@@ -50,6 +50,10 @@ def build_parser() -> argparse.ArgumentParser:
     conv.add_argument("src", metavar="IN", help="official snapshot: a .pkl path or an http(s) URL")
     conv.add_argument("dst", metavar="OUT", help="output name; OUT.json and OUT.safetensors are written")
     conv.set_defaults(func=_convert)
+    from edm_lit import train as train_module  # Chapter 7: the official train.py's flags
+    train = sub.add_parser("train", help="train a model (the official train.py's flags; torchrun for several GPUs)",
+                           description="Train an EDM diffusion model on one CPU, one GPU or, under torchrun, many.")
+    train_module.add_train_arguments(train).set_defaults(func=train_module.run_train)
     return parser
 
 

@@ -36,7 +36,7 @@ ARCH_PRESETS = {
                "decoder_type": "standard", "channel_mult_noise": 2, "resample_filter": [1, 3, 3, 1],
                "model_channels": 128, "channel_mult": [2, 2, 2]},
     "adm": {"model_type": "DhariwalUNet", "model_channels": 192, "channel_mult": [1, 2, 3, 4]},
-    "ddpmpp-tiny": {**_DDPMPP, "model_channels": 32, "channel_mult": [1, 2], "num_blocks": 1,
+    "ddpmpp-tiny": {**_DDPMPP, "model_channels": 16, "channel_mult": [1, 2], "num_blocks": 1,
                     "attn_resolutions": [4]},
 }
 # --precond: (preconditioner, loss) of Table 1's columns (Chapter 4).
