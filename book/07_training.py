@@ -933,7 +933,9 @@ print({k: v["num"] for k, v in stats.collect(stat_names()).items()})
 #
 # **Seeds.** Rank $r$ of $W$ seeds numpy with $(\text{seed} \cdot W + r) \bmod 2^{31}$ and torch
 # with a number drawn from that numpy generator, as the official loop does: every rank draws
-# different σ, noise, augmentations and dropout masks, and the run is reproducible.
+# different σ, noise, augmentations and dropout masks, and the run is reproducible. The initial
+# weights are drawn from the seed alone (the official loop draws them from rank 0's generator,
+# which depends on the number of ranks), so that a run on one process and on several start alike.
 #
 # **Several processes.** Under `torchrun` (the environment names `WORLD_SIZE`), `init_distributed`
 # joins the process group — NCCL on CUDA (one GPU per local rank), Gloo on a CPU — and the network
@@ -1035,8 +1037,10 @@ class TrainingRun:
         self.loader_kwargs = dict(data_loader_kwargs or {})
         if device.type != "cuda":
             self.loader_kwargs["pin_memory"] = False
-        self.net = construct(**network_kwargs, img_resolution=self.dataset.resolution,
-                             img_channels=self.dataset.num_channels, label_dim=self.dataset.label_dim)
+        with torch.random.fork_rng(devices=[]):  # the initial weights depend on the seed only, not on the ranks
+            torch.manual_seed(self.seed)
+            self.net = construct(**network_kwargs, img_resolution=self.dataset.resolution,
+                                 img_channels=self.dataset.num_channels, label_dim=self.dataset.label_dim)
         self.net.train().requires_grad_(True).to(device)
         self.ema = copy.deepcopy(self.net).eval().requires_grad_(False)
         self.loss_fn = loss_fn if loss_fn is not None else construct(**(loss_kwargs or {"class_name": "edm_lit.loss.EDMLoss"}))

@@ -654,8 +654,10 @@ class TrainingRun:
         self.loader_kwargs = dict(data_loader_kwargs or {})
         if device.type != "cuda":
             self.loader_kwargs["pin_memory"] = False
-        self.net = construct(**network_kwargs, img_resolution=self.dataset.resolution,
-                             img_channels=self.dataset.num_channels, label_dim=self.dataset.label_dim)
+        with torch.random.fork_rng(devices=[]):  # the initial weights depend on the seed only, not on the ranks
+            torch.manual_seed(self.seed)
+            self.net = construct(**network_kwargs, img_resolution=self.dataset.resolution,
+                                 img_channels=self.dataset.num_channels, label_dim=self.dataset.label_dim)
         self.net.train().requires_grad_(True).to(device)
         self.ema = copy.deepcopy(self.net).eval().requires_grad_(False)
         self.loss_fn = loss_fn if loss_fn is not None else construct(**(loss_kwargs or {"class_name": "edm_lit.loss.EDMLoss"}))
