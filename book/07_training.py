@@ -164,7 +164,7 @@ def split_batch(batch_size: int, world_size: int, batch_gpu=None) -> tuple:
 
 
 def _dataset_kwargs(flags: dict) -> dict:
-    """The data set's constructor arguments; '--data=digits' is built (once) by edm_lit.data (Chapter 6)."""
+    """The data set's constructor arguments; '--data=digits' is built (once, in the cache) by edm_lit.data (Chapter 6)."""
     data = flags["data"]
     if data is None:
         raise ValueError("--data is required: a data set ZIP or folder (dataset.json for labels), or 'digits'")
@@ -173,7 +173,13 @@ def _dataset_kwargs(flags: dict) -> dict:
             from edm_lit import data as data_module
         except ModuleNotFoundError:
             raise ValueError("--data=digits needs edm_lit.data (Chapter 6), which is not available") from None
-        data = str(data_module.digits_dataset())
+        rank = torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
+        cache = Path(os.environ.get("EDM_LIT_CACHE") or Path.home() / ".cache" / "edm_lit")
+        if rank == 0:
+            data_module.quick_dataset(cache / "digits-8x8.zip")  # written once (atomically), then reused
+        if torch.distributed.is_initialized():
+            torch.distributed.barrier()
+        data = str(cache / "digits-8x8.zip")
     elif not os.path.exists(data):
         raise ValueError(f"--data: no such data set: {data!r} (expected a ZIP or folder made by `edm-lit dataset`)")
     return dict(class_name="edm_lit.data.ImageFolderDataset", path=str(data), use_labels=bool(flags["cond"]),
