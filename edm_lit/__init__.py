@@ -4,6 +4,7 @@
 """edm_lit: EDM (Karras et al., 2022), exported from a literate book.
 
 Each module says at its top which chapter derives it. Modules:
+    edm_lit.augment
     edm_lit.checkpoints
     edm_lit.cli
     edm_lit.data
