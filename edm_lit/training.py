@@ -843,3 +843,27 @@ class TrainingRun:
 def training_loop(**options) -> torch.nn.Module:
     """Run `TrainingRun(**options)` (the keyword arguments of training_options.json); returns the EMA. Chapter 7."""
     return TrainingRun(**options).run()
+
+
+# ── 07_training.py § 7.9 A real run: the digits on a CPU ──
+
+QUICK_FLAGS = dict(data="digits", arch="ddpmpp-tiny", cond=False, duration=0.03, batch=64, lr=2e-3, lr_rampup=0.001,
+                   ema=0.002, dropout=0.0, augment=0.0, tick=5, snap=3, dump=6, workers=1, grid=64)
+
+
+def train_quick(run_dir, seed: int = 0, log=None, **overrides) -> torch.nn.Module:
+    """Train (or load, if done before) the book's quick-mode model: tiny DDPM++ on the digits, CPU. Chapter 7.
+
+    Equivalent to `python -m edm_lit.train --outdir=RUN_DIR --nosubdir --seed=SEED` with QUICK_FLAGS
+    (+ overrides); returns the EMA network of the final snapshot, in eval mode.
+    """
+    from edm_lit.checkpoints import load_network
+
+    flags = {**QUICK_FLAGS, **overrides, "outdir": str(run_dir), "nosubdir": True, "seed": int(seed)}
+    final = Path(run_dir) / f"network-snapshot-{max(int(flags['duration'] * 1000), 1):06d}.json"
+    if not final.exists():
+        options = build_options(flags, device="cpu")
+        Path(run_dir).mkdir(parents=True, exist_ok=True)
+        write_atomic(Path(run_dir) / "training_options.json", (json.dumps(options, indent=2) + "\n").encode())
+        TrainingRun(**options, device=torch.device("cpu"), log=log).run()
+    return load_network(final)
