@@ -86,6 +86,11 @@ def split_batch(batch_size: int, world_size: int, batch_gpu=None) -> tuple:
     return per_round, per_rank // per_round
 
 
+def digits_path() -> Path:
+    """Where `--data=digits` keeps the quick data set: $EDM_LIT_CACHE (else ~/.cache/edm_lit)/digits-8x8.zip."""
+    return Path(os.environ.get("EDM_LIT_CACHE") or Path.home() / ".cache" / "edm_lit") / "digits-8x8.zip"
+
+
 def _dataset_kwargs(flags: dict) -> dict:
     """The data set's constructor arguments; '--data=digits' is built (once, in the cache) by edm_lit.data (Chapter 6)."""
     data = flags["data"]
@@ -97,12 +102,11 @@ def _dataset_kwargs(flags: dict) -> dict:
         except ModuleNotFoundError:
             raise ValueError("--data=digits needs edm_lit.data (Chapter 6), which is not available") from None
         rank = torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
-        cache = Path(os.environ.get("EDM_LIT_CACHE") or Path.home() / ".cache" / "edm_lit")
         if rank == 0:
-            data_module.quick_dataset(cache / "digits-8x8.zip")  # written once (atomically), then reused
+            data_module.quick_dataset(digits_path())  # written once (atomically), then reused
         if torch.distributed.is_initialized():
             torch.distributed.barrier()
-        data = str(cache / "digits-8x8.zip")
+        data = str(digits_path())
     elif not os.path.exists(data):
         raise ValueError(f"--data: no such data set: {data!r} (expected a ZIP or folder made by `edm-lit dataset`)")
     return dict(class_name="edm_lit.data.ImageFolderDataset", path=str(data), use_labels=bool(flags["cond"]),
