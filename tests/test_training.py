@@ -162,8 +162,8 @@ def test_cli_dry_run_prints_official_options(tmp_path):
 
 def _train_cmd(data, outdir, *extra):
     return [sys.executable, "-m", "edm_lit.train", f"--outdir={outdir}", f"--data={data}", "--arch=ddpmpp-tiny",
-            "--cbase=8", "--batch=32", "--duration=0.005", "--tick=1", "--snap=100", "--dump=1", "--lr=2e-3",
-            "--lr-rampup=0.001", "--ema=0.002", "--dropout=0.1", "--augment=0", "--seed=7", "--workers=1", "--grid=0",
+            "--cbase=8", "--batch=32", "--duration=0.004", "--tick=1", "--snap=100", "--dump=1", "--lr=2e-3",
+            "--lr-rampup=0.001", "--ema=0.002", "--dropout=0.1", "--augment=0.12", "--seed=7", "--workers=1", "--grid=0",
             "--nosubdir", *extra]
 
 
@@ -181,13 +181,13 @@ def test_kill_and_resume_is_bitwise_exact(tmp_path):
     time.sleep(0.3)  # land somewhere inside the next tick
     proc.send_signal(signal.SIGKILL)
     proc.wait()
-    assert not (killed_dir / "network-snapshot-000005.json").exists(), "killed too late: the run had finished"
+    assert not (killed_dir / "network-snapshot-000004.json").exists(), "killed too late: the run had finished"
     resumed = subprocess.run(_train_cmd(data, killed_dir, f"--resume={killed_dir}"), capture_output=True, text=True,
                              env=ENV, timeout=300)
     assert resumed.returncode == 0, resumed.stderr[-2000:]
 
-    _, a = read_training_state(tmp_path / "whole" / "training-state-000005.json")
-    _, b = read_training_state(killed_dir / "training-state-000005.json")
+    _, a = read_training_state(tmp_path / "whole" / "training-state-000004.json")
+    _, b = read_training_state(killed_dir / "training-state-000004.json")
     assert set(a) == set(b)
     for key in a:
         if key.startswith(("net.", "ema.", "optimizer.")):
