@@ -1489,9 +1489,9 @@ for case, flags in bad_inputs.items():
 # Quick mode trains the tiny DDPM++ on the 1,797 UCI digits (8×8, grey; Chapter 6) with the EDM
 # preconditioning and loss, through the command line's own code path. `train_quick` is that run as a
 # function: a fixed seed, fixed flags, and a run directory; if the directory already holds the final
-# snapshot, it loads it instead of training again (Chapters 8 and 9 use the same model). On a CPU
-# with one thread the result is reproducible bit for bit (§7.5); other thread counts may round
-# differently.
+# snapshot, it loads it instead of training again (Chapters 8 and 9 use the same model). It trains
+# in one thread: the result is then reproducible bit for bit (§7.5) whatever the machine's thread
+# count (which would change the order of floating-point sums), for a given torch build and CPU.
 
 # %% tags=["export"]
 QUICK_FLAGS = dict(data="digits", arch="ddpmpp-tiny", cond=False, duration=0.03, batch=64, lr=2e-3, lr_rampup=0.001,
@@ -1502,7 +1502,8 @@ def train_quick(run_dir, seed: int = 0, log=None, **overrides) -> torch.nn.Modul
     """Train (or load, if done before) the book's quick-mode model: tiny DDPM++ on the digits, CPU. Chapter 7.
 
     Equivalent to `python -m edm_lit.train --outdir=RUN_DIR --nosubdir --seed=SEED` with QUICK_FLAGS
-    (+ overrides); returns the EMA network of the final snapshot, in eval mode.
+    (+ overrides) under OMP_NUM_THREADS=1; returns the EMA network of the final snapshot, in eval mode.
+    Trains in one torch thread, so the weights are bitwise reproducible for a given torch build and CPU.
     """
     from edm_lit.checkpoints import load_network
 
@@ -1512,7 +1513,12 @@ def train_quick(run_dir, seed: int = 0, log=None, **overrides) -> torch.nn.Modul
         options = build_options(flags, device="cpu")
         Path(run_dir).mkdir(parents=True, exist_ok=True)
         write_atomic(Path(run_dir) / "training_options.json", (json.dumps(options, indent=2) + "\n").encode())
-        TrainingRun(**options, device=torch.device("cpu"), log=log).run()
+        threads = torch.get_num_threads()
+        torch.set_num_threads(1)  # one thread: the same rounding, hence the same model, on every machine
+        try:
+            TrainingRun(**options, device=torch.device("cpu"), log=log).run()
+        finally:
+            torch.set_num_threads(threads)
     return load_network(final)
 
 

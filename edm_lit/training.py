@@ -859,7 +859,8 @@ def train_quick(run_dir, seed: int = 0, log=None, **overrides) -> torch.nn.Modul
     """Train (or load, if done before) the book's quick-mode model: tiny DDPM++ on the digits, CPU. Chapter 7.
 
     Equivalent to `python -m edm_lit.train --outdir=RUN_DIR --nosubdir --seed=SEED` with QUICK_FLAGS
-    (+ overrides); returns the EMA network of the final snapshot, in eval mode.
+    (+ overrides) under OMP_NUM_THREADS=1; returns the EMA network of the final snapshot, in eval mode.
+    Trains in one torch thread, so the weights are bitwise reproducible for a given torch build and CPU.
     """
     from edm_lit.checkpoints import load_network
 
@@ -869,5 +870,10 @@ def train_quick(run_dir, seed: int = 0, log=None, **overrides) -> torch.nn.Modul
         options = build_options(flags, device="cpu")
         Path(run_dir).mkdir(parents=True, exist_ok=True)
         write_atomic(Path(run_dir) / "training_options.json", (json.dumps(options, indent=2) + "\n").encode())
-        TrainingRun(**options, device=torch.device("cpu"), log=log).run()
+        threads = torch.get_num_threads()
+        torch.set_num_threads(1)  # one thread: the same rounding, hence the same model, on every machine
+        try:
+            TrainingRun(**options, device=torch.device("cpu"), log=log).run()
+        finally:
+            torch.set_num_threads(threads)
     return load_network(final)
