@@ -75,6 +75,8 @@ from edm_lit.mode import get_mode
 
 MODE = get_mode()
 plt.rcParams.update({"figure.dpi": 80, "axes.grid": True, "grid.alpha": 0.3})
+if MODE.quick:
+    torch.set_num_threads(1)  # this chapter's tensors are tiny: more CPU threads only add synchronisation
 
 # %% [markdown]
 # ## 7.1 From flags to one configuration
