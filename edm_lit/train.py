@@ -120,21 +120,26 @@ def run_train(args: argparse.Namespace, out=None) -> int:
         say("Dry run; exiting.")
         return 0
     run_dir = Path(options["run_dir"])
-    log = None
-    if rank == 0:
-        if not args.nosubdir and run_dir.exists():
-            print(f"edm-lit train: error: {run_dir} exists already", file=sys.stderr)
-            return 1
-        run_dir.mkdir(parents=True, exist_ok=True)
-        training.write_atomic(run_dir / "training_options.json", (json.dumps(options, indent=2) + "\n").encode())
-        log_file = open(run_dir / "log.txt", "a")
-
-        def log(line):
-            print(line, file=out, flush=True)
-            log_file.write(line + "\n")
-            log_file.flush()
+    if rank == 0 and not args.nosubdir and run_dir.exists():
+        print(f"edm-lit train: error: {run_dir} exists already", file=sys.stderr)
+        return 1
     try:
-        training.TrainingRun(**options, device=device, log=log, progress_bar=rank == 0).run()
+        try:  # builds everything and loads --resume/--transfer; writes nothing yet
+            trainer = training.TrainingRun(**options, device=device, progress_bar=rank == 0)
+        except ValueError as e:
+            print(f"edm-lit train: error: {e}", file=sys.stderr)
+            return 1
+        if rank == 0:
+            run_dir.mkdir(parents=True, exist_ok=True)
+            training.write_atomic(run_dir / "training_options.json", (json.dumps(options, indent=2) + "\n").encode())
+            log_file = open(run_dir / "log.txt", "a")  # a human log, appended (the one non-atomic file)
+
+            def log(line):
+                print(line, file=out, flush=True)
+                log_file.write(line + "\n")
+                log_file.flush()
+            trainer.log = log
+        trainer.run()
     finally:
         if torch_distributed_ready():
             import torch

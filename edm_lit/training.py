@@ -824,12 +824,13 @@ class TrainingRun:
 
         start = time.time()
         timing = {"start": start, "tick_start": start, "maintenance": 0.0}
-        bar = tqdm(total=self.total_nimg / 1000, initial=self.cur_nimg / 1000, unit="kimg", disable=not self.progress_bar,
+        last_nimg = -(-self.total_nimg // self.batch_size) * self.batch_size  # progress after the final step
+        bar = tqdm(total=last_nimg, initial=self.cur_nimg, unit="kimg", unit_scale=1e-3, disable=not self.progress_bar,
                    bar_format="{l_bar}{bar}| {n:.1f}/{total:.0f} kimg [{elapsed}<{remaining}, {postfix}]")
         done = self.cur_nimg >= self.total_nimg
         while not done:
             self.step()
-            bar.update(self.batch_size / 1000)
+            bar.update(self.batch_size)
             done = self.cur_nimg >= self.total_nimg
             if not self._tick_due(done):
                 continue
