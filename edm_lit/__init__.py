@@ -7,12 +7,15 @@ Each module says at its top which chapter derives it. Modules:
     edm_lit.augment
     edm_lit.checkpoints
     edm_lit.cli
+    edm_lit.data
     edm_lit.framework
     edm_lit.loss
     edm_lit.mode
     edm_lit.networks
     edm_lit.precond
     edm_lit.samplers
+    edm_lit.train
+    edm_lit.training
 """
 
 __version__ = "0.1.0"
