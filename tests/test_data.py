@@ -385,3 +385,10 @@ def test_cli_dataset(tmp_path, sources):
     lines = err.getvalue().strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("edm-lit dataset: error:") and "missing" in lines[0]
     assert not (tmp_path / "x.zip").exists()
+
+
+def test_digits_without_scikit_learn_says_what_to_install(monkeypatch, tmp_path):
+    monkeypatch.setitem(sys.modules, "sklearn.datasets", None)
+    with pytest.raises(ImportError, match="pip install scikit-learn"):
+        quick_dataset(tmp_path / "d.zip")
+    assert not (tmp_path / "d.zip").exists()
