@@ -861,6 +861,7 @@ for ax in axes.flat:
     ax.set_xticks([])
     ax.set_yticks([])
 fig.suptitle(f"{ds.name}: {len(ds)} real images, {ds.image_shape[2]}x{ds.image_shape[1]} px")
+fig.tight_layout()
 plt.show()
 
 # %% [markdown]
@@ -922,7 +923,7 @@ digits_run = runs["digits"]
 samples = np.array(digits_run["samples"], np.uint8)[:, 0]
 sample_classes = np.array(digits_run["sample_classes"])
 per_class = int((sample_classes == 0).sum())
-fig, axes = plt.subplots(per_class, 10, figsize=(8, 0.85 * per_class))
+fig, axes = plt.subplots(per_class, 10, figsize=(8, 0.9 * per_class + 0.6), gridspec_kw=dict(top=0.78))
 for k in range(10):
     for r, i in enumerate(np.flatnonzero(sample_classes == k)):
         axes[r, k].imshow(samples[i], cmap="gray", vmin=0, vmax=255, interpolation="nearest")
@@ -930,7 +931,7 @@ for k in range(10):
         axes[r, k].set_yticks([])
     axes[0, k].set_title(f"{k}", fontsize=9)
 last = digits_run["checkpoints"][-1]
-fig.suptitle(f"generated digits after {last['train_seconds']:.0f} CPU s of training (column: requested class)")
+fig.suptitle(f"generated digits after {last['train_seconds']:.0f} CPU s of training (column: requested class)", y=0.99)
 plt.show()
 
 # %% [markdown]
