@@ -358,7 +358,7 @@ class _ArraysOnly(pickle.Unpickler):
     """Unpickles plain containers and NumPy arrays only; anything else is refused."""
 
     ALLOWED = {("numpy.core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "_reconstruct"),
-               ("numpy", "ndarray"), ("numpy", "dtype")}
+               ("numpy", "ndarray"), ("numpy", "dtype"), ("_codecs", "encode")}  # encode: bytes in protocol 2
 
     def find_class(self, module, name):
         if (module, name) not in self.ALLOWED:
@@ -395,10 +395,11 @@ def _labels_from_folders(names: list) -> dict:
     return {name: classes.index(top) for name, top in tops.items()}
 
 
-def _store_source(store, where: str, max_images) -> Source:
+def _store_source(store, where: str, max_images, is_folder: bool) -> Source:
     extensions = image_extensions()
-    names = sorted((n for n in store.names() if os.path.splitext(n)[1].lower() in extensions),
-                   key=lambda n: n.split("/"))
+    images = [n for n in store.names() if os.path.splitext(n)[1].lower() in extensions]
+    # a folder is listed path component by path component, a ZIP by its member names as strings
+    names = sorted(images, key=lambda n: n.split("/")) if is_folder else sorted(images)
     if not names:
         raise DatasetError(f"{where}: no image files found (empty data set)")
     labels = {}
@@ -409,7 +410,8 @@ def _store_source(store, where: str, max_images) -> Source:
             except (ValueError, AttributeError) as e:
                 raise DatasetError(f"{where}/{LABEL_FILE}: not valid JSON with a 'labels' entry ({e})") from None
         labels = {pair[0]: pair[1] for pair in pairs or []}
-    labels = labels or _labels_from_folders(names)
+    if not labels and is_folder:
+        labels = _labels_from_folders(names)
     count = _limit(len(names), max_images)
 
     def items():
@@ -551,13 +553,13 @@ def open_source(source, max_images=None) -> Source:
         return digits_source(max_images)
     path = Path(source)
     if path.is_dir():
-        return _store_source(_FolderStore(path), str(path), max_images)
+        return _store_source(_FolderStore(path), str(path), max_images, is_folder=True)
     if not path.exists():
         raise DatasetError(f"{path}: no such file or directory")
     if path.name.lower().endswith(".tar.gz"):
         return _cifar10_source(path, max_images)
     if path.suffix.lower() == ".zip":
-        return _store_source(_open_store(path), str(path), max_images)
+        return _store_source(_open_store(path), str(path), max_images, is_folder=False)
     raise DatasetError(f"{path}: unknown source (expected a folder, a .zip, cifar-10-python.tar.gz or 'digits')")
 
 
