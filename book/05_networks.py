@@ -31,8 +31,9 @@
 # This chapter builds both from a handful of layers, block by block, with **the same
 # constructor arguments and the same `state_dict()` key names as the official implementation**,
 # so its pretrained weights load unchanged (Appendix B loads the official `.pkl` snapshots
-# *safely*, without running the code those files carry). The last section trains a small
-# network against a loss floor we know exactly.
+# *safely*, without running the code those files carry). The last two sections train small
+# networks: one against a loss floor we know exactly, one on real (if tiny) images, the
+# handwritten digits that ship with scikit-learn.
 
 # %% tags=["export"]
 import math
@@ -125,9 +126,14 @@ for mode in ["xavier_uniform", "xavier_normal", "kaiming_uniform", "kaiming_norm
 # `resample_filter` — the official checkpoints carry it, so it is part of our `state_dict()` too.
 #
 # A `Conv2d` may resample (`up` or `down`), convolve (`kernel > 0`), or both. With `kernel=0`
-# it is a pure resampler without weights. `fused_resample=True`, which NCSN++'s residual
-# encoder uses, convolves first at full resolution and filters afterwards, as the official code
-# does. For the box filter we take a cheaper route to the same numbers: `avg_pool2d` for
+# it is a pure resampler without weights. `fused_resample=True` changes the order of the two
+# steps. Down-sampling then convolves at full resolution first (padded by what both filters need)
+# and filters and decimates afterwards; NCSN++'s image path (§5.5) uses this form. Up-sampling
+# first makes the *whole* up-sampled image, every pixel the filter touches ($2H + K - 2$ a side
+# for a filter of $K$ taps), trims or zero-pads it to $2H + k - 1$ for a $k \times k$ kernel, and
+# then convolves without padding, so that the output is $2H \times 2W$ like the unfused layer
+# (no configuration of the paper uses it; the tests compare it with the official layer). For the box
+# filter we take a cheaper route to the same numbers: `avg_pool2d` for
 # down-sampling and nearest-neighbour repetition for up-sampling.
 
 # %% tags=["export"]
@@ -204,7 +210,7 @@ class GroupNorm(torch.nn.Module):
 # **Check** — with the box filter, down-sampling is 2×2 averaging and up-sampling repeats each
 # pixel; the general path (grouped convolutions, which the `[1, 3, 3, 1]` filter uses) gives the
 # same numbers as the shortcut. Any normalised filter keeps a constant image constant (away from
-# the zero-padded border).
+# the zero-padded border). With or without fusing, 8×8 becomes 16×16 or 4×4.
 
 # %%
 x = torch.randn(2, 4, 8, 8)
@@ -218,6 +224,10 @@ for up in [False, True]:
 assert torch.allclose(Conv2d(4, 4, 0, down=True)(x), x.reshape(2, 4, 4, 2, 4, 2).mean((3, 5)))
 smooth = Conv2d(1, 1, kernel=0, down=True, resample_filter=[1, 3, 3, 1])
 assert torch.allclose(smooth(torch.ones(1, 1, 16, 16))[..., 1:-1, 1:-1], torch.ones(1, 1, 6, 6))
+for taps in ([1, 1], [1, 3, 3, 1]):  # fused or not, a resampling convolution doubles or halves the size exactly
+    for fused in (False, True):
+        assert Conv2d(4, 6, 3, up=True, resample_filter=taps, fused_resample=fused)(x).shape == (2, 6, 16, 16)
+        assert Conv2d(4, 6, 3, down=True, resample_filter=taps, fused_resample=fused)(x).shape == (2, 6, 4, 4)
 
 # %% [markdown]
 # ### Attention
@@ -502,55 +512,54 @@ assert [lv.resolution for lv in imagenet_levels] == [64, 32, 16, 8] and not imag
 
 
 # %%
-def draw_unet(levels, ax, attention_in_decoder="last"):
-    """The U-Net of a level table: encoder (left, going down), decoder (right, going up), hand-overs."""
-    width = max(lv.num_blocks for lv in levels) + 2
-    boxes, handed = {}, []
-    for lv in levels:
-        roles = ["conv" if lv.index == 0 else "down"] + [f"block{i}" for i in range(lv.num_blocks)]
-        for i, role in enumerate(roles):
-            boxes["enc", level_key(lv, role)] = (i + 0.5 * lv.index, -lv.index, lv.attention and role != "down"
-                                                 and role != "conv")
-            handed.append(("enc", level_key(lv, role)))
-    pairs = []
-    for lv in reversed(levels):
+def draw_unet(levels, ax, attention_in_decoder="last", head="aux_norm → aux_conv"):
+    """The U-Net of a level table: encoder (left, going down), decoder (right, going up), hand-overs (grey)."""
+    most = max(lv.num_blocks for lv in levels) + 1
+    right = 2 * most + len(levels) + 2  # x of the decoder's last module at full resolution
+    boxes, order, handed, pairs = {}, [], [], []
+    for lv in levels:  # the encoder builder's walk: one box per module, pushing each output
+        for i, role in enumerate(["conv" if lv.index == 0 else "down"] + [f"block{i}" for i in range(lv.num_blocks)]):
+            key = ("enc", level_key(lv, role))
+            boxes[key] = (lv.index + i, -lv.index, lv.attention and role.startswith("block"))
+            order.append(key)
+            handed.append(key)
+    for lv in reversed(levels):  # the decoder builder's walk: each block pops one hand-over
         entry, blocks = decoder_roles(lv, levels)
-        roles = entry + blocks
-        for j, role in enumerate(roles):
-            last = role == blocks[-1]
-            attn = role == "in0" or (role in blocks and lv.attention and (last or attention_in_decoder == "all"))
-            boxes["dec", level_key(lv, role)] = (2 * width + len(blocks) + 1 - 0.5 * lv.index - (len(roles) - j),
-                                                 -lv.index, attn)
+        for j, role in enumerate(entry + blocks):
+            key = ("dec", level_key(lv, role))
+            attn = role == "in0" or (role in blocks and lv.attention
+                                     and (role == blocks[-1] or attention_in_decoder == "all"))
+            boxes[key] = (right - lv.index - (len(entry + blocks) - 1 - j), -lv.index, attn)
+            order.append(key)
             if role in blocks:
-                pairs.append((handed.pop(), ("dec", level_key(lv, role))))
-    for src, dst in pairs:
+                pairs.append((handed.pop(), key))
+    for a, b in zip(order, order[1:]):  # the main path
+        ax.plot([boxes[a][0], boxes[b][0]], [boxes[a][1], boxes[b][1]], color="k", lw=0.8, zorder=1)
+    for src, dst in pairs:  # the hand-overs, concatenated to the decoder block's input
         (x0, y0, _), (x1, y1, _) = boxes[src], boxes[dst]
-        ax.annotate("", xy=(x1, y1 + 0.22), xytext=(x0, y0 + 0.22), arrowprops=dict(
-            arrowstyle="->", color="0.6", lw=0.7, connectionstyle="arc3,rad=-0.12"))
+        ax.annotate("", xy=(x1, y1 + 0.12), xytext=(x0, y0 + 0.12), zorder=0, arrowprops=dict(
+            arrowstyle="-|>", color="0.65", lw=0.6, shrinkA=4, shrinkB=4, connectionstyle="arc3,rad=-0.08"))
     for (side, key), (x, y, attn) in boxes.items():
         role = key.split("_", 1)[1]
-        color = "C3" if role in ("down", "up") else "C1" if attn else "C0" if role != "conv" else "0.5"
-        ax.text(x, y, role, ha="center", va="center", fontsize=7, color="white",
+        color = "0.45" if role == "conv" else "C3" if role in ("down", "up") else "C1" if attn else "C0"
+        ax.text(x, y, role, ha="center", va="center", fontsize=7, color="white", zorder=2,
                 bbox=dict(boxstyle="round,pad=0.3", fc=color, ec="none"))
     for lv in levels:
-        ax.text(-1.2, -lv.index, f"{lv.resolution}×{lv.resolution}\n{lv.channels} ch", ha="right", va="center",
-                fontsize=8)
-    ax.annotate("image in", xy=(0, 0.25), xytext=(0, 0.8), ha="center", fontsize=8, arrowprops=dict(arrowstyle="->"))
-    out_x = boxes["dec", level_key(levels[0], decoder_roles(levels[0], levels)[1][-1])][0]
-    ax.annotate("F(x) out", xy=(out_x, 0.8), xytext=(out_x, 0.25), ha="center", fontsize=8,
-                arrowprops=dict(arrowstyle="->"))
-    ax.text(width + 0.5, 0.75, "σ, labels → mapping network → emb, added in every block", ha="center", fontsize=8,
-            bbox=dict(boxstyle="round", fc="#eef", ec="0.7"))
-    ax.set(xlim=(-3.2, 2 * width + max(lv.num_blocks for lv in levels) + 2), ylim=(-len(levels) + 0.4, 1.1))
+        ax.text(-1, -lv.index, f"{lv.resolution}×{lv.resolution}, {lv.channels} ch", ha="right", va="center", fontsize=8)
+    ax.annotate("x", xy=(0, 0.1), xytext=(0, 0.55), ha="center", fontsize=9, arrowprops=dict(arrowstyle="->"))
+    ax.text(right + 0.6, 0, f"→ {head} → F(x)", va="center", fontsize=8)
+    ax.text(right / 2, -len(levels) + 0.35, "σ (and labels) → mapping network → emb, an input of every block",
+            ha="center", fontsize=8, bbox=dict(boxstyle="round", fc="#eef", ec="0.7"))
+    ax.set(xlim=(-3.5, right + 4.5), ylim=(-len(levels) + 0.1, 0.7))
     ax.axis("off")
     return boxes, pairs
 
 
-fig, ax = plt.subplots(figsize=(13, 3.6))
+fig, ax = plt.subplots(figsize=(13, 3.8))
 boxes, pairs = draw_unet(cifar_levels, ax)
 legend = [plt.Rectangle((0, 0), 1, 1, fc=c) for c in ["0.5", "C0", "C1", "C3"]]
 _ = ax.legend(legend, ["3×3 convolution", "UNetBlock", "UNetBlock with attention", "down / up-sampling block"],
-              loc="lower center", ncol=4, fontsize=8, frameon=False, bbox_to_anchor=(0.5, -0.12))
+              loc="lower center", ncol=4, fontsize=8, frameon=False, bbox_to_anchor=(0.5, -0.1))
 _ = ax.set_title("DDPM++ for CIFAR-10 (32×32), drawn from its level table: encoder left, decoder right")
 handovers = sum(lv.num_blocks + 1 for lv in cifar_levels)
 print(f"{sum(1 for side, _ in boxes if side == 'enc')} encoder modules, "
@@ -814,10 +823,11 @@ spec.loader.exec_module(make_network_refs)
 NET_REFS = torch.load(DATA / "network_refs.pt", weights_only=True)
 
 
-def official_twin(name):
-    """Our network for a case of network_refs.pt, with the official run's parameters, and its parity errors."""
+def official_twin(name, cls):
+    """Our network (class `cls`) for a case of network_refs.pt, with the official run's parameters; its parity error."""
     ref = NET_REFS[name]
-    net = {"SongUNet": SongUNet, "DhariwalUNet": DhariwalUNet}[ref["class_name"]](**ref["kwargs"]).eval()
+    assert ref["class_name"] == cls.__name__
+    net = cls(**ref["kwargs"]).eval()
     params = make_network_refs.random_state(ref["param_shapes"], ref["seed"])
     net.load_state_dict({**params, **ref["buffers"]}, strict=True)
     assert list(net.state_dict()) == ref["state_dict_keys"]  # the same keys in the same order
@@ -830,7 +840,7 @@ def official_twin(name):
 
 
 for name, label in [("ncsnpp", "NCSN++"), ("songunet_skip", "SongUNet, skip encoder and decoder")]:
-    _, parity_errors[label] = official_twin(name)
+    _, parity_errors[label] = official_twin(name, SongUNet)
 for name, err in parity_errors.items():
     print(f"{name:36s} max|ours - official| / max|official| = {err:.1e}")
 assert max(parity_errors.values()) <= 1e-5
@@ -907,7 +917,7 @@ class DhariwalUNet(_LevelUNet):
 # augmentation labels) with seeded random weights.
 
 # %%
-adm_small, parity_errors["ADM"] = official_twin("adm")
+adm_small, parity_errors["ADM"] = official_twin("adm", DhariwalUNet)
 heads = {key: block.num_heads for key, block in adm_small.enc.items() if isinstance(block, UNetBlock)}
 print(f"ADM: max|ours - official| / max|official| = {parity_errors['ADM']:.1e}; heads per encoder block: {heads}")
 assert parity_errors["ADM"] <= 1e-5 and sorted(set(heads.values())) == [0, 1, 2]
@@ -922,7 +932,8 @@ glue("parity_worst", max(parity_errors.values()), display=False)
 # `channel_mult=[1, 2, 3, 4]`, 3 blocks, attention at 32, 16 and 8, 1000 classes. We build them
 # inside the EDM preconditioner on PyTorch's `meta` device — shapes without memory, so even the
 # 296-million-parameter ADM costs nothing — and count. The official parameter counts are
-# 55,735,299, 56,400,643 and 295,899,267.
+# 55,735,299, 56,400,643 and 295,899,267. We also check that the diagram of §5.4 shows the
+# modules of the CIFAR-10 DDPM++, in their order, and nothing else (but for its output layers).
 
 # %%
 from edm_lit.precond import EDMPrecond
@@ -938,19 +949,23 @@ ADM = dict(img_resolution=64, img_channels=3, label_dim=1000, model_type="Dhariw
 paper = {"CIFAR-10 DDPM++ (cond.)": (dict(**CIFAR, **DDPMPP), 55_735_299),
          "CIFAR-10 NCSN++ (cond.)": (dict(**CIFAR, **NCSNPP), 56_400_643),
          "ImageNet-64 ADM (cond.)": (ADM, 295_899_267)}
-shapes = {}
+shapes, built = {}, {}
 for name, (kwargs, official) in paper.items():
     with torch.device("meta"):
-        net = EDMPrecond(**kwargs)
+        net = built[name] = EDMPrecond(**kwargs)
     count = sum(p.numel() for p in net.parameters())
     shapes[name] = {k: tuple(v.shape) for k, v in net.state_dict().items()}
     print(f"{name:25s} {count:>13,} parameters (official {official:,}), {len(shapes[name])} state_dict keys")
     assert count == official
+cifar = built["CIFAR-10 DDPM++ (cond.)"].model  # the diagram of §5.4 shows exactly the modules the builders made
+drawn = {side: [key for s, key in boxes if s == side] for side in ("enc", "dec")}
+assert drawn["enc"] == list(cifar.enc) and drawn["dec"] == [k for k in cifar.dec if "aux" not in k]
 
 # %% [markdown]
-# There is no ADM parity file, so we spot-check the key names and shapes that the naming scheme
-# of §5.4–5.5 predicts for the ImageNet model: the bias-free class embedding, the stored box
-# filter of a down-sampling block, 6 heads of 64 channels at 32×32 (so `qkv` has
+# §5.6 checked a small ADM against the official outputs; for the full ImageNet model we
+# spot-check the key names and shapes that the level table and naming rule of §5.4 predict: the
+# bias-free class embedding, the stored box filter of a down-sampling block, 6 heads of 64
+# channels at 32×32 (so `qkv` has
 # $3 \cdot 384$ outputs), no attention at 64×64, four decoder blocks per level, and the output layers.
 
 # %%
@@ -977,8 +992,9 @@ print(f"{len(expected)} ADM keys checked by name and shape")
 # optimiser stay in float32. The alternative, `torch.autocast(device_type, dtype=torch.bfloat16)`
 # around the forward pass, lets PyTorch choose the precision per operation (convolutions and
 # matrix products in bfloat16). The speed-up is a GPU matter; here we check that both paths run
-# and agree with float32 — float16 to about $10^{-3}$, bfloat16 (8 bits of mantissa) to about
-# $10^{-2}$ of the output's scale.
+# and measure how far each is from float32, as a fraction of the output's scale: float16
+# {glue:text}`err_fp16:.1e`, bfloat16 {glue:text}`err_bf16:.1e`. bfloat16 keeps 8 bits of
+# mantissa where float16 keeps 11, so it should be several times further off, and it is.
 
 # %%
 args = (PARITY["model_in_x"], PARITY["model_in_noise_labels"], PARITY["model_in_class_labels"])
@@ -987,10 +1003,15 @@ with torch.no_grad():
     out_fp16 = small(args[0].half(), *args[1:])
     with torch.autocast("cpu", dtype=torch.bfloat16):
         out_bf16 = small(*args)
+precision_err = {}
 for name, out in [("float16 input", out_fp16), ("bfloat16 autocast", out_bf16)]:
-    err = ((out.float() - ref).abs().max() / ref.abs().max()).item()
-    print(f"{name:18s} output {out.dtype}, max error / max|output| = {err:.1e}")
-    assert err < (5e-3 if out.dtype == torch.float16 else 5e-2)
+    precision_err[out.dtype] = ((out.float() - ref).abs().max() / ref.abs().max()).item()
+    print(f"{name:18s} output {out.dtype}, max error / max|output| = {precision_err[out.dtype]:.1e}")
+err16, err_bf16 = precision_err[torch.float16], precision_err[torch.bfloat16]
+print(f"bfloat16 error / float16 error = {err_bf16 / err16:.1f}")
+assert err16 < 4e-3 and err_bf16 < 4e-2 and 3 < err_bf16 / err16 < 30
+glue("err_fp16", err16, display=False)
+glue("err_bf16", err_bf16, display=False)
 
 # %% [markdown]
 # ## 5.9 Training against a known floor
@@ -1011,7 +1032,7 @@ for name, out in [("float16 input", out_fp16), ("bfloat16 autocast", out_bf16)]:
 # The set-up: the image-shaped mixture of Chapter 1 (eight smooth 3×8×8 "images" with
 # per-pixel standard deviation 0.1), `EDMPrecond` around a small DDPM++ (`SongUNet`, two
 # levels, attention at 4×4), `EDMLoss` of Chapter 4 with $\sigma_\text{data}$ set to the data's
-# standard deviation, Adam. Quick mode trains for about two minutes on a CPU.
+# standard deviation, Adam. Quick mode trains briefly on a CPU (the cell prints for how long).
 
 # %%
 from edm_lit.framework import toy_image_mixture
@@ -1052,6 +1073,7 @@ sigma_eval = torch.logspace(-2, math.log10(50), 15, dtype=torch.float64)
 n_eval = MODE.pick(quick=512, full=4096)
 eval_gen = torch.Generator().manual_seed(2)
 trained, floor = [], []
+data_mean = (gm.weights.reshape(-1, 1, 1, 1) * gm.means).sum(0)
 denoiser.eval()
 with torch.no_grad():
     for s in sigma_eval:
@@ -1060,6 +1082,8 @@ with torch.no_grad():
         D = denoiser(x.float().to(MODE.device), s.float().expand(n_eval).to(MODE.device)).double().cpu()
         trained.append((loss_fn.weight(s) * (D - y).square().mean()).item())
         floor.append((loss_fn.weight(s) * (gm.denoise(x, s) - y).square().mean()).item())
+    # at the largest σ: how far the answer is from the data mean, relative to the data's own spread
+    from_mean = ((D - data_mean).square().mean() / (y - data_mean).square().mean()).item()
     y = gm.sample(16_384, generator=eval_gen)
     s_train = (loss_fn.P_mean + loss_fn.P_std * torch.randn(16_384, 1, 1, 1, generator=eval_gen, dtype=torch.float64)).exp()
     x = y + s_train * torch.randn(y.shape, generator=eval_gen, dtype=torch.float64)
@@ -1087,31 +1111,135 @@ _ = ax1.legend(), ax2.legend(fontsize=8)
 plt.tight_layout()
 
 # %% [markdown]
-# The trained network follows the floor closely where $p_\text{train}$ puts its samples and
-# the task is easy (small σ, where $D \approx \mathbf{x}$ is nearly right, and large σ, where the answer
-# is close to the data mean). The gap is largest around σ ≈ 1–3: there the noisy image is still
-# informative, but deciding *which* of the eight components it came from requires the network
-# to have learned them well — exactly the intermediate range the paper identifies as the one
-# where training effort matters. **Check** — the training loss ends close to the floor averaged
-# over $p_\text{train}$ (within 30 %); after the short quick-mode training the trained loss for
-# σ in [0.2, 2] is within `MARGIN` = 40 % of the floor (in our runs it ended 17–24 % above the
-# floor at σ ≈ 1.3 and within 10 % elsewhere in that range; longer training shrinks the gap);
-# the largest gap lies between σ = 0.7 and 5; and nowhere is the trained loss below the floor by
-# more than the Monte Carlo error.
+# The trained network follows the floor closely where the task is easy: at small σ, where
+# $D \approx \mathbf{x}$ is nearly right, and at large σ, where the noisy image says almost
+# nothing and the best answer is close to the data mean. The gap is largest at intermediate σ
+# (here at σ = {glue:text}`floor_worst_sigma:.2f`): there the noisy image is still informative,
+# but deciding *which* of the eight components it came from requires the network to have
+# learned them well — exactly the intermediate range the paper identifies as the one where
+# training effort matters.
+#
+# **Check** — what the run measured, and what is asserted about it:
+#
+# - the training loss over the last 100 steps is {glue:text}`floor_final_ratio:.3f` times the
+#   floor averaged over $p_\text{train}$;
+# - for σ in [0.2, 2] the trained loss is at most {glue:text}`floor_mid_excess:.1%` above the
+#   floor (asserted below `MARGIN`: 30 % in quick mode, 20 % in full mode);
+# - the excess over the floor at its worst is {glue:text}`floor_peak_vs_ends:.1f` times the
+#   largest excess at the ends of the range (σ < 0.1 or σ > 10);
+# - at σ = 50 the trained network's answer is as far from the data mean as
+#   {glue:text}`floor_from_mean:.1%` of the data's own spread about it (mean squares): the
+#   large-σ claim;
+# - nowhere is the trained loss below the floor by more than the Monte Carlo error.
 
 # %%
 final = smooth[-1].item()
-print(f"training loss over the last {window} steps {final:.4f}; floor averaged over p_train {floor_train:.4f} "
-      f"(ratio {final / floor_train:.3f})")
-assert 0.85 <= final / floor_train <= 1.3
-MARGIN = MODE.pick(quick=0.4, full=0.2)
+excess = ratio - 1
+ends = (sigma_eval < 0.1) | (sigma_eval > 10)
 mid = (sigma_eval >= 0.2) & (sigma_eval <= 2)
 worst = sigma_eval[ratio.argmax()].item()
-print(f"sigma in [0.2, 2]: trained / floor at most {ratio[mid].max():.3f} (allowed 1 + {MARGIN}); "
-      f"largest gap at sigma = {worst:.2f}; smallest ratio {ratio.min():.3f}")
+peak_vs_ends = (excess.max() / excess[ends].abs().max()).item()
+MARGIN = MODE.pick(quick=0.3, full=0.2)
+print(f"training loss over the last {window} steps {final:.4f}; floor averaged over p_train {floor_train:.4f} "
+      f"(ratio {final / floor_train:.3f})")
+print(f"sigma in [0.2, 2]: trained / floor at most {ratio[mid].max():.3f} (allowed 1 + {MARGIN}); largest gap at "
+      f"sigma = {worst:.2f}, {peak_vs_ends:.1f} times the largest at the ends; smallest ratio {ratio.min():.3f}")
+print(f"sigma = {sigma_eval[-1]:.0f}: mean square of D - data mean = {from_mean:.1%} of that of y - data mean")
+assert 0.97 <= final / floor_train <= 1.15
 assert (ratio[mid] <= 1 + MARGIN).all()
-assert 0.7 <= worst <= 5
+assert peak_vs_ends >= 3 and 0.2 <= worst <= 5
+assert from_mean <= 0.1
 assert (ratio >= 0.97).all()
+for name, value in [("floor_final_ratio", final / floor_train), ("floor_mid_excess", ratio[mid].max().item() - 1),
+                    ("floor_worst_sigma", worst), ("floor_peak_vs_ends", peak_vs_ends), ("floor_from_mean", from_mean)]:
+    glue(name, value, display=False)
+
+# %% [markdown]
+# ## 5.10 A first network on real images: handwritten digits
+#
+# The mixture has a floor we can compute, but its samples are not pictures. scikit-learn ships a
+# small real image set that needs no download: the UCI handwritten digits, greyscale images of
+# 8×8 pixels with a few grey levels and a class label 0–9 each (the cell prints how many). We scale them to
+# $[-1, 1]$ (the range the paper's image data uses) and train the same small `SongUNet` inside
+# `EDMPrecond` with `EDMLoss` — now *class-conditional* (`label_dim=10`, the one-hot label enters
+# the embedding of §5.2) — then draw samples with the deterministic sampler of Chapter 2
+# (Algorithm 1, 18 steps) for each class.
+
+# %%
+from sklearn.datasets import load_digits
+
+from edm_lit.samplers import edm_sampler
+
+digits = load_digits()
+images = torch.as_tensor(digits.images, dtype=torch.float32)[:, None] / 8 - 1  # 0..16 -> [-1, 1]
+labels = torch.nn.functional.one_hot(torch.as_tensor(digits.target), 10).float()
+digit_sigma_data = images.std().item()
+digit_steps, digit_batch, digit_lr = MODE.pick(quick=1500, full=20_000), 64, 2e-3
+torch.manual_seed(0)
+digit_net = EDMPrecond(img_resolution=8, img_channels=1, label_dim=10, sigma_data=digit_sigma_data,
+                       model_type="SongUNet", model_channels=MODE.pick(quick=16, full=64), channel_mult=[1, 2],
+                       num_blocks=1, attn_resolutions=[4], dropout=0.0).to(MODE.device)
+digit_loss = EDMLoss(sigma_data=digit_sigma_data)
+digit_opt = torch.optim.Adam(digit_net.parameters(), lr=digit_lr)
+batch_gen = torch.Generator().manual_seed(3)
+digit_history = []
+start = time.perf_counter()
+for step in range(digit_steps):
+    for group in digit_opt.param_groups:  # as in §5.9: constant, then a linear decay over the last 30 %
+        group["lr"] = digit_lr * min(1.0, (digit_steps - step) / (0.3 * digit_steps))
+    pick = torch.randint(len(images), (digit_batch,), generator=batch_gen)
+    loss = digit_loss(digit_net, images[pick].to(MODE.device), labels[pick].to(MODE.device)).mean()
+    digit_opt.zero_grad(set_to_none=True)
+    loss.backward()
+    digit_opt.step()
+    digit_history.append(loss.item())
+print(f"{len(images)} digits with {images.unique().numel()} grey levels, sigma_data = {digit_sigma_data:.3f}; {digit_steps} steps of {digit_batch} in "
+      f"{time.perf_counter() - start:.0f} s; {sum(p.numel() for p in digit_net.parameters()):,} parameters")
+
+# %%
+per_class = 20
+asked = torch.arange(10).repeat_interleave(per_class)
+latents = torch.randn(len(asked), 1, 8, 8, generator=torch.Generator().manual_seed(4), dtype=torch.float64)
+digit_net.eval()
+with torch.no_grad():
+    samples = edm_sampler(digit_net, latents.to(MODE.device), torch.eye(10)[asked].to(MODE.device)).float().cpu()
+shown = samples.clamp(-1, 1).reshape(10, per_class, 8, 8)[:, :12]
+fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(12, 5), gridspec_kw=dict(width_ratios=[1.3, 1]))
+ax1.imshow(shown.permute(0, 2, 1, 3).reshape(80, -1), cmap="gray_r", vmin=-1, vmax=1)
+ax1.set(title="samples, one row per class asked for (0 at the top)", xticks=[], yticks=[])
+ax1.grid(False)
+ax2.hist(images.flatten(), bins=34, range=(-1.05, 1.05), density=True, alpha=0.6, label="training digits")
+ax2.hist(samples.flatten(), bins=34, range=(-1.05, 1.05), density=True, alpha=0.6, label="samples")
+ax2.set(xlabel="pixel value", ylabel="density", title="pixel histogram", yscale="log")
+_ = ax2.legend()
+plt.tight_layout()
+
+# %% [markdown]
+# The rows should be recognisable digits of the class asked for. Two measurable checks: a
+# classifier trained on the real digits (scikit-learn's logistic regression, which recognises
+# {glue:text}`digit_clf_train:.1%` of the training images) assigns the class we asked for to
+# {glue:text}`digit_clf_acc:.1%` of the samples, where guessing gives 10 %; and the samples' mean
+# image is {glue:text}`digit_mean_err:.3f` away from the data's mean image (root mean square over
+# the 64 pixels, on a scale where the pixels span 2), against {glue:text}`digit_mean_noise:.3f`
+# between the mean images of two random halves of the data set of the samples' size.
+
+# %%
+from sklearn.linear_model import LogisticRegression
+
+flat = images.reshape(len(images), -1).numpy()
+classifier = LogisticRegression(max_iter=2000).fit(flat, digits.target)
+clf_train = classifier.score(flat, digits.target)
+clf_acc = classifier.score(samples.clamp(-1, 1).reshape(len(asked), -1).numpy(), asked.numpy())
+mean_err = (samples.mean(0) - images.mean(0)).square().mean().sqrt().item()
+halves = torch.randperm(len(images), generator=torch.Generator().manual_seed(5))[: 2 * len(asked)].chunk(2)
+mean_noise = (images[halves[0]].mean(0) - images[halves[1]].mean(0)).square().mean().sqrt().item()
+print(f"classifier: {clf_train:.1%} right on the training digits, {clf_acc:.1%} of the samples are the class asked for")
+print(f"rms(mean image of samples - mean image of data) = {mean_err:.3f}; between two halves of the data {mean_noise:.3f}")
+assert clf_acc >= 0.5
+assert mean_err <= 3 * mean_noise
+for name, value in [("digit_clf_train", clf_train), ("digit_clf_acc", clf_acc), ("digit_mean_err", mean_err),
+                    ("digit_mean_noise", mean_noise)]:
+    glue(name, value, display=False)
 
 # %% [markdown]
 # ## Summary
@@ -1121,31 +1249,67 @@ assert (ratio >= 0.97).all()
 # - layers with the official parameter names: `weight_init` (the four schemes), `Linear`,
 #   `Conv2d` (with FIR up/down-sampling and the `resample_filter` buffer), `GroupNorm`,
 #   `attention`, `UNetBlock`, and the noise embeddings `PositionalEmbedding`, `FourierEmbedding`;
-# - the architectures `SongUNet` (DDPM++ / NCSN++) and `DhariwalUNet` (ADM) with the official
-#   constructor arguments and `state_dict()` keys (checked against official weights and outputs
-#   to $10^{-6}$, and the official parameter counts of the paper's three configurations); both
-#   keep their constructor arguments in `init_kwargs`, compute in the input's dtype (`use_fp16`)
-#   and run under bfloat16 autocast.
+# - the plan of a U-Net: the level table `unet_levels` (rows `Level`), the naming rule
+#   `level_key` and the decoder's `decoder_roles`;
+# - the architectures `SongUNet` (DDPM++ / NCSN++) and `DhariwalUNet` (ADM), built by walking the
+#   level table, with the official constructor arguments and `state_dict()` keys: official weights
+#   load with `strict=True`, and the outputs of DDPM++, NCSN++, the progressive variants and ADM
+#   agree with the official ones to {glue:text}`parity_worst:.1e` of their scale (asserted
+#   $\le 10^{-5}$); the parameter counts of the paper's three configurations are the official
+#   ones. Both keep their constructor arguments in `init_kwargs`, compute in the input's dtype
+#   (`use_fp16`) and run under bfloat16 autocast.
+#
+# Trained with `EDMLoss` (Chapter 4), a small DDPM++ gets close to the exact loss floor of a
+# Gaussian mixture, and a class-conditional one draws recognisable handwritten digits.
 #
 # Loading official snapshots and our own checkpoint format: Appendix B (`edm_lit.checkpoints`).
 #
+# %% tags=["hide-cell"]
+# numbers for the answers to the exercises, computed: 20 fresh blocks in a row, and p_train's median σ
+def scale_after(blocks, x):
+    with torch.no_grad():
+        for block in blocks:
+            x = block(x, torch.randn(x.shape[0], 16))
+    return x.std().item()
+
+
+torch.manual_seed(0)
+probe = torch.randn(8, 32, 8, 8)
+song_blocks = [UNetBlock(32, 32, 16, skip_scale=math.sqrt(0.5), adaptive_scale=False, eps=1e-6,
+                         init=_init_scheme("xavier_uniform"), init_zero=_init_scheme("xavier_uniform", 1e-5))
+               for _ in range(20)]
+adm_blocks = [UNetBlock(32, 32, 16, init=_init_scheme("kaiming_uniform", math.sqrt(1 / 3), math.sqrt(1 / 3)),
+                        init_zero=_init_scheme("kaiming_uniform", 0, 0)) for _ in range(20)]
+exercise = {"ex_song_scale": scale_after(song_blocks, probe) / probe.std().item(),
+            "ex_adm_scale": scale_after(adm_blocks, probe) / probe.std().item(),
+            "ex_half_power": 2.0**-10, "ex_median_sigma": math.exp(1.0), "ex_median_sigma_edm": math.exp(-1.2)}
+print({k: f"{v:.3g}" for k, v in exercise.items()})
+assert abs(exercise["ex_song_scale"] / exercise["ex_half_power"] - 1) < 0.01 and abs(exercise["ex_adm_scale"] - 1) < 1e-6
+for name, value in exercise.items():
+    glue(name, value, display=False)
+
+# %% [markdown]
 # ## Exercises
 #
 # 1. The box filter `[1, 1]` makes down-sampling an average over 2×2 pixels. What does
 #    `[1, 3, 3, 1]` compute, and why might NCSN++ prefer it?
 # 2. DDPM++ multiplies every residual sum by $1/\sqrt2$; ADM does not. If the residual branch
 #    starts at zero, what happens to the activations' scale after 20 blocks in each case?
-# 3. In §5.8, train with `P_mean = 1.0` instead of −1.2. Where does the gap to the floor grow?
+# 3. In §5.9, train with `P_mean = 1.0` instead of −1.2. Where does the gap to the floor grow?
 #
 # :::{dropdown} Answers
 # 1. The 4×4 filter is the outer product of $[1, 3, 3, 1]/8$ with itself: a binomial (approximately
 #    Gaussian) low-pass, which suppresses the aliasing a box filter lets through when it halves
 #    the resolution; it costs a 4×4 instead of a 2×2 depthwise convolution.
 # 2. With a zero residual branch each block returns its input times `skip_scale`: after 20 DDPM++
-#    blocks the signal is scaled by $2^{-10} \approx 10^{-3}$ unless the branches learn to add
-#    variance — the $1/\sqrt2$ keeps unit variance when the branch and the skip contribute equally.
-#    ADM's blocks keep the scale at initialisation and rely on normalisation inside the branch.
-# 3. $p_\text{train}$ moves to σ ≈ 2.7, so fewer training samples fall at small and
+#    blocks the signal is scaled by $(1/\sqrt2)^{20} = 2^{-10}$ = {glue:text}`ex_half_power:.2e`
+#    (20 fresh DDPM++ blocks in a row, whose output layers start at $10^{-5}$, measured
+#    {glue:text}`ex_song_scale:.2e`) unless the branches learn to add variance — the $1/\sqrt2$
+#    keeps unit variance when the branch and the skip contribute equally. ADM's blocks keep the
+#    scale at initialisation (measured {glue:text}`ex_adm_scale:.3f`) and rely on normalisation
+#    inside the branch.
+# 3. The median of $p_\text{train}$ moves from σ = {glue:text}`ex_median_sigma_edm:.2f` to
+#    σ = {glue:text}`ex_median_sigma:.2f`, so fewer training samples fall at small and
 #    intermediate σ: expect the ratio to the floor to grow there and to shrink slightly at large σ.
 #    This is the paper's argument for centring $p_\text{train}$ where the loss can actually be reduced.
 # :::

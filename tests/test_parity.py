@@ -1,7 +1,7 @@
 """End-to-end parity with the official implementation (NVlabs/edm @ 008a4e5), real network included.
 
 The reference files in tests/data/ hold the official code's outputs for a small EDMPrecond(SongUNet) with seeded
-random weights (see /work/shared/parity/README.md for how they were made). Here the whole stack runs: our
+random weights (tests/data/README.md says how they were made). Here the whole stack runs: our
 SongUNet with the official state_dict, our EDMPrecond, our EDMLoss with the same seed, our samplers on that
 network. The network's own outputs are checked in test_networks.py; unit-level parity (replayed network calls,
 fake inner models) lives in the per-module test files.
