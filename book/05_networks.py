@@ -623,10 +623,15 @@ def _label_input(class_labels, layer, dropout, training, batch):
 class _LevelUNet(torch.nn.Module):
     """What SongUNet and DhariwalUNet share: encoder and decoder built level by level from the level table."""
 
+    @property
+    def levels(self) -> list[Level]:
+        """The level table the network was built from."""
+        return [Level(*row) for row in self._level_rows]
+
     def _build(self, levels, in_channels, stem_channels, make_block, make_stem, decoder_attention,
                encoder_extra=None, decoder_extra=None):
         """Fill `enc` and `dec` walking the level table; returns the channels of the decoder's output."""
-        self.levels = levels
+        self._level_rows = [tuple(lv) for lv in levels]  # plain tuples: the module's state pickles without our types
         self.enc, self.dec = torch.nn.ModuleDict(), torch.nn.ModuleDict()
         handed = []  # channels of each encoder output handed to the decoder (a stack)
         c = in_channels
@@ -674,9 +679,9 @@ class _LevelUNet(torch.nn.Module):
 
     def _decode(self, x, emb, handed, after_level=None):
         """The decoder: every block takes the next handed-over tensor concatenated to its input."""
-        out = None
-        for lv in reversed(self.levels):
-            entry, blocks = decoder_roles(lv, self.levels)
+        out, levels = None, self.levels
+        for lv in reversed(levels):
+            entry, blocks = decoder_roles(lv, levels)
             for role in entry:
                 x = self.dec[level_key(lv, role)](x, emb)
             for role in blocks:
@@ -1174,7 +1179,7 @@ digits = load_digits()
 images = torch.as_tensor(digits.images, dtype=torch.float32)[:, None] / 8 - 1  # 0..16 -> [-1, 1]
 labels = torch.nn.functional.one_hot(torch.as_tensor(digits.target), 10).float()
 digit_sigma_data = images.std().item()
-digit_steps, digit_batch, digit_lr = MODE.pick(quick=1500, full=20_000), 64, 2e-3
+digit_steps, digit_batch, digit_lr = MODE.pick(quick=1000, full=20_000), 64, 2e-3
 torch.manual_seed(0)
 digit_net = EDMPrecond(img_resolution=8, img_channels=1, label_dim=10, sigma_data=digit_sigma_data,
                        model_type="SongUNet", model_channels=MODE.pick(quick=16, full=64), channel_mult=[1, 2],
