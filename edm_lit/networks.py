@@ -175,15 +175,15 @@ class UNetBlock(torch.nn.Module):
         self.num_heads = heads if attention else 0
         self.dropout, self.skip_scale, self.adaptive_scale = dropout, skip_scale, adaptive_scale
         sampling = dict(up=up, down=down, resample_filter=resample_filter)
-        # the residual branch, in the order the data flows through it (step 1-3 above)
+        # the residual branch, in the order the data flows through it (steps 1-3 of §5.3)
         self.norm0, self.conv0 = GroupNorm(in_channels, eps=eps), Conv2d(in_channels, out_channels, 3, **sampling, **init)
         self.affine = Linear(emb_channels, (2 if adaptive_scale else 1) * out_channels, **init)
         self.norm1, self.conv1 = GroupNorm(out_channels, eps=eps), Conv2d(out_channels, out_channels, 3, **init_zero)
-        # the shortcut (step 4): identity unless the block changes the shape
+        # the shortcut (step 4 of §5.3): identity unless the block changes the shape
         reshapes = up or down or in_channels != out_channels
         projects = resample_proj or in_channels != out_channels
         self.skip = Conv2d(in_channels, out_channels, 1 if projects else 0, **sampling, **init) if reshapes else None
-        if self.num_heads:  # step 5
+        if self.num_heads:  # attention (step 5 of §5.3)
             self.norm2 = GroupNorm(out_channels, eps=eps)
             self.qkv, self.proj = Conv2d(out_channels, 3 * out_channels, 1, **init_attn), \
                 Conv2d(out_channels, out_channels, 1, **init_zero)

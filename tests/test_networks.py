@@ -6,8 +6,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from edm_lit.networks import (Conv2d, DhariwalUNet, FourierEmbedding, Linear, PositionalEmbedding, SongUNet, UNetBlock,
-                              attention, weight_init)
+from edm_lit.networks import (Conv2d, DhariwalUNet, FourierEmbedding, Level, Linear, PositionalEmbedding, SongUNet,
+                              UNetBlock, attention, decoder_roles, level_key, unet_levels, weight_init)
 from edm_lit.precond import EDMPrecond
 
 
@@ -311,3 +311,16 @@ def test_init_kwargs_rebuild(small):
     twin = SongUNet(**small.init_kwargs)
     assert {k: v.shape for k, v in twin.state_dict().items()} == {k: v.shape for k, v in small.state_dict().items()}
     assert small.init_kwargs["channel_mult"] == [1, 2] and "self" not in small.init_kwargs
+
+
+def test_level_table_and_naming_rule():
+    levels = unet_levels(64, 192, [1, 2, 3, 4], 3, [32, 16, 8])
+    assert levels[1] == Level(index=1, resolution=32, channels=384, num_blocks=3, attention=True)
+    assert [lv.attention for lv in levels] == [False, True, True, True]
+    assert level_key(levels[2], "block0") == "16x16_block0"
+    assert decoder_roles(levels[3], levels) == (["in0", "in1"], ["block0", "block1", "block2", "block3"])
+    assert decoder_roles(levels[0], levels)[0] == ["up"]
+    net = DhariwalUNet(16, 3, 3, model_channels=32, channel_mult=[1, 2], num_blocks=1, attn_resolutions=[8])
+    assert net.levels == unet_levels(16, 32, [1, 2], 1, [8])
+    with pytest.raises(ValueError, match="channel_mult"):
+        unet_levels(16, 32, [], 1, [])
