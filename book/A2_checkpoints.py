@@ -1219,7 +1219,7 @@ def convert(src, dst) -> tuple:
 # object to `torch_utils.persistence._reconstruct_persistent_obj(meta)` as the official code
 # does (a stand-in `torch_utils.persistence` module exists only while pickling; the
 # `module_src` we store is a placeholder). The snapshot dict has the official keys; its `ema` is
-# the parity network of Chapter 5 §5.4 wrapped in `EDMPrecond`, so the loaded network must reproduce the
+# the parity network of Chapter 5 §5.5 wrapped in `EDMPrecond`, so the loaded network must reproduce the
 # official outputs. (With a checkout of the official code, `EDM_LIT_OFFICIAL=/path/to/edm pytest
 # tests/test_checkpoints.py -k official_code` also loads snapshots that the official code itself
 # pickles, `AugmentPipe` and all, and compares their outputs with the official networks'.)

@@ -7,6 +7,7 @@
 # ── 05_networks.py § 5. The networks ──
 
 import math
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -60,41 +61,42 @@ class Conv2d(torch.nn.Module):
                        if kernel else None)
         self.bias = torch.nn.Parameter(weight_init([out_channels], **fans) * init_bias) if kernel and bias else None
         f = torch.as_tensor(resample_filter, dtype=torch.float32)
-        self.register_buffer("resample_filter", (torch.outer(f, f) / f.sum().square())[None, None] if up or down else None)
-        # the pooling shortcut applies exactly when the filter is the 2x2 box (all entries 1/4)
-        taps = [float(v) for v in resample_filter]
-        self._box = (up or down) and len(taps) == 2 and taps[0] == taps[1]
+        f2d = (torch.outer(f, f) / f.sum().square())[None, None]  # [1, 1, K, K], sums to 1
+        self.register_buffer("resample_filter", f2d if up or down else None)
+        taps = [float(t) for t in resample_filter]  # (from the list: the buffer may live on the meta device)
+        self._box = bool(up or down) and len(taps) == 2 and taps[0] == taps[1]
 
     def _load_from_state_dict(self, *args, **kwargs):
         super()._load_from_state_dict(*args, **kwargs)
-        f = self.resample_filter  # a loaded filter decides again whether the shortcut applies
+        f = self.resample_filter  # a loaded filter decides again whether the box shortcut applies
         self._box = f is not None and f.shape[-1] == 2 and bool((f == 0.25).all())
 
-    def _resample(self, x, channels, pad):
-        f = self.resample_filter.to(x.dtype)
+    def _resample(self, x, pad):
+        """Up- (zero-stuffing, filter x 4) or down-sampling (filter, stride 2) of every channel by the FIR filter."""
+        f, channels = self.resample_filter.to(x.dtype), x.shape[1]
+        if self._box and pad == 0:  # the 2x2 box: nearest-neighbour repetition or 2x2 averaging
+            return x.repeat_interleave(2, dim=2).repeat_interleave(2, dim=3) if self.up else F.avg_pool2d(x, 2)
         if self.up:
-            if self._box and pad == 0:
-                return x.repeat_interleave(2, dim=2).repeat_interleave(2, dim=3)
-            return F.conv_transpose2d(x, (4 * f).tile([channels, 1, 1, 1]), groups=channels, stride=2, padding=pad)
-        if self._box and pad == 0:
-            return F.avg_pool2d(x, 2)
-        return F.conv2d(x, f.tile([channels, 1, 1, 1]), groups=channels, stride=2, padding=pad)
+            return F.conv_transpose2d(x, 4 * f.expand(channels, 1, -1, -1), stride=2, padding=pad, groups=channels)
+        return F.conv2d(x, f.expand(channels, 1, -1, -1), stride=2, padding=pad, groups=channels)
 
     def forward(self, x):
-        w = self.weight.to(x.dtype) if self.weight is not None else None
-        b = self.bias.to(x.dtype) if self.bias is not None else None
-        w_pad = w.shape[-1] // 2 if w is not None else 0
-        f_pad = (self.resample_filter.shape[-1] - 1) // 2 if self.resample_filter is not None else 0
-        if self.fused_resample and w is not None and (self.up or self.down):
-            if self.up:  # up-sample with the padding of both, then convolve without padding
-                return F.conv2d(self._resample(x, self.in_channels, w_pad + f_pad), w, b)
-            x = self._resample(F.conv2d(x, w, padding=w_pad + f_pad), self.out_channels, 0)
-            return x if b is None else x.add_(b.reshape(1, -1, 1, 1))
-        if self.up or self.down:
-            x = self._resample(x, self.in_channels, f_pad)
-        if w is not None:
-            return F.conv2d(x, w, b, padding=w_pad)
-        return x if b is None else x + b.reshape(1, -1, 1, 1)
+        w = None if self.weight is None else self.weight.to(x.dtype)
+        b = None if self.bias is None else self.bias.to(x.dtype)
+        if self.resample_filter is None:  # a plain 'same' convolution
+            return x if w is None else F.conv2d(x, w, b, padding=w.shape[-1] // 2)
+        k_f = self.resample_filter.shape[-1]
+        if w is None:  # a pure resampler
+            return self._resample(x, (k_f - 1) // 2)
+        k_w = w.shape[-1]
+        if not self.fused_resample:  # resample ('same' size), then a 'same' convolution
+            return F.conv2d(self._resample(x, (k_f - 1) // 2), w, b, padding=k_w // 2)
+        if self.down:  # convolve at full resolution over the support both filters need, then filter and decimate
+            y = self._resample(F.conv2d(x, w, padding=k_w // 2 + (k_f - 1) // 2), 0)
+        else:  # up-sample to the full support (2H + k_f - 2), trim or pad it to 2H + k_w - 1, convolve 'valid'
+            full = self._resample(x, 0)
+            y = F.conv2d(F.pad(full, [k_w // 2 - (k_f - 1) // 2] * 4), w)
+        return y if b is None else y + b[:, None, None]
 
 
 class GroupNorm(torch.nn.Module):
@@ -126,6 +128,12 @@ def attention(qkv: torch.Tensor, num_heads: int) -> torch.Tensor:
 
 # ── 05_networks.py § 5.2 Telling the network the noise level ──
 
+def _cos_sin(c: torch.Tensor, omega: torch.Tensor) -> torch.Tensor:
+    """[cos(omega_i c_n), sin(omega_i c_n)] for a batch of scalars c [N] and frequencies omega [n]: [N, 2n]."""
+    angles = c[:, None] * omega.to(c.dtype)[None, :]
+    return torch.cat([angles.cos(), angles.sin()], dim=1)
+
+
 class PositionalEmbedding(torch.nn.Module):
     """Sinusoidal embedding [cos(w_i c), sin(w_i c)] with w_i = (1/max_positions)^(i/n'). Chapter 5."""
 
@@ -134,10 +142,9 @@ class PositionalEmbedding(torch.nn.Module):
         self.num_channels, self.max_positions, self.endpoint = num_channels, max_positions, endpoint
 
     def forward(self, x):
-        half = self.num_channels // 2
-        exponent = torch.arange(half, dtype=torch.float32, device=x.device) / (half - (1 if self.endpoint else 0))
-        angles = torch.outer(x, ((1 / self.max_positions) ** exponent).to(x.dtype))
-        return torch.cat([angles.cos(), angles.sin()], dim=1)
+        n = self.num_channels // 2
+        steps = n - 1 if self.endpoint else n  # endpoint: the last frequency is exactly 1/max_positions
+        return _cos_sin(x, (1 / self.max_positions) ** (torch.arange(n, dtype=torch.float32, device=x.device) / steps))
 
 
 class FourierEmbedding(torch.nn.Module):
@@ -145,11 +152,10 @@ class FourierEmbedding(torch.nn.Module):
 
     def __init__(self, num_channels, scale=16):
         super().__init__()
-        self.register_buffer("freqs", torch.randn(num_channels // 2) * scale)
+        self.register_buffer("freqs", scale * torch.randn(num_channels // 2))  # drawn once, saved with the weights
 
     def forward(self, x):
-        angles = torch.outer(x, (2 * math.pi * self.freqs).to(x.dtype))
-        return torch.cat([angles.cos(), angles.sin()], dim=1)
+        return _cos_sin(x, 2 * math.pi * self.freqs)
 
 
 # ── 05_networks.py § 5.3 The U-Net block ──
@@ -163,45 +169,88 @@ class UNetBlock(torch.nn.Module):
         super().__init__()
         init = dict(init or {})
         init_zero = dict(init_weight=0) if init_zero is None else dict(init_zero)
+        init_attn = init if init_attn is None else dict(init_attn)
+        heads = num_heads if num_heads is not None else out_channels // channels_per_head
         self.in_channels, self.out_channels, self.emb_channels = in_channels, out_channels, emb_channels
-        self.num_heads = 0 if not attention else num_heads if num_heads is not None else out_channels // channels_per_head
+        self.num_heads = heads if attention else 0
         self.dropout, self.skip_scale, self.adaptive_scale = dropout, skip_scale, adaptive_scale
-        resample = dict(up=up, down=down, resample_filter=resample_filter)
-
-        self.norm0 = GroupNorm(in_channels, eps=eps)
-        self.conv0 = Conv2d(in_channels, out_channels, kernel=3, **resample, **init)
-        self.affine = Linear(emb_channels, out_channels * (2 if adaptive_scale else 1), **init)
-        self.norm1 = GroupNorm(out_channels, eps=eps)
-        self.conv1 = Conv2d(out_channels, out_channels, kernel=3, **init_zero)
-        self.skip = None
-        if out_channels != in_channels or up or down:
-            kernel = 1 if resample_proj or out_channels != in_channels else 0
-            self.skip = Conv2d(in_channels, out_channels, kernel=kernel, **resample, **init)
-        if self.num_heads:
+        sampling = dict(up=up, down=down, resample_filter=resample_filter)
+        # the residual branch, in the order the data flows through it (steps 1-3 of §5.3)
+        self.norm0, self.conv0 = GroupNorm(in_channels, eps=eps), Conv2d(in_channels, out_channels, 3, **sampling, **init)
+        self.affine = Linear(emb_channels, (2 if adaptive_scale else 1) * out_channels, **init)
+        self.norm1, self.conv1 = GroupNorm(out_channels, eps=eps), Conv2d(out_channels, out_channels, 3, **init_zero)
+        # the shortcut (step 4 of §5.3): identity unless the block changes the shape
+        reshapes = up or down or in_channels != out_channels
+        projects = resample_proj or in_channels != out_channels
+        self.skip = Conv2d(in_channels, out_channels, 1 if projects else 0, **sampling, **init) if reshapes else None
+        if self.num_heads:  # attention (step 5 of §5.3)
             self.norm2 = GroupNorm(out_channels, eps=eps)
-            self.qkv = Conv2d(out_channels, out_channels * 3, kernel=1, **(init if init_attn is None else init_attn))
-            self.proj = Conv2d(out_channels, out_channels, kernel=1, **init_zero)
+            self.qkv, self.proj = Conv2d(out_channels, 3 * out_channels, 1, **init_attn), \
+                Conv2d(out_channels, out_channels, 1, **init_zero)
 
-    def _scale(self, x):
-        return x if self.skip_scale == 1 else x.mul_(self.skip_scale)
+    def _condition(self, h, emb):
+        """Step 2: the embedding added to the features, or as a per-channel scale and shift of norm1's output."""
+        e = self.affine(emb).to(h.dtype)[..., None, None]
+        if not self.adaptive_scale:
+            return silu(self.norm1(h + e))
+        scale, shift = e.chunk(2, dim=1)
+        return silu(torch.addcmul(shift, self.norm1(h), 1 + scale))
 
     def forward(self, x, emb):
-        h = self.conv0(silu(self.norm0(x)))
-        params = self.affine(emb)[:, :, None, None].to(h.dtype)
-        if self.adaptive_scale:
-            scale, shift = params.chunk(2, dim=1)
-            h = silu(torch.addcmul(shift, self.norm1(h), scale + 1))
-        else:
-            h = silu(self.norm1(h.add_(params)))
-        if self.dropout and self.training:
-            h = F.dropout(h, p=self.dropout, training=True)
-        h = self._scale(self.conv1(h).add_(self.skip(x) if self.skip is not None else x))
+        shortcut = x if self.skip is None else self.skip(x)
+        h = self._condition(self.conv0(silu(self.norm0(x))), emb)
+        h = self.conv1(F.dropout(h, p=self.dropout, training=self.training) if self.dropout else h)
+        out = (h + shortcut) * self.skip_scale
         if self.num_heads:
-            h = self._scale(self.proj(attention(self.qkv(self.norm2(h)), self.num_heads)).add_(h))
-        return h
+            mixed = attention(self.qkv(self.norm2(out)), self.num_heads)
+            out = (out + self.proj(mixed)) * self.skip_scale
+        return out
 
 
-# ── 05_networks.py § 5.4 DDPM++ and NCSN++: `SongUNet` ──
+# ── 05_networks.py § 5.4 The plan of a U-Net: the level table ──
+
+class Level(NamedTuple):
+    """One row of a U-Net's level table. Chapter 5."""
+
+    index: int  # 0 = full resolution
+    resolution: int  # img_resolution / 2^index
+    channels: int  # model_channels * channel_mult[index]
+    num_blocks: int  # encoder blocks; the decoder has one more
+    attention: bool  # resolution in attn_resolutions
+
+
+def unet_levels(img_resolution, model_channels, channel_mult, num_blocks, attn_resolutions) -> list[Level]:
+    """The level table of a U-Net, one row per resolution, from the constructor arguments. Chapter 5."""
+    depth = len(channel_mult)
+    if depth < 1:
+        raise ValueError("channel_mult must name at least one level, got an empty list")
+    if img_resolution % 2 ** (depth - 1):
+        raise ValueError(f"img_resolution must be divisible by 2^(len(channel_mult) - 1) = {2 ** (depth - 1)}, "
+                         f"got {img_resolution}")
+    rows = []
+    for index, mult in enumerate(channel_mult):
+        r = img_resolution // 2**index
+        rows.append(Level(index, r, model_channels * mult, num_blocks, r in attn_resolutions))
+    return rows
+
+
+def level_key(level: Level, role: str) -> str:
+    """The naming rule of the official code: a module's key in `enc`/`dec` is '{r}x{r}_{role}'. Chapter 5."""
+    return f"{level.resolution}x{level.resolution}_{role}"
+
+
+def decoder_roles(level: Level, levels: list[Level]) -> tuple[list[str], list[str]]:
+    """A decoder level's modules: how it enters (in0/in1 at the bottom, up elsewhere), then its blocks. Chapter 5."""
+    entry = ["in0", "in1"] if level.index == len(levels) - 1 else ["up"]
+    return entry, [f"block{i}" for i in range(level.num_blocks + 1)]
+
+
+# ── 05_networks.py § 5.5 DDPM++ and NCSN++: `SongUNet` ──
+
+def _init_scheme(mode, weight=1.0, bias=0.0) -> dict:
+    """Layer keyword arguments of an initialisation: the scheme and the factors on the weights and the biases."""
+    return dict(init_mode=mode, init_weight=weight, init_bias=bias)
+
 
 def _init_kwargs(local_vars: dict) -> dict:
     """The constructor arguments, from `locals()` at the top of __init__ (sequences copied to lists)."""
@@ -214,7 +263,88 @@ def _check_choice(name, value, allowed):
         raise ValueError(f"{name} must be one of {allowed}, got {value!r}")
 
 
-class SongUNet(torch.nn.Module):
+def _label_input(class_labels, layer, dropout, training, batch):
+    """Class labels for the embedding; in training, each image's label is zeroed with probability `dropout`."""
+    if class_labels is None:
+        raise ValueError(f"class_labels are required: the network has label_dim={layer.in_features}")
+    if training and dropout:
+        kept = torch.rand([batch, 1], device=class_labels.device) >= dropout
+        return class_labels * kept.to(class_labels.dtype)
+    return class_labels
+
+
+class _LevelUNet(torch.nn.Module):
+    """What SongUNet and DhariwalUNet share: encoder and decoder built level by level from the level table."""
+
+    @property
+    def levels(self) -> list[Level]:
+        """The level table the network was built from."""
+        return [Level(*row) for row in self._level_rows]
+
+    def _build(self, levels, in_channels, stem_channels, make_block, make_stem, decoder_attention,
+               encoder_extra=None, decoder_extra=None):
+        """Fill `enc` and `dec` walking the level table; returns the channels of the decoder's output."""
+        self._level_rows = [tuple(lv) for lv in levels]  # plain tuples: the module's state pickles without our types
+        self.enc, self.dec = torch.nn.ModuleDict(), torch.nn.ModuleDict()
+        handed = []  # channels of each encoder output handed to the decoder (a stack)
+        c = in_channels
+        for lv in levels:
+            if lv.index == 0:
+                self.enc[level_key(lv, "conv")] = make_stem(c, stem_channels)
+                c = stem_channels
+            else:
+                self.enc[level_key(lv, "down")] = make_block(c, c, down=True)
+                if encoder_extra is not None:
+                    encoder_extra(lv, c)
+            handed.append(c)
+            for i in range(lv.num_blocks):
+                self.enc[level_key(lv, f"block{i}")] = make_block(c, lv.channels, attention=lv.attention)
+                c = lv.channels
+                handed.append(c)
+        for lv in reversed(levels):
+            entry, blocks = decoder_roles(lv, levels)
+            for role in entry:
+                self.dec[level_key(lv, role)] = make_block(c, c, up=role == "up", attention=role == "in0")
+            for i, role in enumerate(blocks):
+                last = i == len(blocks) - 1
+                attn = lv.attention and (last or decoder_attention == "all")
+                self.dec[level_key(lv, role)] = make_block(c + handed.pop(), lv.channels, attention=attn)
+                c = lv.channels
+            if decoder_extra is not None:
+                decoder_extra(lv, c)
+        return c
+
+    def _encode(self, x, emb, join_image=None):
+        """The encoder: returns the bottom features and the stack of outputs handed to the decoder."""
+        handed, image = [], x
+        for lv in self.levels:
+            if lv.index == 0:
+                x = self.enc[level_key(lv, "conv")](x)
+            else:
+                x = self.enc[level_key(lv, "down")](x, emb)
+                if join_image is not None:
+                    x, image = join_image(lv, x, image)
+            handed.append(x)
+            for i in range(lv.num_blocks):
+                x = self.enc[level_key(lv, f"block{i}")](x, emb)
+                handed.append(x)
+        return x, handed
+
+    def _decode(self, x, emb, handed, after_level=None):
+        """The decoder: every block takes the next handed-over tensor concatenated to its input."""
+        out, levels = None, self.levels
+        for lv in reversed(levels):
+            entry, blocks = decoder_roles(lv, levels)
+            for role in entry:
+                x = self.dec[level_key(lv, role)](x, emb)
+            for role in blocks:
+                x = self.dec[level_key(lv, role)](torch.cat([x, handed.pop()], dim=1), emb)
+            if after_level is not None:
+                out = after_level(lv, x, out)
+        return x, out
+
+
+class SongUNet(_LevelUNet):
     """DDPM++ / NCSN++ U-Net of Song et al. (2021), official constructor arguments and state_dict keys. Chapter 5.
 
     DDPM++: embedding_type='positional', channel_mult_noise=1, encoder_type='standard', resample_filter=[1, 1].
@@ -230,21 +360,16 @@ class SongUNet(torch.nn.Module):
         _check_choice("embedding_type", embedding_type, ("positional", "fourier"))
         _check_choice("encoder_type", encoder_type, ("standard", "skip", "residual"))
         _check_choice("decoder_type", decoder_type, ("standard", "skip"))
-        if img_resolution % (1 << (len(channel_mult) - 1)):
-            raise ValueError(f"img_resolution must be divisible by 2^(len(channel_mult) - 1), got {img_resolution}")
+        levels = unet_levels(img_resolution, model_channels, channel_mult, num_blocks, attn_resolutions)
         super().__init__()
         self.init_kwargs = init_kwargs
-        self.label_dropout = label_dropout
-        emb_channels = model_channels * channel_mult_emb
-        noise_channels = model_channels * channel_mult_noise
-        init = dict(init_mode="xavier_uniform")
-        init_zero = dict(init_mode="xavier_uniform", init_weight=1e-5)
-        init_attn = dict(init_mode="xavier_uniform", init_weight=math.sqrt(0.2))
-        block = dict(emb_channels=emb_channels, num_heads=1, dropout=dropout, skip_scale=math.sqrt(0.5), eps=1e-6,
-                     resample_filter=resample_filter, resample_proj=True, adaptive_scale=False,
-                     init=init, init_zero=init_zero, init_attn=init_attn)
+        self.label_dropout, self.encoder_type = label_dropout, encoder_type
+        # DDPM++/NCSN++ initialisation: Xavier-uniform; output layers at 1e-5; the attention's qkv at sqrt(0.2)
+        init = _init_scheme("xavier_uniform")
+        out_init, qkv_init = _init_scheme("xavier_uniform", 1e-5), _init_scheme("xavier_uniform", math.sqrt(0.2))
+        noise_channels, emb_channels = model_channels * channel_mult_noise, model_channels * channel_mult_emb
 
-        # mapping network: noise level (+ class, augmentation labels) -> embedding vector
+        # the mapping network: noise level (+ class and augmentation labels) -> the vector every block receives
         self.map_noise = (PositionalEmbedding(noise_channels, endpoint=True) if embedding_type == "positional"
                           else FourierEmbedding(noise_channels))
         self.map_label = Linear(label_dim, noise_channels, **init) if label_dim else None
@@ -252,96 +377,69 @@ class SongUNet(torch.nn.Module):
         self.map_layer0 = Linear(noise_channels, emb_channels, **init)
         self.map_layer1 = Linear(emb_channels, emb_channels, **init)
 
-        # encoder; `skip_channels` remembers what each non-aux module hands to the decoder
-        self.enc = torch.nn.ModuleDict()
-        c, c_aux, skip_channels = in_channels, in_channels, []
-        for level, mult in enumerate(channel_mult):
-            r = img_resolution >> level
-            if level == 0:
-                self.enc[f"{r}x{r}_conv"] = Conv2d(c, model_channels, kernel=3, **init)
-                c = model_channels
-            else:
-                self.enc[f"{r}x{r}_down"] = UNetBlock(c, c, down=True, **block)
-                if encoder_type == "skip":
-                    self.enc[f"{r}x{r}_aux_down"] = Conv2d(c_aux, c_aux, kernel=0, down=True, resample_filter=resample_filter)
-                    self.enc[f"{r}x{r}_aux_skip"] = Conv2d(c_aux, c, kernel=1, **init)
-                if encoder_type == "residual":
-                    self.enc[f"{r}x{r}_aux_residual"] = Conv2d(c_aux, c, kernel=3, down=True, resample_filter=resample_filter,
-                                                                fused_resample=True, **init)
-                    c_aux = c
-            skip_channels.append(c)
-            for i in range(num_blocks):
-                self.enc[f"{r}x{r}_block{i}"] = UNetBlock(c, model_channels * mult, attention=r in attn_resolutions, **block)
-                c = model_channels * mult
-                skip_channels.append(c)
+        def make_block(cin, cout, up=False, down=False, attention=False):
+            return UNetBlock(cin, cout, emb_channels, up=up, down=down, attention=attention, num_heads=1,
+                             dropout=dropout, skip_scale=math.sqrt(0.5), eps=1e-6, resample_filter=resample_filter,
+                             resample_proj=True, adaptive_scale=False, init=init, init_zero=out_init,
+                             init_attn=qkv_init)
 
-        # decoder
-        self.dec = torch.nn.ModuleDict()
-        for level, mult in reversed(list(enumerate(channel_mult))):
-            r = img_resolution >> level
-            if level == len(channel_mult) - 1:
-                self.dec[f"{r}x{r}_in0"] = UNetBlock(c, c, attention=True, **block)
-                self.dec[f"{r}x{r}_in1"] = UNetBlock(c, c, **block)
-            else:
-                self.dec[f"{r}x{r}_up"] = UNetBlock(c, c, up=True, **block)
-            for i in range(num_blocks + 1):
-                attn = i == num_blocks and r in attn_resolutions
-                self.dec[f"{r}x{r}_block{i}"] = UNetBlock(c + skip_channels.pop(), model_channels * mult, attention=attn, **block)
-                c = model_channels * mult
-            if decoder_type == "skip" or level == 0:
-                if decoder_type == "skip" and level < len(channel_mult) - 1:
-                    self.dec[f"{r}x{r}_aux_up"] = Conv2d(out_channels, out_channels, kernel=0, up=True,
-                                                         resample_filter=resample_filter)
-                self.dec[f"{r}x{r}_aux_norm"] = GroupNorm(c, eps=1e-6)
-                self.dec[f"{r}x{r}_aux_conv"] = Conv2d(c, out_channels, kernel=3, **init_zero)
+        image_channels = [in_channels]  # channels of the image path of the 'residual' encoder
 
-    def _embedding(self, x, noise_labels, class_labels, augment_labels):
-        emb = self.map_noise(noise_labels)
-        emb = emb.reshape(emb.shape[0], 2, -1).flip(1).reshape(emb.shape)  # [cos, sin] -> [sin, cos], as the original
+        def image_path(lv, c):  # NCSN++'s residual / the progressive encoder: the input image, down-sampled
+            if encoder_type == "skip":
+                self.enc[level_key(lv, "aux_down")] = Conv2d(in_channels, in_channels, 0, down=True,
+                                                             resample_filter=resample_filter)
+                self.enc[level_key(lv, "aux_skip")] = Conv2d(in_channels, c, 1, **init)
+            elif encoder_type == "residual":
+                self.enc[level_key(lv, "aux_residual")] = Conv2d(image_channels[-1], c, 3, down=True, fused_resample=True,
+                                                                 resample_filter=resample_filter, **init)
+                image_channels.append(c)
+
+        def image_out(lv, c):  # the output layers: at full resolution, or at every level (progressive decoder)
+            if decoder_type == "skip" or lv.index == 0:
+                if decoder_type == "skip" and lv.index < len(levels) - 1:
+                    self.dec[level_key(lv, "aux_up")] = Conv2d(out_channels, out_channels, 0, up=True,
+                                                               resample_filter=resample_filter)
+                self.dec[level_key(lv, "aux_norm")] = GroupNorm(c, eps=1e-6)
+                self.dec[level_key(lv, "aux_conv")] = Conv2d(c, out_channels, 3, **out_init)
+
+        self._build(levels, in_channels, model_channels, make_block, lambda cin, cout: Conv2d(cin, cout, 3, **init),
+                    decoder_attention="last", encoder_extra=image_path, decoder_extra=image_out)
+
+    def _embedding(self, noise_labels, class_labels, augment_labels, batch):
+        cos, sin = self.map_noise(noise_labels).chunk(2, dim=1)
+        emb = torch.cat([sin, cos], dim=1)  # the original DDPM++/NCSN++ code puts the sines first
         if self.map_label is not None:
-            if class_labels is None:
-                raise ValueError(f"class_labels are required: the network has label_dim={self.map_label.in_features}")
-            labels = class_labels
-            if self.training and self.label_dropout:  # drop whole labels (classifier-free guidance training)
-                keep = torch.rand([x.shape[0], 1], device=x.device) >= self.label_dropout
-                labels = labels * keep.to(labels.dtype)
+            labels = _label_input(class_labels, self.map_label, self.label_dropout, self.training, batch)
             emb = emb + self.map_label(labels * math.sqrt(self.map_label.in_features))
         if self.map_augment is not None and augment_labels is not None:
             emb = emb + self.map_augment(augment_labels)
         return silu(self.map_layer1(silu(self.map_layer0(emb))))
 
+    def _join_image(self, lv, x, image):
+        """Encoder, after a level's down-sampling block: the image path meets the features."""
+        if self.encoder_type == "residual":  # average of the two paths, variance kept: both continue from here
+            x = (x + self.enc[level_key(lv, "aux_residual")](image)) * math.sqrt(0.5)
+            return x, x
+        image = self.enc[level_key(lv, "aux_down")](image)  # 'skip': the down-sampled image, projected and added
+        return x + self.enc[level_key(lv, "aux_skip")](image), image
+
+    def _image_out(self, lv, x, out):
+        """Decoder, after a level: the output layers where there are any (and the up-sampled coarser output)."""
+        if level_key(lv, "aux_conv") not in self.dec:
+            return out
+        y = self.dec[level_key(lv, "aux_conv")](silu(self.dec[level_key(lv, "aux_norm")](x)))
+        return y if out is None else y + self.dec[level_key(lv, "aux_up")](out)
+
     def forward(self, x, noise_labels, class_labels, augment_labels=None):
-        emb = self._embedding(x, noise_labels, class_labels, augment_labels)
-        skips, aux = [], x
-        for name, module in self.enc.items():
-            if "aux_down" in name:
-                aux = module(aux)
-            elif "aux_skip" in name:
-                x = skips[-1] = x + module(aux)
-            elif "aux_residual" in name:
-                x = skips[-1] = aux = (x + module(aux)) / math.sqrt(2)
-            else:
-                x = module(x, emb) if isinstance(module, UNetBlock) else module(x)
-                skips.append(x)
-        out = h = None
-        for name, module in self.dec.items():
-            if "aux_up" in name:
-                out = module(out)
-            elif "aux_norm" in name:
-                h = module(x)
-            elif "aux_conv" in name:
-                h = module(silu(h))
-                out = h if out is None else h + out
-            else:
-                if x.shape[1] != module.in_channels:
-                    x = torch.cat([x, skips.pop()], dim=1)
-                x = module(x, emb)
-        return out
+        emb = self._embedding(noise_labels, class_labels, augment_labels, x.shape[0])
+        x, handed = self._encode(x, emb, None if self.encoder_type == "standard" else self._join_image)
+        return self._decode(x, emb, handed, after_level=self._image_out)[1]
 
 
-# ── 05_networks.py § 5.5 ADM: `DhariwalUNet` ──
+# ── 05_networks.py § 5.6 ADM: `DhariwalUNet` ──
 
-class DhariwalUNet(torch.nn.Module):
+class DhariwalUNet(_LevelUNet):
     """ADM U-Net of Dhariwal & Nichol (2021), official constructor arguments and state_dict keys. Chapter 5.
 
     forward(x, noise_labels, class_labels, augment_labels=None) returns F(x) with out_channels channels.
@@ -351,73 +449,43 @@ class DhariwalUNet(torch.nn.Module):
                  model_channels=192, channel_mult=(1, 2, 3, 4), channel_mult_emb=4, num_blocks=3,
                  attn_resolutions=(32, 16, 8), dropout=0.10, label_dropout=0):
         init_kwargs = _init_kwargs(locals())
-        if img_resolution % (1 << (len(channel_mult) - 1)):
-            raise ValueError(f"img_resolution must be divisible by 2^(len(channel_mult) - 1), got {img_resolution}")
+        levels = unet_levels(img_resolution, model_channels, channel_mult, num_blocks, attn_resolutions)
         super().__init__()
         self.init_kwargs = init_kwargs
         self.label_dropout = label_dropout
+        # ADM initialisation: Kaiming-uniform times sqrt(1/3) on weights and biases; output layers exactly zero
+        init, zero = _init_scheme("kaiming_uniform", math.sqrt(1 / 3), math.sqrt(1 / 3)), _init_scheme("kaiming_uniform", 0, 0)
         emb_channels = model_channels * channel_mult_emb
-        init = dict(init_mode="kaiming_uniform", init_weight=math.sqrt(1 / 3), init_bias=math.sqrt(1 / 3))
-        init_zero = dict(init_mode="kaiming_uniform", init_weight=0, init_bias=0)
-        block = dict(emb_channels=emb_channels, channels_per_head=64, dropout=dropout, init=init, init_zero=init_zero)
 
+        # the mapping network; the class label joins after map_layer1, through a bias-free layer
         self.map_noise = PositionalEmbedding(model_channels)
-        self.map_augment = Linear(augment_dim, model_channels, bias=False, **init_zero) if augment_dim else None
+        self.map_augment = Linear(augment_dim, model_channels, bias=False, **zero) if augment_dim else None
         self.map_layer0 = Linear(model_channels, emb_channels, **init)
         self.map_layer1 = Linear(emb_channels, emb_channels, **init)
-        self.map_label = (Linear(label_dim, emb_channels, bias=False, init_mode="kaiming_normal",
-                                 init_weight=math.sqrt(label_dim)) if label_dim else None)
+        self.map_label = (Linear(label_dim, emb_channels, bias=False, **_init_scheme("kaiming_normal", math.sqrt(label_dim)))
+                          if label_dim else None)
 
-        self.enc = torch.nn.ModuleDict()
-        c, skip_channels = in_channels, []
-        for level, mult in enumerate(channel_mult):
-            r = img_resolution >> level
-            if level == 0:
-                self.enc[f"{r}x{r}_conv"] = Conv2d(c, model_channels * mult, kernel=3, **init)
-                c = model_channels * mult
-            else:
-                self.enc[f"{r}x{r}_down"] = UNetBlock(c, c, down=True, **block)
-            skip_channels.append(c)
-            for i in range(num_blocks):
-                self.enc[f"{r}x{r}_block{i}"] = UNetBlock(c, model_channels * mult, attention=r in attn_resolutions, **block)
-                c = model_channels * mult
-                skip_channels.append(c)
+        def make_block(cin, cout, up=False, down=False, attention=False):
+            return UNetBlock(cin, cout, emb_channels, up=up, down=down, attention=attention, channels_per_head=64,
+                             dropout=dropout, init=init, init_zero=zero)
 
-        self.dec = torch.nn.ModuleDict()
-        for level, mult in reversed(list(enumerate(channel_mult))):
-            r = img_resolution >> level
-            if level == len(channel_mult) - 1:
-                self.dec[f"{r}x{r}_in0"] = UNetBlock(c, c, attention=True, **block)
-                self.dec[f"{r}x{r}_in1"] = UNetBlock(c, c, **block)
-            else:
-                self.dec[f"{r}x{r}_up"] = UNetBlock(c, c, up=True, **block)
-            for i in range(num_blocks + 1):
-                self.dec[f"{r}x{r}_block{i}"] = UNetBlock(c + skip_channels.pop(), model_channels * mult,
-                                                          attention=r in attn_resolutions, **block)
-                c = model_channels * mult
+        c = self._build(levels, in_channels, levels[0].channels, make_block,
+                        lambda cin, cout: Conv2d(cin, cout, 3, **init), decoder_attention="all")
         self.out_norm = GroupNorm(c)
-        self.out_conv = Conv2d(c, out_channels, kernel=3, **init_zero)
+        self.out_conv = Conv2d(c, out_channels, 3, **zero)
 
-    def forward(self, x, noise_labels, class_labels, augment_labels=None):
+    def _embedding(self, noise_labels, class_labels, augment_labels, batch):
         emb = self.map_noise(noise_labels)
         if self.map_augment is not None and augment_labels is not None:
             emb = emb + self.map_augment(augment_labels)
         emb = self.map_layer1(silu(self.map_layer0(emb)))
         if self.map_label is not None:
-            if class_labels is None:
-                raise ValueError(f"class_labels are required: the network has label_dim={self.map_label.in_features}")
-            labels = class_labels
-            if self.training and self.label_dropout:
-                keep = torch.rand([x.shape[0], 1], device=x.device) >= self.label_dropout
-                labels = labels * keep.to(labels.dtype)
-            emb = emb + self.map_label(labels)
-        emb = silu(emb)
-        skips = []
-        for module in self.enc.values():
-            x = module(x, emb) if isinstance(module, UNetBlock) else module(x)
-            skips.append(x)
-        for module in self.dec.values():
-            if x.shape[1] != module.in_channels:
-                x = torch.cat([x, skips.pop()], dim=1)
-            x = module(x, emb)
+            emb = emb + self.map_label(_label_input(class_labels, self.map_label, self.label_dropout, self.training,
+                                                    batch))
+        return silu(emb)
+
+    def forward(self, x, noise_labels, class_labels, augment_labels=None):
+        emb = self._embedding(noise_labels, class_labels, augment_labels, x.shape[0])
+        x, handed = self._encode(x, emb)
+        x = self._decode(x, emb, handed)[0]
         return self.out_conv(silu(self.out_norm(x)))

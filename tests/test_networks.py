@@ -1,11 +1,13 @@
 """Chapter 5 (edm_lit.networks): parity with the official networks, key names, parameter counts, precision."""
+import importlib.util
 import math
+from pathlib import Path
 
 import pytest
 import torch
 
-from edm_lit.networks import (Conv2d, DhariwalUNet, FourierEmbedding, Linear, PositionalEmbedding, SongUNet, UNetBlock,
-                              attention, weight_init)
+from edm_lit.networks import (Conv2d, DhariwalUNet, FourierEmbedding, Level, Linear, PositionalEmbedding, SongUNet,
+                              UNetBlock, attention, decoder_roles, level_key, unet_levels, weight_init)
 from edm_lit.precond import EDMPrecond
 
 
@@ -189,8 +191,7 @@ def test_resampling_paths(filt, fused):
     for up in (False, True):
         conv = Conv2d(4, 6, kernel=3, up=up, down=not up, resample_filter=filt, fused_resample=fused)
         fast = conv(x)
-        if not (up and fused):  # (the official fused up-sampling, used by no configuration, crops the border)
-            assert fast.shape == ((2, 6, 16, 16) if up else (2, 6, 4, 4))
+        assert fast.shape == ((2, 6, 16, 16) if up else (2, 6, 4, 4))
         conv._box = False
         assert torch.allclose(fast, conv(x), atol=1e-5)
     box = Conv2d(4, 4, kernel=0, down=True)
@@ -201,6 +202,79 @@ def test_resampling_paths(filt, fused):
     assert not box._box
     assert torch.allclose(box(x), torch.nn.functional.conv2d(x, state["resample_filter"].tile(4, 1, 1, 1), groups=4,
                                                              stride=2))
+
+
+def upsample_full(x, taps):
+    """Zero-stuffed 2x up-sampling convolved with the 2-D filter (outer product of taps, times 4 / sum^2), every
+    output pixel the filter touches kept: (2H + K - 2) pixels a side. Written with explicit loops over the taps."""
+    f = torch.tensor(taps, dtype=x.dtype)
+    f2 = torch.outer(f, f) * 4 / f.sum() ** 2
+    N, C, H, W = x.shape
+    K = len(taps)
+    out = torch.zeros(N, C, 2 * H + K - 2, 2 * W + K - 2, dtype=x.dtype)
+    for i in range(K):
+        for j in range(K):
+            out[:, :, i:i + 2 * H:2, j:j + 2 * W:2] += f2[i, j] * x
+    return out
+
+
+@pytest.mark.parametrize("taps", [[1, 1], [1, 3, 3, 1]])
+def test_fused_upsampling_is_upsample_then_convolve(taps):
+    """Fused up-sampling = the full up-sampled image, trimmed (or zero-padded) to 2H + kernel - 1, then a valid
+    convolution: an output of exactly 2H x 2W."""
+    torch.manual_seed(0)
+    conv = Conv2d(4, 6, kernel=3, up=True, resample_filter=taps, fused_resample=True, init_bias=1)
+    x = torch.randn(2, 4, 8, 8, dtype=torch.float64)
+    u = upsample_full(x, taps)
+    border = (len(taps) - 2) // 2 - 1  # pixels of u beyond what a 3x3 'same' convolution of a 16x16 image reads
+    if border >= 0:
+        u = u[:, :, border:u.shape[2] - border, border:u.shape[3] - border]
+    else:
+        u = torch.nn.functional.pad(u, [-border] * 4)
+    expected = torch.nn.functional.conv2d(u, conv.weight.double(), conv.bias.double())
+    out = conv(x)
+    assert out.shape == expected.shape == (2, 6, 16, 16)
+    assert torch.allclose(out, expected, atol=1e-12)
+
+
+def test_fused_resampling_matches_official(parity):
+    ref = parity("network_refs.pt")["fused_conv"]
+    for case in ref["cases"]:
+        conv = Conv2d(4, 6, kernel=3, up=case["up"], down=not case["up"], resample_filter=case["resample_filter"],
+                      fused_resample=True)
+        conv.load_state_dict({"weight": case["weight"], "bias": case["bias"],
+                              "resample_filter": conv.resample_filter}, strict=True)
+        with torch.no_grad():
+            out = conv(ref["x"])
+        assert out.shape == case["out"].shape
+        assert rel_err(out, case["out"]) <= 1e-5
+
+
+def _random_state():
+    """random_state() of tests/data/make_network_refs.py, the script that made the reference file."""
+    path = Path(__file__).parent / "data" / "make_network_refs.py"
+    spec = importlib.util.spec_from_file_location("make_network_refs", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.random_state
+
+
+@pytest.mark.parametrize("name", ["ncsnpp", "songunet_skip", "adm"])
+def test_network_outputs_match_official(parity, name):
+    """NCSN++, the progressive SongUNet variants and ADM, with seeded random weights, against the official outputs."""
+    ref = parity("network_refs.pt")[name]
+    params = _random_state()(ref["param_shapes"], ref["seed"])
+    for key, value in params.items():  # the same weights as the official run had (same RNG stream)
+        assert math.isclose(value.double().sum().item(), ref["param_sums"][key], rel_tol=1e-9, abs_tol=1e-9), key
+    net = {"SongUNet": SongUNet, "DhariwalUNet": DhariwalUNet}[ref["class_name"]](**ref["kwargs"]).eval()
+    assert list(net.state_dict()) == ref["state_dict_keys"]
+    assert sum(p.numel() for p in net.parameters()) == ref["num_params"]
+    net.load_state_dict({**params, **ref["buffers"]}, strict=True)
+    with torch.no_grad():
+        assert rel_err(net(ref["x"], ref["noise_labels"], ref["class_labels"]), ref["out"]) <= 1e-5
+        if "augment_labels" in ref:
+            out = net(ref["x"], ref["noise_labels"], ref["class_labels"], augment_labels=ref["augment_labels"])
+            assert rel_err(out, ref["out_with_augment_labels"]) <= 1e-5
 
 
 def test_attention_matches_formula():
@@ -237,3 +311,16 @@ def test_init_kwargs_rebuild(small):
     twin = SongUNet(**small.init_kwargs)
     assert {k: v.shape for k, v in twin.state_dict().items()} == {k: v.shape for k, v in small.state_dict().items()}
     assert small.init_kwargs["channel_mult"] == [1, 2] and "self" not in small.init_kwargs
+
+
+def test_level_table_and_naming_rule():
+    levels = unet_levels(64, 192, [1, 2, 3, 4], 3, [32, 16, 8])
+    assert levels[1] == Level(index=1, resolution=32, channels=384, num_blocks=3, attention=True)
+    assert [lv.attention for lv in levels] == [False, True, True, True]
+    assert level_key(levels[2], "block0") == "16x16_block0"
+    assert decoder_roles(levels[3], levels) == (["in0", "in1"], ["block0", "block1", "block2", "block3"])
+    assert decoder_roles(levels[0], levels)[0] == ["up"]
+    net = DhariwalUNet(16, 3, 3, model_channels=32, channel_mult=[1, 2], num_blocks=1, attn_resolutions=[8])
+    assert net.levels == unet_levels(16, 32, [1, 2], 1, [8])
+    with pytest.raises(ValueError, match="channel_mult"):
+        unet_levels(16, 32, [], 1, [])
