@@ -29,6 +29,8 @@
 # |---|---|
 # | `edm-lit info` | prints the package version, the run mode and device (Chapter 0), and the modules |
 # | `edm-lit convert IN OUT` | reads an official snapshot `IN` (a `.pkl` path or URL) *without running code stored in it* and writes its `ema` network in our format, `OUT.json` + `OUT.safetensors` (Appendix B, `edm_lit.checkpoints.convert`) |
+| `edm-lit generate --network=… --outdir=… --seeds=…` | one PNG per seed with the official `generate.py` flags; an image depends only on its seed (Chapter 8, `edm_lit.generate.generate`) |
+| `edm-lit fid ref --data=… --dest=…`, `edm-lit fid calc --images=… --ref=…` | Inception-v3 reference statistics and FID, official flags and `.npz` layout (Chapter 8, `edm_lit.fid`) |
 
 # %% tags=["export"]
 import argparse
@@ -75,6 +77,11 @@ def build_parser() -> argparse.ArgumentParser:
     conv.add_argument("src", metavar="IN", help="official snapshot: a .pkl path or an http(s) URL")
     conv.add_argument("dst", metavar="OUT", help="output name; OUT.json and OUT.safetensors are written")
     conv.set_defaults(func=_convert)
+    from edm_lit.fid import add_fid_command
+    from edm_lit.generate import add_generate_command
+
+    add_generate_command(sub)  # Chapter 8
+    add_fid_command(sub)  # Chapter 8
     return parser
 
 
@@ -82,6 +89,10 @@ def main(argv=None) -> int:
     """Entry point of the `edm-lit` console script. Appendix A."""
     args = build_parser().parse_args(sys.argv[1:] if argv is None else argv)
     return args.func(args)
+
+
+if __name__ == "__main__":  # `python -m edm_lit.cli ...`, and `torchrun -m edm_lit.cli ...` for several GPUs
+    sys.exit(main())
 
 
 # %% [markdown]

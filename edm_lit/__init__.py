@@ -6,7 +6,9 @@
 Each module says at its top which chapter derives it. Modules:
     edm_lit.checkpoints
     edm_lit.cli
+    edm_lit.fid
     edm_lit.framework
+    edm_lit.generate
     edm_lit.loss
     edm_lit.mode
     edm_lit.networks

@@ -50,6 +50,11 @@ def build_parser() -> argparse.ArgumentParser:
     conv.add_argument("src", metavar="IN", help="official snapshot: a .pkl path or an http(s) URL")
     conv.add_argument("dst", metavar="OUT", help="output name; OUT.json and OUT.safetensors are written")
     conv.set_defaults(func=_convert)
+    from edm_lit.fid import add_fid_command
+    from edm_lit.generate import add_generate_command
+
+    add_generate_command(sub)  # Chapter 8
+    add_fid_command(sub)  # Chapter 8
     return parser
 
 
@@ -57,3 +62,7 @@ def main(argv=None) -> int:
     """Entry point of the `edm-lit` console script. Appendix A."""
     args = build_parser().parse_args(sys.argv[1:] if argv is None else argv)
     return args.func(args)
+
+
+if __name__ == "__main__":  # `python -m edm_lit.cli ...`, and `torchrun -m edm_lit.cli ...` for several GPUs
+    sys.exit(main())
