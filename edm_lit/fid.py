@@ -7,14 +7,13 @@
 # ── 08_evaluation.py § 8.2 The Fréchet distance ──
 
 import hashlib
-import io
 import os
-import zipfile
 
 import numpy as np
 import torch
 
 from edm_lit.checkpoints import CheckpointError, cache_dir, download, is_url
+from edm_lit.data import DatasetError
 
 PSD_TOLERANCE = 1e-6  # eigenvalues below -PSD_TOLERANCE * (largest |eigenvalue|) mean "not a covariance"
 
@@ -296,99 +295,67 @@ def load_inception(weights=None, device="cpu", allow_download=True):
 
 # ── 08_evaluation.py § 8.5 From a folder of images to a number ──
 
+from edm_lit.data import ImageFolderDataset, subset_indices
 from edm_lit.generate import distributed_setup
 
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".webp", ".ppm", ".tif", ".tiff")
 
+class NpzImages(torch.utils.data.Dataset):
+    """The `images` [N, H, W, C] uint8 of an .npz written by `edm-lit generate --npz`, as [C, H, W] items. Chapter 8.5."""
 
-def _decode(data_or_path):
-    import PIL.Image
-
-    with PIL.Image.open(data_or_path) as im:
-        array = np.asarray(im if im.mode in ("L", "RGB") else im.convert("RGB"))
-    return array[:, :, None] if array.ndim == 2 else array
-
-
-class ImageSet:
-    """The images of a folder (recursive), a .zip, or an .npz with `images` [N, H, W, C] uint8, read lazily. Chapter 8.5."""
-
-    def __init__(self, path):
-        self.path = os.fspath(path)
-        self.array = self.zip = None
-        if os.path.isdir(self.path):
-            names = [os.path.relpath(os.path.join(root, f), self.path) for root, _, files in os.walk(self.path) for f in files]
-        elif os.path.isfile(self.path) and self.path.endswith(".npz"):
-            with np.load(self.path) as data:
-                if "images" not in data.files:
-                    raise ValueError(f"{self.path} has no 'images' array (has {data.files})")
-                self.array = data["images"]
-            names = [str(i) for i in range(len(self.array))]
-        elif os.path.isfile(self.path) and zipfile.is_zipfile(self.path):
-            self.zip = zipfile.ZipFile(self.path)
-            names = self.zip.namelist()
-        else:
-            raise FileNotFoundError(f"no images at {self.path}: expected a folder, a .zip or an .npz")
-        if self.array is None:
-            names = sorted(n for n in names if n.lower().endswith(IMAGE_SUFFIXES))
-        if not names:
-            raise ValueError(f"no images found in {self.path} (looked for {', '.join(IMAGE_SUFFIXES)})")
-        self.names = names
-        self.shape = None
+    def __init__(self, path, max_size=None, random_seed=0):
+        with np.load(path) as data:
+            if "images" not in data.files:
+                raise ValueError(f"{path} has no 'images' array (has {data.files})")
+            images = data["images"]
+        if images.ndim != 4 or images.dtype != np.uint8:
+            raise ValueError(f"{path}: 'images' must be uint8 [N, H, W, C], got {images.dtype} {list(images.shape)}")
+        self.images = images[subset_indices(len(images), max_size, random_seed)]
 
     def __len__(self):
-        return len(self.names)
+        return len(self.images)
 
-    def read(self, index):
-        """Image `index` as uint8 [H, W, C]; all images of the set must share one shape."""
-        if self.array is not None:
-            image = np.asarray(self.array[index])
-            image = image[:, :, None] if image.ndim == 2 else image
-        elif self.zip is not None:
-            image = _decode(io.BytesIO(self.zip.read(self.names[index])))
-        else:
-            image = _decode(os.path.join(self.path, self.names[index]))
-        if self.shape is None:
-            self.shape, self.first = image.shape, self.names[index]
-        elif image.shape != self.shape:
-            raise ValueError(f"{self.path}: images of different shapes: {self.first} is {self.shape} (H, W, C) "
-                             f"but {self.names[index]} is {image.shape}; FID needs one resolution")
-        return image.astype(np.uint8, copy=False)
+    def __getitem__(self, idx):
+        return self.images[idx].transpose(2, 0, 1), None
 
 
-def choose_images(count, num=None, seed=0):
-    """Indices of the images to use: all, or a sorted random subset of `num` drawn with `seed`. Chapter 8.5."""
-    if num is None or num == count:
-        return np.arange(count)
-    if num > count:
-        raise ValueError(f"found {count} images, but num={num} were asked for (the paper's protocol uses 50,000; "
-                         f"generate more or pass a smaller --num)")
-    return np.sort(np.random.RandomState(seed % (1 << 31)).permutation(count)[:num])
+def open_images(path, num=None, seed=0):
+    """The images to embed: a folder or .zip (ImageFolderDataset) or an .npz; at least `num` of them, `num` used. Chapter 8.5."""
+    path = os.fspath(path)
+    if num is not None and num < 2:
+        raise ValueError(f"num must be >= 2, got {num}")
+    if path.endswith(".npz") and os.path.isfile(path):
+        images = NpzImages(path, num, seed)
+    else:
+        images = ImageFolderDataset(path, max_size=num, random_seed=seed)
+    count = len(images)
+    if count < (2 if num is None else num):
+        raise ValueError(f"found {count} images at {path}, but {2 if num is None else num} are needed "
+                         f"(the paper's protocol uses 50,000; generate more or pass a smaller --num)")
+    return images
 
 
-def image_batches(images, indices, batch_size=64, rank=0, world_size=1):
-    """uint8 [N, C, H, W] batches of `images` (an ImageSet) for process `rank` of `world_size`. Chapter 8.5."""
+def image_batches(images, batch_size=64, rank=0, world_size=1):
+    """uint8 [N, C, H, W] batches of a data set, the share of process `rank` of `world_size`. Chapter 8.5."""
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-    chunks = [indices[i:i + batch_size] for i in range(0, len(indices), batch_size)]
-    for chunk in chunks[rank::world_size]:
-        yield torch.from_numpy(np.stack([images.read(int(i)) for i in chunk])).permute(0, 3, 1, 2)
+    starts = range(0, len(images), batch_size)
+    for start in list(starts)[rank::world_size]:
+        batch = [images[i][0] for i in range(start, min(start + batch_size, len(images)))]
+        yield torch.from_numpy(np.stack(batch))
 
 
 def feature_statistics(path, extractor, batch_size=64, num=None, seed=0, device="cpu", progress=False):
     """(mu, sigma) of extractor features over the images at `path`, streamed, summed over processes. Chapter 8.5."""
     from tqdm.auto import tqdm
 
-    images = ImageSet(path)
-    indices = choose_images(len(images), num, seed)
-    if len(indices) < 2:
-        raise ValueError(f"found {len(indices)} image(s) at {path}; statistics need at least 2")
+    images = open_images(path, num, seed)
     rank = torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
     world_size = torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1
     stats = FeatureStats(device=device)
-    batches = image_batches(images, indices, batch_size, rank, world_size)
+    batches = image_batches(images, batch_size, rank, world_size)
     with torch.no_grad():
         for batch in tqdm(batches, unit="batch", disable=not progress or rank != 0,
-                          total=-(-len(indices) // batch_size) // world_size):
+                          total=-(-len(images) // batch_size) // world_size):
             stats.update(extractor(batch.to(device)))
     return stats.all_reduce().mean(), stats.cov()
 
@@ -447,8 +414,6 @@ def add_fid_command(subparsers):
 def run_fid_command(args):
     """Run `edm-lit fid ref|calc` from parsed arguments; exit status 0, or 1 with a one-line error. Chapter 8.6."""
     try:
-        if args.num < 2 if args.fid_command == "calc" else False:
-            raise ValueError(f"--num must be >= 2, got {args.num}")
         device = distributed_setup()[2]
         extractor = load_inception(args.weights, device=device)
         if args.fid_command == "ref":
@@ -456,7 +421,49 @@ def run_fid_command(args):
             print(f"wrote {args.dest}")
         else:
             print(f"{fid_calc(args.images, args.ref, args.num, args.seed, args.batch, extractor, device):g}")
-    except (CheckpointError, ValueError, FileNotFoundError) as e:
+    except (CheckpointError, DatasetError, ValueError, FileNotFoundError) as e:
         print(f"edm-lit fid {args.fid_command}: error: {e}", file=sys.stderr)
         return 1
     return 0
+
+
+# ── 08_evaluation.py § 8.7 A digits FID for quick mode ──
+
+class DigitFeatures(torch.nn.Module):
+    """A small CNN classifier for small images; `features` (its penultimate layer) is a quick-mode FID extractor. Chapter 8.7."""
+
+    def __init__(self, channels=1, num_classes=10, width=32, dim=64):
+        super().__init__()
+        self.conv1 = torch.nn.Conv2d(channels, width, 3, padding=1)
+        self.conv2 = torch.nn.Conv2d(width, 2 * width, 3, stride=2, padding=1)
+        self.conv3 = torch.nn.Conv2d(2 * width, dim, 3, stride=2, padding=1)
+        self.head = torch.nn.Linear(dim, num_classes)
+
+    def features(self, images):
+        """uint8 [N, C, H, W] -> [N, dim] non-negative features."""
+        x = images.to(self.head.weight.dtype) / 127.5 - 1
+        for conv in (self.conv1, self.conv2, self.conv3):
+            x = F.relu(conv(x))
+        return x.mean(dim=(2, 3))
+
+    def forward(self, images):
+        return self.head(self.features(images))
+
+
+def train_digit_features(images, labels, steps=400, batch_size=128, lr=3e-3, seed=0):
+    """Train DigitFeatures on uint8 [N, C, H, W] images with integer labels (cross-entropy, Adam); eval mode. Chapter 8.7."""
+    images, labels = torch.as_tensor(images), torch.as_tensor(labels, dtype=torch.int64)
+    if images.ndim != 4 or len(images) != len(labels):
+        raise ValueError(f"images must be [N, C, H, W] with one label each, got {list(images.shape)} and {len(labels)} labels")
+    gen = torch.Generator().manual_seed(seed)
+    with torch.random.fork_rng():
+        torch.manual_seed(seed)
+        model = DigitFeatures(images.shape[1], int(labels.max()) + 1)
+    opt = torch.optim.Adam(model.parameters(), lr=lr)
+    for _ in range(steps):
+        idx = torch.randint(len(images), [batch_size], generator=gen)
+        loss = F.cross_entropy(model(images[idx]), labels[idx])
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+    return model.eval().requires_grad_(False)

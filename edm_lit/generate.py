@@ -173,7 +173,8 @@ def generate(network, outdir, seeds="0-63", subdirs=False, class_idx=None, max_b
     rank, world_size, auto_device = distributed_setup()
     device = torch.device(device) if device is not None else auto_device
     net = load_network(network) if isinstance(network, (str, os.PathLike)) else network
-    net = net.to(device).eval().requires_grad_(False)
+    if isinstance(net, torch.nn.Module):
+        net = net.to(device).eval().requires_grad_(False)
     if class_idx is not None and not int(getattr(net, "label_dim", 0) or 0):
         raise ValueError(f"class_idx={class_idx} was given but the network is unconditional (label_dim=0)")
     written = 0
