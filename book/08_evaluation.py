@@ -1106,8 +1106,8 @@ def run_fid_command(args):
 
 # %% [markdown]
 # **Check** — end to end on the small network: `edm-lit generate` writes PNGs and an `.npz`,
-# `fid ref` + `fid calc` through the same functions give a finite number that is the same for the
-# folder and for the `.npz`, and 0 when a set is compared with its own statistics. The feature network
+# `fid ref` + `fid calc` give 0 (up to rounding) when a set is compared with its own statistics, read
+# from the folder or from the `.npz`, and a positive number for another set of seeds. The feature network
 # here is a stand-in (a fixed random projection of the pixels), because the Inception weights are a
 # download; §8.7 uses a trained one. Then the errors: a folder that mixes image shapes, a reference
 # without `sigma`, a reference of another feature size, a missing network — each an exit status 1
@@ -1145,7 +1145,7 @@ with tempfile.TemporaryDirectory() as tmp:
     fid_folder = fid_calc(tmp / "other", tmp / "ref.npz", num=20, extractor=pixel_features, progress=False)
     fid_npz = fid_calc(tmp / "out.npz", tmp / "ref.npz", num=20, extractor=pixel_features, progress=False)
     print(f"FID of a set against its own statistics {self_fid:.1e}; of seeds 100-119 against seeds 0-19: {fid_folder:.4f}")
-    assert abs(self_fid) < 1e-8 and abs(fid_npz) < 1e-8 and fid_folder > 0.01
+    assert abs(self_fid) < 1e-6 * fid_folder and abs(fid_npz) < 1e-6 * fid_folder  # 0 up to rounding
 
     save_png(np.zeros((8, 8, 3), np.uint8), tmp / "other" / "small.png")
     np.savez(tmp / "nosigma.npz", mu=np.zeros(24))
