@@ -30,9 +30,9 @@
 #    streaming float64 pass, and the Inception-v3 feature extractor of the paper's numbers
 #    (`edm-lit fid ref|calc`).
 #
-# The protocol of the paper (Sec. 5, App. D.1): *"we compute FID between 50,000 generated images
-# and all available real images … three times with different random seeds and report the
-# minimum."* In quick mode we run the same code on a small model of the handwritten digits data
+# The protocol of the paper: FID between 50,000 generated images and reference statistics of the
+# training set, computed three times with different seeds, and the minimum of the three reported
+# (the official README recommends `--seeds=0-49999`, `50000-99999`, `100000-149999`). In quick mode we run the same code on a small model of the handwritten digits data
 # set, with a small digits classifier as the feature network (the "MNIST FID" practice).
 
 # %%
@@ -671,7 +671,7 @@ with tempfile.TemporaryDirectory() as tmp:
 # most widely used PyTorch FID — from weights they can verify, and the tests here can build the same
 # network with random weights and check its structure. What we give up: the official detector
 # resizes images with TensorFlow's bilinear filter, the `pytorch-fid` port with PyTorch's, and that
-# moves FIDs slightly (published comparisons put it at a few hundredths on CIFAR-10); we have not
+# can move FIDs slightly; we have not
 # measured that gap here.
 #
 # The network, block by block (every convolution is followed by batch normalisation with
@@ -866,6 +866,7 @@ with torch.no_grad():
     assert torch.equal(inception(grey), inception(grey.expand(-1, 3, -1, -1)))
 print(f"{n_params:,} parameters, {len(keys)} tensors; features {list(feats.shape)}; "
       f"{t_inception / 2 * 1000:.0f} ms per image on this CPU")
+glue("inception_ms", t_inception / 2 * 1000, display=False)
 assert feats.shape == (2, 2048) and (feats >= 0).all()  # after a ReLU and an average: non-negative
 assert {"Conv2d_1a_3x3.conv.weight", "Mixed_6e.branch7x7dbl_5.bn.running_mean", "Mixed_7c.branch3x3dbl_3b.bn.running_var",
         "fc.weight"} <= set(keys)
@@ -1171,9 +1172,9 @@ with tempfile.TemporaryDirectory() as tmp:
 # ## 8.7 A digits FID for quick mode
 #
 # Inception features of 8×8 digits upsampled to 299×299 would measure mostly the upsampling, and
-# running Inception on a CPU costs about a tenth of a second per image. The practice for small grey
+# running Inception on a CPU costs {glue:text}`inception_ms:.0f` ms per image (§8.4). The practice for small grey
 # images ("MNIST FID") is to take the features of a classifier trained on the data set itself. Ours
-# is a three-layer CNN trained for a few seconds on the digits (Chapter 6's quick data set); its 64
+# is a three-layer CNN trained briefly on the digits (Chapter 6's quick data set); its 64
 # penultimate activations are the features. Everything else — streaming statistics, reference `.npz`,
 # `fid_calc`, the Fréchet distance — is the code above, unchanged. The numbers are *not* comparable
 # with Inception FIDs; they are comparable with each other, which is all Chapter 9 needs.
@@ -1249,7 +1250,7 @@ digit_features = probe.features
 #
 # The model is the quick-mode model: an `EDMPrecond` around a small DDPM++ U-Net trained on the
 # digits with the EDM loss. It is a committed file, `book/results/quick_digits.json` +
-# `.safetensors`, made by `tools/make_quick_model.py` (about two minutes on one CPU core); the test
+# `.safetensors`, made by `tools/make_quick_model.py` (a few minutes on one CPU core); the test
 # `tests/test_generate.py::test_quick_model_script_reproduces_committed_file` reruns the script and
 # compares. So this chapter does not depend on another chapter having run. (That script is a plain
 # training loop over `edm_lit.precond` and `edm_lit.loss`; Chapter 7's trainer makes the same kind of
@@ -1331,8 +1332,8 @@ plt.show()
 #
 # ```{admonition} Answers
 # :class: dropdown
-# 1. Larger: with 4 Heun steps the sampler's truncation error leaves visible noise and blur (Chapter 2),
-#    and the features see it; Chapter 9 measures the whole curve.
+# 1. Expect it to be larger: with 4 Heun steps the sampler's truncation error (Chapter 2) is far from
+#    converged. Chapter 9 measures the whole FID-against-NFE curve of this model.
 # 2. The product of two rank-deficient covariances has (numerically) zero eigenvalues, whose square
 #    roots are ill-conditioned; `sqrtm` returns small imaginary parts. The offset makes the product
 #    full rank and the result real, at the cost of a small bias.

@@ -21,8 +21,8 @@
 #
 # The paper's evidence is a handful of figures and one table of FIDs measured on 50,000 images of
 # networks that took days on 8–32 GPUs to train. This chapter re-runs the *experiments* behind those
-# figures on the quick-mode model of Chapter 8 — a small EDM network trained for two minutes on the
-# 8×8 handwritten digits — with the digits FID of §8.7 as the measure. What can transfer from CIFAR-10
+# figures on the quick-mode model of Chapter 8 — a small EDM network trained for a few CPU minutes on
+# the 8×8 handwritten digits — with the digits FID of §8.7 as the measure. What can transfer from CIFAR-10
 # to digits is the **shape** of each result (which curve lies below which, where a curve flattens),
 # not its numbers. At the end, the paper's headline numbers stand beside what this book measured:
 # on a CPU, none of them; the table gives the exact command that measures each one on a GPU.
@@ -332,7 +332,7 @@ assert all(r.count("not measured here") == 1 for r in rows[2:2 + len(PAPER_ROWS)
 # %% [markdown]
 # ## Summary
 #
-# On a two-minute model of 8×8 digits, measured with a digits FID:
+# On a small, briefly trained model of 8×8 digits, measured with a digits FID:
 #
 # - **Fig. 2** — the full EDM sampler reaches its converged FID by 17 NFE, while the original Euler
 #   VP sampler is still improving at 35 NFE; EDM's time steps and σ(t) = t each lower the Heun curve.
@@ -351,8 +351,8 @@ assert all(r.count("not measured here") == 1 for r in rows[2:2 + len(PAPER_ROWS)
 #
 # ```{admonition} Answers
 # :class: dropdown
-# 1. A less trained model has a higher floor for every sampler; the samplers' *relative* order at
-#    low NFE is what the truncation error (Chapter 2) decides, so it changes less than the floor.
-# 2. Churning at the lowest noise levels adds noise the weak denoiser cannot remove without blurring,
-#    and at the highest levels it is wasted; the range limits exist to avoid both (Sec. 4).
+# 1. What to look for (not measured here): a less trained model should have a higher floor for every
+#    sampler, while the samplers' order at low NFE is set mostly by their truncation error (Chapter 2).
+# 2. What to look for (not measured here): the paper limits churn to a σ range because new noise at the
+#    lowest levels is hard for an imperfect denoiser to remove again (Sec. 4); compare the two sweeps.
 # ```
