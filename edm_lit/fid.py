@@ -360,23 +360,29 @@ def feature_statistics(path, extractor, batch_size=64, num=None, seed=0, device=
     return stats.all_reduce().mean(), stats.cov()
 
 
-def fid_ref(data, dest, batch_size=64, extractor=None, device=None, progress=True):
-    """`edm-lit fid ref`: reference statistics of all images at `data`, saved to `dest` (official layout). Chapter 8.5."""
+def fid_ref(data, dest, batch_size=64, extractor=None, device=None, progress=True, weights=None):
+    """`edm-lit fid ref`: reference statistics of all images at `data`, saved to `dest` (official layout). Chapter 8.5.
+
+    `extractor`: a callable uint8 [N, C, H, W] -> [N, d]; default the FID Inception-v3 (`weights`, see load_inception).
+    """
     rank, _, auto_device = distributed_setup()
     device = auto_device if device is None else torch.device(device)
-    extractor = load_inception(device=device) if extractor is None else extractor
+    extractor = load_inception(weights, device=device) if extractor is None else extractor
     mu, sigma = feature_statistics(data, extractor, batch_size, None, 0, device, progress)
     if rank == 0:
         save_reference(dest, mu, sigma)
     return mu, sigma
 
 
-def fid_calc(images, ref, num=50000, seed=0, batch_size=64, extractor=None, device=None, progress=True):
-    """`edm-lit fid calc`: FID of `num` images at `images` against reference statistics (.npz path or URL). Chapter 8.5."""
+def fid_calc(images, ref, num=50000, seed=0, batch_size=64, extractor=None, device=None, progress=True, weights=None):
+    """`edm-lit fid calc`: FID of `num` images at `images` against reference statistics (.npz path or URL). Chapter 8.5.
+
+    `extractor`: a callable uint8 [N, C, H, W] -> [N, d]; default the FID Inception-v3 (`weights`, see load_inception).
+    """
     _, _, auto_device = distributed_setup()
     device = auto_device if device is None else torch.device(device)
     mu_ref, sigma_ref = load_reference(ref)  # first: a bad reference fails before the long part
-    extractor = load_inception(device=device) if extractor is None else extractor
+    extractor = load_inception(weights, device=device) if extractor is None else extractor
     mu, sigma = feature_statistics(images, extractor, batch_size, num, seed, device, progress)
     if mu.shape != mu_ref.shape:
         raise ValueError(f"the reference {ref} has {mu_ref.shape[0]}-d features but the feature network gives "
@@ -414,13 +420,11 @@ def add_fid_command(subparsers):
 def run_fid_command(args):
     """Run `edm-lit fid ref|calc` from parsed arguments; exit status 0, or 1 with a one-line error. Chapter 8.6."""
     try:
-        device = distributed_setup()[2]
-        extractor = load_inception(args.weights, device=device)
         if args.fid_command == "ref":
-            fid_ref(args.data, args.dest, args.batch, extractor, device)
+            fid_ref(args.data, args.dest, args.batch, weights=args.weights)
             print(f"wrote {args.dest}")
         else:
-            print(f"{fid_calc(args.images, args.ref, args.num, args.seed, args.batch, extractor, device):g}")
+            print(f"{fid_calc(args.images, args.ref, args.num, args.seed, args.batch, weights=args.weights):g}")
     except (CheckpointError, DatasetError, ValueError, FileNotFoundError) as e:
         print(f"edm-lit fid {args.fid_command}: error: {e}", file=sys.stderr)
         return 1
