@@ -52,7 +52,7 @@ from edm_lit.precond import EDMPrecond
 from edm_lit.samplers import edm_sampler
 
 MODE = get_mode()
-torch.set_num_threads(2)
+torch.set_num_threads(1)  # small tensors: one thread is fastest, and immune to a busy machine
 PARITY = torch.load(Path("..") / "tests" / "data" / "sampler_edm.pt", weights_only=True)
 PRECOND = torch.load(Path("..") / "tests" / "data" / "precond_edm.pt", weights_only=True)
 
