@@ -85,5 +85,5 @@ def main(argv=None) -> int:
     return args.func(args)
 
 
-if __name__ == "__main__":  # `python -m edm_lit.cli ...`, and `torchrun -m edm_lit.cli ...` for several GPUs
+if __name__ == "__main__" and sys.argv[0].endswith("cli.py"):  # `python -m edm_lit.cli`, `torchrun -m edm_lit.cli`
     sys.exit(main())
