@@ -1071,7 +1071,6 @@ def run_generate_command(args):
 
 
 # %% tags=["export:fid"]
-import argparse
 import sys
 
 

@@ -392,7 +392,6 @@ def fid_calc(images, ref, num=50000, seed=0, batch_size=64, extractor=None, devi
 
 # ── 08_evaluation.py § 8.6 The commands ──
 
-import argparse
 import sys
 
 
