@@ -11,7 +11,8 @@ Rows, each timed in this one process on the same random-weight network (speed do
 - `compile`: float32 with `torch.compile(net)` (compile time reported separately, excluded from the rate).
 Each row: median seconds per batch over `--rounds` timed batches after `--warmup`, images/s, the ratio to
 `fp32_naive`, and the projected time for 50,000 images (--seeds=0-49999). On a CPU the defaults shrink to a
-smoke size (batch 4, 3 steps) so the script runs anywhere; those numbers say nothing about a GPU.
+smoke size (batch 2, 2 steps = 3 NFE; rows fp32_naive and channels_last only) so the script runs anywhere;
+those numbers say nothing about a GPU.
 With --fid: generates 50,000 images of --network and computes the FID against --ref (needs the weights).
 Prints a table on stderr and one JSON object on stdout or to --out.
 """
