@@ -258,9 +258,9 @@ net.to(MODE.device)
 gain = loss_initial / loss_trained
 peak_sigma = SIGMAS[int(np.argmax(gain))]
 lo, hi = math.exp(-1.2 - 2 * 1.2), math.exp(-1.2 + 2 * 1.2)
-glue("peak_sigma", peak_sigma, display=False)
-glue("gain_peak", gain.max(), display=False)
-glue("gain_ends", max(gain[0], gain[-1]), display=False)
+glue("peak_sigma", float(peak_sigma), display=False)
+glue("gain_peak", float(gain.max()), display=False)
+glue("gain_ends", float(max(gain[0], gain[-1])), display=False)
 print("sigma        " + " ".join(f"{s:7.3g}" for s in SIGMAS))
 print("loss initial " + " ".join(f"{v:7.3g}" for v in loss_initial))
 print("loss trained " + " ".join(f"{v:7.3g}" for v in loss_trained))
