@@ -31,6 +31,8 @@
 # | `edm-lit train --outdir=DIR --data=DATA ...` | trains a model with the official `train.py`'s flags, one CPU, one GPU or many under `torchrun` (Chapter 7, `edm_lit.train`) |
 # | `edm-lit convert IN OUT` | reads an official snapshot `IN` (a `.pkl` path or URL) *without running code stored in it* and writes its `ema` network in our format, `OUT.json` + `OUT-<hash>.safetensors` (Appendix B, `edm_lit.checkpoints.convert`); any failure is one line `edm-lit convert: error: ...` and exit status 1 |
 # | `edm-lit dataset --source=SRC --dest=DEST` | converts an image folder, a ZIP of images, `cifar-10-python.tar.gz` or `digits` into the official data-set layout (a ZIP or folder of PNGs + `dataset.json`), optionally resized or cropped (`--resolution=WxH`, `--transform`, `--max-images`), written atomically (Chapter 6, `edm_lit.data.convert_dataset`) |
+# | `edm-lit generate --network=… --outdir=… --seeds=…` | one PNG per seed with the official `generate.py` flags; an image depends only on its seed (Chapter 8, `edm_lit.generate.generate`) |
+# | `edm-lit fid ref --data=… --dest=…`, `edm-lit fid calc --images=… --ref=…` | Inception-v3 reference statistics and FID, official flags and `.npz` layout (Chapter 8, `edm_lit.fid`) |
 
 # %% tags=["export"]
 import argparse
@@ -79,7 +81,7 @@ def _dataset(args) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     """The `edm-lit` argument parser with one subparser per subcommand. Appendix A."""
-    parser = argparse.ArgumentParser(prog="edm-lit", description="EDM tools: package information and safe conversion of official snapshots.")
+    parser = argparse.ArgumentParser(prog="edm-lit", description="EDM: build data sets, train, generate images, compute FID, convert official snapshots.")
     parser.add_argument("--version", action="version", version=f"edm_lit {edm_lit.__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     info = sub.add_parser("info", help="print version, run mode, device and modules")
@@ -103,6 +105,11 @@ def build_parser() -> argparse.ArgumentParser:
     train = sub.add_parser("train", help="train a model (the official train.py's flags; torchrun for several GPUs)",
                            description="Train an EDM diffusion model on one CPU, one GPU or, under torchrun, many.")
     train_module.add_train_arguments(train).set_defaults(func=train_module.run_train)
+    from edm_lit.fid import add_fid_command
+    from edm_lit.generate import add_generate_command
+
+    add_generate_command(sub)  # Chapter 8
+    add_fid_command(sub)  # Chapter 8
     return parser
 
 
@@ -110,6 +117,10 @@ def main(argv=None) -> int:
     """Entry point of the `edm-lit` console script. Appendix A."""
     args = build_parser().parse_args(sys.argv[1:] if argv is None else argv)
     return args.func(args)
+
+
+if __name__ == "__main__" and sys.argv[0].endswith("cli.py"):  # `python -m edm_lit.cli`, `torchrun -m edm_lit.cli`
+    sys.exit(main())
 
 
 # %% [markdown]

@@ -8,7 +8,9 @@ Each module says at its top which chapter derives it. Modules:
     edm_lit.checkpoints
     edm_lit.cli
     edm_lit.data
+    edm_lit.fid
     edm_lit.framework
+    edm_lit.generate
     edm_lit.loss
     edm_lit.mode
     edm_lit.networks

@@ -52,7 +52,7 @@ def _dataset(args) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     """The `edm-lit` argument parser with one subparser per subcommand. Appendix A."""
-    parser = argparse.ArgumentParser(prog="edm-lit", description="EDM tools: package information and safe conversion of official snapshots.")
+    parser = argparse.ArgumentParser(prog="edm-lit", description="EDM: build data sets, train, generate images, compute FID, convert official snapshots.")
     parser.add_argument("--version", action="version", version=f"edm_lit {edm_lit.__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     info = sub.add_parser("info", help="print version, run mode, device and modules")
@@ -76,6 +76,11 @@ def build_parser() -> argparse.ArgumentParser:
     train = sub.add_parser("train", help="train a model (the official train.py's flags; torchrun for several GPUs)",
                            description="Train an EDM diffusion model on one CPU, one GPU or, under torchrun, many.")
     train_module.add_train_arguments(train).set_defaults(func=train_module.run_train)
+    from edm_lit.fid import add_fid_command
+    from edm_lit.generate import add_generate_command
+
+    add_generate_command(sub)  # Chapter 8
+    add_fid_command(sub)  # Chapter 8
     return parser
 
 
@@ -83,3 +88,7 @@ def main(argv=None) -> int:
     """Entry point of the `edm-lit` console script. Appendix A."""
     args = build_parser().parse_args(sys.argv[1:] if argv is None else argv)
     return args.func(args)
+
+
+if __name__ == "__main__" and sys.argv[0].endswith("cli.py"):  # `python -m edm_lit.cli`, `torchrun -m edm_lit.cli`
+    sys.exit(main())

@@ -1,0 +1,204 @@
+"""edm_lit.fid: Fréchet distance vs closed forms, streaming statistics, Inception structure, the command (Chapter 8)."""
+import hashlib
+
+import numpy as np
+import pytest
+import torch
+
+import edm_lit.fid as fid
+from edm_lit.checkpoints import save_network
+from edm_lit.cli import main as cli
+from edm_lit.data import DatasetError
+from edm_lit.fid import (FeatureStats, InceptionV3Features, fid_calc, fid_ref, frechet_distance, load_inception,
+                         load_reference, save_reference, train_digit_features)
+from edm_lit.generate import generate, save_png
+from edm_lit.precond import EDMPrecond
+
+
+def spd(rng, d, rank=None):
+    a = rng.normal(size=(d, rank or d))
+    return a @ a.T / d
+
+
+def test_closed_forms():
+    rng = np.random.default_rng(1)
+    assert frechet_distance([0.5], [[0.25]], [2.0], [[4.0]]) == pytest.approx(1.5**2 + 1.5**2, rel=1e-12)
+    d1, d2, m1, m2 = rng.uniform(0.1, 3, 50), rng.uniform(0.1, 3, 50), rng.normal(size=50), rng.normal(size=50)
+    exact = np.sum((m1 - m2) ** 2) + np.sum((np.sqrt(d1) - np.sqrt(d2)) ** 2)
+    assert frechet_distance(m1, np.diag(d1), m2, np.diag(d2)) == pytest.approx(exact, rel=1e-10)
+    s = spd(rng, 50)
+    assert frechet_distance(m1, s, m1, 4 * s) == pytest.approx(np.trace(s), rel=1e-10)  # (1 - 2)^2 tr S
+    assert abs(frechet_distance(m1, s, m1, s)) < 1e-9 * np.trace(s)
+    s2, (r, _) = spd(rng, 50), np.linalg.qr(rng.normal(size=(50, 50)))
+    fd = frechet_distance(m1, s, m2, s2)
+    assert frechet_distance(r @ m1, r @ s @ r.T, r @ m2, r @ s2 @ r.T) == pytest.approx(fd, rel=1e-9)
+    assert frechet_distance(m2, s2, m1, s) == pytest.approx(fd, rel=1e-9)  # symmetric
+    assert fd > 0
+
+
+def test_matches_sqrtm_route_and_handles_singular_covariances():
+    scipy_linalg = pytest.importorskip("scipy.linalg")
+    rng = np.random.default_rng(2)
+    for rank in (None, 20):  # full rank, then two rank-20 covariances in 40 dimensions
+        s1, s2, m1, m2 = spd(rng, 40, rank), spd(rng, 40, rank), rng.normal(size=40), rng.normal(size=40)
+        textbook = np.sum((m1 - m2) ** 2) + np.trace(s1 + s2) - 2 * np.real(np.trace(scipy_linalg.sqrtm(s1 @ s2)))
+        ours = frechet_distance(m1, s1, m2, s2)
+        assert isinstance(ours, float) and np.isfinite(ours)
+        assert ours == pytest.approx(textbook, rel=1e-6)
+
+
+def test_bad_statistics_refused():
+    eye = np.eye(3)
+    with pytest.raises(ValueError, match="feature dimensions differ"):
+        frechet_distance(np.zeros(3), eye, np.zeros(4), np.eye(4))
+    with pytest.raises(ValueError, match="positive semi-definite"):
+        frechet_distance(np.zeros(3), -eye, np.zeros(3), eye)
+    with pytest.raises(ValueError, match="finite"):
+        frechet_distance(np.array([0, np.nan, 0]), eye, np.zeros(3), eye)
+    with pytest.raises(ValueError, match="sigma1"):
+        frechet_distance(np.zeros(3), np.eye(2), np.zeros(3), eye)
+
+
+def test_streaming_equals_one_shot():
+    rng = np.random.default_rng(3)
+    x = rng.normal(loc=5.0, size=(777, 16)) @ rng.normal(size=(16, 16))
+    for splits in ([1], [100, 101, 700], list(range(1, 777, 64))):
+        stats = FeatureStats()
+        for chunk in np.array_split(x, splits):
+            stats.update(torch.from_numpy(chunk))
+        assert stats.n == 777
+        np.testing.assert_allclose(stats.mean(), x.mean(0), rtol=1e-12, atol=1e-12)
+        np.testing.assert_allclose(stats.cov(), np.cov(x, rowvar=False), rtol=1e-10, atol=1e-10)
+    float32_in = FeatureStats().update(torch.from_numpy(x).float())
+    assert float32_in.total.dtype == torch.float64
+    with pytest.raises(ValueError, match="does not match"):
+        float32_in.update(torch.zeros(2, 17))
+    with pytest.raises(ValueError, match="at least 2"):
+        FeatureStats().update(torch.zeros(1, 4)).cov()
+
+
+def test_reference_layout_and_bad_files(tmp_path, monkeypatch):
+    save_reference(tmp_path / "r.npz", np.arange(3.0), np.eye(3))
+    with np.load(tmp_path / "r.npz") as z:
+        assert sorted(z.files) == ["mu", "sigma"] and z["mu"].dtype == z["sigma"].dtype == np.float64
+    mu, sigma = load_reference(tmp_path / "r.npz")
+    assert np.array_equal(mu, np.arange(3.0)) and np.array_equal(sigma, np.eye(3))
+    np.savez(tmp_path / "m.npz", sigma=np.eye(3))
+    with pytest.raises(ValueError, match="lacks mu"):
+        load_reference(tmp_path / "m.npz")
+    np.savez(tmp_path / "s.npz", mu=np.zeros(3))
+    with pytest.raises(ValueError, match="lacks sigma"):
+        load_reference(tmp_path / "s.npz")
+    with pytest.raises(FileNotFoundError):
+        load_reference(tmp_path / "none.npz")
+    monkeypatch.setenv("EDM_LIT_CACHE", str(tmp_path / "cache"))
+    with pytest.raises(ValueError, match="could not download"):
+        load_reference("http://127.0.0.1:9/fid-refs/cifar10-32x32.npz")
+
+
+def test_inception_structure_with_random_weights():
+    net = InceptionV3Features().eval()
+    assert sum(p.numel() for p in net.parameters()) == 23_850_960  # torchvision's v3 without aux head, 1008 classes
+    sd = net.state_dict()
+    assert sd["Conv2d_1a_3x3.conv.weight"].shape == (32, 3, 3, 3)
+    assert sd["Mixed_6b.branch7x7_2.conv.weight"].shape == (128, 128, 1, 7)
+    assert sd["Mixed_7c.branch3x3dbl_3b.conv.weight"].shape == (384, 384, 3, 1)
+    assert sd["fc.weight"].shape == (1008, 2048)
+    with torch.no_grad():
+        f = net(torch.randint(0, 256, (2, 3, 32, 32), dtype=torch.uint8))
+        g = net(torch.randint(0, 256, (1, 1, 64, 64), dtype=torch.uint8))
+    assert f.shape == (2, 2048) and g.shape == (1, 2048) and bool((f >= 0).all())
+    with pytest.raises(ValueError, match="images must be"):
+        net(torch.zeros(1, 2, 8, 8, dtype=torch.uint8))
+
+
+def test_inception_weights_loading(tmp_path, monkeypatch):
+    monkeypatch.delenv("EDM_LIT_INCEPTION", raising=False)
+    monkeypatch.setenv("EDM_LIT_CACHE", str(tmp_path / "empty-cache"))
+    with pytest.raises(FileNotFoundError, match="pt_inception-2015-12-05-6726825d.pth") as e:
+        load_inception(allow_download=False)
+    assert str(tmp_path / "empty-cache") in str(e.value)
+    with pytest.raises(FileNotFoundError, match="download failed"):
+        monkeypatch.setattr(fid, "INCEPTION_URL", "http://127.0.0.1:9/pt_inception-2015-12-05-6726825d.pth")
+        load_inception()
+    weights = tmp_path / "w.pth"
+    torch.manual_seed(0)
+    torch.save(InceptionV3Features().state_dict(), weights)
+    with pytest.raises(ValueError, match="SHA-256"):
+        load_inception(weights)
+    monkeypatch.setattr(fid, "INCEPTION_SHA256_PREFIX", hashlib.sha256(weights.read_bytes()).hexdigest()[:8])
+    monkeypatch.setenv("EDM_LIT_INCEPTION", str(weights))
+    net = load_inception()
+    assert torch.equal(net.state_dict()["Mixed_5b.branch_pool.conv.weight"],
+                       torch.load(weights, weights_only=True)["Mixed_5b.branch_pool.conv.weight"])
+
+
+@pytest.fixture(scope="module")
+def tiny_net(parity):
+    ref = parity("precond_edm.pt")
+    net = EDMPrecond(**ref["kwargs"])
+    net.load_state_dict(ref["state_dict"])
+    return net.eval().requires_grad_(False)
+
+
+def pixel_features(images):
+    proj = torch.linspace(-1, 1, images[0].numel() * 8).reshape(-1, 8)
+    return (images.flatten(1).float() / 255) @ proj
+
+
+def test_generate_then_fid_end_to_end(tiny_net, tmp_path, monkeypatch, capsys):
+    """`edm-lit generate` then `edm-lit fid ref` and `fid calc` on a tiny network (a pixel-projection extractor
+    stands in for Inception, whose weights are a download)."""
+    monkeypatch.setattr(fid, "load_inception", lambda weights=None, device="cpu", allow_download=True: pixel_features)
+    save_network(tiny_net, tmp_path / "tiny")
+    assert cli(["generate", f"--network={tmp_path / 'tiny.json'}", f"--outdir={tmp_path / 'a'}", "--seeds=0-11",
+                "--subdirs", "--steps=2", "--batch=5"]) == 0
+    assert cli(["generate", f"--network={tmp_path / 'tiny.json'}", f"--outdir={tmp_path / 'b'}", "--seeds=100-111",
+                "--steps=2", f"--npz={tmp_path / 'b.npz'}"]) == 0
+    assert cli(["fid", "ref", f"--data={tmp_path / 'a'}", f"--dest={tmp_path / 'ref.npz'}"]) == 0
+    capsys.readouterr()
+    assert cli(["fid", "calc", f"--images={tmp_path / 'b'}", f"--ref={tmp_path / 'ref.npz'}", "--num=12"]) == 0
+    printed = float(capsys.readouterr().out.strip())
+    direct = fid_calc(tmp_path / "b.npz", tmp_path / "ref.npz", num=12, extractor=pixel_features, progress=False)
+    assert printed == pytest.approx(direct, rel=1e-6) and printed > 0
+    assert abs(fid_calc(tmp_path / "a", tmp_path / "ref.npz", num=12, extractor=pixel_features, progress=False)) < 1e-6 * printed
+    # a subset: --num smaller than the folder, chosen by --seed
+    sub = fid_calc(tmp_path / "b", tmp_path / "ref.npz", num=6, seed=3, extractor=pixel_features, progress=False)
+    assert np.isfinite(sub)
+
+
+def test_fid_bad_input(tiny_net, tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(fid, "load_inception", lambda weights=None, device="cpu", allow_download=True: pixel_features)
+    generate(tiny_net, tmp_path / "imgs", seeds="0-3", progress=False, num_steps=2)
+    fid_ref(tmp_path / "imgs", tmp_path / "ref.npz", extractor=pixel_features, progress=False)
+    np.savez(tmp_path / "d64.npz", mu=np.zeros(64), sigma=np.eye(64))
+    with pytest.raises(ValueError, match="64-d features"):
+        fid_calc(tmp_path / "imgs", tmp_path / "d64.npz", num=4, extractor=pixel_features)
+    with pytest.raises(ValueError, match="found 4 images"):
+        fid_calc(tmp_path / "imgs", tmp_path / "ref.npz", extractor=pixel_features)  # default num = 50,000
+    save_png(np.zeros((8, 8, 3), np.uint8), tmp_path / "imgs" / "odd.png")
+    with pytest.raises(DatasetError, match="differs"):
+        fid_calc(tmp_path / "imgs", tmp_path / "ref.npz", num=4, extractor=pixel_features)
+    capsys.readouterr()
+    for argv in (["fid", "calc", f"--images={tmp_path / 'imgs'}", f"--ref={tmp_path / 'ref.npz'}", "--num=4"],
+                 ["fid", "calc", f"--images={tmp_path / 'nothing'}", f"--ref={tmp_path / 'ref.npz'}", "--num=4"],
+                 ["fid", "calc", f"--images={tmp_path / 'imgs'}", f"--ref={tmp_path / 'nope.npz'}", "--num=4"],
+                 ["fid", "ref", f"--data={tmp_path / 'nothing'}", f"--dest={tmp_path / 'r2.npz'}"]):
+        assert cli(argv) == 1
+        err = capsys.readouterr().err
+        assert err.startswith("edm-lit fid ") and "error:" in err and len(err.strip().splitlines()) == 1
+
+
+def test_digit_features_learn_the_digits():
+    pytest.importorskip("sklearn")
+    from sklearn.datasets import load_digits
+
+    d = load_digits()
+    images = torch.from_numpy(np.round(d.images * 255 / 16).astype(np.uint8))[:, None]
+    labels = torch.from_numpy(d.target)
+    model = train_digit_features(images[:1500], labels[:1500], steps=300)
+    acc = (model(images[1500:]).argmax(1) == labels[1500:]).float().mean().item()
+    assert acc > 0.85
+    assert model.features(images[:3]).shape == (3, 64)
+    with pytest.raises(ValueError, match="one label each"):
+        train_digit_features(images[:5], labels[:4])
