@@ -65,8 +65,8 @@
 # | 3 stochastic sampling | Alg. 2: churn, S_tmin/S_tmax, S_noise | `edm_lit.samplers` |
 # | 4 preconditioning & loss | c_skip, c_out, c_in, c_noise, λ(σ), p_train | `edm_lit.precond`, `edm_lit.loss` |
 # | 5 networks | DDPM++/NCSN++ and ADM; a first training | `edm_lit.networks` |
-# | 6 augmentation | non-leaking augmentation | `edm_lit.augment` |
-# | 7 training | data sets, EMA, mixed precision, DDP, snapshots and exact resume | `edm_lit.data`, `edm_lit.training` |
+# | 6 data & augmentation | the official data-set format, a real quick-mode data set, non-leaking augmentation | `edm_lit.data`, `edm_lit.augment` |
+# | 7 training | the paper's loop: EMA, mixed precision, DDP, snapshots and exact resume; `edm-lit train` | `edm_lit.training`, `edm_lit.train` |
 # | 8 evaluation | generation at scale, FID | `edm_lit.generate`, `edm_lit.fid` |
 # | 9 reproduction | the paper's tables beside ours | (reads `book/results/`) |
 # | A1 command line | `edm-lit` and its subcommands | `edm_lit.cli` |
@@ -83,7 +83,7 @@ import re
 import edm_lit
 
 MAP = {"mode", "framework", "samplers", "precond", "loss", "networks", "checkpoints", "augment",
-       "data", "training", "generate", "fid", "cli"}
+       "data", "training", "train", "generate", "fid", "cli"}
 present = {m.name for m in pkgutil.iter_modules(edm_lit.__path__)}
 print(f"modules exported so far ({len(present)} of {len(MAP)}):", ", ".join(sorted(present)))
 assert present <= MAP, f"modules missing from the map: {present - MAP}"
@@ -131,8 +131,11 @@ from myst_nb import glue
 ROOT = Path(edm_lit.__file__).resolve().parents[1]
 declared = [re.split(r"[<>=!~ \[;]", d, maxsplit=1)[0] for d in
             tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["dependencies"]]
-PLANNED = {"tqdm": "the progress bars of training and generation, Chapters 7 and 8"}  # declared ahead of use
-users, imported = {d: [] for d in declared}, set()
+PLANNED = {}  # dependency -> the chapter that will use it, for one declared ahead of its use (none now)
+IMPORT_NAME = {"pillow": "PIL"}  # distributions imported under another name
+OPTIONAL = {"sklearn": "scikit-learn: the quick-mode digits, Chapter 6 (the `notebooks` extra)",
+            "psutil": "psutil: memory in the training statistics, when installed"}  # imported lazily, with a fallback
+users, imported = {IMPORT_NAME.get(d, d): [] for d in declared}, set()
 for path in sorted((ROOT / "edm_lit").glob("*.py")):
     for node in ast.walk(ast.parse(path.read_text())):
         names = [a.name for a in node.names] if isinstance(node, ast.Import) else \
@@ -140,15 +143,16 @@ for path in sorted((ROOT / "edm_lit").glob("*.py")):
         imported |= {n.split(".")[0] for n in names}
         for top in {n.split(".")[0] for n in names} & set(users):
             users[top].append(path.stem)
-third_party = imported - set(sys.stdlib_module_names) - {"edm_lit"}
-assert third_party <= set(declared), f"imported but not declared in pyproject.toml: {third_party - set(declared)}"
+third_party = imported - set(sys.stdlib_module_names) - {"edm_lit"} - set(OPTIONAL)
+assert third_party <= set(users), f"imported but not declared in pyproject.toml: {third_party - set(users)}"
 for dep, mods in users.items():
     print(f"{dep:12s} imported by: {', '.join(sorted(set(mods))) or '(none yet: ' + PLANNED.get(dep, '?') + ')'}")
     assert mods or dep in PLANNED, f"{dep} is declared but no module uses it"
 nbtools_lines = len((ROOT / "tools" / "nbtools.py").read_text().splitlines())
 glue("dependencies", ", ".join(declared[:-1]) + f" and {declared[-1]}", display=False)
 glue("nbtools_lines", str(nbtools_lines), display=False)
-ahead = [d for d in declared if not users[d]]
+ahead = [d for d in users if not users[d]]
+print("optional, imported only where needed:", "; ".join(OPTIONAL.values()))
 glue("planned_note", " ".join(f"{d} is declared ahead of its use ({PLANNED[d]}): no module imports it yet." for d in ahead)
      or "Every one of them is imported by some module.", display=False)
 

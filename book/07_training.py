@@ -1543,6 +1543,24 @@ print(f"trained {rows[-1]['Progress/kimg']['mean']:.1f} kimg in {train_seconds:.
       f"{sum(p.numel() for p in ema_net.parameters()):,} parameters")
 
 # %% [markdown]
+# Chapters 8 and 9 evaluate this very model. So that they need not train it (and do not depend on this
+# chapter having run), it is committed as `book/results/quick_digits.json` + weights, written by
+# `tools/make_quick_model.py`, which calls `train_quick(run_dir, seed=0)` as above. **Check** — the run
+# we just made is the committed model: one thread makes the run deterministic for a torch build and CPU,
+# and a different CPU may round differently, so the comparison allows a small relative difference.
+
+# %%
+from edm_lit.checkpoints import load_network
+
+committed = load_network(Path("results") / "quick_digits.json").state_dict()
+fresh = ema_net.state_dict()
+assert committed.keys() == fresh.keys()
+rel_diff = max(((fresh[k] - committed[k]).abs().max() / committed[k].abs().max().clamp_min(1e-12)).item()
+               for k in fresh if fresh[k].is_floating_point())
+print(f"largest difference to the committed model, relative to each tensor's largest entry: {rel_diff:.1e}")
+assert rel_diff <= 1e-3
+
+# %% [markdown]
 # **Samples.** The snapshots' grids: 64 EMA samples from the same fixed noise, 18 Heun steps
 # (Chapter 3), at the start, halfway and at the end of the run. How close they are to the digits is
 # measured below (the pixel statistics, with and without the EMA).

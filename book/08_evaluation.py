@@ -1251,13 +1251,12 @@ digit_features = probe.features
 # %% [markdown]
 # ### The protocol, in miniature
 #
-# The model is the quick-mode model: an `EDMPrecond` around a small DDPM++ U-Net trained on the
-# digits with the EDM loss. It is a committed file, `book/results/quick_digits.json` +
-# `.safetensors`, made by `tools/make_quick_model.py` (a few minutes on one CPU core); the test
-# `tests/test_generate.py::test_quick_model_script_reproduces_committed_file` reruns the script and
-# compares. So this chapter does not depend on another chapter having run. (That script is a plain
-# training loop over `edm_lit.precond` and `edm_lit.loss`; Chapter 7's trainer makes the same kind of
-# model.)
+# The model is the quick-mode model that Chapter 7 trains: `edm_lit.training.train_quick(run_dir,
+# seed=0)`, an `EDMPrecond` around a tiny DDPM++ U-Net trained for 30 kimg on the digits. It is a
+# committed file, `book/results/quick_digits.json` + weights, made by `tools/make_quick_model.py`
+# (which calls `train_quick`; under a minute on one CPU core); Chapter 7 asserts that its own run
+# equals the committed model, and `tests/test_generate.py::test_quick_model_script_reproduces_committed_file`
+# reruns the script and compares. So this chapter does not depend on another chapter having run.
 #
 # The paper's protocol, scaled: reference statistics of all training images (`fid ref`), then
 # three independent runs of `generate` + `fid calc` with disjoint seed ranges, each on `N` images,

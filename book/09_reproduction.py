@@ -42,13 +42,13 @@ import numpy as np
 import torch
 from myst_nb import glue
 
-from edm_lit.checkpoints import load_network
+from edm_lit.checkpoints import load_network, network_config
 from edm_lit.data import digits_source
 from edm_lit.fid import feature_statistics_of, frechet_distance, train_digit_features
 from edm_lit.generate import sample_seeds
 from edm_lit.loss import EDMLoss
 from edm_lit.mode import get_mode
-from edm_lit.precond import EDMPrecond, vp_sigma
+from edm_lit.precond import vp_sigma
 
 MODE = get_mode()
 torch.set_num_threads(1)  # small tensors: one thread is fastest, and immune to a busy machine
@@ -60,8 +60,8 @@ digit_images = torch.from_numpy(np.stack([np.asarray(image) for _, image, _ in i
 digit_labels = torch.tensor([label for _, _, label in items])
 classifier = train_digit_features(digit_images, digit_labels)  # the digits-FID features of §8.7
 mu_ref, sigma_ref = feature_statistics_of(classifier.features(digit_images))
-N = MODE.pick(quick=300, full=10_000)  # images per FID
-BATCH = MODE.pick(quick=300, full=2_000)
+N = MODE.pick(quick=1000, full=10_000)  # images per FID
+BATCH = MODE.pick(quick=500, full=2_000)
 
 
 def digits_fid(seeds=range(N), **sampler_kwargs):
@@ -79,7 +79,7 @@ order = torch.randperm(len(digit_images), generator=torch.Generator().manual_see
 real_floor = frechet_distance(*feature_statistics_of(classifier.features(digit_images[order])), mu_ref, sigma_ref)
 glue("n_images", N, display=False)
 glue("real_floor", real_floor, display=False)
-print(f"quick model: {meta['steps']} training steps of batch {meta['batch']} ({meta['trainer']}); "
+print(f"quick model: {meta['flags']['duration'] * 1000:.0f} kimg in batches of {meta['flags']['batch']} ({meta['trainer']}); "
       f"digits FID on N = {N} images; {N} real digits score {real_floor:.4f}")
 
 # %% [markdown]
@@ -152,8 +152,9 @@ glue("heun_vp_fid_17", heun[i17], display=False)
 glue("vp_sigma_max", float(vp_sigma(torch.tensor(1.0, dtype=torch.float64))), display=False)
 # the full EDM sampler beats the original sampler at equal cost, from 9 NFE on
 assert edm[i9] < orig[i9] and edm[i17] < 0.8 * orig[i17] and edm[i35] < orig[i35]
-# ... and has converged by 17 NFE, while the original sampler is still improving between 17 and 35
-assert abs(edm[i35] - edm[i17]) < 0.2 * edm[i35] and orig[i35] < 0.9 * orig[i17]
+# ... at 17 NFE it already beats the original sampler at 35 NFE (twice the cost), and more steps do not help it
+# (the network's own errors set its level), while the original sampler is still improving between 17 and 35
+assert edm[i17] < 0.8 * orig[i35] and edm[i35] > 0.9 * edm[i17] and orig[i35] < 0.9 * orig[i17]
 # EDM's time steps help Heun, and sigma(t) = t, s(t) = 1 helps again (at 9 and 17 NFE)
 assert steps_[i17] < heun[i17] and edm[i9] < steps_[i9] and edm[i17] < steps_[i17]
 # not as in the paper: with the VP time steps alone, Heun is *worse* than Euler at equal NFE on this model
@@ -161,10 +162,12 @@ assert heun[i17] > orig[i17]
 
 # %% [markdown]
 # **What transferred, and what did not.** The full EDM sampler (Heun, Eq. 5 time steps, σ(t) = t)
-# reaches {glue:text}`edm_fid_17:.3g` at 17 NFE and stays there at 35 ({glue:text}`edm_fid_35:.3g`),
-# while the original Euler sampler is at {glue:text}`orig_fid_17:.3g` and {glue:text}`orig_fid_35:.3g`
-# and still improving: the paper's main point — a better sampler reaches the converged quality at a
-# small fraction of the cost — holds here. Adding EDM's time steps and then σ(t) = t each lower the
+# reaches {glue:text}`edm_fid_17:.3g` at 17 NFE, better than the original Euler sampler at twice the cost
+# ({glue:text}`orig_fid_35:.3g` at 35 NFE; {glue:text}`orig_fid_17:.3g` at 17), which is still improving:
+# the paper's main point — a better sampler reaches the network's quality at a fraction of the cost —
+# holds here. More steps do not help the EDM sampler on this small network ({glue:text}`edm_fid_35:.3g`
+# at 35 NFE): once the discretisation error is small, the network's own errors set the level, and on
+# a briefly trained network they need not shrink with the step size. Adding EDM's time steps and then σ(t) = t each lower the
 # Heun curve, as in Fig. 2. One step of the ladder does **not** reproduce: Heun on the VP time steps
 # is worse than Euler at equal NFE ({glue:text}`heun_vp_fid_17:.3g` against
 # {glue:text}`orig_fid_17:.3g` at 17 NFE). Two differences from the paper's experiment can explain it,
@@ -202,7 +205,9 @@ glue("fid_churn0", fig4[0], display=False)
 glue("fid_churn_best", min(fig4), display=False)
 glue("fid_churn_max", fig4[-1], display=False)
 print(f"S_churn {CHURNS}: digits FID " + ", ".join(f"{f:.3f}" for f in fig4) + f"  [{t_fig4:.0f} s]")
-assert fig4[0] < min(fig4[1:])  # on this EDM-trained model, deterministic sampling is best
+spread = max(fig4) / min(fig4) - 1
+glue("churn_spread", 100 * spread, display=False)
+assert spread < 0.1  # on this EDM-trained model no amount of churn helps or hurts measurably
 
 fig, ax = plt.subplots(figsize=(5.5, 3.5))
 ax.plot(CHURNS, fig4, "o-", label="EDM sampler, 35 NFE")
@@ -214,9 +219,11 @@ _ = ax.legend(fontsize=8)
 plt.show()
 
 # %% [markdown]
-# On our EDM-trained digits model the deterministic sampler is best: {glue:text}`fid_churn0:.3g` at
-# S_churn = 0 against {glue:text}`fid_churn_max:.3g` at the saturated S_churn — the same choice as the
-# paper's for its EDM-trained CIFAR-10 models. The paper's other finding, that churn improves models
+# On our EDM-trained digits model stochasticity neither helps nor hurts measurably: every S_churn
+# lands within {glue:text}`churn_spread:.2g` % of the best value ({glue:text}`fid_churn0:.3g` at
+# S_churn = 0, {glue:text}`fid_churn_max:.3g` at the saturated S_churn), so the deterministic sampler,
+# which is cheaper to reason about and exactly reproducible, is the natural choice — the paper's
+# choice too for its EDM-trained CIFAR-10 models. The paper's other finding, that churn improves models
 # whose training left larger errors (the original VP/VE models, ImageNet), would need such a model
 # here, and we have not trained one.
 
@@ -253,7 +260,7 @@ def loss_per_sigma(model):
 
 
 torch.manual_seed(meta["seed"])
-initial = EDMPrecond(**meta["network"]).eval()
+initial = type(net)(**network_config(net)["init_kwargs"]).eval()  # the same architecture, untrained
 loss_trained, loss_initial = loss_per_sigma(net.cpu()), loss_per_sigma(initial)
 net.to(MODE.device)
 gain = loss_initial / loss_trained
@@ -273,7 +280,7 @@ assert gain.max() > 2 * max(gain[0], gain[-1])  # ... and much less at the extre
 # %%
 fig, ax = plt.subplots(figsize=(6.5, 4))
 ax.plot(SIGMAS, loss_initial, "o-", color="tab:green", label="at initialisation")
-ax.plot(SIGMAS, loss_trained, "o-", color="tab:blue", label=f"after training ({meta['steps']} steps)")
+ax.plot(SIGMAS, loss_trained, "o-", color="tab:blue", label=f"after training ({meta['flags']['duration'] * 1000:.0f} kimg)")
 ax.set_xscale("log")
 ax.set_yscale("log")
 ax.set_xlabel("σ")
@@ -365,8 +372,8 @@ assert all(r.count("not measured here") == 1 for r in rows[2:2 + len(PAPER_ROWS)
 #   on a GPU and, with `--fid`, the CIFAR-10 FID.
 #
 # **Exercises.**
-# 1. Train the quick model with `tools/make_quick_model.py --steps=150` and redo §9.1. Which curve
-#    moves most?
+# 1. Train a shorter quick model, `train_quick(run_dir, duration=0.01)` (`edm_lit.training`, Chapter 7),
+#    and redo §9.1 with it. Which curve moves most?
 # 2. Replace S_tmin = 0.05, S_tmax = 50 by 0 and ∞ in §9.2. What happens at large S_churn?
 #
 # ```{admonition} Answers
