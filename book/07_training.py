@@ -639,40 +639,10 @@ assert p.grad.tolist() == [0.0, 1e5, -1e5, 2.0]
 # the training's random stream.
 
 # %% tags=["export"]
+from edm_lit.checkpoints import fsync_dir, write_atomic  # rule 1, the primitive Appendix B's snapshots use too
+
 STATE_FORMAT = "edm_lit-training-state"
 STATE_VERSION = 1
-
-
-def fsync_dir(path) -> None:
-    """Make a rename inside directory `path` durable (no-op where directories cannot be opened)."""
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
-def write_atomic(path, data: bytes) -> Path:
-    """Write bytes to `path` all-or-nothing: a temporary file, fsync, rename, fsync of the directory. Chapter 7."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    fsync_dir(path.parent)
-    return path
 
 
 def png_bytes(image: np.ndarray) -> bytes:

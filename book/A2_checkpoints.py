@@ -934,8 +934,9 @@ def _config_path(path) -> Path:
     return path.with_name(path.name + ".json")
 
 
-def _fsync_dir(directory: Path) -> None:
-    if hasattr(os, "O_DIRECTORY"):  # POSIX: make the renames in `directory` durable
+def fsync_dir(directory) -> None:
+    """Make the renames inside `directory` durable (POSIX; a no-op where directories cannot be opened). Appendix B."""
+    if hasattr(os, "O_DIRECTORY"):
         fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
         try:
             os.fsync(fd)
@@ -943,8 +944,11 @@ def _fsync_dir(directory: Path) -> None:
             os.close(fd)
 
 
-def _write_durably(path: Path, data: bytes) -> None:
-    """Write data under a temporary name (mode 0o666 minus the umask), fsync, rename to path, fsync the directory."""
+def write_atomic(path, data: bytes) -> Path:
+    """Write bytes to `path` all-or-nothing: a temporary name (mode 0o666 minus the umask), fsync, rename, fsync
+    of the directory. Every file the package writes goes through here (snapshots, training states, stats). Appendix B."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{secrets.token_hex(4)}.tmp")
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0), 0o666)
     try:
@@ -956,7 +960,8 @@ def _write_durably(path: Path, data: bytes) -> None:
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
-    _fsync_dir(path.parent)
+    fsync_dir(path.parent)
+    return path
 
 
 def _weights_name(header: dict, config_path) -> str:
@@ -1022,8 +1027,8 @@ def save_network(net, path) -> tuple:
         old = _weights_name(_read_config(config_path), config_path)
     except CheckpointError:
         old = None
-    _write_durably(weights_path, blob)
-    _write_durably(config_path, (json.dumps(header, indent=2) + "\n").encode())
+    write_atomic(weights_path, blob)
+    write_atomic(config_path, (json.dumps(header, indent=2) + "\n").encode())
     if old not in (None, weights_path.name) and _config_path(config_path.parent / old) == config_path:
         (config_path.parent / old).unlink(missing_ok=True)
     return config_path, weights_path
