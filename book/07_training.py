@@ -55,7 +55,6 @@ import os
 import random
 import re
 import struct
-import tempfile
 import time
 import zlib
 from pathlib import Path

@@ -16,7 +16,6 @@ import os
 import random
 import re
 import struct
-import tempfile
 import time
 import zlib
 from pathlib import Path
