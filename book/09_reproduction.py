@@ -365,6 +365,7 @@ for (name, (P_mean, P_std)), color in zip(P_TRAIN.items(), ["tab:blue", "tab:red
     ax2.fill_between(grid_sigma, density, color=color, alpha=0.12)
 ax.set_xscale("log")
 ax.set_yscale("log")
+ax.set_ylim(L.min() / 2.5, L.max() * 1.2)  # room for the legend below the curves
 ax.set_xlabel("σ")
 ax.set_ylabel("weighted loss λ(σ)·|D − y|² per pixel")
 ax2.set_ylabel("p_train density of ln σ (shaded)")
