@@ -53,6 +53,8 @@ from myst_nb import glue
 from edm_lit.mode import get_mode
 
 MODE = get_mode()
+if MODE.quick:
+    torch.set_num_threads(1)  # quick mode's tensors are small: one thread is as fast, and immune to a busy machine
 torch.manual_seed(0)
 plt.rcParams.update({"figure.dpi": 80, "axes.grid": True, "grid.alpha": 0.3})
 

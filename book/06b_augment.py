@@ -55,6 +55,8 @@ import torch
 from edm_lit.mode import get_mode
 
 MODE = get_mode()
+if MODE.quick:
+    torch.set_num_threads(1)  # quick mode's tensors are small: one thread is as fast, and immune to a busy machine
 T_START = time.time()
 torch.manual_seed(0)
 plt.rcParams.update({"figure.dpi": 80})
