@@ -78,14 +78,18 @@ import collections
 import hashlib
 import http.client
 import inspect
+import io
 import json
 import math
 import os
+import pickle
 import pickletools
 import re
 import secrets
 import stat
 import struct
+import sys
+import types
 import urllib.error
 import urllib.parse
 import urllib.request
@@ -1229,25 +1233,16 @@ def convert(src, dst) -> tuple:
 # tests/test_checkpoints.py -k official_code` also loads snapshots that the official code itself
 # pickles, `AugmentPipe` and all, and compares their outputs with the official networks'.)
 
-# %%
-import copy
-import io
-import os
-import pickle
-import sys
-import tempfile
-import types
-
-from edm_lit.checkpoints import (NETWORK_CLASSES, CheckpointError, build_meta_network, convert, load_network,
-                                 network_config, read_official_pickle, save_network)
-from edm_lit.loss import EDMLoss
-
-PERSISTENT = set(NETWORK_CLASSES) | {"Linear", "Conv2d", "GroupNorm", "UNetBlock", "PositionalEmbedding",
-                                     "FourierEmbedding", "EDMLoss"}
+# %% tags=["export"]
+PERSISTENT_CLASSES = frozenset(NETWORK_CLASSES) | {"Linear", "Conv2d", "GroupNorm", "UNetBlock", "PositionalEmbedding",
+                                                   "FourierEmbedding", "EDMLoss"}
 
 
-def official_layout_pickle(obj, module_src="# source code of the defining module\n") -> bytes:
-    """Pickle obj as torch_utils.persistence does: every persistent object -> _reconstruct_persistent_obj(meta)."""
+def official_layout_pickle(obj, module_src="# source code of the defining module\n", edit_state=None,
+                           version=6) -> bytes:
+    """Pickle `obj` in the layout torch_utils.persistence writes: each of our persistent objects becomes
+    _reconstruct_persistent_obj(meta). For tests and demonstrations of the reader; `module_src` is stored as
+    given, and `edit_state(class_name, state) -> state` may alter what is written. Appendix B."""
     def _reconstruct_persistent_obj(meta):
         raise AssertionError("only used to write")
     _reconstruct_persistent_obj.__module__ = "torch_utils.persistence"
@@ -1256,17 +1251,19 @@ def official_layout_pickle(obj, module_src="# source code of the defining module
     class Writer(pickle.Pickler):
         def reducer_override(self, o):
             name = type(o).__name__
-            if name not in PERSISTENT or not type(o).__module__.startswith("edm_lit"):
+            if name not in PERSISTENT_CLASSES or not type(o).__module__.startswith("edm_lit"):
                 return NotImplemented
             kwargs = network_config(o)["init_kwargs"] if name in NETWORK_CLASSES else {}
             state = dict(o.__dict__, _init_args=(), _init_kwargs=kwargs)
-            meta = dict(type="class", version=6, module_src=module_src, class_name=name, state=state)
+            if edit_state is not None:
+                state = edit_state(name, state)
+            meta = dict(type="class", version=version, module_src=module_src, class_name=name, state=state)
             return _reconstruct_persistent_obj, (meta,)
 
-    fake = types.ModuleType("torch_utils.persistence")
-    fake._reconstruct_persistent_obj = _reconstruct_persistent_obj
+    stand_in = types.ModuleType("torch_utils.persistence")  # exists only while pickling
+    stand_in._reconstruct_persistent_obj = _reconstruct_persistent_obj
     saved = {k: sys.modules.get(k) for k in ("torch_utils", "torch_utils.persistence")}
-    sys.modules.update({"torch_utils": types.ModuleType("torch_utils"), "torch_utils.persistence": fake})
+    sys.modules.update({"torch_utils": types.ModuleType("torch_utils"), "torch_utils.persistence": stand_in})
     try:
         buffer = io.BytesIO()
         Writer(buffer, protocol=4).dump(obj)
@@ -1275,6 +1272,14 @@ def official_layout_pickle(obj, module_src="# source code of the defining module
         for k, v in saved.items():
             sys.modules.pop(k) if v is None else sys.modules.__setitem__(k, v)
 
+
+# %%
+import copy
+import tempfile
+
+from edm_lit.checkpoints import (CheckpointError, build_meta_network, convert, load_network,
+                                 official_layout_pickle, read_official_pickle, save_network)
+from edm_lit.loss import EDMLoss
 
 official = EDMPrecond(**PARITY["kwargs"]).eval().requires_grad_(False)
 official.load_state_dict(PARITY["state_dict"], strict=True)

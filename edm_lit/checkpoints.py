@@ -10,14 +10,18 @@ import collections
 import hashlib
 import http.client
 import inspect
+import io
 import json
 import math
 import os
+import pickle
 import pickletools
 import re
 import secrets
 import stat
 import struct
+import sys
+import types
 import urllib.error
 import urllib.parse
 import urllib.request
@@ -1036,3 +1040,41 @@ def load_network(path_or_url, cache=None) -> torch.nn.Module:
 def convert(src, dst) -> tuple:
     """Official snapshot (path or URL) -> our format at `dst` (.json + .safetensors); returns both paths. Appendix B."""
     return save_network(load_network(src), dst)
+
+PERSISTENT_CLASSES = frozenset(NETWORK_CLASSES) | {"Linear", "Conv2d", "GroupNorm", "UNetBlock", "PositionalEmbedding",
+                                                   "FourierEmbedding", "EDMLoss"}
+
+
+def official_layout_pickle(obj, module_src="# source code of the defining module\n", edit_state=None,
+                           version=6) -> bytes:
+    """Pickle `obj` in the layout torch_utils.persistence writes: each of our persistent objects becomes
+    _reconstruct_persistent_obj(meta). For tests and demonstrations of the reader; `module_src` is stored as
+    given, and `edit_state(class_name, state) -> state` may alter what is written. Appendix B."""
+    def _reconstruct_persistent_obj(meta):
+        raise AssertionError("only used to write")
+    _reconstruct_persistent_obj.__module__ = "torch_utils.persistence"
+    _reconstruct_persistent_obj.__qualname__ = "_reconstruct_persistent_obj"
+
+    class Writer(pickle.Pickler):
+        def reducer_override(self, o):
+            name = type(o).__name__
+            if name not in PERSISTENT_CLASSES or not type(o).__module__.startswith("edm_lit"):
+                return NotImplemented
+            kwargs = network_config(o)["init_kwargs"] if name in NETWORK_CLASSES else {}
+            state = dict(o.__dict__, _init_args=(), _init_kwargs=kwargs)
+            if edit_state is not None:
+                state = edit_state(name, state)
+            meta = dict(type="class", version=version, module_src=module_src, class_name=name, state=state)
+            return _reconstruct_persistent_obj, (meta,)
+
+    stand_in = types.ModuleType("torch_utils.persistence")  # exists only while pickling
+    stand_in._reconstruct_persistent_obj = _reconstruct_persistent_obj
+    saved = {k: sys.modules.get(k) for k in ("torch_utils", "torch_utils.persistence")}
+    sys.modules.update({"torch_utils": types.ModuleType("torch_utils"), "torch_utils.persistence": stand_in})
+    try:
+        buffer = io.BytesIO()
+        Writer(buffer, protocol=4).dump(obj)
+        return buffer.getvalue()
+    finally:
+        for k, v in saved.items():
+            sys.modules.pop(k) if v is None else sys.modules.__setitem__(k, v)

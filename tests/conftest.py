@@ -15,3 +15,13 @@ def parity():
     def load(name):
         return torch.load(DATA / name, weights_only=True)
     return load
+
+
+@pytest.fixture(scope="session")
+def parity_net(parity):
+    """The official small EDMPrecond(SongUNet) of precond_edm.pt with its weights, in eval mode, no grad."""
+    from edm_lit.precond import EDMPrecond
+    ref = parity("precond_edm.pt")
+    net = EDMPrecond(**ref["kwargs"])
+    net.load_state_dict(ref["state_dict"])
+    return net.eval().requires_grad_(False)

@@ -23,50 +23,11 @@ import torch
 
 from edm_lit import checkpoints
 from edm_lit.checkpoints import (NETWORK_CLASSES, CheckpointError, download, load_network, load_official_snapshot,
-                                 network_config, read_official_pickle, save_network)
+                                 network_config, official_layout_pickle, read_official_pickle, save_network)
 from edm_lit.cli import main
 from edm_lit.loss import EDMLoss
 from edm_lit.precond import EDMPrecond, VEPrecond, VPPrecond, iDDPMPrecond
 
-PERSISTENT = set(NETWORK_CLASSES) | {"Linear", "Conv2d", "GroupNorm", "UNetBlock", "PositionalEmbedding",
-                                     "FourierEmbedding", "EDMLoss"}
-
-
-def official_layout_pickle(obj, module_src="# module source\n", edit_state=None, version=6) -> bytes:
-    """Bytes laid out as torch_utils.persistence writes them: each persistent object becomes
-    _reconstruct_persistent_obj(meta) with meta = {type, version, module_src, class_name, state}.
-    A stand-in torch_utils.persistence module exists only while pickling."""
-    def _reconstruct_persistent_obj(meta):
-        raise AssertionError("write only")
-    _reconstruct_persistent_obj.__module__ = "torch_utils.persistence"
-    _reconstruct_persistent_obj.__qualname__ = "_reconstruct_persistent_obj"
-
-    class Writer(pickle.Pickler):
-        def reducer_override(self, o):
-            name = type(o).__name__
-            if name not in PERSISTENT or not type(o).__module__.startswith("edm_lit"):
-                return NotImplemented
-            kwargs = network_config(o)["init_kwargs"] if name in NETWORK_CLASSES else {}
-            state = dict(o.__dict__, _init_args=(), _init_kwargs=kwargs)
-            if edit_state is not None:
-                state = edit_state(name, state)
-            meta = dict(type="class", version=version, module_src=module_src, class_name=name, state=state)
-            return _reconstruct_persistent_obj, (meta,)
-
-    fake = types.ModuleType("torch_utils.persistence")
-    fake._reconstruct_persistent_obj = _reconstruct_persistent_obj
-    saved = {k: sys.modules.get(k) for k in ("torch_utils", "torch_utils.persistence")}
-    sys.modules.update({"torch_utils": types.ModuleType("torch_utils"), "torch_utils.persistence": fake})
-    try:
-        buf = io.BytesIO()
-        Writer(buf, protocol=4).dump(obj)
-        return buf.getvalue()
-    finally:
-        for k, v in saved.items():
-            if v is None:
-                sys.modules.pop(k, None)
-            else:
-                sys.modules[k] = v
 
 
 @pytest.fixture(autouse=True)

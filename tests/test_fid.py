@@ -12,7 +12,6 @@ from edm_lit.data import DatasetError
 from edm_lit.fid import (FeatureStats, InceptionV3Features, fid_calc, fid_ref, frechet_distance, load_inception,
                          load_reference, save_reference, train_digit_features)
 from edm_lit.generate import generate, save_png
-from edm_lit.precond import EDMPrecond
 
 
 def spd(rng, d, rank=None):
@@ -134,11 +133,8 @@ def test_inception_weights_loading(tmp_path, monkeypatch):
 
 
 @pytest.fixture(scope="module")
-def tiny_net(parity):
-    ref = parity("precond_edm.pt")
-    net = EDMPrecond(**ref["kwargs"])
-    net.load_state_dict(ref["state_dict"])
-    return net.eval().requires_grad_(False)
+def tiny_net(parity_net):
+    return parity_net
 
 
 def pixel_features(images):

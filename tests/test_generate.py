@@ -20,11 +20,8 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")
-def net(parity):
-    ref = parity("precond_edm.pt")
-    net = EDMPrecond(**ref["kwargs"])
-    net.load_state_dict(ref["state_dict"])
-    return net.eval().requires_grad_(False)
+def net(parity_net):
+    return parity_net
 
 
 @pytest.fixture(scope="module")
