@@ -7,6 +7,7 @@
 # ── A2_checkpoints.py § B.1 Loading the official checkpoints — safely ──
 
 import collections
+import contextlib
 import hashlib
 import http.client
 import inspect
@@ -644,8 +645,10 @@ def check_shapes(expected: dict, found: dict, source) -> None:
         raise CheckpointError(f"{source} does not fit the network: " + "; ".join(problems))
 
 
-def _collect(record, module, prefix, out):
-    """Tensors of a record tree into out[dotted name], walking along our module tree (so cycles end)."""
+def _collect(record, module, prefix, out, owner=None):
+    """Tensors of a record tree into out[dotted name], walking along our module tree (so cycles end); one tensor
+    object in two entries (the memo allows it) is refused, so the entries never total more than the file's bytes."""
+    owner = {} if owner is None else owner  # id of each tensor taken -> the entry it fills (all stay alive)
     state = record.state
     skip = state.get("_non_persistent_buffers_set") or set()
     for group in ("_parameters", "_buffers"):
@@ -654,9 +657,14 @@ def _collect(record, module, prefix, out):
             raise CheckpointError(f"{prefix + group} in the pickle is not a dict")
         for name, tensor in tensors.items():
             if tensor is not None and name not in skip:
+                entry = prefix + str(name)
                 if not isinstance(tensor, torch.Tensor):
-                    raise CheckpointError(f"{prefix + str(name)} in the pickle is not a tensor")
-                out[prefix + str(name)] = tensor
+                    raise CheckpointError(f"{entry} in the pickle is not a tensor")
+                if id(tensor) in owner:
+                    raise CheckpointError(f"{entry} in the pickle is the same tensor as {owner[id(tensor)]}: "
+                                          "one tensor filling several weights is refused")
+                owner[id(tensor)] = entry
+                out[entry] = tensor
     children = state.get("_modules") or {}
     if not isinstance(children, dict):
         raise CheckpointError(f"{prefix}_modules in the pickle is not a dict")
@@ -669,7 +677,7 @@ def _collect(record, module, prefix, out):
         if ours is None or type(ours).__name__ != child.class_name:
             raise CheckpointError(f"wrong architecture at {where!r}: the checkpoint has {child.class_name}, "
                                   f"our network {type(ours).__name__ if ours is not None else 'nothing'}")
-        _collect(child, ours, where + ".", out)
+        _collect(child, ours, where + ".", out, owner)
     return out
 
 
@@ -972,14 +980,46 @@ def _verify_complete(part: Path, name: str, url: str) -> None:
                               f"is incomplete or corrupt ({e}); nothing was cached") from None
 
 
+@contextlib.contextmanager
+def _exclusive(lock: Path):
+    """Hold an exclusive flock on the file `lock` (created, and removed on release) against other processes."""
+    try:
+        import fcntl
+    except ImportError:  # no flock (Windows): concurrent downloads of one URL are then not coordinated
+        yield
+        return
+    while True:
+        fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o666)
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        try:  # the holder before us removes the file on release: locking a removed file locks nothing
+            if os.path.samestat(os.fstat(fd), os.stat(lock)):
+                break
+        except FileNotFoundError:
+            pass
+        os.close(fd)
+    try:
+        yield
+    finally:
+        lock.unlink(missing_ok=True)  # still holding the lock, so a waiter sees the file gone and tries again
+        os.close(fd)
+
+
 def download(url: str, cache=None, timeout: float = 60.0) -> Path:
-    """Download `url` into the cache (resumable, verified, atomic rename when complete) and return the local path. Appendix B."""
+    """Download `url` into the cache (resumable, verified, atomic rename when complete; one process at a time per
+    URL, the others wait and use the cached file) and return the local path. Appendix B."""
     cache = Path(cache) if cache is not None else cache_dir()
     name = Path(urllib.parse.urlparse(url).path).name or "download"
     dest = cache / f"{hashlib.sha256(url.encode()).hexdigest()[:12]}-{name}"
     if dest.is_file():
         return dest
     cache.mkdir(parents=True, exist_ok=True)
+    with _exclusive(dest.with_name(dest.name + ".lock")):
+        if dest.is_file():  # another process completed it while we waited for the lock
+            return dest
+        return _download_locked(url, dest, name, timeout)
+
+
+def _download_locked(url: str, dest: Path, name: str, timeout: float) -> Path:
     part = dest.with_name(dest.name + ".part")
     error = None
     for _ in range(DOWNLOAD_ATTEMPTS):
