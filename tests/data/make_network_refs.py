@@ -8,6 +8,11 @@ initialisation zeroes the output layers, which would make a trivial reference, s
 shape) plus the buffers, the inputs and the outputs, so it stays small; `tests/test_networks.py` rebuilds the
 same weights with the same function and loads them into our networks with `strict=True`. Plain tensors,
 numbers, strings and lists only: `torch.load(path, weights_only=True)`.
+
+`init` holds a fingerprint of each network's *own* initialisation after `torch.manual_seed(0)` (DDPM++, NCSN++,
+the progressive variants and ADM): per state_dict entry the float64 sum of its values and its first
+INIT_HEAD values (`init_fingerprint`). Equal fingerprints mean our constructors draw the same random numbers in
+the same order as the official ones.
 """
 import sys
 from pathlib import Path
@@ -29,6 +34,27 @@ CASES = {
                                  model_channels=32, channel_mult=[1, 2, 4], num_blocks=1, attn_resolutions=[16, 8, 4],
                                  dropout=0.0)),
 }
+
+
+# initialisation order: DDPM++ as the official train.py builds it (--arch=ddpmpp), at toy size, plus the cases above
+INIT_CASES = {
+    "ddpmpp": ("SongUNet", dict(img_resolution=16, in_channels=3, out_channels=3, label_dim=10, augment_dim=9,
+                                model_channels=16, channel_mult=[1, 2, 2], num_blocks=1, attn_resolutions=[8],
+                                dropout=0.0)),
+    **CASES,
+}
+INIT_SEED, INIT_HEAD = 0, 4
+
+
+def init_fingerprint(state: dict) -> dict:
+    """A freshly initialised state_dict in brief: its keys, the float64 sum of each entry's values ([n]) and each
+    entry's first INIT_HEAD values ([n, INIT_HEAD], NaN where an entry has fewer)."""
+    heads = torch.full([len(state), INIT_HEAD], float("nan"))
+    for row, value in zip(heads, state.values()):
+        first = value.detach().flatten()[:INIT_HEAD].float()
+        row[:len(first)] = first
+    return {"keys": list(state), "sums": torch.tensor([v.double().sum().item() for v in state.values()],
+                                                       dtype=torch.float64), "heads": heads}
 
 
 def random_state(shapes: dict, seed: int) -> dict:
@@ -75,6 +101,13 @@ def main(official: str, out_path: str) -> None:
                 case["augment_labels"] = torch.randn(n, kwargs["augment_dim"], generator=gen)
                 case["out_with_augment_labels"] = net(x, noise_labels, class_labels, case["augment_labels"])
         refs[name] = case
+
+    refs["init"] = {}
+    for name, (class_name, kwargs) in INIT_CASES.items():
+        torch.manual_seed(INIT_SEED)
+        net = getattr(networks, class_name)(**kwargs)
+        refs["init"][name] = {"class_name": class_name, "kwargs": kwargs, "seed": INIT_SEED,
+                              **init_fingerprint(net.state_dict())}
 
     # one Conv2d with fused resampling per direction and filter of the paper: output shapes and values
     gen = torch.Generator().manual_seed(300)
