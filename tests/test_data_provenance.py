@@ -1,0 +1,30 @@
+"""tests/data/README.md lists every file of tests/data with its current MD5, so the provenance note cannot go stale."""
+import hashlib
+import re
+from pathlib import Path
+
+DATA = Path(__file__).parent / "data"
+
+
+def readme_entries() -> dict:
+    """{file name: MD5} from the README's entries, each a line `- `name` — ...` up to the next entry or heading."""
+    text = (DATA / "README.md").read_text(encoding="utf-8")
+    entries = re.split(r"\n(?=- `|#)", text)
+    found = {}
+    for entry in entries:
+        head = re.match(r"- `([^`]+)`", entry)
+        md5 = re.findall(r"MD5 `([0-9a-f]{32})`", entry)
+        if head:
+            assert len(md5) == 1, f"README entry for {head.group(1)} must give exactly one MD5"
+            assert head.group(1) not in found, f"{head.group(1)} is listed twice"
+            found[head.group(1)] = md5[0]
+    return found
+
+
+def test_every_data_file_is_listed_with_its_md5():
+    listed = readme_entries()
+    files = {p.name for p in DATA.iterdir() if p.is_file() and p.name != "README.md"}
+    assert files == set(listed), f"not in the README: {sorted(files - set(listed))}; " \
+                                 f"listed but absent: {sorted(set(listed) - files)}"
+    for name, md5 in listed.items():
+        assert hashlib.md5((DATA / name).read_bytes()).hexdigest() == md5, f"{name}: the README's MD5 is stale"
