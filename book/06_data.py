@@ -32,8 +32,15 @@
 #
 # The chapter derives the format from what training needs (§6.1), reads it (§6.2), writes it
 # from common sources with the `edm-lit dataset` command (§6.3), picks a real data set that
-# needs no download for quick mode (§6.4), and makes every kind of bad data fail loudly, before
-# training starts, with the name of the file at fault (§6.5).
+# needs no download for quick mode (§6.4), and makes bad data fail loudly with the name of the
+# file at fault (§6.5): when the data set is opened, before training starts, for everything a
+# header shows, and when an image is decoded (by `ds.verify()`, or at the latest when the image
+# is drawn into a batch) for damage hidden inside a complete PNG.
+
+# %%
+import time
+
+T_START = time.perf_counter()  # the chapter's own run time is printed at its end
 
 # %% tags=["export"]
 import io
@@ -58,6 +65,7 @@ import time
 import matplotlib.pyplot as plt
 import numpy as np
 import PIL.Image
+from myst_nb import glue
 
 from edm_lit.mode import get_mode
 
@@ -94,7 +102,7 @@ plt.rcParams.update({"figure.dpi": 80})
 # PIL knows), sorted by name, which is how data sets that were assembled by hand load too. The
 # label file must be at the top level and is named `dataset.json`.
 #
-# Bad data must stop us **before training**, and name the file: a corrupt image found after two
+# Bad data should stop us **before training**, and name the file: a corrupt image found after two
 # days of training is two days lost. So every failure below is a `DatasetError` (a `ValueError`)
 # whose message starts with the offending path.
 
@@ -227,8 +235,11 @@ def _open_store(path: Path):
 # last 12 bytes, the `IEND` chunk every complete PNG ends with, which catches a truncated file
 # without decoding it. This costs well under a millisecond per image, once (measured in §6.4), and it
 # turns "mixed resolutions", "not an image" and "truncated" from crashes in the middle of training
-# into an error at the start. (Damage *inside* a complete PNG is still only found when the image
-# is decoded; that error names the file too. `edm-lit dataset` decodes every image it writes.)
+# into an error at the start. Damage *inside* a complete PNG (header and `IEND` intact) is only
+# found when the image is decoded. `ds.verify()` decodes every image once — the full check, worth
+# its cost before a long run on data that has travelled; the training loop does not call it, so
+# without it such an image fails when it is first drawn into a batch. Either error names the
+# file. `edm-lit dataset` decodes every image it writes.
 
 # %% tags=["export"]
 def _read_header(store, name: str, where: str) -> tuple:
@@ -283,8 +294,8 @@ def _is_vector(value) -> bool:
     return isinstance(value, list) and all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in value)
 
 
-def _read_labels(store, image_names: list, where: str):
-    """The labels of `image_names` from dataset.json: int64 [N] classes, float32 [N, D] vectors, or None."""
+def _label_table(store, image_names: list, where: str):
+    """dataset.json checked against `image_names`: {name: class or vector} with one label per image, or None."""
     if LABEL_FILE not in store.names():
         return None
     where = f"{where}/{LABEL_FILE}"
@@ -316,13 +327,22 @@ def _read_labels(store, image_names: list, where: str):
         raise DatasetError(f"{where}: label for {extra[0]!r}, which is not an image of the data set "
                            f"({len(extra)} such labels)")
     values = [table[name] for name in image_names]
+    if not (all(_is_class(v) for v in values) or all(_is_vector(v) and len(v) == len(values[0]) for v in values)):
+        bad = next(name for name, v in zip(image_names, values) if not _is_class(v))
+        raise DatasetError(f"{where}: label of {bad!r} is {table[bad]!r}; labels must be non-negative integers "
+                           "(classes) or number lists of one length")
+    return {name: table[name] for name in image_names}
+
+
+def _read_labels(store, image_names: list, where: str):
+    """The labels of `image_names` from dataset.json: int64 [N] classes, float32 [N, D] vectors, or None."""
+    table = _label_table(store, image_names, where)
+    if table is None:
+        return None
+    values = [table[name] for name in image_names]
     if all(_is_class(v) for v in values):
         return np.array(values, dtype=np.int64)
-    if all(_is_vector(v) and len(v) == len(values[0]) for v in values):
-        return np.array(values, dtype=np.float32).reshape(len(values), -1)
-    bad = next(name for name, v in zip(image_names, values) if not _is_class(v))
-    raise DatasetError(f"{where}: label of {bad!r} is {table[bad]!r}; labels must be non-negative integers "
-                       "(classes) or number lists of one length")
+    return np.array(values, dtype=np.float32).reshape(len(values), -1)
 
 
 # %% [markdown]
@@ -340,12 +360,17 @@ def _read_labels(store, image_names: list, where: str):
 #   off by default; the paper's augmentation is the non-leaking pipeline of the next chapter.)
 
 # %% tags=["export"]
+def _is_integer(value) -> bool:
+    """A Python or NumPy integer, but not a bool."""
+    return isinstance(value, (int, np.integer)) and not isinstance(value, (bool, np.bool_))
+
+
 def subset_indices(num_images: int, max_size=None, random_seed: int = 0) -> np.ndarray:
     """Raw indices kept by `max_size`: a seeded random subset in increasing order (the official choice). Chapter 6."""
     if max_size is None or num_images <= max_size:
         return np.arange(num_images, dtype=np.int64)
     permutation = np.random.RandomState(random_seed % (1 << 31)).permutation(num_images)
-    return np.sort(permutation[:max_size]).astype(np.int64)
+    return np.sort(permutation[:int(max_size)]).astype(np.int64)
 
 
 @dataclass(frozen=True)
@@ -371,7 +396,7 @@ class ImageFolderDataset(torch.utils.data.Dataset):
 
     def __init__(self, path, resolution=None, use_labels=False, max_size=None, xflip=False, random_seed=0,
                  cache=False):
-        if max_size is not None and (not isinstance(max_size, int) or max_size < 1):
+        if max_size is not None and (not _is_integer(max_size) or max_size < 1):
             raise ValueError(f"max_size must be a positive integer or None, got {max_size!r}")
         self._path = Path(path)
         self._store = _open_store(self._path)
@@ -409,6 +434,11 @@ class ImageFolderDataset(torch.utils.data.Dataset):
             raise DatasetError(f"{self._path}/{name}: decoded shape {list(image.shape)} differs from the header's "
                                f"{self.image_shape}")
         return image
+
+    def verify(self):
+        """Decode every image of the data set once: finds damage inside complete PNGs, which opening cannot. Chapter 6."""
+        for raw_idx in np.unique(self._raw_idx):
+            self._load_raw_image(int(raw_idx))
 
     def __len__(self) -> int:
         return len(self._raw_idx)
@@ -489,7 +519,11 @@ class ImageFolderDataset(torch.utils.data.Dataset):
 #
 # **Sources.** A folder of images (searched recursively; the labels come from its own
 # `dataset.json` if it has one, else from the names of the top-level sub-folders, sorted, when
-# there are at least two); a ZIP of images (labels only from its `dataset.json`); the CIFAR-10 python archive
+# there are at least two); a ZIP of images (labels only from its `dataset.json`). A source's
+# `dataset.json` is checked exactly as the reader checks one: one valid label per image, each
+# naming an image of the source. The official tool would crash on a malformed entry and write
+# `"labels": null` — an unconditional data set — when one image lacks its label; here both are
+# errors naming the source's `dataset.json`. Then the CIFAR-10 python archive
 # `cifar-10-python.tar.gz` as downloaded from its authors (the five training batches, 50,000
 # images, in order); and `digits`, the quick-mode data set of §6.4. The CIFAR batches are Python
 # pickles, and unpickling a downloaded file can run arbitrary code; we unpickle them with a
@@ -498,11 +532,14 @@ class ImageFolderDataset(torch.utils.data.Dataset):
 # %% tags=["export"]
 @dataclass
 class Source:
-    """Images to convert: how many, and an iterator of (index, HWC or HW uint8 image, label or None). Chapter 6."""
+    """Images to convert: how many, an iterator of (index, HWC or HW uint8 image, label), and whether labelled. Chapter 6.
+
+    `describe(index)`, when given, names source item `index` (its file) for error messages."""
 
     count: int
     items: object
     labelled: bool
+    describe: object = None
 
 
 class _ArraysOnly(pickle.Unpickler):
@@ -518,7 +555,7 @@ class _ArraysOnly(pickle.Unpickler):
 
 
 def _limit(count: int, max_images) -> int:
-    return count if max_images is None else min(count, max_images)
+    return count if max_images is None else min(count, int(max_images))
 
 
 def _cifar10_source(path: Path, max_images) -> Source:
@@ -534,7 +571,7 @@ def _cifar10_source(path: Path, max_images) -> Source:
         raise DatasetError(f"{path}: not a CIFAR-10 python archive ({e})") from None
     images = np.concatenate(images)
     count = _limit(len(images), max_images)
-    return Source(count, ((i, images[i], labels[i]) for i in range(count)), True)
+    return Source(count, ((i, images[i], labels[i]) for i in range(count)), True, lambda i: f"{path}: image {i}")
 
 
 def _labels_from_folders(names: list) -> dict:
@@ -553,14 +590,7 @@ def _store_source(store, where: str, max_images, is_folder: bool) -> Source:
     names = sorted(images, key=lambda n: n.split("/")) if is_folder else sorted(images)
     if not names:
         raise DatasetError(f"{where}: no image files found (empty data set)")
-    labels = {}
-    if LABEL_FILE in store.names():
-        with store.open(LABEL_FILE) as f:
-            try:
-                pairs = json.load(f).get("labels")
-            except (ValueError, AttributeError) as e:
-                raise DatasetError(f"{where}/{LABEL_FILE}: not valid JSON with a 'labels' entry ({e})") from None
-        labels = {pair[0]: pair[1] for pair in pairs or []}
+    labels = _label_table(store, names, where) or {}  # checked as the reader checks it: one valid label per image
     if not labels and is_folder:
         labels = _labels_from_folders(names)
     count = _limit(len(names), max_images)
@@ -574,7 +604,7 @@ def _store_source(store, where: str, max_images, is_folder: bool) -> Source:
                 raise DatasetError(f"{where}/{name}: cannot decode the image ({e})") from None
             yield i, pixels, labels.get(name)
 
-    return Source(count, items(), bool(labels))
+    return Source(count, items(), bool(labels), lambda i: f"{where}/{names[i]}")
 
 
 # %% [markdown]
@@ -636,11 +666,12 @@ def transform_image(image: np.ndarray, resolution=None, transform=None):
 # empty folder is allowed and replaced).
 #
 # **Checks while writing.** All images must have one shape, square, with 1 or 3 channels, and a
-# power-of-two side (the U-Nets halve the resolution several times). They are stored as
-# uncompressed PNG in an uncompressed ZIP.
+# power-of-two side (the U-Nets halve the resolution several times); an error names the *source*
+# image at fault (the destination does not exist yet). They are stored as uncompressed PNG in an
+# uncompressed ZIP.
 
 # %% tags=["export"]
-def _check_written_shape(image: np.ndarray, first, where: str):
+def _check_written_shape(image: np.ndarray, first, where: str, first_where: str):
     shape = image.shape if image.ndim == 3 else (*image.shape, 1)
     if first is None:
         height, width, channels = shape
@@ -652,8 +683,8 @@ def _check_written_shape(image: np.ndarray, first, where: str):
         if width & (width - 1):
             raise DatasetError(f"{where}: the side must be a power of two, got {width} (use --resolution)")
     elif shape != first:
-        raise DatasetError(f"{where}: shape (H, W, C) = {shape} differs from the first image's {first}; "
-                           "all images must have one shape")
+        raise DatasetError(f"{where}: image shape (H, W, C) is {shape}, expected {first} like the first image "
+                           f"({first_where}); all images must have one shape")
     return shape
 
 
@@ -694,19 +725,21 @@ def write_dataset(source: Source, dest, resolution=None, transform=None, progres
                 (temp / name).parent.mkdir(exist_ok=True)
                 (temp / name).write_bytes(data)
 
-        first, labels = None, []
+        describe = source.describe or (lambda i: f"source image {i}")
+        first, first_where, labels = None, None, []
         for index, image, label in tqdm(source.items, total=source.count, disable=not progress, unit="img"):
             image = transform_image(np.asarray(image, np.uint8), resolution, transform)
             if image is None:
                 continue
-            name = archive_name(index)
-            first = _check_written_shape(image, first, f"{dest}: image {index}")
+            name, where = archive_name(index), describe(index)
+            first, first_where = _check_written_shape(image, first, where, first_where), first_where or where
+            if source.labelled and label is None:
+                raise DatasetError(f"{where}: no label, in a source whose other images are labelled")
             put(name, _png_bytes(image))
             labels.append([name, label])
         if first is None:
             raise DatasetError(f"{dest}: no images to write (empty source, or all skipped by the transform)")
-        keep_labels = source.labelled and all(label is not None for _, label in labels)
-        put(LABEL_FILE, json.dumps({"labels": labels if keep_labels else None}).encode())
+        put(LABEL_FILE, json.dumps({"labels": labels if source.labelled else None}).encode())
         if archive is not None:
             archive.close()
         if dest.is_dir():
@@ -727,7 +760,7 @@ def write_dataset(source: Source, dest, resolution=None, transform=None, progres
 # %% tags=["export"]
 def open_source(source, max_images=None) -> Source:
     """Recognise a source: 'digits', an image folder, a .zip of images or cifar-10-python.tar.gz. Chapter 6."""
-    if max_images is not None and (not isinstance(max_images, int) or max_images < 1):
+    if max_images is not None and (not _is_integer(max_images) or max_images < 1):
         raise ValueError(f"max_images must be a positive integer or None, got {max_images!r}")
     if str(source) == "digits":
         return digits_source(max_images)
@@ -790,7 +823,8 @@ def digits_source(max_images=None) -> Source:
     digits = load_digits()
     images = np.round(digits.images * (255 / 16)).astype(np.uint8)
     count = _limit(len(images), max_images)
-    return Source(count, ((i, images[i], int(digits.target[i])) for i in range(count)), True)
+    return Source(count, ((i, images[i], int(digits.target[i])) for i in range(count)), True,
+                  lambda i: f"{QUICK_SOURCE}: image {i}")
 
 
 def quick_dataset(dest, progress=False) -> Path:
@@ -935,10 +969,12 @@ fig.suptitle(f"generated digits after {last['train_seconds']:.0f} CPU s of train
 plt.show()
 
 # %% [markdown]
-# ## 6.5 Bad data fails before training, naming the file
+# ## 6.5 Bad data fails early, naming the file
 #
 # Each case below is built on disk and must raise a `DatasetError` whose message names the file
-# at fault. The digits give us good images to damage.
+# at fault *when the data set is opened*, that is before training starts. The digits give us
+# good images to damage. One kind of damage is left for later, below: bytes broken inside a PNG
+# whose header and end are intact, which only decoding finds.
 
 # %%
 def png(pixels) -> bytes:
@@ -1033,6 +1069,69 @@ expect_error("'../../outside.png' points outside the archive", path_traversal)
 expect_error("resolution=8 asks for 8x8", non_square, resolution=8)
 
 # %% [markdown]
+# Damage inside a complete PNG passes the checks made on opening; `ds.verify()`, which decodes
+# every image, finds it and names the file (as reading that item would):
+
+# %%
+hidden = folder_of(Path(tempfile.mkdtemp(dir=WORK)), [np.tile(np.arange(32, dtype=np.uint8), (32, 1))] * 3)
+data = bytearray((hidden / archive_name(1)).read_bytes())
+data[60:70] = bytes(10)  # inside the compressed pixels; header and IEND intact
+(hidden / archive_name(1)).write_bytes(bytes(data))
+damaged = ImageFolderDataset(hidden)  # opens: the headers and ends are fine
+try:
+    damaged.verify()
+    raise AssertionError("verify() accepted a damaged image")
+except DatasetError as e:
+    print(str(e).replace(str(WORK), "..."))
+    assert f"{archive_name(1)}: cannot decode" in str(e)
+t0 = time.perf_counter()
+ds.verify()
+verify_seconds = time.perf_counter() - t0
+print(f"verify() on {ds.name}: {len(ds)} images decoded in {verify_seconds:.2f} s "
+      f"({verify_seconds / len(ds) * 1e6:.0f} µs per image)")
+assert verify_seconds / len(ds) < 1e-3
+
+# %% [markdown]
+# The converter checks its *source* the same way and names the source file at fault: a
+# malformed `dataset.json` entry, an image without a label (the official tool would write an
+# unconditional data set without a word), and an image whose shape differs from the first. The
+# destination never appears.
+
+# %%
+def expect_convert_error(fragment, make):
+    root = Path(tempfile.mkdtemp(dir=WORK))
+    (root / "src").mkdir()
+    source, dest = make(root / "src"), root / "out.zip"
+    try:
+        convert_dataset(source, dest, progress=False)
+    except DatasetError as e:
+        message = str(e)
+    else:
+        raise AssertionError(f"no error for {make.__name__}")
+    print(f"{make.__name__:>23s}: {message.replace(str(WORK), '...')}")
+    assert fragment in message and str(source) in message, (fragment, message)
+    assert sorted(p.name for p in root.iterdir()) == ["src"]  # neither out.zip nor a temporary file
+
+
+def source_malformed_labels(root):
+    return folder_of(root, good, [[archive_name(0)], [archive_name(1), 1], [archive_name(2), 2]])
+
+
+def source_label_missing(root):
+    return folder_of(root, good, [[archive_name(0), 1], [archive_name(2), 2]])
+
+
+def source_mixed_resolution(root):
+    return folder_of(root, [good[0], np.zeros([16, 16]), good[2]])
+
+
+expect_convert_error("src/dataset.json: entry ['00000/img00000000.png'] is not a [file name, label] pair",
+                     source_malformed_labels)
+expect_convert_error("src/dataset.json: no label for image '00000/img00000001.png'", source_label_missing)
+expect_convert_error("src/00000/img00000001.png: image shape (H, W, C) is (16, 16, 1), expected (8, 8, 1)",
+                     source_mixed_resolution)
+
+# %% [markdown]
 # A non-square data set can still be opened (a loader for rectangular images might want it), but
 # asking for its `resolution`, which training does, fails with the path; and the converter
 # refuses to write one:
@@ -1061,9 +1160,11 @@ assert not (WORK / "rect.zip").exists() and not list(WORK.glob(".rect.zip.partia
 #   official data-set class's interface — `(uint8 CHW image, float32 label)` items, `name`,
 #   `image_shape`, `num_channels`, `resolution`, `label_shape`, `label_dim`, `has_labels`,
 #   `get_label`, `get_details` — reading ZIPs and folders that official users already have, and
-#   checking every header, every PNG's end and `dataset.json` when it opens;
+#   checking every header, every PNG's end and `dataset.json` when it opens, and decoding every
+#   image on `verify()`;
 # - `convert_dataset` (the `edm-lit dataset` command): folders, ZIPs, the CIFAR-10 archive and
-#   the digits, resized or cropped, written atomically as uncompressed PNGs;
+#   the digits, resized or cropped, written atomically as uncompressed PNGs; a source's
+#   `dataset.json` is checked as the reader checks one, and errors name the source file;
 # - quick mode's data: `quick_dataset(dest)` (UCI digits, 8×8, 10 classes) and
 #   `dataset_for_mode(mode, workdir)` (the digits in quick mode, `$EDM_LIT_DATA` in full mode);
 # - `DatasetError`, raised with the name of the file at fault.
@@ -1076,6 +1177,17 @@ print(f"quick mode: the UCI digits (scikit-learn), {QUICK_RESOLUTION}x{QUICK_RES
       f"via quick_dataset(); recognisable class-conditional samples ({100 * digits_hit['accuracy']:.0f} % "
       f"classified as requested) after {digits_hit['train_seconds']:.0f} CPU seconds of training on one thread")
 
+# %% tags=["hide-cell"]
+# numbers for the answers to the exercises, computed: the expected and the actual overlap of two subsets
+subsets = [ImageFolderDataset(path, max_size=100, random_seed=seed) for seed in (1, 2)]
+kept = [{a.get_details(i).raw_idx for i in range(len(a))} for a in subsets]
+overlap_mean = 100 * 100 / len(ds)
+print(f"expected overlap {overlap_mean:.2f}, seeds 1 and 2 share {len(kept[0] & kept[1])}")
+assert all(len(k) == 100 for k in kept) and len(kept[0] & kept[1]) < 100
+glue("ex_overlap_mean", overlap_mean, display=False)
+glue("ex_overlap_seen", len(kept[0] & kept[1]), display=False)
+glue("ex_num_images", f"{len(ds):,}", display=False)
+
 # %% [markdown]
 # ## Exercises
 #
@@ -1085,11 +1197,19 @@ print(f"quick mode: the UCI digits (scikit-learn), {QUICK_RESOLUTION}x{QUICK_RES
 # 3. Which of the bad-data checks of §6.5 would the reader miss if it only read the first image?
 #
 # :::{dropdown} Answers
-# 1. Each subset is a uniformly random 100 of 1,797, so the overlap is hypergeometric with mean
-#    $100 \cdot 100 / 1797 \approx 5.6$; count it with `set(a._raw_idx) & set(b._raw_idx)`.
+# 1. Each subset is a uniformly random 100 of {glue:text}`ex_num_images`, so the overlap is
+#    hypergeometric with mean $100 \cdot 100 / N$ = {glue:text}`ex_overlap_mean:.1f`; count it with
+#    `{a.get_details(i).raw_idx for i in range(len(a))} & {…same for b…}` (seeds 1 and 2 share
+#    {glue:text}`ex_overlap_seen`).
 # 2. A mirrored cat is still a cat, so the flips are new, valid samples of $p_\text{data}$; a
 #    mirrored 2, 3, 4, 5, 6, 7 or 9 is not a digit, so the model would learn to generate mirrored
 #    digits — exactly the *leak* that the non-leaking augmentation of the next chapter avoids.
 # 3. Mixed resolutions, a truncated or corrupt file and an unsupported pixel format in any image
 #    but the first: all would surface only when that image is drawn into a batch.
 # :::
+
+# %%
+elapsed = time.perf_counter() - T_START
+print(f"chapter ran in {elapsed:.0f} s ({MODE.name} mode)")
+if MODE.quick:
+    assert elapsed < 120, f"Chapter 6 must run in quick mode in under 2 minutes, took {elapsed:.0f} s"

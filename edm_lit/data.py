@@ -170,8 +170,8 @@ def _is_vector(value) -> bool:
     return isinstance(value, list) and all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in value)
 
 
-def _read_labels(store, image_names: list, where: str):
-    """The labels of `image_names` from dataset.json: int64 [N] classes, float32 [N, D] vectors, or None."""
+def _label_table(store, image_names: list, where: str):
+    """dataset.json checked against `image_names`: {name: class or vector} with one label per image, or None."""
     if LABEL_FILE not in store.names():
         return None
     where = f"{where}/{LABEL_FILE}"
@@ -203,23 +203,37 @@ def _read_labels(store, image_names: list, where: str):
         raise DatasetError(f"{where}: label for {extra[0]!r}, which is not an image of the data set "
                            f"({len(extra)} such labels)")
     values = [table[name] for name in image_names]
+    if not (all(_is_class(v) for v in values) or all(_is_vector(v) and len(v) == len(values[0]) for v in values)):
+        bad = next(name for name, v in zip(image_names, values) if not _is_class(v))
+        raise DatasetError(f"{where}: label of {bad!r} is {table[bad]!r}; labels must be non-negative integers "
+                           "(classes) or number lists of one length")
+    return {name: table[name] for name in image_names}
+
+
+def _read_labels(store, image_names: list, where: str):
+    """The labels of `image_names` from dataset.json: int64 [N] classes, float32 [N, D] vectors, or None."""
+    table = _label_table(store, image_names, where)
+    if table is None:
+        return None
+    values = [table[name] for name in image_names]
     if all(_is_class(v) for v in values):
         return np.array(values, dtype=np.int64)
-    if all(_is_vector(v) and len(v) == len(values[0]) for v in values):
-        return np.array(values, dtype=np.float32).reshape(len(values), -1)
-    bad = next(name for name, v in zip(image_names, values) if not _is_class(v))
-    raise DatasetError(f"{where}: label of {bad!r} is {table[bad]!r}; labels must be non-negative integers "
-                       "(classes) or number lists of one length")
+    return np.array(values, dtype=np.float32).reshape(len(values), -1)
 
 
 # ── 06_data.py § Which images, in which order ──
+
+def _is_integer(value) -> bool:
+    """A Python or NumPy integer, but not a bool."""
+    return isinstance(value, (int, np.integer)) and not isinstance(value, (bool, np.bool_))
+
 
 def subset_indices(num_images: int, max_size=None, random_seed: int = 0) -> np.ndarray:
     """Raw indices kept by `max_size`: a seeded random subset in increasing order (the official choice). Chapter 6."""
     if max_size is None or num_images <= max_size:
         return np.arange(num_images, dtype=np.int64)
     permutation = np.random.RandomState(random_seed % (1 << 31)).permutation(num_images)
-    return np.sort(permutation[:max_size]).astype(np.int64)
+    return np.sort(permutation[:int(max_size)]).astype(np.int64)
 
 
 @dataclass(frozen=True)
@@ -238,7 +252,7 @@ class ImageFolderDataset(torch.utils.data.Dataset):
 
     def __init__(self, path, resolution=None, use_labels=False, max_size=None, xflip=False, random_seed=0,
                  cache=False):
-        if max_size is not None and (not isinstance(max_size, int) or max_size < 1):
+        if max_size is not None and (not _is_integer(max_size) or max_size < 1):
             raise ValueError(f"max_size must be a positive integer or None, got {max_size!r}")
         self._path = Path(path)
         self._store = _open_store(self._path)
@@ -276,6 +290,11 @@ class ImageFolderDataset(torch.utils.data.Dataset):
             raise DatasetError(f"{self._path}/{name}: decoded shape {list(image.shape)} differs from the header's "
                                f"{self.image_shape}")
         return image
+
+    def verify(self):
+        """Decode every image of the data set once: finds damage inside complete PNGs, which opening cannot. Chapter 6."""
+        for raw_idx in np.unique(self._raw_idx):
+            self._load_raw_image(int(raw_idx))
 
     def __len__(self) -> int:
         return len(self._raw_idx)
@@ -347,11 +366,14 @@ class ImageFolderDataset(torch.utils.data.Dataset):
 
 @dataclass
 class Source:
-    """Images to convert: how many, and an iterator of (index, HWC or HW uint8 image, label or None). Chapter 6."""
+    """Images to convert: how many, an iterator of (index, HWC or HW uint8 image, label), and whether labelled. Chapter 6.
+
+    `describe(index)`, when given, names source item `index` (its file) for error messages."""
 
     count: int
     items: object
     labelled: bool
+    describe: object = None
 
 
 class _ArraysOnly(pickle.Unpickler):
@@ -367,7 +389,7 @@ class _ArraysOnly(pickle.Unpickler):
 
 
 def _limit(count: int, max_images) -> int:
-    return count if max_images is None else min(count, max_images)
+    return count if max_images is None else min(count, int(max_images))
 
 
 def _cifar10_source(path: Path, max_images) -> Source:
@@ -383,7 +405,7 @@ def _cifar10_source(path: Path, max_images) -> Source:
         raise DatasetError(f"{path}: not a CIFAR-10 python archive ({e})") from None
     images = np.concatenate(images)
     count = _limit(len(images), max_images)
-    return Source(count, ((i, images[i], labels[i]) for i in range(count)), True)
+    return Source(count, ((i, images[i], labels[i]) for i in range(count)), True, lambda i: f"{path}: image {i}")
 
 
 def _labels_from_folders(names: list) -> dict:
@@ -402,14 +424,7 @@ def _store_source(store, where: str, max_images, is_folder: bool) -> Source:
     names = sorted(images, key=lambda n: n.split("/")) if is_folder else sorted(images)
     if not names:
         raise DatasetError(f"{where}: no image files found (empty data set)")
-    labels = {}
-    if LABEL_FILE in store.names():
-        with store.open(LABEL_FILE) as f:
-            try:
-                pairs = json.load(f).get("labels")
-            except (ValueError, AttributeError) as e:
-                raise DatasetError(f"{where}/{LABEL_FILE}: not valid JSON with a 'labels' entry ({e})") from None
-        labels = {pair[0]: pair[1] for pair in pairs or []}
+    labels = _label_table(store, names, where) or {}  # checked as the reader checks it: one valid label per image
     if not labels and is_folder:
         labels = _labels_from_folders(names)
     count = _limit(len(names), max_images)
@@ -423,7 +438,7 @@ def _store_source(store, where: str, max_images, is_folder: bool) -> Source:
                 raise DatasetError(f"{where}/{name}: cannot decode the image ({e})") from None
             yield i, pixels, labels.get(name)
 
-    return Source(count, items(), bool(labels))
+    return Source(count, items(), bool(labels), lambda i: f"{where}/{names[i]}")
 
 TRANSFORMS = ("center-crop", "center-crop-wide")
 
@@ -466,7 +481,7 @@ def transform_image(image: np.ndarray, resolution=None, transform=None):
     canvas[(out_w - out_h) // 2:(out_w - out_h) // 2 + out_h] = np.array(strip)
     return canvas
 
-def _check_written_shape(image: np.ndarray, first, where: str):
+def _check_written_shape(image: np.ndarray, first, where: str, first_where: str):
     shape = image.shape if image.ndim == 3 else (*image.shape, 1)
     if first is None:
         height, width, channels = shape
@@ -478,8 +493,8 @@ def _check_written_shape(image: np.ndarray, first, where: str):
         if width & (width - 1):
             raise DatasetError(f"{where}: the side must be a power of two, got {width} (use --resolution)")
     elif shape != first:
-        raise DatasetError(f"{where}: shape (H, W, C) = {shape} differs from the first image's {first}; "
-                           "all images must have one shape")
+        raise DatasetError(f"{where}: image shape (H, W, C) is {shape}, expected {first} like the first image "
+                           f"({first_where}); all images must have one shape")
     return shape
 
 
@@ -520,19 +535,21 @@ def write_dataset(source: Source, dest, resolution=None, transform=None, progres
                 (temp / name).parent.mkdir(exist_ok=True)
                 (temp / name).write_bytes(data)
 
-        first, labels = None, []
+        describe = source.describe or (lambda i: f"source image {i}")
+        first, first_where, labels = None, None, []
         for index, image, label in tqdm(source.items, total=source.count, disable=not progress, unit="img"):
             image = transform_image(np.asarray(image, np.uint8), resolution, transform)
             if image is None:
                 continue
-            name = archive_name(index)
-            first = _check_written_shape(image, first, f"{dest}: image {index}")
+            name, where = archive_name(index), describe(index)
+            first, first_where = _check_written_shape(image, first, where, first_where), first_where or where
+            if source.labelled and label is None:
+                raise DatasetError(f"{where}: no label, in a source whose other images are labelled")
             put(name, _png_bytes(image))
             labels.append([name, label])
         if first is None:
             raise DatasetError(f"{dest}: no images to write (empty source, or all skipped by the transform)")
-        keep_labels = source.labelled and all(label is not None for _, label in labels)
-        put(LABEL_FILE, json.dumps({"labels": labels if keep_labels else None}).encode())
+        put(LABEL_FILE, json.dumps({"labels": labels if source.labelled else None}).encode())
         if archive is not None:
             archive.close()
         if dest.is_dir():
@@ -547,7 +564,7 @@ def write_dataset(source: Source, dest, resolution=None, transform=None, progres
 
 def open_source(source, max_images=None) -> Source:
     """Recognise a source: 'digits', an image folder, a .zip of images or cifar-10-python.tar.gz. Chapter 6."""
-    if max_images is not None and (not isinstance(max_images, int) or max_images < 1):
+    if max_images is not None and (not _is_integer(max_images) or max_images < 1):
         raise ValueError(f"max_images must be a positive integer or None, got {max_images!r}")
     if str(source) == "digits":
         return digits_source(max_images)
@@ -590,7 +607,8 @@ def digits_source(max_images=None) -> Source:
     digits = load_digits()
     images = np.round(digits.images * (255 / 16)).astype(np.uint8)
     count = _limit(len(images), max_images)
-    return Source(count, ((i, images[i], int(digits.target[i])) for i in range(count)), True)
+    return Source(count, ((i, images[i], int(digits.target[i])) for i in range(count)), True,
+                  lambda i: f"{QUICK_SOURCE}: image {i}")
 
 
 def quick_dataset(dest, progress=False) -> Path:

@@ -292,6 +292,38 @@ def test_damage_inside_a_png_names_the_file_when_decoded(tmp_path):
         ds[1]
 
 
+def test_damage_inside_a_png_is_found_by_verify(tmp_path):
+    root = folder_of(tmp_path / "d", grey(3, size=32))
+    ImageFolderDataset(root).verify()  # intact: decodes every image without complaint
+    data = bytearray((root / archive_name(2)).read_bytes())
+    data[60:70] = bytes(10)
+    (root / archive_name(2)).write_bytes(bytes(data))
+    ds = ImageFolderDataset(root)
+    with pytest.raises(DatasetError, match=f"{root}/00000/img00000002.png: cannot decode"):
+        ds.verify()
+    seed = next(seed for seed in range(100) if 2 not in subset_indices(3, 2, seed))
+    ImageFolderDataset(root, max_size=2, random_seed=seed).verify()  # only the images kept are decoded
+
+
+def test_non_square_dataset_opens_but_has_no_resolution(tmp_path):
+    root = folder_of(tmp_path / "rect", [np.zeros([8, 6])] * 2)
+    ds = ImageFolderDataset(root)
+    assert ds.image_shape == [1, 8, 6] and len(ds) == 2
+    with pytest.raises(DatasetError, match=f"{root}: images are 6x8, but a square resolution is required"):
+        ds.resolution
+
+
+def test_max_size_accepts_numpy_integers():
+    plain = ImageFolderDataset(DATA / "dataset_official.zip", max_size=7, random_seed=3)
+    for max_size in [np.int64(7), np.int32(7), np.uint8(7)]:
+        ds = ImageFolderDataset(DATA / "dataset_official.zip", max_size=max_size, random_seed=3)
+        assert [ds.get_details(i).raw_idx for i in range(len(ds))] == [plain.get_details(i).raw_idx
+                                                                       for i in range(len(plain))]
+    for bad in [True, np.bool_(True), 2.0, "3"]:
+        with pytest.raises(ValueError, match="max_size"):
+            ImageFolderDataset(DATA / "dataset_official.zip", max_size=bad)
+
+
 def test_bad_arguments():
     with pytest.raises(ValueError, match="max_size"):
         ImageFolderDataset(DATA / "dataset_official.zip", max_size=0)
@@ -311,8 +343,10 @@ def test_writer_refuses_bad_images_and_existing_dest(tmp_path):
     with pytest.raises(DatasetError, match="power of two"):
         convert_dataset(src, tmp_path / "o.zip", progress=False)
     src = folder_of(tmp_path / "mixed", [np.zeros([8, 8]), np.zeros([16, 16])])
-    with pytest.raises(DatasetError, match="image 1: shape"):
+    with pytest.raises(DatasetError) as info:
         convert_dataset(src, tmp_path / "o", progress=False)
+    assert str(info.value).startswith(f"{src}/00000/img00000001.png: image shape (H, W, C) is (16, 16, 1), "
+                                      f"expected (8, 8, 1) like the first image ({src}/00000/img00000000.png)")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["mixed", "odd", "rect"]  # nothing left behind
     (tmp_path / "o.zip").write_bytes(b"keep me")
     with pytest.raises(DatasetError, match="o.zip: destination exists"):
@@ -385,6 +419,71 @@ def test_cli_dataset(tmp_path, sources):
     lines = err.getvalue().strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("edm-lit dataset: error:") and "missing" in lines[0]
     assert not (tmp_path / "x.zip").exists()
+
+
+def _cli_error(args) -> str:
+    err, out = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stderr(err), contextlib.redirect_stdout(out):
+        assert main(args) == 1
+    # stderr may also carry the progress bar of the images written before the error
+    lines = [line.strip() for line in err.getvalue().replace("\r", "\n").splitlines() if line.strip()]
+    errors = [line for line in lines if line.startswith("edm-lit dataset:")]
+    assert errors == lines[-1:] and lines[-1].startswith("edm-lit dataset: error:"), lines
+    assert "Traceback" not in err.getvalue() and out.getvalue() == ""
+    return lines[-1]
+
+
+SOURCE_LABELS = {  # a source's dataset.json and the error that names it
+    "entry_without_label": ([["00000/img00000000.png"], ["00000/img00000001.png", 1]],
+                            "entry ['00000/img00000000.png'] is not a [file name, label] pair"),
+    "image_unlabelled": ([["00000/img00000000.png", 0]], "no label for image '00000/img00000001.png'"),
+    "label_for_no_image": ([["00000/img00000000.png", 0], ["00000/img00000001.png", 1], ["x.png", 2]],
+                           "label for 'x.png', which is not an image"),
+    "label_float": ([["00000/img00000000.png", 0], ["00000/img00000001.png", 1.5]],
+                    "label of '00000/img00000001.png' is 1.5"),
+    "name_not_text": ([[0, 0], ["00000/img00000001.png", 1]], "entry [0, 0] is not a [file name, label] pair"),
+    "labels_not_a_list": ({"00000/img00000000.png": 0}, "'labels' must be a list"),
+}
+
+
+@pytest.mark.parametrize("kind", ["folder", "zip"])
+@pytest.mark.parametrize("case", list(SOURCE_LABELS))
+def test_cli_refuses_bad_source_labels_naming_the_file(tmp_path, case, kind):
+    labels, fragment = SOURCE_LABELS[case]
+    src = folder_of(tmp_path / "src", grey(2), labels)
+    if kind == "zip":
+        with zipfile.ZipFile(tmp_path / "src.zip", "w") as z:
+            for f in sorted(src.rglob("*")):
+                if f.is_file():
+                    z.write(f, f.relative_to(src).as_posix())
+        src = tmp_path / "src.zip"
+    line = _cli_error(["dataset", f"--source={src}", f"--dest={tmp_path / 'out.zip'}"])
+    assert f"{src}/dataset.json: {fragment}" in line, line
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["src", "src.zip"][:1 + (kind == "zip")])
+
+
+def test_cli_malformed_source_json_names_the_file(tmp_path):
+    src = folder_of(tmp_path / "src", grey(2))
+    for text, fragment in [('{"labels": [["0.png"', "not valid JSON"), ("[1, 2]", "expected an object")]:
+        (src / "dataset.json").write_text(text)
+        line = _cli_error(["dataset", f"--source={src}", f"--dest={tmp_path / 'out'}"])
+        assert f"{src}/dataset.json: {fragment}" in line
+    assert [p.name for p in tmp_path.iterdir()] == ["src"]
+
+
+def test_cli_mixed_source_resolutions_name_the_source_image(tmp_path):
+    src = folder_of(tmp_path / "src", [np.zeros([8, 8]), np.zeros([8, 8]), np.zeros([16, 16])])
+    line = _cli_error(["dataset", f"--source={src}", f"--dest={tmp_path / 'o3.zip'}"])
+    assert (f"{src}/00000/img00000002.png: image shape (H, W, C) is (16, 16, 1), expected (8, 8, 1) like the first "
+            f"image ({src}/00000/img00000000.png)") in line
+    assert "o3.zip" not in line and [p.name for p in tmp_path.iterdir()] == ["src"]
+
+
+def test_labelled_source_item_without_label_is_refused(tmp_path):
+    items = ((i, pixels, None if i == 1 else 0) for i, pixels in enumerate(grey(3)))
+    with pytest.raises(DatasetError, match="image 1: no label"):
+        write_dataset(Source(3, items, True, lambda i: f"mine: image {i}"), tmp_path / "o.zip", progress=False)
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_digits_without_scikit_learn_says_what_to_install(monkeypatch, tmp_path):
