@@ -9,18 +9,23 @@ forward and backward, the nan guard, Adam, the EMA update — for the quick conf
 GPU part (when CUDA is available): the paper's class-conditional CIFAR-10 DDPM++ (55.7 M parameters,
 32x32, batch `--gpu-batch`, dropout 0.13, augmentation off) through the same `TrainingRun.step()`, side
 by side in five variants: fp32, fp16 (`use_fp16`, the official --fp16), bf16 autocast (our --bf16),
-channels_last memory format, and `torch.compile` of the network. It reports images/s and the achieved
-TFLOP/s, counting about 127 GFLOP per trained image (forward + backward of DDPM++ at 32x32), against
-the GPU's dense peak given by --peak-tflops (bf16/fp16 tensor-core peak; e.g. 989 for an H100 SXM).
-Without a GPU this part is skipped and the JSON says what it would measure.
+channels_last memory format (network and input images), and `torch.compile` of the network. It reports
+images/s and the achieved TFLOP/s, counting about 127 GFLOP per trained image (forward + backward of
+DDPM++ at 32x32), against the GPU's dense peak *of the precision the row computes in*: the loop turns TF32
+off (the paper trains in true fp32), so the fp32, channels_last and compile rows are compared with
+--peak-tflops-fp32 (plain fp32 peak, e.g. 67 for an H100/H200 SXM) and the fp16 and bf16 rows with
+--peak-tflops (fp16/bf16 tensor-core peak, e.g. 989). Without a GPU this part is skipped and the JSON says
+what it would measure.
 
-Writes one JSON object (stdout, and --out) with the device, torch version and every row.
+Writes one JSON object (stdout, and --out) with the device, torch version, the load average before and
+after (a busy machine makes the CPU numbers unreliable) and every row.
 """
 from __future__ import annotations
 
 import argparse
 import contextlib
 import json
+import os
 import platform
 import sys
 import time
@@ -74,7 +79,14 @@ def cpu_rows(steps: int) -> list:
     return rows
 
 
-def gpu_rows(steps: int, batch: int, peak_tflops) -> list:
+def channels_last_inputs(run: TrainingRun) -> None:
+    """Make the run's input images channels_last too (the network alone is not enough: convolutions convert)."""
+    next_rounds = run._next_rounds
+    run._next_rounds = lambda: [(images.contiguous(memory_format=torch.channels_last), labels)
+                                for images, labels in next_rounds()]
+
+
+def gpu_rows(steps: int, batch: int, peak_tflops, peak_tflops_fp32) -> list:
     device = torch.device("cuda")
     base = dict(ARCH_PRESETS["ddpmpp"], class_name="edm_lit.precond.EDMPrecond", dropout=0.13, use_fp16=False)
     variants = {"fp32": {}, "fp16": {"use_fp16": True}, "bf16": {"autocast": "bfloat16"},
@@ -88,14 +100,17 @@ def gpu_rows(steps: int, batch: int, peak_tflops) -> list:
                           autocast_dtype=v.get("autocast"))
         if v.get("channels_last"):
             run.net.to(memory_format=torch.channels_last)
+            channels_last_inputs(run)
         if v.get("compile"):
             run.ddp = torch.compile(run.net)
         try:
             ips = measure(run, steps, 5, torch.cuda.synchronize)
             tflops = ips * GFLOP_PER_IMAGE / 1000
+            half = name in ("fp16", "bf16")
+            peak = peak_tflops if half else peak_tflops_fp32
             rows.append({"name": f"CIFAR-10 DDPM++ {name}", "device": torch.cuda.get_device_name(), "batch": batch,
-                         "images_per_s": ips, "tflops": tflops,
-                         "fraction_of_peak": (tflops / peak_tflops) if peak_tflops else None})
+                         "images_per_s": ips, "tflops": tflops, "peak": "fp16/bf16 tensor core" if half else "fp32",
+                         "peak_tflops": peak, "fraction_of_peak": (tflops / peak) if peak else None})
         except Exception as e:  # report a failing variant (e.g. compile) and go on
             rows.append({"name": f"CIFAR-10 DDPM++ {name}", "error": f"{type(e).__name__}: {e}"[:300]})
         del run
@@ -107,18 +122,23 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--gpu-batch", type=int, default=128, help="per-GPU batch of the CIFAR-10 rows")
-    parser.add_argument("--peak-tflops", type=float, default=None, help="the GPU's dense bf16/fp16 peak")
+    parser.add_argument("--peak-tflops", type=float, default=None, help="the GPU's dense fp16/bf16 tensor-core peak")
+    parser.add_argument("--peak-tflops-fp32", type=float, default=None,
+                        help="the GPU's fp32 peak without TF32 (the fp32, channels_last and compile rows)")
     parser.add_argument("--cpu-only", action="store_true")
     parser.add_argument("--out", type=Path, default=None, help="also write the JSON here (e.g. book/results/...)")
     args = parser.parse_args(argv)
     result = {"benchmark": "bench_training", "torch": torch.__version__, "python": platform.python_version(),
-              "machine": platform.machine(), "cpu": cpu_rows(args.steps)}
+              "machine": platform.machine(), "load_average_before": os.getloadavg()}
+    result["cpu"] = cpu_rows(args.steps)
     if torch.cuda.is_available() and not args.cpu_only:
-        result["gpu"] = gpu_rows(args.steps, args.gpu_batch, args.peak_tflops)
+        result["gpu"] = gpu_rows(args.steps, args.gpu_batch, args.peak_tflops, args.peak_tflops_fp32)
     else:
         result["gpu"] = ("not measured: no CUDA device. On a GPU this runs the paper's CIFAR-10 DDPM++ training step "
                          "(55.7 M parameters, batch --gpu-batch) in fp32, fp16, bf16, channels_last and torch.compile "
-                         f"and reports images/s and TFLOP/s at {GFLOP_PER_IMAGE:g} GFLOP per image against --peak-tflops.")
+                         f"and reports images/s and TFLOP/s at {GFLOP_PER_IMAGE:g} GFLOP per image against "
+                         "--peak-tflops-fp32 (fp32 rows, TF32 off) and --peak-tflops (fp16/bf16 rows).")
+    result["load_average_after"] = os.getloadavg()
     for row in result["cpu"] + (result["gpu"] if isinstance(result["gpu"], list) else []):
         print({k: (round(v, 2) if isinstance(v, float) else v) for k, v in row.items()}, file=sys.stderr)
     text = json.dumps(result, indent=2)

@@ -56,6 +56,7 @@ import random
 import re
 import struct
 import time
+import warnings
 import zlib
 from pathlib import Path
 
@@ -179,11 +180,15 @@ def _dataset_kwargs(flags: dict) -> dict:
             from edm_lit import data as data_module
         except ModuleNotFoundError:
             raise ValueError("--data=digits needs edm_lit.data (Chapter 6), which is not available") from None
-        rank = torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
-        if rank == 0:
-            data_module.quick_dataset(digits_path())  # written once (atomically), then reused
-        if torch.distributed.is_initialized():
-            torch.distributed.barrier()
+        error = None
+        if local_rank() == 0:  # one writer per node (each node may have its own cache); the write is atomic
+            try:
+                data_module.quick_dataset(digits_path())
+            except Exception as e:  # reported on every rank below, so that none waits for the others
+                error = f"--data=digits: cannot build {digits_path()}: {type(e).__name__}: {e}"
+        error = agree_on_error(error)  # also the barrier: the other ranks wait until the file exists
+        if error is not None:
+            raise ValueError(error)
         data = str(digits_path())
     elif not os.path.exists(data):
         raise ValueError(f"--data: no such data set: {data!r} (expected a ZIP or folder made by `edm-lit dataset`)")
@@ -267,6 +272,22 @@ def build_options(flags: dict, world_size: int = 1, device=None) -> dict:
         desc += f"-{f['desc']}"
     c["run_dir"] = _pick_run_dir(f["outdir"], desc, f["nosubdir"]) if f["outdir"] is not None else None
     return c
+
+
+def local_rank() -> int:
+    """This process's rank on its node (torchrun's LOCAL_RANK; the global rank, else 0)."""
+    if "LOCAL_RANK" in os.environ:
+        return int(os.environ["LOCAL_RANK"])
+    return torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
+
+
+def agree_on_error(error):
+    """Every rank's error message (or None) -> the first one of any rank, on all ranks (a collective). Chapter 7."""
+    if not torch.distributed.is_initialized():
+        return error
+    errors = [None] * torch.distributed.get_world_size()
+    torch.distributed.all_gather_object(errors, error)
+    return next((e for e in errors if e is not None), None)
 
 
 def random_seed(device) -> int:
@@ -621,7 +642,9 @@ assert p.grad.tolist() == [0.0, 1e5, -1e5, 2.0]
 #
 # 1. **Every file appears complete or not at all.** It is written to a temporary name in the same
 #    directory, flushed to the disk (`fsync`), then renamed over its final name; a rename within one
-#    file system is atomic, so a reader (or the resume logic) never sees half a file.
+#    file system is atomic, so a reader (or the resume logic) never sees half a file. A run killed while
+#    writing leaves its temporary file behind; the next start in that directory removes such files
+#    (`remove_stale_temp_files`).
 # 2. **The state is everything the future depends on.** The training state holds the trained
 #    network, the EMA, Adam's moments and step counts, the progress (images, ticks), the random
 #    number generators of every rank (torch CPU and CUDA, numpy, Python) — and nothing else is
@@ -642,6 +665,15 @@ from edm_lit.checkpoints import fsync_dir, write_atomic  # rule 1, the primitive
 
 STATE_FORMAT = "edm_lit-training-state"
 STATE_VERSION = 1
+TEMP_FILE = re.compile(r"\..+\.[0-9a-f]{8}\.tmp")  # write_atomic's temporary names: .NAME.HEX.tmp
+
+
+def remove_stale_temp_files(run_dir) -> list:
+    """Delete the temporary files of write_atomic that a killed run left in run_dir; returns their paths. Chapter 7."""
+    stale = [p for p in Path(run_dir).iterdir() if p.is_file() and TEMP_FILE.fullmatch(p.name)]
+    for path in stale:
+        path.unlink(missing_ok=True)
+    return stale
 
 
 def png_bytes(image: np.ndarray) -> bytes:
@@ -832,7 +864,9 @@ def load_training_state(path, *, net, ema, optimizer, rank: int, world_size: int
 # so a script that plots official runs plots ours. We add the loss per σ bucket
 # (`Loss/sigma_LO_HI`, per image), which §7.9 compares with the floor. The collector keeps the
 # count, sum and sum of squares of each statistic; at the tick these are summed over the ranks
-# (one `all_reduce`) and turned into means and standard deviations.
+# (one `all_reduce`) and turned into means and standard deviations. Every line is strict JSON: a
+# non-finite value (a diverged loss) is written as `null`, and a statistic that cannot be measured
+# (the process's memory, without `psutil`) is left out.
 
 # %% tags=["export"]
 SIGMA_BUCKETS = (0.002, 0.02, 0.1, 0.3, 1.0, 3.0, 10.0, 80.0)  # edges of the Loss/sigma_LO_HI statistics
@@ -914,14 +948,19 @@ print({k: v["num"] for k, v in stats.collect(stat_names()).items()})
 #
 # **Seeds.** Rank $r$ of $W$ seeds numpy with $(\text{seed} \cdot W + r) \bmod 2^{31}$ and torch
 # with a number drawn from that numpy generator, as the official loop does: every rank draws
-# different σ, noise, augmentations and dropout masks, and the run is reproducible. The initial
+# different σ, noise, augmentations and dropout masks, and the run is reproducible. (Python's `random`,
+# which the loop never draws from, gets numpy's seed too: every generator in the state is then a function
+# of the seed.) The initial
 # weights are drawn from the seed alone (the official loop draws them from rank 0's generator,
 # which depends on the number of ranks), so that a run on one process and on several start alike.
 #
 # **Several processes.** Under `torchrun` (the environment names `WORLD_SIZE`), `init_distributed`
 # joins the process group — NCCL on CUDA (one GPU per local rank), Gloo on a CPU — and the network
 # is wrapped in `DistributedDataParallel`. Only rank 0 writes files; all ranks take part in the
-# reductions and in gathering the generator states for the training state.
+# reductions and in gathering the generator states for the training state. The command shares an
+# error of any rank with all of them before going on (`agree_on_error`: the run directory exists, the
+# `--transfer` source does not fit), so all ranks exit together instead of one waiting for the others
+# forever; `--data=digits` is built once per node, by its local rank 0, while the others wait.
 #
 # **Crash order.** At a tick, `stats.jsonl` is rewritten first (atomically, the old lines plus the
 # new one), then the snapshot, then the state. A resumed run drops the statistics lines past its
@@ -944,8 +983,12 @@ def init_distributed() -> tuple:
 
 
 def seed_rank(seed: int, rank: int, world_size: int) -> None:
-    """numpy from (seed * world_size + rank) mod 2^31, torch from numpy's first draw (official per-rank seeds)."""
+    """numpy from (seed * world_size + rank) mod 2^31, torch from numpy's first draw (official per-rank seeds).
+
+    Python's `random` (which the loop does not draw from) gets the same seed, so that every generator the
+    training state records is a function of the seed."""
     np.random.seed((seed * world_size + rank) % (1 << 31))
+    random.seed((seed * world_size + rank) % (1 << 31))
     torch.manual_seed(np.random.randint(1 << 31))
 
 
@@ -957,12 +1000,22 @@ def _gather(obj, world_size: int) -> list:
     return out
 
 
-def _memory_gb() -> float:
+def _memory_gb():
+    """Resident memory of this process in GiB, or None without psutil (the statistic is then left out)."""
     try:
         import psutil
-        return psutil.Process(os.getpid()).memory_info().rss / 2**30
     except ImportError:
-        return float("nan")
+        return None
+    return psutil.Process(os.getpid()).memory_info().rss / 2**30
+
+
+def _finite_or_null(value):
+    """Non-finite floats -> None, so that every stats.jsonl line is strict JSON (no NaN, no Infinity)."""
+    if isinstance(value, dict):
+        return {k: _finite_or_null(v) for k, v in value.items()}
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    return value
 
 
 # %% tags=["export"]
@@ -1031,6 +1084,9 @@ class TrainingRun:
         self.augment_pipe = construct(**augment_kwargs) if augment_kwargs else None
         self.ddp = self.net
         if self.world_size > 1:
+            # DDP warns at every backward when a gradient's memory layout differs from its bucket's (harmless:
+            # it copies); one line per step per rank would drown the log
+            warnings.filterwarnings("ignore", message="Grad strides do not match bucket view strides")
             ids = [device.index] if device.type == "cuda" else None
             self.ddp = torch.nn.parallel.DistributedDataParallel(self.net, device_ids=ids)
 
@@ -1122,7 +1178,7 @@ class TrainingRun:
                                randn_like=lambda x: torch.randn(x.shape, generator=g, device=x.device, dtype=x.dtype))
 
     def _write_stats(self, row: dict) -> None:
-        self.stats_lines.append(json.dumps(row))
+        self.stats_lines.append(json.dumps(_finite_or_null(row), allow_nan=False))
         write_atomic(self.run_dir / "stats.jsonl", ("\n".join(self.stats_lines) + "\n").encode())
 
     def _snapshot(self, kimg: int) -> None:
@@ -1146,7 +1202,9 @@ class TrainingRun:
         fields = {"Progress/tick": self.cur_tick, "Progress/kimg": self.cur_nimg / 1e3,
                   "Timing/total_sec": now - timing["start"], "Timing/sec_per_tick": tick_sec,
                   "Timing/sec_per_kimg": tick_sec / max(self.cur_nimg - self.tick_start_nimg, 1) * 1e3,
-                  "Timing/maintenance_sec": timing["maintenance"], "Resources/cpu_mem_gb": _memory_gb()}
+                  "Timing/maintenance_sec": timing["maintenance"]}
+        if (memory := _memory_gb()) is not None:
+            fields["Resources/cpu_mem_gb"] = memory
         if self.device.type == "cuda":
             fields["Resources/peak_gpu_mem_gb"] = torch.cuda.max_memory_allocated(self.device) / 2**30
             fields["Resources/peak_gpu_mem_reserved_gb"] = torch.cuda.max_memory_reserved(self.device) / 2**30
@@ -1158,7 +1216,7 @@ class TrainingRun:
             loss = row.get("Loss/loss", {}).get("mean", float("nan"))
             self.log(f"tick {self.cur_tick:<5d} kimg {self.cur_nimg / 1e3:<9.1f} loss {loss:<8.4f} "
                      f"sec/tick {tick_sec:<7.1f} sec/kimg {fields['Timing/sec_per_kimg']:<7.2f} "
-                     f"maintenance {timing['maintenance']:<6.1f} cpumem {fields['Resources/cpu_mem_gb']:<6.2f}")
+                     f"maintenance {timing['maintenance']:<6.1f} cpumem {fields.get('Resources/cpu_mem_gb', float('nan')):<6.2f}")
         if self.run_dir is not None:
             self._write_stats(row)
             if self.snapshot_ticks and (done or self.cur_tick % self.snapshot_ticks == 0):
@@ -1176,11 +1234,13 @@ class TrainingRun:
         """Train until total_kimg; returns the EMA network."""
         from tqdm import tqdm
 
+        if self.run_dir is not None and self.run_dir.is_dir():
+            remove_stale_temp_files(self.run_dir)  # left by a run killed while writing
         start = time.time()
         timing = {"start": start, "tick_start": start, "maintenance": 0.0}
         last_nimg = -(-self.total_nimg // self.batch_size) * self.batch_size  # progress after the final step
         bar = tqdm(total=last_nimg, initial=self.cur_nimg, unit="kimg", unit_scale=1e-3, disable=not self.progress_bar,
-                   bar_format="{l_bar}{bar}| {n:.1f}/{total:.0f} kimg [{elapsed}<{remaining}, {postfix}]")
+                   bar_format="{l_bar}{bar}| {n:.1f}/{total:.1f} kimg [{elapsed} elapsed, ETA {remaining}{postfix}]")
         done = self.cur_nimg >= self.total_nimg
         while not done:
             self.step()
@@ -1363,14 +1423,31 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPar
 
 
 def run_train(args: argparse.Namespace, out=None) -> int:
-    """Resolve, print, and (unless --dry-run) train. Returns an exit status. Chapter 7."""
+    """Resolve, print, and (unless --dry-run) train. Returns an exit status, the same on every rank. Chapter 7."""
     out = sys.stdout if out is None else out
     flags = {k: v for k, v in vars(args).items() if k in training.TRAIN_DEFAULTS}
     rank, world_size, device = training.init_distributed()
     try:
+        return _train(args, flags, out, rank, world_size, device)
+    finally:
+        if torch_distributed_ready():
+            import torch
+            torch.distributed.destroy_process_group()
+
+
+def _train(args, flags: dict, out, rank: int, world_size: int, device) -> int:
+    def failed(error) -> bool:  # every rank learns every rank's error: all stop together, none waits
+        error = training.agree_on_error(error)
+        if error is not None and rank == 0:
+            print(f"edm-lit train: error: {error}", file=sys.stderr)
+        return error is not None
+
+    options, error = None, None
+    try:
         options = training.build_options(flags, world_size=world_size, device=device)
     except ValueError as e:
-        print(f"edm-lit train: error: {e}", file=sys.stderr)
+        error = str(e)
+    if failed(error):
         return 1
     say = (lambda *a: print(*a, file=out, flush=True)) if rank == 0 else (lambda *a: None)
     net = options["network_kwargs"]
@@ -1385,30 +1462,26 @@ def run_train(args: argparse.Namespace, out=None) -> int:
         say("Dry run; exiting.")
         return 0
     run_dir = Path(options["run_dir"])
-    if rank == 0 and not args.nosubdir and run_dir.exists():
-        print(f"edm-lit train: error: {run_dir} exists already", file=sys.stderr)
+    if failed(f"{run_dir} exists already" if rank == 0 and not args.nosubdir and run_dir.exists() else None):
         return 1
-    try:
-        try:  # builds everything and loads --resume/--transfer; writes nothing yet
-            trainer = training.TrainingRun(**options, device=device, progress_bar=rank == 0)
-        except ValueError as e:
-            print(f"edm-lit train: error: {e}", file=sys.stderr)
-            return 1
-        if rank == 0:
-            run_dir.mkdir(parents=True, exist_ok=True)
-            training.write_atomic(run_dir / "training_options.json", (json.dumps(options, indent=2) + "\n").encode())
-            log_file = open(run_dir / "log.txt", "a")  # a human log, appended (the one non-atomic file)
+    trainer, error = None, None
+    try:  # builds everything and loads --resume/--transfer; writes nothing yet
+        trainer = training.TrainingRun(**options, device=device, progress_bar=rank == 0)
+    except ValueError as e:
+        error = str(e)
+    if failed(error):
+        return 1
+    if rank == 0:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        training.write_atomic(run_dir / "training_options.json", (json.dumps(options, indent=2) + "\n").encode())
+        log_file = open(run_dir / "log.txt", "a")  # a human log, appended (the one non-atomic file)
 
-            def log(line):
-                print(line, file=out, flush=True)
-                log_file.write(line + "\n")
-                log_file.flush()
-            trainer.log = log
-        trainer.run()
-    finally:
-        if torch_distributed_ready():
-            import torch
-            torch.distributed.destroy_process_group()
+        def log(line):
+            print(line, file=out, flush=True)
+            log_file.write(line + "\n")
+            log_file.flush()
+        trainer.log = log
+    trainer.run()
     return 0
 
 
@@ -1499,6 +1572,42 @@ def train_quick(run_dir, seed: int = 0, log=None, **overrides) -> torch.nn.Modul
     return load_network(final)
 
 
+# How close a rerun of the quick model must be to the committed one (measured drift across CPUs is ~10x smaller).
+REPRODUCTION_TOLERANCE = {"outputs": 2e-4, "weights": 3e-3, "final_loss": 1e-5}
+
+
+@torch.no_grad()
+def compare_models(a: torch.nn.Module, b: torch.nn.Module, sigmas=(0.01, 0.1, 0.5, 1.0, 5.0, 50.0), n: int = 64,
+                   seed: int = 0) -> dict:
+    """How far denoiser `a` is from the reference `b`: relative L2 differences of weights and outputs. Chapter 7.
+
+    Returns {"weights": |w_a - w_b| / |w_b| over all floating-point tensors together, "worst_tensor": the largest
+    such ratio of a single tensor (name, value), "outputs": {sigma: |D_a(x; sigma) - D_b(x; sigma)| / |D_b(x; sigma)|}}
+    on n fixed inputs x ~ N(0, (sigma_data^2 + sigma^2) I) per sigma (one-hot labels cycling if conditional).
+    """
+    sa, sb = a.state_dict(), b.state_dict()
+    if sa.keys() != sb.keys() or any(sa[k].shape != sb[k].shape for k in sb):
+        raise ValueError("compare_models: the two networks have different tensors (not the same architecture)")
+    keys = [k for k in sb if sb[k].is_floating_point()]
+    per_tensor = {k: ((sa[k].double() - sb[k].double()).norm() / sb[k].double().norm().clamp_min(1e-30)).item()
+                  for k in keys}
+    total = math.sqrt(sum((sa[k].double() - sb[k].double()).square().sum().item() for k in keys)
+                      / sum(sb[k].double().square().sum().item() for k in keys))
+    g = torch.Generator().manual_seed(seed)
+    shape = [n, b.img_channels, b.img_resolution, b.img_resolution]
+    device = next(b.parameters()).device
+    labels = (torch.eye(b.label_dim)[torch.arange(n) % b.label_dim].to(device) if b.label_dim else None)
+    outputs = {}
+    for sigma in sigmas:
+        scale = math.sqrt(getattr(b, "sigma_data", 0.5) ** 2 + sigma**2)
+        x = (torch.randn(shape, generator=g) * scale).to(device)
+        s = torch.full([n], float(sigma), device=device)
+        da, db = a(x, s, labels).double(), b(x, s, labels).double()
+        outputs[float(sigma)] = ((da - db).norm() / db.norm()).item()
+    worst = max(per_tensor.items(), key=lambda kv: kv[1])
+    return {"weights": total, "worst_tensor": worst, "outputs": outputs}
+
+
 # %%
 from edm_lit.training import QUICK_FLAGS, train_quick
 
@@ -1514,20 +1623,45 @@ print(f"trained {rows[-1]['Progress/kimg']['mean']:.1f} kimg in {train_seconds:.
 # %% [markdown]
 # Chapters 8 and 9 evaluate this very model. So that they need not train it (and do not depend on this
 # chapter having run), it is committed as `book/results/quick_digits.json` + weights, written by
-# `tools/make_quick_model.py`, which calls `train_quick(run_dir, seed=0)` as above. **Check** — the run
-# we just made is the committed model: one thread makes the run deterministic for a torch build and CPU,
-# and a different CPU may round differently, so the comparison allows a small relative difference.
+# `tools/make_quick_model.py`, which calls `train_quick(run_dir, seed=0)` as above.
+#
+# **Check** — the run we just made is the committed model. One thread makes the run deterministic for a
+# torch build and CPU (two runs on one machine agree bit for bit: `tests/test_training.py` checks it), so on
+# the machine that made the file the rerun is bit-identical. Another CPU may take other vector kernels
+# (other instruction sets, other summation orders), and thousands of Adam steps carry such last-bit
+# differences along: a few small tensors, such as a bias whose entries are all near zero, can then differ
+# by per cent, while the network computes the same function. So `compare_models` (which
+# `tests/test_generate.py` calls too) measures what matters — the denoiser's outputs on fixed inputs at six
+# σ from 0.01 to 50, all weights as one vector, and the final training loss — and
+# `REPRODUCTION_TOLERANCE` allows relative L2 differences of 2·10⁻⁴, 3·10⁻³ and 10⁻⁵ for them. That is
+# room for rounding, not for a different training: the network of the same run *before* the EMA (the
+# training state's `net.*`) lies far outside.
 
 # %%
 from edm_lit.checkpoints import load_network
+from edm_lit.training import REPRODUCTION_TOLERANCE, compare_models
 
-committed = load_network(Path("results") / "quick_digits.json").state_dict()
-fresh = ema_net.state_dict()
-assert committed.keys() == fresh.keys()
-rel_diff = max(((fresh[k] - committed[k]).abs().max() / committed[k].abs().max().clamp_min(1e-12)).item()
-               for k in fresh if fresh[k].is_floating_point())
-print(f"largest difference to the committed model, relative to each tensor's largest entry: {rel_diff:.1e}")
-assert rel_diff <= 1e-3
+committed_net = load_network(Path("results") / "quick_digits.json")
+committed_meta = json.loads((Path("results") / "quick_digits.meta.json").read_text())
+diff = compare_models(ema_net, committed_net)
+loss_diff = abs(rows[-1]["Loss/loss"]["mean"] - committed_meta["final_loss"]) / committed_meta["final_loss"]
+print("this run vs the committed model, relative L2 differences:")
+print("  denoiser outputs at sigma " + ", ".join(f"{s:g}: {v:.1e}" for s, v in diff["outputs"].items()))
+print(f"  all weights {diff['weights']:.1e} (largest for one tensor: {diff['worst_tensor'][1]:.1e}, "
+      f"{diff['worst_tensor'][0]})")
+print(f"  final training loss {loss_diff:.1e}")
+assert max(diff["outputs"].values()) <= REPRODUCTION_TOLERANCE["outputs"]
+assert diff["weights"] <= REPRODUCTION_TOLERANCE["weights"]
+assert loss_diff <= REPRODUCTION_TOLERANCE["final_loss"]
+
+raw_net = copy.deepcopy(ema_net)
+_, state = read_training_state(quick_dir / "training-state-000030.json")
+raw_net.load_state_dict({k[4:]: v for k, v in state.items() if k.startswith("net.")})
+raw_diff = compare_models(raw_net, committed_net)
+print(f"the same run's network before averaging: outputs {max(raw_diff['outputs'].values()):.1e}, "
+      f"weights {raw_diff['weights']:.1e}")
+assert max(raw_diff["outputs"].values()) > 10 * REPRODUCTION_TOLERANCE["outputs"]
+assert raw_diff["weights"] > 3 * REPRODUCTION_TOLERANCE["weights"]
 
 # %% [markdown]
 # **Samples.** The snapshots' grids: 64 EMA samples from the same fixed noise, 18 Heun steps
@@ -1547,82 +1681,129 @@ plt.tight_layout()
 # **Loss per σ against the floor.** The training statistics carry the loss per σ bucket. For a
 # *finite* training set the ideal denoiser is known exactly (Chapter 1: the posterior mean over the
 # training images, `GaussianMixture.from_data`), so each bucket has an exact **floor** — Chapter 4's
-# idea, here for the digits. At small σ that floor is essentially 0 (the nearest training image is
-# identified exactly: pure memorisation), a level no network that *generalises* reaches; at large σ
-# it approaches the loss of predicting the data mean. We evaluate the EMA network and the floor on the
-# same fixed draws at one σ per bucket (its geometric middle), and also the loss of the best *linear*
-# denoiser (a Gaussian fitted to the data), the level a network reaches by learning only the data's
-# mean and covariance.
+# idea, here for the digits. At small σ that floor is 0 to many digits (the noisy image identifies its
+# training image exactly: pure memorisation), a level no network that *generalises* reaches; at large σ
+# it approaches the loss of predicting the data mean. `loss_per_bucket` evaluates any denoiser the way the
+# statistics bucket the training loss: in each bucket, σ drawn from $p_\text{train}$ restricted to the
+# bucket, the weighted loss of Eq. 8 per pixel — with fixed draws, the same for every denoiser. We evaluate
+# the EMA network, the floor, and the best *linear* denoiser (a Gaussian fitted to the data), the level a
+# network reaches by learning only the data's mean and covariance.
+
+# %% tags=["export"]
+@torch.no_grad()
+def loss_per_bucket(denoise, data: torch.Tensor, n: int = 512, seed: int = 1, P_mean: float = -1.2,
+                    P_std: float = 1.2, sigma_data: float = 0.5) -> np.ndarray:
+    """Weighted loss (Eq. 8) per pixel of `denoise` on `data` in each SIGMA_BUCKETS bucket, as Loss/sigma_*. Chapter 7.
+
+    Per bucket [lo, hi): n images y of `data` ([N, C, H, W] in [-1, 1]), sigma from p_train (ln sigma ~
+    N(P_mean, P_std^2)) restricted to the bucket, x = y + sigma * noise; returns the mean over images and
+    pixels of lambda(sigma) (D(x; sigma) - y)^2. The draws depend on `seed` only, so denoisers compare pairwise.
+    `denoise(x, sigma)` receives float64 x [n, C, H, W] and sigma [n, 1, 1, 1].
+    """
+    g = torch.Generator().manual_seed(seed)
+    data = data.double()
+    out = []
+    for lo, hi in zip(SIGMA_BUCKETS[:-1], SIGMA_BUCKETS[1:]):
+        cdf_lo, cdf_hi = (torch.special.ndtr(torch.tensor((math.log(v) - P_mean) / P_std, dtype=torch.float64))
+                          for v in (lo, hi))
+        u = cdf_lo + (cdf_hi - cdf_lo) * torch.rand(n, generator=g, dtype=torch.float64)
+        sigma = (P_mean + P_std * torch.special.ndtri(u)).exp().clamp(lo, hi).reshape(n, 1, 1, 1)
+        y = data[torch.randint(len(data), (n,), generator=g)]
+        x = y + sigma * torch.randn(y.shape, generator=g, dtype=torch.float64)
+        weight = (sigma**2 + sigma_data**2) / (sigma * sigma_data) ** 2
+        out.append((weight * (denoise(x, sigma).double() - y).square()).mean().item())
+    return np.array(out)
+
 
 # %%
+from myst_nb import glue
+
 from edm_lit.data import ImageFolderDataset
 from edm_lit.framework import GaussianMixture
-from edm_lit.training import SIGMA_BUCKETS
-
-from edm_lit.training import digits_path
+from edm_lit.training import SIGMA_BUCKETS, digits_path, loss_per_bucket
 
 digits = ImageFolderDataset(digits_path())
 data = torch.from_numpy(np.stack([digits[i][0] for i in range(len(digits))])).double() / 127.5 - 1
 finite = GaussianMixture.from_data(data)
 flat = data.flatten(1)
 mean, cov = flat.mean(0), torch.cov(flat.T)
-loss_fn = EDMLoss()
+eigvals, eigvecs = torch.linalg.eigh(cov)
+eigvals = eigvals.clamp_min(0)
 
 
 def linear_denoiser(x, sigma):  # E[y | x] for y ~ N(mean, cov): the best linear denoiser
-    gain = cov @ torch.linalg.inv(cov + sigma**2 * torch.eye(cov.shape[0], dtype=torch.float64))
-    return (mean + (x.flatten(1) - mean) @ gain.T).reshape(x.shape)
+    z = (x.flatten(1) - mean) @ eigvecs
+    return (mean + z * eigvals / (eigvals + sigma.flatten(1) ** 2) @ eigvecs.T).reshape(x.shape)
 
 
-def eval_loss(denoise, sigma, n=512, seed=1):
-    g = torch.Generator().manual_seed(seed)
-    y = data[torch.randint(len(data), (n,), generator=g)]
-    x = y + sigma * torch.randn(y.shape, generator=g, dtype=torch.float64)
-    with torch.no_grad():
-        return (loss_fn.weight(torch.tensor(sigma)) * (denoise(x, sigma).double() - y).square().mean()).item()
+net_loss = loss_per_bucket(lambda x, s: ema_net(x.float(), s.float().flatten()), data)
+floor_loss = loss_per_bucket(finite.denoise, data)
+linear_loss = loss_per_bucket(linear_denoiser, data)
+buckets = [f"[{lo:g}, {hi:g})" for lo, hi in zip(SIGMA_BUCKETS[:-1], SIGMA_BUCKETS[1:])]
+print("sigma bucket   EMA network   floor (ideal, finite data)   best linear   network / floor")
+for name, a, f, lin in zip(buckets, net_loss, floor_loss, linear_loss):
+    print(f"{name:12s}   {a:11.4f}   {f:26.2e}   {lin:11.4f}   {a / f if f > 0.01 else float('nan'):15.3g}")
 
-
-mids = [math.sqrt(lo * hi) for lo, hi in zip(SIGMA_BUCKETS[:-1], SIGMA_BUCKETS[1:])]
-net_loss = [eval_loss(lambda x, s: ema_net(x.float(), torch.full([len(x)], s)), s) for s in mids]
-floor_loss = [eval_loss(lambda x, s: finite.denoise(x, s), s) for s in mids]
-linear_loss = [eval_loss(linear_denoiser, s) for s in mids]
-for s, a, f, lin in zip(mids, net_loss, floor_loss, linear_loss):
-    print(f"sigma {s:7.3f}: EMA network {a:.4f}   floor (ideal, finite data) {f:.4f}   best linear {lin:.4f}")
+# %% [markdown]
+# The three buckets below σ = 0.3 have a floor of about 0 for any plotting purpose (it is printed above), so a
+# ratio to it says nothing; the figure shows their training loss as it is (left), and for the other four
+# buckets the training loss divided by the floor (middle). Both are the loss of the *trained* network on
+# its training batches, averaged over the σ that fell into the bucket during each tick, against the floor
+# for σ from the same distribution. On the right, after training, the EMA network, the best linear
+# denoiser and the floor on the same fixed draws, per bucket.
 
 # %%
 bucket_names = [f"Loss/sigma_{lo:g}_{hi:g}" for lo, hi in zip(SIGMA_BUCKETS[:-1], SIGMA_BUCKETS[1:])]
 kimg = [r["Progress/kimg"]["mean"] for r in rows]
-fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(12, 4))
+has_floor = floor_loss > 0.01  # below, the floor is ~0: a ratio to it means nothing
+fig, (ax1, ax2, ax3) = plt.subplots(1, 3, figsize=(14, 4))
 for i, name in enumerate(bucket_names):
-    curve = [r[name]["mean"] if name in r else np.nan for r in rows]
-    ax1.plot(kimg, curve, "o-", ms=3, color=f"C{i}", label=f"σ in [{SIGMA_BUCKETS[i]:g}, {SIGMA_BUCKETS[i + 1]:g})")
-    ax1.axhline(floor_loss[i], color=f"C{i}", ls=":", lw=1)
-ax1.set(xlabel="training progress (kimg)", ylabel="loss per element (training batches)", yscale="log",
-        title="training loss per σ bucket (dotted: floor)")
-ax1.legend(fontsize=7, ncol=2)
-ax2.plot(mids, net_loss, "o-", label="EMA network")
-ax2.plot(mids, linear_loss, "s--", label="best linear denoiser (Gaussian fit)")
-ax2.plot(mids, floor_loss, "k:", label="floor: ideal denoiser of the finite data")
-ax2.set(xscale="log", yscale="log", xlabel="σ", ylabel="λ(σ) · loss per element", title="after training (cf. Fig. 5a)")
-ax2.legend(fontsize=8)
+    curve = np.array([r[name]["mean"] if name in r else np.nan for r in rows])
+    ax = ax2 if has_floor[i] else ax1
+    ax.plot(kimg, curve / floor_loss[i] if has_floor[i] else curve, "o-", ms=3, color=f"C{i}", label=f"σ in {buckets[i]}")
+ax1.set(xlabel="training progress (kimg)", ylabel="λ(σ) · loss per pixel", ylim=(0, None),
+        title="training loss, buckets with floor ≈ 0")
+ax2.axhline(1, color="k", ls=":", lw=1)
+ax2.set(xlabel="training progress (kimg)", ylabel="training loss / floor", yscale="log", ylim=(0.8, 50),
+        title="training loss relative to the floor")
+x_mid = np.array([math.sqrt(lo * hi) for lo, hi in zip(SIGMA_BUCKETS[:-1], SIGMA_BUCKETS[1:])])
+ax3.plot(x_mid, net_loss, "o-", label="EMA network")
+ax3.plot(x_mid, linear_loss, "s--", label="best linear denoiser (Gaussian fit)")
+ax3.plot(x_mid, floor_loss, "k:", marker=".", label="floor: ideal denoiser of the finite data")
+ax3.set(xscale="log", ylim=(0, None), xlabel="σ bucket (plotted at its geometric middle)",
+        ylabel="λ(σ) · loss per pixel", title="after training, per bucket (cf. Fig. 5a)")
+for ax in (ax1, ax2, ax3):
+    ax.legend(fontsize=7)
 plt.tight_layout()
 
+# %%
+ratio = net_loss / np.where(has_floor, floor_loss, np.nan)
+vs_linear = net_loss / linear_loss
+for name, value in [("ratio_03", ratio[3]), ("ratio_1", ratio[4]), ("ratio_3", ratio[5]), ("ratio_10", ratio[6]),
+                    ("lin_03", vs_linear[3]), ("lin_1", vs_linear[4]), ("small_net_min", net_loss[:3].min()),
+                    ("small_floor_max", floor_loss[:3].max())]:
+    glue(name, float(value), display=False)
+print(f"network / floor per bucket: {np.round(ratio, 3)}; network / best linear: {np.round(vs_linear, 3)}")
+
 # %% [markdown]
-# **Check** — after 30 kimg the network clearly beats the best linear denoiser at σ ≈ 0.5, where a
-# denoiser must know what digits look like, not only their mean and covariance, and is about as
-# good as it at σ ≈ 1.7 (the ideal denoiser is better still there: room for longer training); at the largest σ it is within 10 % of the floor (there the answer is close to the data
-# mean); and at small σ it stays far above the memorisation floor — it has
-# not learned the training set by heart.
+# **Check** — where the model is near the floor and where it is not, after 30 kimg:
+#
+# - σ ≥ 3: within a few per cent of the floor (network / floor = {glue:text}`ratio_3:.3f` in [3, 10) and
+#   {glue:text}`ratio_10:.3f` in [10, 80)); there the answer is close to the data mean, and the best linear
+#   denoiser is as good;
+# - σ in [1, 3): {glue:text}`ratio_1:.2f` times the floor, about as good as the best linear denoiser
+#   ({glue:text}`lin_1:.3f` of its loss): room for longer training;
+# - σ in [0.3, 1): clearly better than the best linear denoiser ({glue:text}`lin_03:.2f` of its loss) — here a
+#   denoiser must know what digits look like, not only their mean and covariance — but
+#   {glue:text}`ratio_03:.1f` times the floor, which is low because at these σ the ideal denoiser of 1,797
+#   images can still largely tell which training image was noised;
+# - σ < 0.3: the floor is at most {glue:text}`small_floor_max:.1e` (memorisation), the network's loss at least
+#   {glue:text}`small_net_min:.2f`: it has not learned the training set by heart.
 
 # %%
-net_loss, floor_loss, linear_loss = map(np.array, (net_loss, floor_loss, linear_loss))
-vs_linear = net_loss / linear_loss
-print(f"network / best linear: {vs_linear[3]:.3f} at sigma {mids[3]:.2f}, {vs_linear[4]:.3f} at sigma {mids[4]:.2f}; "
-      f"largest sigma: network / floor = {net_loss[-1] / floor_loss[-1]:.3f}; "
-      f"smallest sigma: network - floor = {net_loss[0] - floor_loss[0]:.3f}")
+assert np.all(ratio[5:] < 1.1) and 1.0 < ratio[4] < 1.3 and ratio[3] > 3
 assert vs_linear[3] < 0.85 and vs_linear[4] < 1.05
-assert net_loss[-1] / floor_loss[-1] < 1.1
-assert net_loss[0] - floor_loss[0] > 0.05
+assert not has_floor[:3].any() and has_floor[3:].all() and net_loss[:3].min() > 0.2
 
 # %% [markdown]
 # **What the EMA does.** Adam at a constant learning rate leaves the weights jittering around a
@@ -1635,10 +1816,6 @@ assert net_loss[0] - floor_loss[0] > 0.05
 
 # %%
 from edm_lit.samplers import edm_sampler
-
-raw_net = copy.deepcopy(ema_net)
-_, state = read_training_state(quick_dir / "training-state-000030.json")
-raw_net.load_state_dict({k[4:]: v for k, v in state.items() if k.startswith("net.")})
 
 
 def frechet(a, b):
@@ -1675,18 +1852,22 @@ assert fd["EMA"] < fd["raw"]
 # - `learning_rate`, `ema_beta`, `update_ema`: the ramp-up and the EMA half-life in images;
 # - `accumulate_gradients`, `sanitize_gradients`: rounds, loss scaling, DDP synchronisation, the
 #   nan/inf guard, bf16 autocast;
-# - `write_atomic`, `save_training_state`, `load_training_state`, `find_training_state`: crash-safe
-#   files and the complete state (safetensors + JSON) for exact resume;
+# - `write_atomic`, `save_training_state`, `load_training_state`, `find_training_state`,
+#   `remove_stale_temp_files`: crash-safe files and the complete state (safetensors + JSON) for exact resume;
 # - `Stats`: the official statistics layout plus the loss per σ bucket;
-# - `TrainingRun`, `training_loop`, `init_distributed`: the loop on one CPU, one GPU or torchrun;
-# - `train_quick`: the quick-mode model of Chapters 7–9.
+# - `TrainingRun`, `training_loop`, `init_distributed`, `agree_on_error`: the loop on one CPU, one GPU or
+#   torchrun;
+# - `train_quick`: the quick-mode model of Chapters 7–9; `compare_models` and `REPRODUCTION_TOLERANCE`: how
+#   a rerun is compared with the committed model; `loss_per_bucket`: any denoiser's loss per σ bucket.
 #
 # What is guaranteed and tested (`tests/test_training.py`): a run killed with SIGKILL and resumed
-# from its directory ends with **bitwise** the same network, EMA and optimizer state as an
-# uninterrupted one (CPU, fixed seed); two ranks with Gloo match one process with the same global
+# from its directory ends with **bitwise** the same network, EMA, optimizer state, generator states,
+# snapshots and sample grids as an uninterrupted one (CPU, fixed seed), and leaves no temporary file;
+# `--transfer` starts from the source's weights and refuses another architecture; two ranks with Gloo match one process with the same global
 # batch to float32 rounding after several steps (with a loss whose noise depends only on the
 # image, so that both see the same draws); the schedules follow their formulas; bad input fails
-# before any work. Throughput: `benchmarks/bench_training.py`.
+# before any work; the committed quick model is near the floor where this chapter says it is. Throughput:
+# `benchmarks/bench_training.py`.
 #
 # ## Exercises
 #

@@ -98,14 +98,31 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPar
 
 
 def run_train(args: argparse.Namespace, out=None) -> int:
-    """Resolve, print, and (unless --dry-run) train. Returns an exit status. Chapter 7."""
+    """Resolve, print, and (unless --dry-run) train. Returns an exit status, the same on every rank. Chapter 7."""
     out = sys.stdout if out is None else out
     flags = {k: v for k, v in vars(args).items() if k in training.TRAIN_DEFAULTS}
     rank, world_size, device = training.init_distributed()
     try:
+        return _train(args, flags, out, rank, world_size, device)
+    finally:
+        if torch_distributed_ready():
+            import torch
+            torch.distributed.destroy_process_group()
+
+
+def _train(args, flags: dict, out, rank: int, world_size: int, device) -> int:
+    def failed(error) -> bool:  # every rank learns every rank's error: all stop together, none waits
+        error = training.agree_on_error(error)
+        if error is not None and rank == 0:
+            print(f"edm-lit train: error: {error}", file=sys.stderr)
+        return error is not None
+
+    options, error = None, None
+    try:
         options = training.build_options(flags, world_size=world_size, device=device)
     except ValueError as e:
-        print(f"edm-lit train: error: {e}", file=sys.stderr)
+        error = str(e)
+    if failed(error):
         return 1
     say = (lambda *a: print(*a, file=out, flush=True)) if rank == 0 else (lambda *a: None)
     net = options["network_kwargs"]
@@ -120,30 +137,26 @@ def run_train(args: argparse.Namespace, out=None) -> int:
         say("Dry run; exiting.")
         return 0
     run_dir = Path(options["run_dir"])
-    if rank == 0 and not args.nosubdir and run_dir.exists():
-        print(f"edm-lit train: error: {run_dir} exists already", file=sys.stderr)
+    if failed(f"{run_dir} exists already" if rank == 0 and not args.nosubdir and run_dir.exists() else None):
         return 1
-    try:
-        try:  # builds everything and loads --resume/--transfer; writes nothing yet
-            trainer = training.TrainingRun(**options, device=device, progress_bar=rank == 0)
-        except ValueError as e:
-            print(f"edm-lit train: error: {e}", file=sys.stderr)
-            return 1
-        if rank == 0:
-            run_dir.mkdir(parents=True, exist_ok=True)
-            training.write_atomic(run_dir / "training_options.json", (json.dumps(options, indent=2) + "\n").encode())
-            log_file = open(run_dir / "log.txt", "a")  # a human log, appended (the one non-atomic file)
+    trainer, error = None, None
+    try:  # builds everything and loads --resume/--transfer; writes nothing yet
+        trainer = training.TrainingRun(**options, device=device, progress_bar=rank == 0)
+    except ValueError as e:
+        error = str(e)
+    if failed(error):
+        return 1
+    if rank == 0:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        training.write_atomic(run_dir / "training_options.json", (json.dumps(options, indent=2) + "\n").encode())
+        log_file = open(run_dir / "log.txt", "a")  # a human log, appended (the one non-atomic file)
 
-            def log(line):
-                print(line, file=out, flush=True)
-                log_file.write(line + "\n")
-                log_file.flush()
-            trainer.log = log
-        trainer.run()
-    finally:
-        if torch_distributed_ready():
-            import torch
-            torch.distributed.destroy_process_group()
+        def log(line):
+            print(line, file=out, flush=True)
+            log_file.write(line + "\n")
+            log_file.flush()
+        trainer.log = log
+    trainer.run()
     return 0
 
 

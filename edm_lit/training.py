@@ -17,6 +17,7 @@ import random
 import re
 import struct
 import time
+import warnings
 import zlib
 from pathlib import Path
 
@@ -100,11 +101,15 @@ def _dataset_kwargs(flags: dict) -> dict:
             from edm_lit import data as data_module
         except ModuleNotFoundError:
             raise ValueError("--data=digits needs edm_lit.data (Chapter 6), which is not available") from None
-        rank = torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
-        if rank == 0:
-            data_module.quick_dataset(digits_path())  # written once (atomically), then reused
-        if torch.distributed.is_initialized():
-            torch.distributed.barrier()
+        error = None
+        if local_rank() == 0:  # one writer per node (each node may have its own cache); the write is atomic
+            try:
+                data_module.quick_dataset(digits_path())
+            except Exception as e:  # reported on every rank below, so that none waits for the others
+                error = f"--data=digits: cannot build {digits_path()}: {type(e).__name__}: {e}"
+        error = agree_on_error(error)  # also the barrier: the other ranks wait until the file exists
+        if error is not None:
+            raise ValueError(error)
         data = str(digits_path())
     elif not os.path.exists(data):
         raise ValueError(f"--data: no such data set: {data!r} (expected a ZIP or folder made by `edm-lit dataset`)")
@@ -188,6 +193,22 @@ def build_options(flags: dict, world_size: int = 1, device=None) -> dict:
         desc += f"-{f['desc']}"
     c["run_dir"] = _pick_run_dir(f["outdir"], desc, f["nosubdir"]) if f["outdir"] is not None else None
     return c
+
+
+def local_rank() -> int:
+    """This process's rank on its node (torchrun's LOCAL_RANK; the global rank, else 0)."""
+    if "LOCAL_RANK" in os.environ:
+        return int(os.environ["LOCAL_RANK"])
+    return torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
+
+
+def agree_on_error(error):
+    """Every rank's error message (or None) -> the first one of any rank, on all ranks (a collective). Chapter 7."""
+    if not torch.distributed.is_initialized():
+        return error
+    errors = [None] * torch.distributed.get_world_size()
+    torch.distributed.all_gather_object(errors, error)
+    return next((e for e in errors if e is not None), None)
 
 
 def random_seed(device) -> int:
@@ -320,6 +341,15 @@ from edm_lit.checkpoints import fsync_dir, write_atomic  # rule 1, the primitive
 
 STATE_FORMAT = "edm_lit-training-state"
 STATE_VERSION = 1
+TEMP_FILE = re.compile(r"\..+\.[0-9a-f]{8}\.tmp")  # write_atomic's temporary names: .NAME.HEX.tmp
+
+
+def remove_stale_temp_files(run_dir) -> list:
+    """Delete the temporary files of write_atomic that a killed run left in run_dir; returns their paths. Chapter 7."""
+    stale = [p for p in Path(run_dir).iterdir() if p.is_file() and TEMP_FILE.fullmatch(p.name)]
+    for path in stale:
+        path.unlink(missing_ok=True)
+    return stale
 
 
 def png_bytes(image: np.ndarray) -> bytes:
@@ -561,8 +591,12 @@ def init_distributed() -> tuple:
 
 
 def seed_rank(seed: int, rank: int, world_size: int) -> None:
-    """numpy from (seed * world_size + rank) mod 2^31, torch from numpy's first draw (official per-rank seeds)."""
+    """numpy from (seed * world_size + rank) mod 2^31, torch from numpy's first draw (official per-rank seeds).
+
+    Python's `random` (which the loop does not draw from) gets the same seed, so that every generator the
+    training state records is a function of the seed."""
     np.random.seed((seed * world_size + rank) % (1 << 31))
+    random.seed((seed * world_size + rank) % (1 << 31))
     torch.manual_seed(np.random.randint(1 << 31))
 
 
@@ -574,12 +608,22 @@ def _gather(obj, world_size: int) -> list:
     return out
 
 
-def _memory_gb() -> float:
+def _memory_gb():
+    """Resident memory of this process in GiB, or None without psutil (the statistic is then left out)."""
     try:
         import psutil
-        return psutil.Process(os.getpid()).memory_info().rss / 2**30
     except ImportError:
-        return float("nan")
+        return None
+    return psutil.Process(os.getpid()).memory_info().rss / 2**30
+
+
+def _finite_or_null(value):
+    """Non-finite floats -> None, so that every stats.jsonl line is strict JSON (no NaN, no Infinity)."""
+    if isinstance(value, dict):
+        return {k: _finite_or_null(v) for k, v in value.items()}
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    return value
 
 class TrainingRun:
     """The paper's training loop over one configuration (`build_options`): one CPU, one GPU or torchrun. Chapter 7.
@@ -646,6 +690,9 @@ class TrainingRun:
         self.augment_pipe = construct(**augment_kwargs) if augment_kwargs else None
         self.ddp = self.net
         if self.world_size > 1:
+            # DDP warns at every backward when a gradient's memory layout differs from its bucket's (harmless:
+            # it copies); one line per step per rank would drown the log
+            warnings.filterwarnings("ignore", message="Grad strides do not match bucket view strides")
             ids = [device.index] if device.type == "cuda" else None
             self.ddp = torch.nn.parallel.DistributedDataParallel(self.net, device_ids=ids)
 
@@ -737,7 +784,7 @@ class TrainingRun:
                                randn_like=lambda x: torch.randn(x.shape, generator=g, device=x.device, dtype=x.dtype))
 
     def _write_stats(self, row: dict) -> None:
-        self.stats_lines.append(json.dumps(row))
+        self.stats_lines.append(json.dumps(_finite_or_null(row), allow_nan=False))
         write_atomic(self.run_dir / "stats.jsonl", ("\n".join(self.stats_lines) + "\n").encode())
 
     def _snapshot(self, kimg: int) -> None:
@@ -761,7 +808,9 @@ class TrainingRun:
         fields = {"Progress/tick": self.cur_tick, "Progress/kimg": self.cur_nimg / 1e3,
                   "Timing/total_sec": now - timing["start"], "Timing/sec_per_tick": tick_sec,
                   "Timing/sec_per_kimg": tick_sec / max(self.cur_nimg - self.tick_start_nimg, 1) * 1e3,
-                  "Timing/maintenance_sec": timing["maintenance"], "Resources/cpu_mem_gb": _memory_gb()}
+                  "Timing/maintenance_sec": timing["maintenance"]}
+        if (memory := _memory_gb()) is not None:
+            fields["Resources/cpu_mem_gb"] = memory
         if self.device.type == "cuda":
             fields["Resources/peak_gpu_mem_gb"] = torch.cuda.max_memory_allocated(self.device) / 2**30
             fields["Resources/peak_gpu_mem_reserved_gb"] = torch.cuda.max_memory_reserved(self.device) / 2**30
@@ -773,7 +822,7 @@ class TrainingRun:
             loss = row.get("Loss/loss", {}).get("mean", float("nan"))
             self.log(f"tick {self.cur_tick:<5d} kimg {self.cur_nimg / 1e3:<9.1f} loss {loss:<8.4f} "
                      f"sec/tick {tick_sec:<7.1f} sec/kimg {fields['Timing/sec_per_kimg']:<7.2f} "
-                     f"maintenance {timing['maintenance']:<6.1f} cpumem {fields['Resources/cpu_mem_gb']:<6.2f}")
+                     f"maintenance {timing['maintenance']:<6.1f} cpumem {fields.get('Resources/cpu_mem_gb', float('nan')):<6.2f}")
         if self.run_dir is not None:
             self._write_stats(row)
             if self.snapshot_ticks and (done or self.cur_tick % self.snapshot_ticks == 0):
@@ -791,11 +840,13 @@ class TrainingRun:
         """Train until total_kimg; returns the EMA network."""
         from tqdm import tqdm
 
+        if self.run_dir is not None and self.run_dir.is_dir():
+            remove_stale_temp_files(self.run_dir)  # left by a run killed while writing
         start = time.time()
         timing = {"start": start, "tick_start": start, "maintenance": 0.0}
         last_nimg = -(-self.total_nimg // self.batch_size) * self.batch_size  # progress after the final step
         bar = tqdm(total=last_nimg, initial=self.cur_nimg, unit="kimg", unit_scale=1e-3, disable=not self.progress_bar,
-                   bar_format="{l_bar}{bar}| {n:.1f}/{total:.0f} kimg [{elapsed}<{remaining}, {postfix}]")
+                   bar_format="{l_bar}{bar}| {n:.1f}/{total:.1f} kimg [{elapsed} elapsed, ETA {remaining}{postfix}]")
         done = self.cur_nimg >= self.total_nimg
         while not done:
             self.step()
@@ -847,3 +898,63 @@ def train_quick(run_dir, seed: int = 0, log=None, **overrides) -> torch.nn.Modul
         finally:
             torch.set_num_threads(threads)
     return load_network(final)
+
+
+# How close a rerun of the quick model must be to the committed one (measured drift across CPUs is ~10x smaller).
+REPRODUCTION_TOLERANCE = {"outputs": 2e-4, "weights": 3e-3, "final_loss": 1e-5}
+
+
+@torch.no_grad()
+def compare_models(a: torch.nn.Module, b: torch.nn.Module, sigmas=(0.01, 0.1, 0.5, 1.0, 5.0, 50.0), n: int = 64,
+                   seed: int = 0) -> dict:
+    """How far denoiser `a` is from the reference `b`: relative L2 differences of weights and outputs. Chapter 7.
+
+    Returns {"weights": |w_a - w_b| / |w_b| over all floating-point tensors together, "worst_tensor": the largest
+    such ratio of a single tensor (name, value), "outputs": {sigma: |D_a(x; sigma) - D_b(x; sigma)| / |D_b(x; sigma)|}}
+    on n fixed inputs x ~ N(0, (sigma_data^2 + sigma^2) I) per sigma (one-hot labels cycling if conditional).
+    """
+    sa, sb = a.state_dict(), b.state_dict()
+    if sa.keys() != sb.keys() or any(sa[k].shape != sb[k].shape for k in sb):
+        raise ValueError("compare_models: the two networks have different tensors (not the same architecture)")
+    keys = [k for k in sb if sb[k].is_floating_point()]
+    per_tensor = {k: ((sa[k].double() - sb[k].double()).norm() / sb[k].double().norm().clamp_min(1e-30)).item()
+                  for k in keys}
+    total = math.sqrt(sum((sa[k].double() - sb[k].double()).square().sum().item() for k in keys)
+                      / sum(sb[k].double().square().sum().item() for k in keys))
+    g = torch.Generator().manual_seed(seed)
+    shape = [n, b.img_channels, b.img_resolution, b.img_resolution]
+    device = next(b.parameters()).device
+    labels = (torch.eye(b.label_dim)[torch.arange(n) % b.label_dim].to(device) if b.label_dim else None)
+    outputs = {}
+    for sigma in sigmas:
+        scale = math.sqrt(getattr(b, "sigma_data", 0.5) ** 2 + sigma**2)
+        x = (torch.randn(shape, generator=g) * scale).to(device)
+        s = torch.full([n], float(sigma), device=device)
+        da, db = a(x, s, labels).double(), b(x, s, labels).double()
+        outputs[float(sigma)] = ((da - db).norm() / db.norm()).item()
+    worst = max(per_tensor.items(), key=lambda kv: kv[1])
+    return {"weights": total, "worst_tensor": worst, "outputs": outputs}
+
+@torch.no_grad()
+def loss_per_bucket(denoise, data: torch.Tensor, n: int = 512, seed: int = 1, P_mean: float = -1.2,
+                    P_std: float = 1.2, sigma_data: float = 0.5) -> np.ndarray:
+    """Weighted loss (Eq. 8) per pixel of `denoise` on `data` in each SIGMA_BUCKETS bucket, as Loss/sigma_*. Chapter 7.
+
+    Per bucket [lo, hi): n images y of `data` ([N, C, H, W] in [-1, 1]), sigma from p_train (ln sigma ~
+    N(P_mean, P_std^2)) restricted to the bucket, x = y + sigma * noise; returns the mean over images and
+    pixels of lambda(sigma) (D(x; sigma) - y)^2. The draws depend on `seed` only, so denoisers compare pairwise.
+    `denoise(x, sigma)` receives float64 x [n, C, H, W] and sigma [n, 1, 1, 1].
+    """
+    g = torch.Generator().manual_seed(seed)
+    data = data.double()
+    out = []
+    for lo, hi in zip(SIGMA_BUCKETS[:-1], SIGMA_BUCKETS[1:]):
+        cdf_lo, cdf_hi = (torch.special.ndtr(torch.tensor((math.log(v) - P_mean) / P_std, dtype=torch.float64))
+                          for v in (lo, hi))
+        u = cdf_lo + (cdf_hi - cdf_lo) * torch.rand(n, generator=g, dtype=torch.float64)
+        sigma = (P_mean + P_std * torch.special.ndtri(u)).exp().clamp(lo, hi).reshape(n, 1, 1, 1)
+        y = data[torch.randint(len(data), (n,), generator=g)]
+        x = y + sigma * torch.randn(y.shape, generator=g, dtype=torch.float64)
+        weight = (sigma**2 + sigma_data**2) / (sigma * sigma_data) ** 2
+        out.append((weight * (denoise(x, sigma).double() - y).square()).mean().item())
+    return np.array(out)

@@ -162,12 +162,13 @@ def test_cli_dry_run_prints_official_options(tmp_path):
 
 def _train_cmd(data, outdir, *extra):
     return [sys.executable, "-m", "edm_lit.train", f"--outdir={outdir}", f"--data={data}", "--arch=ddpmpp-tiny",
-            "--cbase=8", "--batch=32", "--duration=0.004", "--tick=1", "--snap=100", "--dump=1", "--lr=2e-3",
-            "--lr-rampup=0.001", "--ema=0.002", "--dropout=0.1", "--augment=0.12", "--seed=7", "--workers=1", "--grid=0",
+            "--cbase=8", "--batch=32", "--duration=0.004", "--tick=1", "--snap=2", "--dump=1", "--lr=2e-3",
+            "--lr-rampup=0.001", "--ema=0.002", "--dropout=0.1", "--augment=0.12", "--seed=7", "--workers=1", "--grid=9",
             "--nosubdir", *extra]
 
 
 def test_kill_and_resume_is_bitwise_exact(tmp_path):
+    """SIGKILL mid-run, resume: the same net, EMA, optimizer, generator states, snapshots, grids and statistics."""
     data = image_folder(tmp_path / "data", n=48)
     whole = subprocess.run(_train_cmd(data, tmp_path / "whole"), capture_output=True, text=True, env=ENV, timeout=300)
     assert whole.returncode == 0, whole.stderr[-2000:]
@@ -182,21 +183,149 @@ def test_kill_and_resume_is_bitwise_exact(tmp_path):
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     assert not (killed_dir / "network-snapshot-000004.json").exists(), "killed too late: the run had finished"
+    # what a kill inside write_atomic leaves behind (whether or not this kill did): the resume must remove it
+    (killed_dir / ".stats.jsonl.0123abcd.tmp").write_bytes(b"half a file")
+    (killed_dir / ".keep").write_text("not ours")
     resumed = subprocess.run(_train_cmd(data, killed_dir, f"--resume={killed_dir}"), capture_output=True, text=True,
                              env=ENV, timeout=300)
     assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert not list(killed_dir.glob(".*.tmp")) and (killed_dir / ".keep").exists()
 
-    _, a = read_training_state(tmp_path / "whole" / "training-state-000004.json")
-    _, b = read_training_state(killed_dir / "training-state-000004.json")
-    assert set(a) == set(b)
-    for key in a:
-        if key.startswith(("net.", "ema.", "optimizer.")):
-            assert torch.equal(a[key], b[key]), key  # bitwise
+    header_a, a = read_training_state(tmp_path / "whole" / "training-state-000004.json")
+    header_b, b = read_training_state(killed_dir / "training-state-000004.json")
+    assert set(a) == set(b) and any(k.startswith("rng.") for k in a)
+    for key in a:  # net.*, ema.*, optimizer.*, rng.* (torch generator states)
+        assert torch.equal(a[key], b[key]), key  # bitwise
+    assert header_a["rng"] == header_b["rng"]  # numpy and Python generator states
+    outputs = sorted(p.name for p in (tmp_path / "whole").iterdir() if p.name.startswith(("network-snapshot", "samples")))
+    assert outputs == sorted(p.name for p in killed_dir.iterdir() if p.name.startswith(("network-snapshot", "samples")))
+    assert {"samples-000002.png", "samples-000004.png", "network-snapshot-000002.json"} <= set(outputs)
+    for name in outputs:  # the mid-run snapshot, the final one, their sample grids
+        assert (tmp_path / "whole" / name).read_bytes() == (killed_dir / name).read_bytes(), name
     rows = [json.loads(line) for line in (killed_dir / "stats.jsonl").read_text().splitlines()]
     whole_rows = [json.loads(line) for line in (tmp_path / "whole" / "stats.jsonl").read_text().splitlines()]
     assert [r["Progress/kimg"]["mean"] for r in rows] == [r["Progress/kimg"]["mean"] for r in whole_rows]
     assert [r["Loss/loss"]["mean"] for r in rows] == [r["Loss/loss"]["mean"] for r in whole_rows]
-    assert not list(killed_dir.glob(".*.tmp"))  # no temporary file survives as a file of the run
+
+
+# --- --transfer -----------------------------------------------------------------------------------------
+
+def _tiny_source(model_channels, seed=123):
+    from edm_lit.precond import EDMPrecond
+
+    torch.manual_seed(seed)
+    preset = {k: v for k, v in ARCH_PRESETS["ddpmpp-tiny"].items()}
+    preset["model_channels"] = model_channels
+    return EDMPrecond(8, 1, dropout=0.0, **preset)
+
+
+def test_transfer_starts_from_the_source_and_refuses_another_architecture(tmp_path):
+    import contextlib
+    import io
+
+    from edm_lit import train as train_cli
+    from edm_lit.checkpoints import official_layout_pickle
+
+    data = image_folder(tmp_path / "data", n=32)
+    source = _tiny_source(model_channels=8)
+    (tmp_path / "source.pkl").write_bytes(official_layout_pickle({"ema": source}))
+    flags = ["--arch=ddpmpp-tiny", "--cbase=8", "--batch=32", "--duration=0.001", "--tick=1", "--dropout=0",
+             "--augment=0", "--ema=0.002", "--seed=0", "--grid=0", "--workers=1", f"--data={data}"]
+    options = build_options(dict(data=str(data), arch="ddpmpp-tiny", cbase=8, augment=0.0, dropout=0.0, seed=0,
+                                 batch=32, duration=0.001, transfer=str(tmp_path / "source.pkl")), device="cpu")
+    assert options["resume_pkl"].endswith("source.pkl") and options["ema_rampup_ratio"] is None
+    run = TrainingRun(**{**options, "run_dir": None}, device="cpu")
+    for module in (run.net, run.ema):
+        ours = module.state_dict()
+        assert all(torch.equal(ours[k], v) for k, v in source.state_dict().items()), "does not start at the source"
+
+    status = train_cli.main([f"--outdir={tmp_path / 'runs'}", "--transfer", str(tmp_path / "source.pkl"), *flags])
+    assert status == 0
+    (run_dir,) = (tmp_path / "runs").iterdir()
+    assert (run_dir / "network-snapshot-000001.json").exists()
+
+    (tmp_path / "wide.pkl").write_bytes(official_layout_pickle({"ema": _tiny_source(model_channels=16)}))
+    err = io.StringIO()
+    with contextlib.redirect_stderr(err):
+        status = train_cli.main([f"--outdir={tmp_path / 'runs2'}", "--transfer", str(tmp_path / "wide.pkl"), *flags])
+    assert status == 1
+    assert err.getvalue().startswith("edm-lit train: error: --transfer") and err.getvalue().count("\n") == 1
+    assert not (tmp_path / "runs2").exists()  # no run directory for a run that never started
+
+
+def test_torchrun_ranks_agree_on_an_error_and_build_digits_per_node(tmp_path):
+    """Two ranks, --data=digits (built by local rank 0) and a --transfer that does not fit: both exit, none hangs."""
+    from edm_lit.checkpoints import official_layout_pickle
+
+    (tmp_path / "wide.pkl").write_bytes(official_layout_pickle({"ema": _tiny_source(model_channels=16)}))
+    env = {**ENV, "EDM_LIT_CACHE": str(tmp_path / "cache")}
+    out = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                          "-m", "edm_lit.train", f"--outdir={tmp_path / 'runs'}", "--data=digits", "--arch=ddpmpp-tiny",
+                          "--cbase=8", "--batch=32", "--augment=0", "--dropout=0", "--seed=0",
+                          f"--transfer={tmp_path / 'wide.pkl'}"], env=env, capture_output=True, text=True, timeout=240)
+    assert out.returncode != 0
+    assert out.stderr.count("edm-lit train: error: --transfer") == 1, out.stderr[-3000:]  # rank 0 reports it once
+    assert (tmp_path / "cache" / "digits-8x8.zip").exists() and not (tmp_path / "runs").exists()
+
+
+# --- statistics are strict JSON ------------------------------------------------------------------------------
+
+def test_stats_lines_are_strict_json_without_psutil_and_with_nan(tmp_path, monkeypatch):
+    from edm_lit.loss import EDMLoss
+
+    def refuse(name):
+        raise ValueError(f"non-standard JSON constant {name}")
+
+    monkeypatch.setitem(sys.modules, "psutil", None)  # import psutil -> ImportError
+
+    class NanLoss(EDMLoss):  # a diverged loss: the statistics become NaN (the gradients are cleared by the guard)
+        def __call__(self, net, images, labels=None, augment_pipe=None):
+            return super().__call__(net, images, labels, augment_pipe) * float("nan")
+
+    images = np.random.default_rng(0).integers(0, 256, (16, 1, 8, 8), dtype=np.uint8)
+    lines = []
+    TrainingRun(run_dir=tmp_path, dataset=ArrayDataset(images), network_kwargs=TINY, loss_fn=NanLoss(), batch_size=16,
+                total_kimg=1, kimg_per_tick=1, snapshot_ticks=None, state_dump_ticks=None, device="cpu",
+                data_loader_kwargs=dict(num_workers=0), grid_images=0, log=lines.append).run()
+    rows = [json.loads(line, parse_constant=refuse) for line in (tmp_path / "stats.jsonl").read_text().splitlines()]
+    assert len(rows) == 2 and len(lines) == 2
+    assert all(r["Loss/loss"]["mean"] is None and "Resources/cpu_mem_gb" not in r for r in rows)
+
+
+# --- the committed quick model's loss per sigma bucket against the floor -----------------------------------------
+
+def test_committed_quick_model_loss_per_sigma_bucket_vs_floor():
+    """book/results/quick_digits (no retraining) vs the ideal denoiser of the 1,797 digits, per Loss/sigma_* bucket."""
+    from edm_lit.checkpoints import load_network
+    from edm_lit.data import ImageFolderDataset, quick_dataset
+    from edm_lit.framework import GaussianMixture
+    from edm_lit.training import digits_path, loss_per_bucket
+
+    torch.set_num_threads(1)
+    net = load_network(ROOT / "book" / "results" / "quick_digits.json")
+    digits = ImageFolderDataset(quick_dataset(digits_path()))
+    data = torch.from_numpy(np.stack([digits[i][0] for i in range(len(digits))])).double() / 127.5 - 1
+    flat = data.flatten(1)
+    mean = flat.mean(0)
+    eigvals, eigvecs = torch.linalg.eigh(torch.cov(flat.T))
+    eigvals = eigvals.clamp_min(0)
+
+    def linear(x, sigma):  # the best linear denoiser: posterior mean under a Gaussian fitted to the digits
+        z = (x.flatten(1) - mean) @ eigvecs
+        return (mean + z * eigvals / (eigvals + sigma.flatten(1) ** 2) @ eigvecs.T).reshape(x.shape)
+
+    trained = loss_per_bucket(lambda x, s: net(x.float(), s.float().flatten()), data)
+    floor = loss_per_bucket(GaussianMixture.from_data(data).denoise, data)
+    best_linear = loss_per_bucket(linear, data)
+    ratio, vs_linear = trained / np.maximum(floor, 1e-12), trained / best_linear
+    print("network", trained.round(3), "\nfloor", floor.round(4), "\nnetwork / floor", ratio.round(3))
+    # sigma < 0.3 (buckets 0-2): the floor of a finite set is ~0 (it memorises), the network stays far above it
+    assert floor[:3].max() < 0.01 and trained[:3].min() > 0.35
+    # [0.3, 1): well below the best linear denoiser, yet several times the floor
+    assert vs_linear[3] < 0.8 and 3 < ratio[3] < 8
+    # [1, 3): near the floor (measured 1.17x) and at least as good as linear; sigma >= 3: within 8 % (measured ~4 %)
+    assert 1.0 < ratio[4] < 1.3 and vs_linear[4] < 1.0
+    assert np.all((0.99 < ratio[5:]) & (ratio[5:] < 1.08))
 
 
 # --- DDP: 2 processes (gloo) == 1 process with the same global batch ------------------------------------
