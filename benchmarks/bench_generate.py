@@ -10,9 +10,13 @@ Rows, each timed in this one process on the same random-weight network (speed do
 - `channels_last`: float32 with the network and its input in channels_last memory format;
 - `compile`: float32 with `torch.compile(net)` (compile time reported separately, excluded from the rate).
 Each row: median seconds per batch over `--rounds` timed batches after `--warmup`, images/s, the ratio to
-`fp32_naive`, and the projected time for 50,000 images (--seeds=0-49999). On a CPU the defaults shrink to a
-smoke size (batch 2, 2 steps = 3 NFE; rows fp32_naive and channels_last only) so the script runs anywhere;
-those numbers say nothing about a GPU.
+`fp32_naive`, and `seconds_for_50k_sampler_only`: 50,000 images at that rate. That extrapolates the sampler
+alone (one global `randn` for the batch, no per-seed generators, no files), so it is a lower bound for a run.
+One more row, `generate_fp32`, times the real path of `edm-lit generate --seeds=0-49999` on the same network:
+`edm_lit.generate.generate` with per-seed generators (latent, class, and the per-step noise drawn image by
+image) and one PNG written per image; its `seconds_for_50k` is the time to expect for the command (fp32).
+On a CPU the defaults shrink to a smoke size (batch 2, 2 steps = 3 NFE; rows fp32_naive, channels_last and
+generate_fp32 only) so the script runs anywhere; those numbers say nothing about a GPU.
 With --fid: generates 50,000 images of --network and computes the FID against --ref (needs the weights).
 Prints a table on stderr and one JSON object on stdout or to --out.
 """
@@ -75,17 +79,40 @@ def time_rows(net, device, batch, steps, rounds, warmup, rows):
                         times.append(time.perf_counter() - t0)
             sec = statistics.median(times)
             results[name] = dict(seconds_per_batch=sec, images_per_second=batch / sec,
-                                 seconds_for_50k=50000 / (batch / sec), **extra)
+                                 seconds_for_50k_sampler_only=50000 / (batch / sec), **extra)
         except Exception as e:  # a row that cannot run here (e.g. compile without a compiler) is reported, not fatal
             results[name] = dict(error=f"{type(e).__name__}: {e}"[:300])
         finally:
             if name == "channels_last":
                 net.to(memory_format=torch.contiguous_format)
+    results["generate_fp32"] = time_generate(net, device, batch, steps, rounds, warmup)
     base = results.get("fp32_naive", {}).get("images_per_second")
     for row in results.values():
         if base and "images_per_second" in row:
             row["speedup_vs_fp32_naive"] = row["images_per_second"] / base
     return results
+
+
+def time_generate(net, device, batch, steps, rounds, warmup):
+    """The `edm-lit generate` path: per-seed generators and one PNG per image, `batch` seeds per timed call."""
+    from edm_lit.generate import generate
+
+    times = []
+    try:
+        with tempfile.TemporaryDirectory() as tmp:
+            for r in range(warmup + rounds):
+                seeds = list(range(r * batch, (r + 1) * batch))
+                sync(device)
+                t0 = time.perf_counter()
+                generate(net, tmp, seeds=seeds, subdirs=True, max_batch_size=batch, device=device, progress=False,
+                         num_steps=steps)
+                sync(device)
+                if r >= warmup:
+                    times.append(time.perf_counter() - t0)
+    except Exception as e:
+        return dict(error=f"{type(e).__name__}: {e}"[:300])
+    sec = statistics.median(times)
+    return dict(seconds_per_batch=sec, images_per_second=batch / sec, seconds_for_50k=50000 / (batch / sec))
 
 
 def measure_fid(network, ref, device):
@@ -102,9 +129,10 @@ def measure_fid(network, ref, device):
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--batch", type=int, default=None, help="batch (default 512 on a GPU, 4 on a CPU)")
-    parser.add_argument("--steps", type=int, default=None, help="Heun steps (default 18 = 35 NFE on a GPU, 3 on a CPU)")
-    parser.add_argument("--rounds", type=int, default=None)
+    parser.add_argument("--batch", type=int, default=None, help="batch (default 512 on a GPU, 2 on a CPU)")
+    parser.add_argument("--steps", type=int, default=None,
+                        help="Heun steps (default 18 = 35 NFE on a GPU, 2 = 3 NFE on a CPU)")
+    parser.add_argument("--rounds", type=int, default=None, help="timed batches per row (default 5 on a GPU, 2 on a CPU)")
     parser.add_argument("--warmup", type=int, default=1)
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--fid", action="store_true", help="also measure the FID of --network against --ref")
@@ -136,8 +164,10 @@ def main(argv=None):
         if "error" in row:
             print(f"{name:15s} error: {row['error']}", file=sys.stderr)
         else:
+            seconds = row.get("seconds_for_50k", row.get("seconds_for_50k_sampler_only"))
+            what = "" if "seconds_for_50k" in row else " (sampler only)"
             print(f"{name:15s} {row['images_per_second']:10.2f} img/s  x{row.get('speedup_vs_fp32_naive', 1):.2f}  "
-                  f"50k in {row['seconds_for_50k'] / 3600:.2f} h", file=sys.stderr)
+                  f"50k in {seconds / 3600:.2f} h{what}", file=sys.stderr)
     text = json.dumps(report, indent=1)
     if args.out:
         with open(args.out, "w") as f:

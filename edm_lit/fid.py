@@ -92,8 +92,19 @@ class FeatureStats:
         return self
 
     def all_reduce(self):
-        """Sum the statistics of all processes (torch.distributed), in place."""
+        """Sum the statistics of all processes (torch.distributed), in place; a process that saw no features
+        (more processes than batches) takes the feature size from the others and adds zeros."""
         if torch.distributed.is_available() and torch.distributed.is_initialized():
+            none = 1 << 62  # stands for "no features here" in the minimum
+            dims = torch.tensor([self.dim or 0, -(self.dim or none)], dtype=torch.int64, device=self.device)
+            torch.distributed.all_reduce(dims, torch.distributed.ReduceOp.MAX)  # [max dim, -(min dim)]
+            largest, smallest = int(dims[0]), -int(dims[1])
+            if largest == 0:  # no process saw any feature: nothing to add
+                return self
+            if smallest != largest:  # raised by every process alike, so none waits for the others
+                raise ValueError(f"processes saw different feature dimensions ({smallest} and {largest})")
+            if self.total is None:
+                self._allocate(largest)
             count = torch.tensor([float(self.n)], dtype=torch.float64, device=self.device)
             for t in (count, self.total, self.outer):
                 torch.distributed.all_reduce(t)
@@ -118,24 +129,37 @@ def feature_statistics_of(features):
     return stats.mean(), stats.cov()
 
 
-def save_reference(path, mu, sigma):
-    """Write reference statistics in the official fid-refs layout: an .npz with float64 `mu` [d] and `sigma` [d, d]. Chapter 8.3."""
+def save_reference(path, mu, sigma, detector=None):
+    """Write reference statistics in the official fid-refs layout: an .npz with float64 `mu` [d] and `sigma` [d, d],
+    plus a string `detector` naming the feature network when it is not the paper's Inception. Chapter 8.3."""
     mu, sigma = _as_stats(mu, sigma, "")
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    np.savez(path, mu=mu, sigma=sigma)
+    extra = {} if detector is None else {"detector": np.array(str(detector))}
+    np.savez(path, mu=mu, sigma=sigma, **extra)
+
+
+def _reference_file(path_or_url, cache=None):
+    path = download(path_or_url, cache) if is_url(path_or_url) else path_or_url
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"no such reference statistics file: {path}")
+    return path
 
 
 def load_reference(path_or_url, cache=None):
     """(mu, sigma) from an official-layout .npz (a path or a URL, e.g. the published fid-refs). Chapter 8.3."""
-    path = download(path_or_url, cache) if is_url(path_or_url) else path_or_url
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"no such reference statistics file: {path}")
+    path = _reference_file(path_or_url, cache)
     with np.load(path) as data:
         missing = [k for k in ("mu", "sigma") if k not in data.files]
         if missing:
             raise ValueError(f"{path} is not FID reference statistics: it lacks {' and '.join(missing)} "
                              f"(has {data.files}); expected an .npz with 'mu' [d] and 'sigma' [d, d]")
         return _as_stats(data["mu"], data["sigma"], f" in {path}")
+
+
+def reference_detector(path_or_url, cache=None):
+    """The feature network recorded in a reference .npz; "inception" when none is (the published fid-refs). Chapter 8.3."""
+    with np.load(_reference_file(path_or_url, cache)) as data:
+        return str(data["detector"]) if "detector" in data.files else "inception"
 
 
 # ── 08_evaluation.py § 8.4 The feature network: Inception-v3 of 2015-12-05 ──
@@ -265,16 +289,21 @@ def _sha256(path):
     return digest.hexdigest()
 
 
+def inception_cache_path():
+    """Where the Inception weights are kept in the cache: the file name `download(INCEPTION_URL)` writes and finds. Chapter 8.4."""
+    return cache_dir() / f"{hashlib.sha256(INCEPTION_URL.encode()).hexdigest()[:12]}-{INCEPTION_FILE}"
+
+
 def inception_weights_path(weights=None, allow_download=True):
     """Find the Inception weights: `weights`, $EDM_LIT_INCEPTION, the cache, else download; clear error offline. Chapter 8.4."""
-    candidates = [weights] if weights is not None else [os.environ.get(INCEPTION_ENV), cache_dir() / INCEPTION_FILE]
+    candidates = [weights] if weights is not None else [os.environ.get(INCEPTION_ENV), inception_cache_path()]
     for path in candidates:
         if path and os.path.isfile(path):
             return path
     if weights is not None:
         raise FileNotFoundError(f"no Inception weights at {weights}; download {INCEPTION_URL} and pass its path")
     hint = (f"FID needs the Inception-v3 weights {INCEPTION_FILE}. Download {INCEPTION_URL} and save it as "
-            f"{cache_dir() / INCEPTION_FILE} (or anywhere, and set {INCEPTION_ENV}=PATH or pass --weights=PATH)")
+            f"{inception_cache_path()} (or anywhere, and set {INCEPTION_ENV}=PATH or pass --weights=PATH)")
     if not allow_download:
         raise FileNotFoundError(hint)
     try:
@@ -346,7 +375,7 @@ def image_batches(images, batch_size=64, rank=0, world_size=1):
 
 def feature_statistics(path, extractor, batch_size=64, num=None, seed=0, device="cpu", progress=False):
     """(mu, sigma) of extractor features over the images at `path`, streamed, summed over processes. Chapter 8.5."""
-    from tqdm.auto import tqdm
+    from tqdm import tqdm  # a text bar on stderr, as the official scripts; no notebook widget state
 
     images = open_images(path, num, seed)
     rank = torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
@@ -360,29 +389,64 @@ def feature_statistics(path, extractor, batch_size=64, num=None, seed=0, device=
     return stats.all_reduce().mean(), stats.cov()
 
 
-def fid_ref(data, dest, batch_size=64, extractor=None, device=None, progress=True, weights=None):
+DETECTORS = ("inception", "digits")
+
+
+def feature_network(detector="inception", weights=None, device="cpu"):
+    """(extractor, name) for `--detector`: the paper's Inception-v3 (§8.4; `weights`, see load_inception), or the
+    quick-mode digits classifier (§8.7). `name` is what a reference records. Chapter 8.5."""
+    if detector == "inception":
+        return load_inception(weights, device=device), "inception"
+    _check_detector(detector)
+    net = digits_detector().to(device)
+    return DigitsExtractor(net), digits_detector_name(net)
+
+
+def _check_detector(detector):
+    if detector not in DETECTORS:
+        raise ValueError(f"detector must be one of {', '.join(DETECTORS)}, got {detector!r}")
+
+
+def _check_same_detector(ref, recorded, ours):
+    if recorded != ours:
+        raise ValueError(f"the reference {ref} was made with the {recorded!r} feature network but this FID uses "
+                         f"{ours!r}: FIDs from different feature networks are different quantities; remake the "
+                         f"reference with the same --detector, or pass the --detector it was made with")
+
+
+def fid_ref(data, dest, batch_size=64, extractor=None, device=None, progress=True, weights=None, detector="inception"):
     """`edm-lit fid ref`: reference statistics of all images at `data`, saved to `dest` (official layout). Chapter 8.5.
 
-    `extractor`: a callable uint8 [N, C, H, W] -> [N, d]; default the FID Inception-v3 (`weights`, see load_inception).
+    The feature network is `detector` ("inception" or "digits", see feature_network), or `extractor`, any callable
+    uint8 [N, C, H, W] -> [N, d] (then nothing is recorded in `dest`). A non-Inception detector is recorded in `dest`.
     """
     rank, _, auto_device = distributed_setup()
     device = auto_device if device is None else torch.device(device)
-    extractor = load_inception(weights, device=device) if extractor is None else extractor
+    name = None
+    if extractor is None:
+        extractor, name = feature_network(detector, weights, device)
     mu, sigma = feature_statistics(data, extractor, batch_size, None, 0, device, progress)
     if rank == 0:
-        save_reference(dest, mu, sigma)
+        save_reference(dest, mu, sigma, detector=None if name in (None, "inception") else name)
     return mu, sigma
 
 
-def fid_calc(images, ref, num=50000, seed=0, batch_size=64, extractor=None, device=None, progress=True, weights=None):
+def fid_calc(images, ref, num=50000, seed=0, batch_size=64, extractor=None, device=None, progress=True, weights=None,
+             detector="inception"):
     """`edm-lit fid calc`: FID of `num` images at `images` against reference statistics (.npz path or URL). Chapter 8.5.
 
-    `extractor`: a callable uint8 [N, C, H, W] -> [N, d]; default the FID Inception-v3 (`weights`, see load_inception).
+    The feature network is `detector` (refused if the reference records another one) or `extractor` (as in fid_ref).
     """
     _, _, auto_device = distributed_setup()
     device = auto_device if device is None else torch.device(device)
     mu_ref, sigma_ref = load_reference(ref)  # first: a bad reference fails before the long part
-    extractor = load_inception(weights, device=device) if extractor is None else extractor
+    if extractor is None:
+        _check_detector(detector)
+        recorded = reference_detector(ref)
+        if recorded.split(":")[0] != detector:  # before building a network we do not need
+            _check_same_detector(ref, recorded, detector)
+        extractor, name = feature_network(detector, weights, device)
+        _check_same_detector(ref, recorded, name)
     mu, sigma = feature_statistics(images, extractor, batch_size, num, seed, device, progress)
     if mu.shape != mu_ref.shape:
         raise ValueError(f"the reference {ref} has {mu_ref.shape[0]}-d features but the feature network gives "
@@ -398,7 +462,8 @@ import sys
 def add_fid_command(subparsers):
     """Register `edm-lit fid ref|calc` (the official fid.py flags) on an argparse subparsers object. Chapter 8.6."""
     p = subparsers.add_parser("fid", help="FID: reference statistics (ref) or the FID of generated images (calc)",
-                              description="Frechet Inception Distance with the 2015-12-05 Inception-v3.")
+                              description="Frechet Inception Distance with the 2015-12-05 Inception-v3 "
+                                          "(or, with --detector=digits, the quick-mode digits FID).")
     sub = p.add_subparsers(dest="fid_command", required=True, metavar="ref|calc")
     calc = sub.add_parser("calc", help="FID of a set of images against reference statistics")
     calc.add_argument("--images", required=True, metavar="PATH|ZIP", help="folder, .zip or .npz of images")
@@ -410,6 +475,9 @@ def add_fid_command(subparsers):
     ref.add_argument("--dest", required=True, metavar="NPZ", help="where to write the statistics")
     for q in (calc, ref):
         q.add_argument("--batch", type=int, default=64, metavar="INT", help="maximum batch size (64)")
+        q.add_argument("--detector", choices=DETECTORS, default="inception",
+                       help="feature network: inception (the paper's FID, default) or digits (Chapter 8.7: a small "
+                            "classifier of the 8x8 digits, built and cached on first use; not comparable with Inception)")
         q.add_argument("--weights", default=None, metavar="PTH",
                        help=f"Inception weights {INCEPTION_FILE} (default: ${INCEPTION_ENV} or the cache)")
     p.set_defaults(func=run_fid_command)
@@ -420,10 +488,12 @@ def run_fid_command(args):
     """Run `edm-lit fid ref|calc` from parsed arguments; exit status 0, or 1 with a one-line error. Chapter 8.6."""
     try:
         if args.fid_command == "ref":
-            fid_ref(args.data, args.dest, args.batch, weights=args.weights)
+            fid_ref(args.data, args.dest, args.batch, weights=args.weights, detector=args.detector)
             print(f"wrote {args.dest}")
         else:
-            print(f"{fid_calc(args.images, args.ref, args.num, args.seed, args.batch, weights=args.weights):g}")
+            value = fid_calc(args.images, args.ref, args.num, args.seed, args.batch, weights=args.weights,
+                             detector=args.detector)
+            print(f"{value:g}")
     except (CheckpointError, DatasetError, ValueError, FileNotFoundError) as e:
         print(f"edm-lit fid {args.fid_command}: error: {e}", file=sys.stderr)
         return 1
@@ -431,6 +501,10 @@ def run_fid_command(args):
 
 
 # ── 08_evaluation.py § 8.7 A digits FID for quick mode ──
+
+import io
+from pathlib import Path
+
 
 class DigitFeatures(torch.nn.Module):
     """A small CNN classifier for small images; `features` (its penultimate layer) is a quick-mode FID extractor. Chapter 8.7."""
@@ -470,3 +544,59 @@ def train_digit_features(images, labels, steps=400, batch_size=128, lr=3e-3, see
         loss.backward()
         opt.step()
     return model.eval().requires_grad_(False)
+
+
+DIGITS_DETECTOR_RECIPE = dict(steps=400, batch_size=128, lr=3e-3, seed=0)  # train_digit_features' defaults
+
+
+def _state_bytes(net):
+    return b"".join(k.encode() + v.detach().cpu().contiguous().numpy().tobytes() for k, v in net.state_dict().items())
+
+
+def digits_detector_name(net):
+    """'digits:<first 12 hex digits of the SHA-256 of the weights>': what a digits reference records. Chapter 8.7."""
+    return "digits:" + hashlib.sha256(_state_bytes(net)).hexdigest()[:12]
+
+
+def digits_detector(cache=None):
+    """The `--detector=digits` network: DigitFeatures trained on all 1,797 scikit-learn digits with
+    DIGITS_DETECTOR_RECIPE in one thread (so a rerun on one machine gives the same weights), cached. Chapter 8.7."""
+    from edm_lit.checkpoints import write_atomic
+    from edm_lit.data import digits_source
+
+    items = list(digits_source().items)
+    images = torch.from_numpy(np.stack([np.asarray(image) for _, image, _ in items]))[:, None]
+    labels = torch.tensor([label for _, _, label in items])
+    key = hashlib.sha256(repr((sorted(DIGITS_DETECTOR_RECIPE.items()), torch.__version__)).encode()
+                         + images.numpy().tobytes() + labels.numpy().tobytes()).hexdigest()[:12]
+    path = (cache_dir() if cache is None else Path(cache)) / f"digits-detector-{key}.pt"
+    net = DigitFeatures(1, 10)
+    if path.is_file():
+        try:
+            net.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
+            return net.eval().requires_grad_(False)
+        except (RuntimeError, ValueError, EOFError, OSError):
+            pass  # a damaged cache file: train again and replace it
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        net = train_digit_features(images, labels, **DIGITS_DETECTOR_RECIPE)
+    finally:
+        torch.set_num_threads(threads)
+    buffer = io.BytesIO()
+    torch.save(net.state_dict(), buffer)
+    write_atomic(path, buffer.getvalue())
+    return net
+
+
+class DigitsExtractor:
+    """`--detector=digits` as an extractor: checks that images are grey 8x8 (the quick data set), returns features. Chapter 8.7."""
+
+    def __init__(self, net):
+        self.net = net
+
+    def __call__(self, images):
+        if images.ndim != 4 or tuple(images.shape[1:]) != (1, 8, 8):
+            raise ValueError(f"the digits detector takes grey 8x8 images [N, 1, 8, 8] (the quick data set), got "
+                             f"{list(images.shape)}; use --detector=inception for other images")
+        return self.net.features(images)

@@ -58,10 +58,12 @@ class PerSeedRandom:
 # ── 08_evaluation.py § Seeds, batches and processes ──
 
 _RANGE = re.compile(r"^(\d+)-(\d+)$")
+_INT = re.compile(r"^[+-]?\d+$")
 
 
 def parse_seeds(text):
-    """'0-3,7' -> [0, 1, 2, 3, 7]: the official --seeds syntax (comma-separated ints and inclusive ranges). Chapter 8.1."""
+    """'0-3,7' -> [0, 1, 2, 3, 7]: the official --seeds syntax (comma-separated ints, which may be negative, and
+    inclusive ranges of non-negative ints). Chapter 8.1."""
     if isinstance(text, (list, tuple, range)):
         return [int(s) for s in text]
     seeds = []
@@ -73,8 +75,8 @@ def parse_seeds(text):
             if hi < lo:
                 raise ValueError(f"seeds: range {part!r} is empty (end < start)")
             seeds.extend(range(lo, hi + 1))
-        elif part.isdigit():
-            seeds.append(int(part))
+        elif _INT.match(part):
+            seeds.append(int(part))  # negative too, as the official int(p); the generator takes it modulo 2**32
         else:
             raise ValueError(f"seeds must look like '0-49999' or '1,2,5-10', got {text!r}")
     return seeds
@@ -165,7 +167,7 @@ def generate(network, outdir, seeds="0-63", subdirs=False, class_idx=None, max_b
     `network`: a loaded denoiser, or a path / URL for `load_network`. `sampler_kwargs`: those of
     `edm_sampler`, or of `ablation_sampler` when solver/discretization/schedule/scaling is given.
     """
-    from tqdm.auto import tqdm
+    from tqdm import tqdm  # a text bar on stderr, as the official scripts; no notebook widget state
 
     seeds = parse_seeds(seeds)
     if not seeds:

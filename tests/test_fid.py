@@ -1,5 +1,7 @@
 """edm_lit.fid: Fréchet distance vs closed forms, streaming statistics, Inception structure, the command (Chapter 8)."""
 import hashlib
+import re
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -12,6 +14,8 @@ from edm_lit.data import DatasetError
 from edm_lit.fid import (FeatureStats, InceptionV3Features, fid_calc, fid_ref, frechet_distance, load_inception,
                          load_reference, save_reference, train_digit_features)
 from edm_lit.generate import generate, save_png
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def spd(rng, d, rank=None):
@@ -198,3 +202,97 @@ def test_digit_features_learn_the_digits():
     assert model.features(images[:3]).shape == (3, 64)
     with pytest.raises(ValueError, match="one label each"):
         train_digit_features(images[:5], labels[:4])
+
+
+def _reduce_worker(rank, store, features, out):
+    torch.distributed.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=2)
+    try:
+        stats = FeatureStats()
+        if rank == 0:  # rank 1 received no batch (more processes than batches)
+            stats.update(torch.from_numpy(features))
+        stats.all_reduce()
+        np.savez(f"{out}-{rank}.npz", n=stats.n, mu=stats.mean(), sigma=stats.cov())
+    finally:
+        torch.distributed.destroy_process_group()
+
+
+def test_all_reduce_with_a_process_that_saw_no_images(tmp_path):
+    x = np.random.default_rng(4).normal(size=(9, 5))
+    torch.multiprocessing.spawn(_reduce_worker, args=(str(tmp_path / "store"), x, str(tmp_path / "out")), nprocs=2)
+    for rank in (0, 1):
+        got = np.load(tmp_path / f"out-{rank}.npz")
+        assert int(got["n"]) == 9
+        np.testing.assert_allclose(got["mu"], x.mean(0), rtol=1e-12)
+        np.testing.assert_allclose(got["sigma"], np.cov(x, rowvar=False), rtol=1e-10)
+    assert FeatureStats().all_reduce().n == 0  # not distributed: a no-op, also when empty
+
+
+def test_offline_inception_message_names_the_one_path_the_loader_finds(tmp_path, monkeypatch):
+    monkeypatch.delenv("EDM_LIT_INCEPTION", raising=False)
+    monkeypatch.setenv("EDM_LIT_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setattr(fid, "INCEPTION_URL", "http://127.0.0.1:9/pt_inception-2015-12-05-6726825d.pth")
+    messages = []
+    for allow_download in (False, True):
+        with pytest.raises(FileNotFoundError) as e:
+            fid.inception_weights_path(allow_download=allow_download)
+        messages.append(str(e.value))
+    targets = {p for m in messages for p in re.findall(r"save it as (\S+?)[ );]", m)}
+    assert targets == {str(fid.inception_cache_path())}, messages
+    target = fid.inception_cache_path()
+    target.parent.mkdir(parents=True, exist_ok=True)
+    target.write_bytes(b"stand-in weights")
+    assert fid.inception_weights_path(allow_download=False) == target
+    assert fid.download(fid.INCEPTION_URL) == target  # the file download() would write is that one
+
+
+@pytest.fixture(scope="module")
+def detector_cache(tmp_path_factory):
+    """One digits-detector cache for this module's tests (the first use trains it, a few seconds)."""
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("EDM_LIT_CACHE", str(tmp_path_factory.mktemp("cache")))
+        yield
+
+
+def test_cli_digits_fid_end_to_end_on_the_quick_model(detector_cache, tmp_path, capsys):
+    """Issue 10: `edm-lit generate` + `edm-lit fid ref|calc --detector=digits` on Chapter 7's committed quick model."""
+    pytest.importorskip("sklearn")
+    quick = ROOT / "book" / "results" / "quick_digits.json"
+    assert cli(["dataset", "--source=digits", f"--dest={tmp_path / 'digits.zip'}"]) == 0
+    assert cli(["generate", f"--network={quick}", f"--outdir={tmp_path / 'out'}", "--seeds=0-23", "--batch=12"]) == 0
+    assert cli(["fid", "ref", f"--data={tmp_path / 'digits.zip'}", f"--dest={tmp_path / 'ref.npz'}",
+                "--detector=digits"]) == 0
+    capsys.readouterr()
+    assert cli(["fid", "calc", f"--images={tmp_path / 'out'}", f"--ref={tmp_path / 'ref.npz'}", "--num=24",
+                "--detector=digits"]) == 0
+    printed = float(capsys.readouterr().out.strip())
+    api = fid_calc(tmp_path / "out", tmp_path / "ref.npz", num=24, detector="digits", progress=False)
+    net = fid.digits_detector()
+    by_hand = fid_calc(tmp_path / "out", tmp_path / "ref.npz", num=24, extractor=net.features, progress=False)
+    assert printed == pytest.approx(api, rel=5e-6) and api == pytest.approx(by_hand, rel=1e-9) and printed > 0
+    with np.load(tmp_path / "ref.npz") as z:
+        assert sorted(z.files) == ["detector", "mu", "sigma"] and z["mu"].shape == (64,)
+    assert fid.reference_detector(tmp_path / "ref.npz") == fid.digits_detector_name(net)
+    # the default detector against a digits reference: refused before any Inception weights are looked for
+    assert cli(["fid", "calc", f"--images={tmp_path / 'out'}", f"--ref={tmp_path / 'ref.npz'}", "--num=24"]) == 1
+    err = capsys.readouterr().err
+    assert "'digits:" in err and "'inception'" in err and len(err.strip().splitlines()) == 1
+
+
+def test_digits_detector_is_cached_and_mismatches_are_refused(detector_cache, tmp_path):
+    pytest.importorskip("sklearn")
+    a, b = fid.digits_detector(), fid.digits_detector()
+    assert fid.digits_detector_name(a) == fid.digits_detector_name(b)
+    assert list((fid.cache_dir()).glob("digits-detector-*.pt"))
+    images = torch.randint(0, 256, (6, 1, 8, 8), dtype=torch.uint8)
+    for i, image in enumerate(images):
+        save_png(image.permute(1, 2, 0), tmp_path / "imgs" / f"{i:06d}.png")
+    mu, sigma = fid.feature_statistics_of(a.features(images))
+    save_reference(tmp_path / "other.npz", mu, sigma, detector="digits:000000000000")  # another digits network
+    save_reference(tmp_path / "plain.npz", mu, sigma)  # no record: counts as Inception's
+    for ref in ("other.npz", "plain.npz"):
+        with pytest.raises(ValueError, match="feature network"):
+            fid_calc(tmp_path / "imgs", tmp_path / ref, num=6, detector="digits", progress=False)
+    with pytest.raises(ValueError, match="detector must be one of"):
+        fid_calc(tmp_path / "imgs", tmp_path / "plain.npz", num=6, detector="clip", progress=False)
+    with pytest.raises(ValueError, match="grey 8x8"):
+        fid.DigitsExtractor(a)(torch.zeros(2, 3, 32, 32, dtype=torch.uint8))

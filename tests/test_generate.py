@@ -49,9 +49,19 @@ def test_rows_are_independent_and_seed_wraps_modulo_2_32():
 def test_parse_seeds():
     assert parse_seeds("1,2,5-7") == [1, 2, 5, 6, 7]
     assert parse_seeds("0-49999")[-1] == 49999 and len(parse_seeds("0-49999")) == 50000
-    for bad in ["a", "3-1", "1,,2", "-5"]:
+    assert parse_seeds("-5") == [-5] and parse_seeds("-1,+2,3-4") == [-1, 2, 3, 4]  # as the official int(p)
+    for bad in ["a", "3-1", "1,,2", "-5-3", "1.5"]:
         with pytest.raises(ValueError, match="seeds"):
             parse_seeds(bad)
+
+
+def test_negative_seed_is_taken_modulo_2_32(tmp_path, capsys):
+    assert torch.equal(PerSeedRandom([-1]).randn([1, 5]), PerSeedRandom([(1 << 32) - 1]).randn([1, 5]))
+    kwargs = dict(progress=False, num_steps=2)
+    generate(PixelGaussian(), tmp_path / "neg", seeds="-1", **kwargs)
+    generate(PixelGaussian(), tmp_path / "pos", seeds=[(1 << 32) - 1], **kwargs)
+    assert os.listdir(tmp_path / "neg") == ["-00001.png"]  # the official f"{seed:06d}.png"
+    assert (tmp_path / "neg" / "-00001.png").read_bytes() == (tmp_path / "pos" / "4294967295.png").read_bytes()
 
 
 @pytest.mark.parametrize("world_size", [1, 2, 3])
