@@ -215,7 +215,7 @@ assert abs(longer[129] / longer[69] - 1) < 0.05  # ... and levelling off: the OD
 low_sigma_explains = stop_early < (by_set[17][0] + by_set[35][0]) / 2
 for key, value in dict(fid17_sets=", ".join(f"{f:.3g}" for f in by_set[17]),
                        fid35_sets=", ".join(f"{f:.3g}" for f in by_set[35]),
-                       rise_min=rise.min(), rise_max=rise.max(), set_spread=set_spread,
+                       rise_min=float(rise.min()), rise_max=float(rise.max()), set_spread=float(set_spread),
                        fid_69=longer[69], fid_129=longer[129], fid_stop_early=stop_early,
                        low_sigma_verdict=("brings the FID most of the way back down, so the low-σ steps are where "
                                           "the damage is done" if low_sigma_explains else
