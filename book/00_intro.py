@@ -65,7 +65,8 @@
 # | 3 stochastic sampling | Alg. 2: churn, S_tmin/S_tmax, S_noise | `edm_lit.samplers` |
 # | 4 preconditioning & loss | c_skip, c_out, c_in, c_noise, λ(σ), p_train | `edm_lit.precond`, `edm_lit.loss` |
 # | 5 networks | DDPM++/NCSN++ and ADM; a first training | `edm_lit.networks` |
-# | 6 data & augmentation | the official data-set format, a real quick-mode data set, non-leaking augmentation | `edm_lit.data`, `edm_lit.augment` |
+# | 6 data | the official data-set format, a real quick-mode data set with no download | `edm_lit.data` |
+# | 6b augmentation | non-leaking augmentation and its labels | `edm_lit.augment` |
 # | 7 training | the paper's loop: EMA, mixed precision, DDP, snapshots and exact resume; `edm-lit train` | `edm_lit.training`, `edm_lit.train` |
 # | 8 evaluation | generation at scale, FID | `edm_lit.generate`, `edm_lit.fid` |
 # | 9 reproduction | the paper's tables beside ours | (reads `book/results/`) |
@@ -165,13 +166,22 @@ glue("planned_note", " ".join(f"{d} is declared ahead of its use ({PLANNED[d]}):
 # - **quick** (the default): small data, small networks, few steps — every notebook runs end
 #   to end in minutes on two CPU cores, with no download. Quick is smaller, not fake: the same
 #   code paths run, and where a small run can show less, the chapter says so.
-# - **full** (`EDM_LIT_MODE=full`, needs a CUDA GPU): the paper's data sets (given by path) and
-#   network sizes.
+# - **full** (`EDM_LIT_MODE=full`): the paper's scale on a CUDA GPU, through the same code as
+#   the `edm-lit` command line. Four more variables say what to run on:
+#
+# | variable | what | used by |
+# |---|---|---|
+# | `EDM_LIT_DATA` | a data set made by `edm-lit dataset` (ZIP or folder; labelled or not) | Chapters 6, 6b, 7, 8 |
+# | `EDM_LIT_KIMG` | the training budget in thousands of images, your choice (the paper: 200,000) | Chapter 7 |
+# | `EDM_LIT_INCEPTION` | the FID feature network's weights (Chapter 8.4 says which file) | Chapters 8, 9 |
+# | `EDM_LIT_PRETRAINED` | a pretrained snapshot, path or URL (default: the official CIFAR-10 network) | Chapters 3, 8, 9 |
 #
 # The device is chosen in the same place — a GPU when one is visible, even in quick mode —
-# so no notebook ever tests for a GPU itself.
+# so no notebook ever tests for a GPU itself. A chapter whose full-size part needs something
+# that is missing (a GPU, a variable) says so in one printed line and runs its quick version.
 
 # %% tags=["export"]
+import math
 import os
 from dataclasses import dataclass
 
@@ -179,6 +189,11 @@ import torch
 
 MODE_ENV = "EDM_LIT_MODE"
 MODES = ("quick", "full")
+# full mode's inputs: Mode field -> environment variable
+FULL_ENV = {"data": "EDM_LIT_DATA", "kimg": "EDM_LIT_KIMG", "inception": "EDM_LIT_INCEPTION",
+            "pretrained": "EDM_LIT_PRETRAINED"}
+# the paper's class-conditional CIFAR-10 network (VP column of Table 2), as NVIDIA publishes it
+PRETRAINED_CIFAR10 = "https://nvlabs-fi-cdn.nvidia.com/edm/pretrained/edm-cifar10-32x32-cond-vp.pkl"
 
 
 @dataclass(frozen=True)
@@ -187,6 +202,10 @@ class Mode:
 
     name: str
     device: torch.device
+    data: str | None = None  # $EDM_LIT_DATA
+    kimg: float | None = None  # $EDM_LIT_KIMG
+    inception: str | None = None  # $EDM_LIT_INCEPTION
+    pretrained: str = PRETRAINED_CIFAR10  # $EDM_LIT_PRETRAINED
 
     @property
     def quick(self) -> bool:
@@ -200,21 +219,61 @@ class Mode:
         """Return `quick` in quick mode and `full` in full mode."""
         return quick if self.quick else full
 
+    def missing(self, gpu: bool = True, needs=()) -> list:
+        """What a full-size part lacks here: 'a CUDA GPU' and/or the unset variables of `needs`."""
+        lacking = ["a CUDA GPU"] if gpu and self.device.type != "cuda" else []
+        return lacking + [FULL_ENV[n] for n in needs if getattr(self, n) is None]
+
+    def require(self, what: str, gpu: bool = True, needs=()) -> "Mode":
+        """This mode if `what` can run at full size; else print one line saying why and return quick mode."""
+        if self.quick:
+            return self
+        lacking = self.missing(gpu, needs)
+        if not lacking:
+            return self
+        print(f"full mode: {what} needs {' and '.join(lacking)}; running the quick version")
+        return Mode("quick", self.device)
+
+
+def _full_inputs(environ) -> dict:
+    """Full mode's variables, checked: an existing data set path, a finite kimg > 0, strings otherwise."""
+    values = {}
+    for field, var in FULL_ENV.items():
+        text = (environ.get(var) or "").strip()
+        if not text:
+            continue
+        if field == "kimg":
+            try:
+                kimg = float(text)
+            except ValueError:
+                kimg = math.nan
+            if not (math.isfinite(kimg) and kimg > 0):
+                raise ValueError(f"{var} must be a number of thousands of images > 0, got {text!r}")
+            values[field] = kimg
+        elif field == "data" and not os.path.exists(text):
+            raise ValueError(f"{var}: no such data set: {text!r} (a ZIP or folder made by `edm-lit dataset`)")
+        else:
+            values[field] = text
+    return values
+
 
 def get_mode(environ=None) -> Mode:
-    """Read the one switch, `EDM_LIT_MODE` ('quick' when unset), and choose the device. Chapter 0."""
+    """Read the one switch, `EDM_LIT_MODE` ('quick' when unset), its full-mode inputs, and the device. Chapter 0."""
     environ = os.environ if environ is None else environ
     name = environ.get(MODE_ENV, "quick").strip().lower() or "quick"
     if name not in MODES:
         raise ValueError(f"{MODE_ENV} must be one of {MODES}, got {name!r}")
-    has_cuda = torch.cuda.is_available()
-    if name == "full" and not has_cuda:
-        raise RuntimeError(f"{MODE_ENV}=full needs a CUDA GPU and none is visible; unset it for quick mode")
-    return Mode(name, torch.device("cuda" if has_cuda else "cpu"))
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "quick":
+        return Mode(name, device)
+    return Mode(name, device, **_full_inputs(environ))
 
 
 # %% [markdown]
-# A chapter starts with `MODE = get_mode()` and then asks `MODE.pick(quick=..., full=...)`:
+# A chapter starts with `MODE = get_mode()` and then asks `MODE.pick(quick=..., full=...)`. A
+# chapter whose full-size part needs a GPU or an input asks for it by name,
+# `MODE = get_mode().require("training at the paper's size", needs=("data", "kimg"))`, and
+# gets quick mode back, with a line saying why, when something is missing:
 
 # %%
 from edm_lit.mode import get_mode
@@ -223,12 +282,18 @@ MODE = get_mode()
 print(f"mode: {MODE.name}, device: {MODE.device.type}")
 num_images = MODE.pick(quick=1_000, full=50_000)
 assert get_mode({}).name == "quick" and get_mode({"EDM_LIT_MODE": "Quick "}).quick
-try:
-    get_mode({"EDM_LIT_MODE": "fast"})
-except ValueError as e:
-    print("a typo is refused:", e)
-else:
-    raise AssertionError("an unknown mode must be refused")
+for bad in [{"EDM_LIT_MODE": "fast"}, {"EDM_LIT_MODE": "full", "EDM_LIT_KIMG": "inf"},
+            {"EDM_LIT_MODE": "full", "EDM_LIT_DATA": "/no/such/cifar10-32x32.zip"}]:
+    try:
+        get_mode(bad)
+    except ValueError as e:
+        print("refused:", e)
+    else:
+        raise AssertionError(f"{bad} must be refused")
+full = get_mode({"EDM_LIT_MODE": "full", "EDM_LIT_KIMG": "200"})
+assert full.full and full.kimg == 200.0 and full.data is None
+fallback = full.require("this example", needs=("data", "kimg"))  # no data set named: quick, with a reason
+assert fallback.quick and fallback.device == full.device
 
 # %% [markdown]
 # ## Running the book
@@ -243,4 +308,5 @@ else:
 # ## What this chapter exported
 #
 # `edm_lit.mode`: `get_mode()` and the `Mode` it returns (`.name`, `.device`, `.quick`,
-# `.full`, `.pick(quick, full)`).
+# `.full`, `.pick(quick, full)`, `.require(what, gpu, needs)`, and full mode's inputs `.data`,
+# `.kimg`, `.inception`, `.pretrained`).

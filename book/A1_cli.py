@@ -42,14 +42,23 @@ import sys
 import torch
 
 import edm_lit
-from edm_lit.mode import get_mode
+from edm_lit.mode import FULL_ENV, get_mode
 
 
 def _info(args) -> int:
-    mode = get_mode()
+    try:
+        mode = get_mode()
+    except ValueError as e:  # a bad EDM_LIT_* variable: one line
+        print(f"edm-lit info: error: {e}", file=sys.stderr)
+        return 1
     modules = sorted(m.name for m in pkgutil.iter_modules(edm_lit.__path__))
     print(f"edm_lit {edm_lit.__version__} (torch {torch.__version__})")
     print(f"mode: {mode.name}, device: {mode.device}")
+    if mode.full:
+        for field, var in FULL_ENV.items():
+            print(f"  {var}: {getattr(mode, field) if getattr(mode, field) is not None else '(not set)'}")
+        if mode.missing(needs=()):
+            print("  no CUDA GPU is visible: chapters that need one run their quick version")
     print("modules: " + ", ".join(modules))
     return 0
 

@@ -6,6 +6,7 @@
 
 # ── 00_intro.py § Quick and full mode ──
 
+import math
 import os
 from dataclasses import dataclass
 
@@ -13,6 +14,11 @@ import torch
 
 MODE_ENV = "EDM_LIT_MODE"
 MODES = ("quick", "full")
+# full mode's inputs: Mode field -> environment variable
+FULL_ENV = {"data": "EDM_LIT_DATA", "kimg": "EDM_LIT_KIMG", "inception": "EDM_LIT_INCEPTION",
+            "pretrained": "EDM_LIT_PRETRAINED"}
+# the paper's class-conditional CIFAR-10 network (VP column of Table 2), as NVIDIA publishes it
+PRETRAINED_CIFAR10 = "https://nvlabs-fi-cdn.nvidia.com/edm/pretrained/edm-cifar10-32x32-cond-vp.pkl"
 
 
 @dataclass(frozen=True)
@@ -21,6 +27,10 @@ class Mode:
 
     name: str
     device: torch.device
+    data: str | None = None  # $EDM_LIT_DATA
+    kimg: float | None = None  # $EDM_LIT_KIMG
+    inception: str | None = None  # $EDM_LIT_INCEPTION
+    pretrained: str = PRETRAINED_CIFAR10  # $EDM_LIT_PRETRAINED
 
     @property
     def quick(self) -> bool:
@@ -34,14 +44,51 @@ class Mode:
         """Return `quick` in quick mode and `full` in full mode."""
         return quick if self.quick else full
 
+    def missing(self, gpu: bool = True, needs=()) -> list:
+        """What a full-size part lacks here: 'a CUDA GPU' and/or the unset variables of `needs`."""
+        lacking = ["a CUDA GPU"] if gpu and self.device.type != "cuda" else []
+        return lacking + [FULL_ENV[n] for n in needs if getattr(self, n) is None]
+
+    def require(self, what: str, gpu: bool = True, needs=()) -> "Mode":
+        """This mode if `what` can run at full size; else print one line saying why and return quick mode."""
+        if self.quick:
+            return self
+        lacking = self.missing(gpu, needs)
+        if not lacking:
+            return self
+        print(f"full mode: {what} needs {' and '.join(lacking)}; running the quick version")
+        return Mode("quick", self.device)
+
+
+def _full_inputs(environ) -> dict:
+    """Full mode's variables, checked: an existing data set path, a finite kimg > 0, strings otherwise."""
+    values = {}
+    for field, var in FULL_ENV.items():
+        text = (environ.get(var) or "").strip()
+        if not text:
+            continue
+        if field == "kimg":
+            try:
+                kimg = float(text)
+            except ValueError:
+                kimg = math.nan
+            if not (math.isfinite(kimg) and kimg > 0):
+                raise ValueError(f"{var} must be a number of thousands of images > 0, got {text!r}")
+            values[field] = kimg
+        elif field == "data" and not os.path.exists(text):
+            raise ValueError(f"{var}: no such data set: {text!r} (a ZIP or folder made by `edm-lit dataset`)")
+        else:
+            values[field] = text
+    return values
+
 
 def get_mode(environ=None) -> Mode:
-    """Read the one switch, `EDM_LIT_MODE` ('quick' when unset), and choose the device. Chapter 0."""
+    """Read the one switch, `EDM_LIT_MODE` ('quick' when unset), its full-mode inputs, and the device. Chapter 0."""
     environ = os.environ if environ is None else environ
     name = environ.get(MODE_ENV, "quick").strip().lower() or "quick"
     if name not in MODES:
         raise ValueError(f"{MODE_ENV} must be one of {MODES}, got {name!r}")
-    has_cuda = torch.cuda.is_available()
-    if name == "full" and not has_cuda:
-        raise RuntimeError(f"{MODE_ENV}=full needs a CUDA GPU and none is visible; unset it for quick mode")
-    return Mode(name, torch.device("cuda" if has_cuda else "cpu"))
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "quick":
+        return Mode(name, device)
+    return Mode(name, device, **_full_inputs(environ))

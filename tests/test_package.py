@@ -18,10 +18,46 @@ def test_mode_switch():
     assert get_mode({MODE_ENV: " QUICK "}).quick
     with pytest.raises(ValueError, match="EDM_LIT_MODE must be one of"):
         get_mode({MODE_ENV: "fast"})
-    if not torch.cuda.is_available():
-        with pytest.raises(RuntimeError, match="needs a CUDA GPU"):
-            get_mode({MODE_ENV: "full"})
     assert get_mode({}).pick(quick=1, full=2) == (1 if get_mode({}).quick else 2)
+
+
+def test_full_mode_inputs(tmp_path, capsys):
+    """Full mode reads its four variables, refuses bad ones in one line, and falls back to quick with a reason."""
+    data = tmp_path / "set.zip"
+    data.write_bytes(b"")
+    mode = get_mode({MODE_ENV: "full", "EDM_LIT_DATA": str(data), "EDM_LIT_KIMG": "2.5",
+                     "EDM_LIT_INCEPTION": "/w.pth", "EDM_LIT_PRETRAINED": "https://example.org/net.pkl"})
+    assert (mode.full, mode.data, mode.kimg, mode.inception, mode.pretrained) == \
+        (True, str(data), 2.5, "/w.pth", "https://example.org/net.pkl")
+    assert get_mode({MODE_ENV: "full"}).pretrained.endswith("edm-cifar10-32x32-cond-vp.pkl")
+    for var, value in [("EDM_LIT_KIMG", "nan"), ("EDM_LIT_KIMG", "-1"), ("EDM_LIT_KIMG", "ten"),
+                       ("EDM_LIT_DATA", str(tmp_path / "missing.zip"))]:
+        with pytest.raises(ValueError, match=var):
+            get_mode({MODE_ENV: "full", var: value})
+    capsys.readouterr()
+    needs_all = mode.require("the part", gpu=True, needs=("data", "kimg"))
+    line = capsys.readouterr().out
+    if torch.cuda.is_available():
+        assert needs_all is mode and line == ""
+    else:
+        assert needs_all.quick and line == "full mode: the part needs a CUDA GPU; running the quick version\n"
+    cpu_part = get_mode({MODE_ENV: "full"}).require("reading the data", gpu=False, needs=("data",))
+    assert cpu_part.quick and capsys.readouterr().out.strip().endswith("needs EDM_LIT_DATA; running the quick version")
+    assert mode.require("reading the data", gpu=False, needs=("data",)) is mode
+
+
+def test_info_in_full_mode_without_traceback(monkeypatch, capsys):
+    monkeypatch.setenv(MODE_ENV, "full")
+    monkeypatch.delenv("EDM_LIT_DATA", raising=False)
+    assert main(["info"]) == 0
+    out = capsys.readouterr().out
+    assert "mode: full" in out and "EDM_LIT_DATA: (not set)" in out
+    if not torch.cuda.is_available():
+        assert "no CUDA GPU is visible" in out
+    monkeypatch.setenv("EDM_LIT_KIMG", "inf")
+    assert main(["info"]) == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "EDM_LIT_KIMG" in err and "Traceback" not in err
 
 
 def test_cli(capsys):
