@@ -811,6 +811,22 @@ def write_atomic(path, data: bytes) -> Path:
     return path
 
 
+def probe_writable(path) -> Path:
+    """Check, before long work, that a file can be created at `path`: create and remove a temporary file in
+    the nearest existing folder above it (permission bits alone do not tell, e.g. for root or on /proc).
+    Returns that folder; raises OSError naming what is wrong. Appendix B."""
+    path = Path(path)
+    folder = next((p for p in path.parents if os.path.lexists(p)), Path("."))
+    if not folder.is_dir():
+        raise NotADirectoryError(f"{folder} is not a directory")
+    if path.is_dir():
+        raise IsADirectoryError(f"{path} is a directory")
+    probe = folder / f".{path.name}.{secrets.token_hex(4)}.tmp"
+    os.close(os.open(probe, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
+    probe.unlink()
+    return folder
+
+
 def _weights_name(header: dict, config_path) -> str:
     """The weights file a config names: a bare name ending in .safetensors, else one and the same error."""
     name = header.get("weights")
@@ -1077,8 +1093,25 @@ def load_network(path_or_url, cache=None) -> torch.nn.Module:
         raise CheckpointError(f"{path_or_url!s:.200}: cannot load this checkpoint ({type(e).__name__}: {e})") from None
 
 
+def convert_destination(src, dst) -> Path:
+    """Where `convert` writes: DST itself, or DST/<name of SRC> when DST is an existing directory. The folder
+    must be writable; checked before anything is loaded (a download can be large). Appendix B."""
+    dst = Path(dst)
+    if dst.is_dir():
+        stem = Path(urllib.parse.urlparse(src).path if is_url(src) else str(src)).stem
+        dst = dst / (stem or "network")
+    try:
+        probe_writable(dst)
+    except OSError as e:
+        raise CheckpointError(f"cannot write {dst}: {e}") from None
+    return dst
+
+
 def convert(src, dst) -> tuple:
-    """Official snapshot (path or URL) -> our format at `dst` (.json + .safetensors); returns both paths. Appendix B."""
+    """Official snapshot (path or URL) -> our format at `dst` (.json + .safetensors); returns both paths. Appendix B.
+
+    `dst` names the pair (DST.json + DST-<hash>.safetensors), or is an existing directory to write it into."""
+    dst = convert_destination(src, dst)
     return save_network(load_network(src), dst)
 
 PERSISTENT_CLASSES = frozenset(NETWORK_CLASSES) | {"Linear", "Conv2d", "GroupNorm", "UNetBlock", "PositionalEmbedding",

@@ -426,6 +426,29 @@ def test_cli_convert(tmp_path, snapshot_pkl, ref, official, capsys):
     assert "refusing to load" in capsys.readouterr().err and not (tmp_path / "x.json").exists()
 
 
+def test_cli_convert_into_an_existing_directory(tmp_path, snapshot_pkl, capsys):
+    """`edm-lit convert IN DIR` writes DIR/<name of IN>.json and its weights inside DIR, not beside it."""
+    (tmp_path / "converted").mkdir()
+    assert main(["convert", str(snapshot_pkl), str(tmp_path / "converted")]) == 0
+    out = capsys.readouterr().out
+    config = tmp_path / "converted" / "network-snapshot-000000.json"
+    assert str(config) in out and config.exists()
+    assert len(list((tmp_path / "converted").glob("network-snapshot-000000-*.safetensors"))) == 1
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["converted", snapshot_pkl.name]
+
+
+def test_cli_convert_checks_the_output_before_loading(tmp_path, monkeypatch, capsys):
+    """An output that cannot be written is refused in one line before the source is read (or downloaded)."""
+    import edm_lit.checkpoints as checkpoints
+
+    monkeypatch.setattr(checkpoints, "load_network", lambda *a, **k: pytest.fail("loaded before checking the output"))
+    (tmp_path / "a-file").write_text("")
+    for dst in ["/proc/edm_lit_out", str(tmp_path / "a-file" / "out")]:
+        assert main(["convert", "https://example.invalid/edm-cifar10-32x32-cond-vp.pkl", dst]) == 1
+        err = capsys.readouterr().err
+        assert err.startswith(f"edm-lit convert: error: cannot write {dst}") and err.count("\n") == 1, err
+
+
 def test_loaded_snapshot_samples_like_official(snapshot_pkl, parity):
     """What a user does with a released snapshot: load_network, then edm_sampler (Chapter 3), here on the
     small official-layout snapshot; the images match the official sampler run with the official network."""
