@@ -5,15 +5,22 @@ VENV ?= .venv
 PYTHON ?= python3
 PY := $(VENV)/bin/python
 PIP := $(PY) -m pip --disable-pip-version-check -q
-# On a machine without an NVIDIA GPU, install the CPU build of torch first (a plain `torch`
-# requirement would pull a multi-GB CUDA build). Override with `make TORCH_SPEC=... test`.
-TORCH_SPEC ?= torch==2.13.0
+# On a machine without an NVIDIA GPU, install the CPU build of torch first, from PyTorch's CPU
+# wheel index (a plain `torch` from PyPI is the multi-GB CUDA build on Linux). Where that index
+# cannot be reached, pip looks for the same pinned build in its configured indexes and
+# find-links. Override with `make TORCH_SPEC=... TORCH_INDEX=... test`.
+TORCH_SPEC ?= torch==2.13.0+cpu
+TORCH_INDEX ?= https://download.pytorch.org/whl/cpu
 
 .PHONY: book test export check notebooks clean
 
 $(VENV)/.base: pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	if ! command -v nvidia-smi >/dev/null 2>&1; then $(PIP) install "$(TORCH_SPEC)"; fi
+	if ! command -v nvidia-smi >/dev/null 2>&1; then \
+	  if $(PY) -c "import urllib.request as u; u.urlopen('$(TORCH_INDEX)/torch/', timeout=10)" 2>/dev/null; \
+	  then $(PIP) install "$(TORCH_SPEC)" --index-url "$(TORCH_INDEX)" --extra-index-url https://pypi.org/simple; \
+	  else echo "$(TORCH_INDEX) not reachable: installing $(TORCH_SPEC) from pip's configured sources"; \
+	       $(PIP) install "$(TORCH_SPEC)"; fi; fi
 	$(PIP) install -e .
 	touch $@
 
