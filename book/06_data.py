@@ -62,6 +62,11 @@ import numpy as np
 import PIL.Image
 import torch
 
+try:
+    import fcntl  # file locks (POSIX), for the temporary files of `edm-lit dataset`
+except ImportError:  # Windows: no partial file is ever taken for a dead run's (see `_remove_stale_partials`)
+    fcntl = None
+
 # %%
 import subprocess
 import sys
@@ -174,16 +179,17 @@ def _list_folder(root: Path) -> list:
             raise DatasetError(f"{folder}: cannot list this folder ({e.strerror})") from None
         for entry in entries:
             where, name = Path(entry.path), prefix + entry.name
-            try:
-                info = entry.stat()  # follows symbolic links
+            try:  # is_dir() and is_file() follow links; the file type of the listing usually suffices
+                is_dir, is_file = entry.is_dir(), entry.is_file()
+                info = entry.stat() if is_dir or not is_file else None  # raises for a broken link
             except OSError as e:
                 link = " (a broken symbolic link)" if entry.is_symlink() else ""
                 raise DatasetError(f"{where}: cannot read it{link}: {e.strerror}") from None
-            if stat.S_ISDIR(info.st_mode):
+            if is_dir:
                 if (info.st_ino, info.st_dev) in above:
                     raise DatasetError(f"{where}: a symbolic link loop (it leads back to a folder that contains it)")
                 pending.append((where, name + "/", above + ((info.st_ino, info.st_dev),)))
-            elif stat.S_ISREG(info.st_mode):
+            elif is_file:
                 names.append(name)
             else:
                 raise DatasetError(f"{where}: not a regular file (a FIFO, socket or device); refusing to open it")
@@ -202,15 +208,16 @@ class _FolderStore:
         return self._names
 
     def open(self, name: str):
-        path = self.root / name
+        path, nonblocking = self.root / name, getattr(os, "O_NONBLOCK", 0)
         try:  # non-blocking, so that even a file swapped for a FIFO since the listing cannot hang us
-            fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))
+            fd = os.open(path, os.O_RDONLY | nonblocking | getattr(os, "O_BINARY", 0))
         except OSError as e:
             raise DatasetError(f"{path}: cannot open it: {e.strerror}") from None
         if not stat.S_ISREG(os.fstat(fd).st_mode):
             os.close(fd)
             raise DatasetError(f"{path}: not a regular file (a FIFO, socket or device); refusing to read it")
-        os.set_blocking(fd, True)
+        if nonblocking:
+            os.set_blocking(fd, True)
         return os.fdopen(fd, "rb")
 
     def size(self, name: str) -> int:
@@ -762,7 +769,7 @@ MIN_RESOLUTION, MAX_RESOLUTION = 8, 4096
 
 def parse_resolution(text: str) -> tuple:
     """'32x32' -> (32, 32), width first, as `--resolution=WxH`; each side from 8 to 4096 pixels. Chapter 6."""
-    match = re.fullmatch(r"([0-9]{1,9})[xX]([0-9]{1,9})", str(text).strip())
+    match = re.fullmatch(r"([0-9]+)[xX]([0-9]+)", str(text).strip())
     if match is None:
         raise ValueError(f"--resolution must look like WxH, e.g. 32x32, got {text!r}")
     width, height = int(match[1]), int(match[2])
@@ -870,9 +877,7 @@ def _remove(path: Path):
 
 def _lock(fd: int) -> bool:
     """Lock an open file or folder for this process (flock, non-blocking); False when another process holds it."""
-    try:
-        import fcntl
-    except ImportError:  # no flock (Windows): the process check alone decides
+    if fcntl is None:
         return True
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -933,8 +938,10 @@ class _PartialOutput:
                 self._archive = zipfile.ZipFile(self._file, "w", zipfile.ZIP_STORED)
             else:
                 os.mkdir(temp)
-                self.temp, self._fd = temp, os.open(temp, os.O_RDONLY)
-                _lock(self._fd)
+                self.temp = temp
+                if fcntl is not None:  # a folder is locked through a descriptor of its own (POSIX)
+                    self._fd = os.open(temp, os.O_RDONLY)
+                    _lock(self._fd)
         except OSError as e:
             self.abort()
             folder = dest.parent
@@ -1000,7 +1007,9 @@ def _write(open_items, dest, resolution, transform, progress) -> Path:
         describe = source.describe or (lambda i: f"source image {i}")
         first, first_where, labels = None, None, []
         for index, image, label in tqdm(source.items, total=source.count, disable=not progress, unit="img"):
-            image = transform_image(np.asarray(image, np.uint8), resolution, transform)
+            if np.asarray(image).dtype != np.uint8:  # a Source of our own never yields other pixels
+                raise DatasetError(f"{describe(index)}: pixels are {np.asarray(image).dtype}, expected uint8")
+            image = transform_image(np.asarray(image), resolution, transform)
             if image is None:
                 continue
             name, where = archive_name(index), describe(index)

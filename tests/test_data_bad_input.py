@@ -378,7 +378,7 @@ def test_image_that_disappears_after_opening_is_a_dataset_error(tmp_path):
 # ---- tracebacks and hangs: flags ----
 
 RESOLUTIONS = {  # --resolution -> the error
-    "9" * 20 + "x" + "9" * 20: "--resolution must look like WxH",
+    "9" * 20 + "x" + "9" * 20: "x" + "9" * 20 + ": each side must be 8 to 4096 pixels",
     "65536x65536": "--resolution=65536x65536: each side must be 8 to 4096 pixels",
     "1x1": "--resolution=1x1: each side must be 8 to 4096 pixels",
     "4x4": "--resolution=4x4: each side must be 8 to 4096 pixels",
@@ -532,3 +532,12 @@ def test_one_hot_label_costs_its_length_not_its_square(tmp_path):
         label = ds.get_label(1)
     assert ds.label_dim == 60_001 and label.shape == (60_001,)
     assert label.argmax() == 60_000 and label.sum() == 1
+
+
+def test_source_of_other_than_uint8_pixels_is_refused(tmp_path):
+    """A Source of one's own that yields 16-bit pixels: refused, not wrapped modulo 256."""
+    items = iter([(0, np.full([8, 8], 1000, np.uint16), None)])
+    with pytest.raises(DatasetError, match="mine: image 0: pixels are uint16, expected uint8"):
+        data.write_dataset(data.Source(1, items, False, lambda i: f"mine: image {i}"), tmp_path / "o.zip",
+                           progress=False)
+    assert list(tmp_path.iterdir()) == []
