@@ -72,6 +72,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import warnings
 
 import matplotlib.pyplot as plt
 import numpy as np
@@ -1178,6 +1179,18 @@ if MODE.quick:
     assert all(ds[i][1].argmax() == digits.target[i] for i in range(len(ds)))
 
 # %% [markdown]
+# Read by two `DataLoader` worker processes — which fork from this one, after it has opened the
+# archive — the batches are those read here, byte for byte (§6.2):
+
+# %%
+order = list(range(min(len(ds), 512)))
+batches = {workers: [images for images, _ in torch.utils.data.DataLoader(ds, batch_size=64, sampler=order,
+                                                                         num_workers=workers)]
+           for workers in (0, 2)}
+assert all(torch.equal(one, two) for one, two in zip(batches[0], batches[2])) and len(batches[2]) > 0
+print(f"{len(order)} images in {len(batches[2])} batches: the same with 0 and with 2 worker processes")
+
+# %% [markdown]
 # **Look** — the first images of each class (of the data set, when it has no classes), as the
 # network will see them (levels 0–255, nearest-neighbour display, no smoothing).
 
@@ -1379,6 +1392,19 @@ def symlink_loop(root):
     return root
 
 
+def broken_link(root):
+    (folder_of(root, good) / "00000/img00000003.png").symlink_to(root / "nowhere.png")
+    return root
+
+
+def member_twice(root):
+    with warnings.catch_warnings(), zipfile.ZipFile(root / "twice.zip", "w") as z:
+        warnings.simplefilter("ignore")  # zipfile warns of the duplicate, and writes it
+        for pixels in good[:2]:
+            z.writestr(archive_name(0), png(pixels))
+    return root / "twice.zip"
+
+
 expect_error("nowhere.zip: no such file", missing_path)
 expect_error("00000/img00000002.png: image shape", mixed_resolution)
 expect_error("00000/img00000001.png: truncated PNG", truncated_png)
@@ -1391,6 +1417,8 @@ expect_error("'../../outside.png' points outside the archive", path_traversal)
 expect_error("resolution=8 asks for 8x8", non_square, resolution=8)
 expect_error("img00000003.png: refusing to decode it: Image size (10000000000 pixels) exceeds", decompression_bomb)
 expect_error("00000/again: a symbolic link loop", symlink_loop)
+expect_error("img00000003.png: cannot read it (a broken symbolic link)", broken_link)
+expect_error("twice.zip: member '00000/img00000000.png' occurs twice", member_twice)
 if hasattr(os, "mkfifo"):  # POSIX
     expect_error("img00000003.png: not a regular file (a FIFO, socket or device); refusing", fifo_in_folder)
 
@@ -1584,7 +1612,7 @@ print(f"quick mode: the UCI digits (scikit-learn), {QUICK_RESOLUTION}x{QUICK_RES
 digits_path = quick_dataset(WORK / "digits-8x8.zip")  # quick mode wrote it in §6.4; full mode writes it here
 subsets = [ImageFolderDataset(digits_path, max_size=100, random_seed=seed) for seed in (1, 2)]
 kept = [{a.get_details(i).raw_idx for i in range(len(a))} for a in subsets]
-num_digits = len(ImageFolderDataset(digits_path))
+num_digits = len(ds) if MODE.quick else len(ImageFolderDataset(digits_path))
 overlap_mean = 100 * 100 / num_digits
 print(f"expected overlap {overlap_mean:.2f}, seeds 1 and 2 share {len(kept[0] & kept[1])}")
 assert all(len(k) == 100 for k in kept) and len(kept[0] & kept[1]) < 100
