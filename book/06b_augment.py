@@ -556,7 +556,7 @@ assert 1e-3 < quarter_err < 0.05
 # digits that ship with scikit-learn (UCI Optical Recognition of Handwritten Digits, 8×8, 16 grey
 # levels; CC BY 4.0), upsampled to 32×32 so the warps are visible; in full mode, the first images
 # of your data set at their own resolution, as many as make the pixels of 2,000 images of 32×32
-# (500 at 64×64: the CPU, where these checks are exact to float32, needs a minute for 2,000).
+# (500 at 64×64), augmented on the CPU, where the checks below hold to float32 rounding.
 
 # %%
 from sklearn.datasets import load_digits
