@@ -6,19 +6,29 @@
 
 # ── 06_data.py § 6. Data sets ──
 
+import errno
 import io
 import json
 import os
 import pickle
+import re
+import secrets
 import shutil
+import stat
 import tarfile
 import zipfile
+import zlib
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 
 import numpy as np
 import PIL.Image
 import torch
+
+try:
+    import fcntl  # file locks (POSIX), for the temporary files of `edm-lit dataset`
+except ImportError:  # Windows: no partial file is ever taken for a dead run's (see `_remove_stale_partials`)
+    fcntl = None
 
 
 # ── 06_data.py § 6.1 The layout ──
@@ -27,7 +37,7 @@ LABEL_FILE = "dataset.json"
 IMAGES_PER_FOLDER = 1000
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 PNG_TRAILER = b"\x00\x00\x00\x00IEND\xaeB`\x82"  # the empty IEND chunk that closes every PNG
-CHANNELS_OF_MODE = {"L": 1, "P": 1, "LA": 2, "RGB": 3, "RGBA": 4}  # PIL pixel format -> array channels
+CHANNELS_OF_MODE = {"L": 1, "LA": 2, "RGB": 3, "RGBA": 4}  # 8-bit PIL pixel format -> array channels
 
 
 class DatasetError(ValueError):
@@ -46,6 +56,35 @@ def archive_name(index: int) -> str:
 
 # ── 06_data.py § Two containers, one interface ──
 
+def _list_folder(root: Path) -> list:
+    """Relative POSIX names of the regular files under `root`, links followed; loops and special files refused."""
+    names, pending = [], [(root, "", (os.stat(root)[1:3],))]  # (st_ino, st_dev) identify a folder
+    while pending:
+        folder, prefix, above = pending.pop()
+        try:
+            with os.scandir(folder) as listing:
+                entries = sorted(listing, key=lambda entry: entry.name)
+        except OSError as e:
+            raise DatasetError(f"{folder}: cannot list this folder ({e.strerror})") from None
+        for entry in entries:
+            where, name = Path(entry.path), prefix + entry.name
+            try:  # is_dir() and is_file() follow links; the file type of the listing usually suffices
+                is_dir, is_file = entry.is_dir(), entry.is_file()
+                info = entry.stat() if is_dir or not is_file else None  # raises for a broken link
+            except OSError as e:
+                link = " (a broken symbolic link)" if entry.is_symlink() else ""
+                raise DatasetError(f"{where}: cannot read it{link}: {e.strerror}") from None
+            if is_dir:
+                if (info.st_ino, info.st_dev) in above:
+                    raise DatasetError(f"{where}: a symbolic link loop (it leads back to a folder that contains it)")
+                pending.append((where, name + "/", above + ((info.st_ino, info.st_dev),)))
+            elif is_file:
+                names.append(name)
+            else:
+                raise DatasetError(f"{where}: not a regular file (a FIFO, socket or device); refusing to open it")
+    return names
+
+
 class _FolderStore:
     """Members of a directory tree, named by their relative POSIX paths."""
 
@@ -54,14 +93,21 @@ class _FolderStore:
 
     def names(self) -> list:
         if self._names is None:
-            self._names = []
-            for folder, _subfolders, files in os.walk(self.root):
-                rel = Path(folder).relative_to(self.root)
-                self._names += [(rel / f).as_posix() for f in files]
+            self._names = _list_folder(self.root)
         return self._names
 
     def open(self, name: str):
-        return open(self.root / name, "rb")
+        path, nonblocking = self.root / name, getattr(os, "O_NONBLOCK", 0)
+        try:  # non-blocking, so that even a file swapped for a FIFO since the listing cannot hang us
+            fd = os.open(path, os.O_RDONLY | nonblocking | getattr(os, "O_BINARY", 0))
+        except OSError as e:
+            raise DatasetError(f"{path}: cannot open it: {e.strerror}") from None
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            os.close(fd)
+            raise DatasetError(f"{path}: not a regular file (a FIFO, socket or device); refusing to read it")
+        if nonblocking:
+            os.set_blocking(fd, True)
+        return os.fdopen(fd, "rb")
 
     def size(self, name: str) -> int:
         return (self.root / name).stat().st_size
@@ -71,18 +117,20 @@ class _FolderStore:
 
 
 class _ZipStore:
-    """Members of a ZIP archive; the archive is opened lazily and reopened after unpickling."""
+    """Members of a ZIP archive, opened lazily and once more in every other process that reads them."""
 
     def __init__(self, path: Path):
-        self.path, self._zip, self._names = path, None, None
+        self.path, self._zip, self._pid, self._names = path, None, None, None
         try:
             self.names()
-        except zipfile.BadZipFile as e:
+        except (zipfile.BadZipFile, OSError) as e:
             raise DatasetError(f"{path}: not a valid ZIP archive ({e})") from None
 
     def _archive(self) -> zipfile.ZipFile:
-        if self._zip is None:
-            self._zip = zipfile.ZipFile(self.path)
+        if self._pid != os.getpid():  # first use, or a forked process: never share the parent's file position
+            if self._zip is not None:
+                self._zip.close()  # this process's copy of the descriptor; the parent's stays open
+            self._zip, self._pid = zipfile.ZipFile(self.path), os.getpid()
         return self._zip
 
     def names(self) -> list:
@@ -92,11 +140,17 @@ class _ZipStore:
                 if not is_safe_member_name(name):
                     raise DatasetError(f"{self.path}: member {name!r} points outside the archive (path traversal); "
                                        "refusing to read this archive")
+            if len(set(names)) != len(names):
+                twice = next(name for name in names if names.count(name) > 1)
+                raise DatasetError(f"{self.path}: member {twice!r} occurs twice; refusing an ambiguous archive")
             self._names = names
         return self._names
 
     def open(self, name: str):
-        return self._archive().open(name)
+        try:
+            return self._archive().open(name)
+        except (zipfile.BadZipFile, NotImplementedError, RuntimeError, OSError) as e:  # damaged, packed, encrypted
+            raise DatasetError(f"{self.path}/{name}: cannot read this member ({e})") from None
 
     def size(self, name: str) -> int:
         return self._archive().getinfo(name).file_size
@@ -104,10 +158,10 @@ class _ZipStore:
     def close(self):
         if self._zip is not None:
             self._zip.close()
-            self._zip = None
+        self._zip, self._pid = None, None
 
     def __getstate__(self):
-        return dict(self.__dict__, _zip=None)
+        return dict(self.__dict__, _zip=None, _pid=None)
 
 
 def is_safe_member_name(name: str) -> bool:
@@ -128,16 +182,47 @@ def _open_store(path: Path):
 
 # ── 06_data.py § Checking every image cheaply ──
 
+_GREY_16 = ("I;16", "I;16B", "I;16L", "I;16N")  # PIL's modes of 16-bit grey images
+_EIGHT_BIT = {"1": "L", "L": "L", "LA": "LA", "RGB": "RGB", "RGBA": "RGBA", **dict.fromkeys(_GREY_16, "L")}
+_IMAGE_ERRORS = (OSError, SyntaxError, ValueError, EOFError, zlib.error, zipfile.BadZipFile,
+                 PIL.Image.DecompressionBombError)
+
+
+def _palette_is_grey(image: PIL.Image.Image) -> bool:
+    """Whether every entry of a palette image's palette is grey (read from the header, no pixels decoded)."""
+    rawmode, data = image.palette.getdata()
+    probe = PIL.Image.new("P", (256, 1))
+    probe.putdata(range(256))
+    probe.putpalette(data, rawmode)
+    colours = np.asarray(probe.convert("RGB"))
+    return bool((colours == colours[..., :1]).all())
+
+
+def _eight_bit_mode(image: PIL.Image.Image, where: str) -> str:
+    """The 8-bit PIL mode `image` is read as: 1-bit and 16-bit grey -> L, palette -> L or RGB."""
+    if image.mode == "P":
+        return "L" if _palette_is_grey(image) else "RGB"
+    if image.mode not in _EIGHT_BIT:
+        raise DatasetError(f"{where}: pixel format {image.mode!r} is not supported (use 8-bit grey or RGB)")
+    return _EIGHT_BIT[image.mode]
+
+
+def _image_error(where: str, what: str, error: Exception) -> DatasetError:
+    if isinstance(error, PIL.Image.DecompressionBombError):
+        return DatasetError(f"{where}: refusing to decode it: {error}")
+    return DatasetError(f"{where}: {what} ({error})")
+
+
 def _read_header(store, name: str, where: str) -> tuple:
     """(channels, height, width) of one image from its header; a PNG must also end with IEND."""
     with store.open(name) as f:
         try:
             with PIL.Image.open(f) as image:
-                mode, (width, height), kind = image.mode, image.size, image.format
-        except (OSError, SyntaxError, ValueError) as e:
-            raise DatasetError(f"{where}: not a readable image ({e})") from None
-        if mode not in CHANNELS_OF_MODE:
-            raise DatasetError(f"{where}: pixel format {mode!r} is not supported (use 8-bit grey or RGB)")
+                mode, (width, height), kind = _eight_bit_mode(image, where), image.size, image.format
+        except DatasetError:
+            raise
+        except _IMAGE_ERRORS as e:
+            raise _image_error(where, "not a readable image", e) from None
         if kind == "PNG":
             size = store.size(name)
             f.seek(max(size - len(PNG_TRAILER), 0))
@@ -147,27 +232,33 @@ def _read_header(store, name: str, where: str) -> tuple:
 
 
 def _decode(store, name: str, where: str) -> np.ndarray:
-    """The pixels of one image as a uint8 CHW array."""
+    """The pixels of one image as a uint8 HWC (or HW, grey) array, by the 8-bit rule above."""
     try:
         with store.open(name) as f, PIL.Image.open(f) as image:
-            pixels = np.asarray(image)
-    except (OSError, SyntaxError, ValueError) as e:
-        raise DatasetError(f"{where}: cannot decode the image ({e})") from None
-    if pixels.ndim == 2:
-        pixels = pixels[None]
-    else:
-        pixels = pixels.transpose(2, 0, 1)
-    return np.ascontiguousarray(pixels)
+            mode = _eight_bit_mode(image, where)
+            if image.mode in _GREY_16:
+                return (np.asarray(image).astype(np.uint16) >> 8).astype(np.uint8)
+            return np.asarray(image if image.mode == mode else image.convert(mode))
+    except DatasetError:
+        raise
+    except _IMAGE_ERRORS as e:
+        raise _image_error(where, "cannot decode the image", e) from None
 
 
 # ── 06_data.py § Labels ──
 
+MAX_CLASSES = 1 << 16  # classes are 0 .. 65535 (ImageNet-21k has 21,841); a one-hot label is that long at most
+_FLOAT32_MAX = float(np.finfo(np.float32).max)
+
+
 def _is_class(value) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+    return isinstance(value, int) and not isinstance(value, bool) and 0 <= value < MAX_CLASSES
 
 
 def _is_vector(value) -> bool:
-    return isinstance(value, list) and all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in value)
+    """A list of numbers that are finite as float32 (NaN, infinities and 1e300 are not)."""
+    return isinstance(value, list) and all(
+        isinstance(v, (int, float)) and not isinstance(v, bool) and abs(v) <= _FLOAT32_MAX for v in value)
 
 
 def _label_table(store, image_names: list, where: str):
@@ -178,7 +269,7 @@ def _label_table(store, image_names: list, where: str):
     try:
         with store.open(LABEL_FILE) as f:
             document = json.load(f)
-    except (ValueError, UnicodeDecodeError) as e:
+    except (ValueError, UnicodeDecodeError, RecursionError) as e:  # RecursionError: nested too deeply
         raise DatasetError(f"{where}: not valid JSON ({e})") from None
     if not isinstance(document, dict) or "labels" not in document:
         raise DatasetError(f"{where}: expected an object with a 'labels' entry")
@@ -205,8 +296,8 @@ def _label_table(store, image_names: list, where: str):
     values = [table[name] for name in image_names]
     if not (all(_is_class(v) for v in values) or all(_is_vector(v) and len(v) == len(values[0]) for v in values)):
         bad = next(name for name, v in zip(image_names, values) if not _is_class(v))
-        raise DatasetError(f"{where}: label of {bad!r} is {table[bad]!r}; labels must be non-negative integers "
-                           "(classes) or number lists of one length")
+        raise DatasetError(f"{where}: label of {bad!r} is {table[bad]!r}; labels must be classes (integers "
+                           f"0..{MAX_CLASSES - 1}) or lists of finite numbers, all of one length")
     return {name: table[name] for name in image_names}
 
 
@@ -264,6 +355,8 @@ class ImageFolderDataset(torch.utils.data.Dataset):
         self._use_labels = bool(use_labels)
         labels = _read_labels(self._store, self._image_names, str(self._path)) if use_labels else None
         self._raw_labels = np.zeros([len(self._image_names), 0], np.float32) if labels is None else labels
+        onehot = self._raw_labels.dtype == np.int64
+        self._label_dim = int(self._raw_labels.max()) + 1 if onehot else self._raw_labels.shape[1]
         kept = subset_indices(len(self._image_names), max_size, random_seed)
         self._raw_idx = np.concatenate([kept, kept]) if xflip else kept
         self._xflip = np.repeat(np.array([False, True]), len(kept)) if xflip else np.zeros(len(kept), bool)
@@ -286,6 +379,7 @@ class ImageFolderDataset(torch.utils.data.Dataset):
     def _load_raw_image(self, raw_idx: int) -> np.ndarray:
         name = self._image_names[raw_idx]
         image = _decode(self._store, name, f"{self._path}/{name}")
+        image = np.ascontiguousarray(image[None] if image.ndim == 2 else image.transpose(2, 0, 1))
         if list(image.shape) != self.image_shape:
             raise DatasetError(f"{self._path}/{name}: decoded shape {list(image.shape)} differs from the header's "
                                f"{self.image_shape}")
@@ -314,7 +408,9 @@ class ImageFolderDataset(torch.utils.data.Dataset):
         """The label of item `idx` as float32: one-hot of length `label_dim` for classes, else the raw vector."""
         raw = self._raw_labels[self._raw_idx[idx]]
         if self._raw_labels.dtype == np.int64:
-            return np.eye(self.label_dim, dtype=np.float32)[raw]
+            onehot = np.zeros(self._label_dim, np.float32)
+            onehot[raw] = 1
+            return onehot
         return raw.copy()
 
     def get_details(self, idx) -> ItemDetails:
@@ -345,9 +441,7 @@ class ImageFolderDataset(torch.utils.data.Dataset):
 
     @property
     def label_shape(self) -> list:
-        if self._raw_labels.dtype == np.int64:
-            return [int(self._raw_labels.max()) + 1]
-        return list(self._raw_labels.shape[1:])
+        return [self._label_dim]
 
     @property
     def label_dim(self) -> int:
@@ -388,20 +482,51 @@ class _ArraysOnly(pickle.Unpickler):
         return super().find_class(module, name)
 
 
+CIFAR10_BATCHES = tuple(f"cifar-10-batches-py/data_batch_{batch}" for batch in range(1, 6))
+CIFAR10_CLASSES = 10
+
+
 def _limit(count: int, max_images) -> int:
     return count if max_images is None else min(count, int(max_images))
+
+
+def _cifar10_batch(tar: tarfile.TarFile, path: Path, member: str) -> tuple:
+    """One training batch, checked: images [n, 32, 32, 3] uint8 and n classes in 0..9."""
+    where, info = f"{path}/{member}", tar.getmember(member)
+    if not info.isfile():
+        raise DatasetError(f"{where}: not a file in the archive")
+    try:
+        with tar.extractfile(info) as f:
+            data = _ArraysOnly(f, encoding="latin1").load()
+    except Exception as e:  # the restricted unpickler refused it, or the bytes are not a pickle
+        raise DatasetError(f"{path}: not a CIFAR-10 python archive ({member}: {e})") from None
+    if not (isinstance(data, dict) and isinstance(data.get("data"), np.ndarray)
+            and isinstance(data.get("labels"), (list, np.ndarray))):
+        raise DatasetError(f"{where}: expected a dictionary with a 'data' array and a 'labels' list")
+    pixels, labels = data["data"], list(data["labels"])
+    if pixels.dtype.kind not in "iu" or pixels.ndim != 2 or pixels.shape[1] != 3 * 32 * 32:
+        raise DatasetError(f"{where}: 'data' is {pixels.dtype} {list(pixels.shape)}, expected integers [N, 3072]")
+    if pixels.size and not 0 <= pixels.min() <= pixels.max() <= 255:
+        raise DatasetError(f"{where}: pixel values span {pixels.min()}..{pixels.max()}, outside 0..255")
+    if len(labels) != len(pixels):
+        raise DatasetError(f"{where}: {len(labels)} labels for {len(pixels)} images")
+    bad = [k for k in labels if not (_is_integer(k) and 0 <= k < CIFAR10_CLASSES)]
+    if bad:
+        raise DatasetError(f"{where}: label {bad[0]!r} is not a class 0..{CIFAR10_CLASSES - 1}")
+    return pixels.astype(np.uint8).reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1), [int(k) for k in labels]
 
 
 def _cifar10_source(path: Path, max_images) -> Source:
     images, labels = [], []
     try:
         with tarfile.open(path, "r:gz") as tar:
-            for batch in range(1, 6):
-                with tar.extractfile(f"cifar-10-batches-py/data_batch_{batch}") as f:
-                    data = _ArraysOnly(f, encoding="latin1").load()
-                images.append(np.asarray(data["data"], np.uint8).reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1))
-                labels += [int(k) for k in data["labels"]]
-    except (OSError, KeyError, tarfile.TarError, pickle.UnpicklingError, ValueError, EOFError) as e:
+            for member in CIFAR10_BATCHES:
+                batch_images, batch_labels = _cifar10_batch(tar, path, member)
+                images.append(batch_images)
+                labels += batch_labels
+    except DatasetError:
+        raise
+    except (OSError, KeyError, tarfile.TarError, EOFError, zlib.error) as e:
         raise DatasetError(f"{path}: not a CIFAR-10 python archive ({e})") from None
     images = np.concatenate(images)
     count = _limit(len(images), max_images)
@@ -431,24 +556,40 @@ def _store_source(store, where: str, max_images, is_folder: bool) -> Source:
 
     def items():
         for i, name in enumerate(names[:count]):
-            try:
-                with store.open(name) as f, PIL.Image.open(f) as image:
-                    pixels = np.array(image)
-            except (OSError, SyntaxError, ValueError) as e:
-                raise DatasetError(f"{where}/{name}: cannot decode the image ({e})") from None
-            yield i, pixels, labels.get(name)
+            yield i, _decode(store, name, f"{where}/{name}"), labels.get(name)
 
     return Source(count, items(), bool(labels), lambda i: f"{where}/{names[i]}")
 
 TRANSFORMS = ("center-crop", "center-crop-wide")
+MIN_RESOLUTION, MAX_RESOLUTION = 8, 4096
 
 
 def parse_resolution(text: str) -> tuple:
-    """'32x32' -> (32, 32), width first, as `--resolution=WxH`. Chapter 6."""
-    parts = str(text).lower().split("x")
-    if len(parts) != 2 or not all(p.isdigit() and int(p) > 0 for p in parts):
-        raise ValueError(f"resolution must look like WxH, e.g. 32x32, got {text!r}")
-    return int(parts[0]), int(parts[1])
+    """'32x32' -> (32, 32), width first, as `--resolution=WxH`; each side from 8 to 4096 pixels. Chapter 6."""
+    match = re.fullmatch(r"([0-9]+)[xX]([0-9]+)", str(text).strip())
+    if match is None:
+        raise ValueError(f"--resolution must look like WxH, e.g. 32x32, got {text!r}")
+    width, height = int(match[1]), int(match[2])
+    if not (MIN_RESOLUTION <= width <= MAX_RESOLUTION and MIN_RESOLUTION <= height <= MAX_RESOLUTION):
+        raise ValueError(f"--resolution={text}: each side must be {MIN_RESOLUTION} to {MAX_RESOLUTION} pixels")
+    return width, height
+
+
+def _check_side(side: int, where: str, hint: str):
+    if not (MIN_RESOLUTION <= side <= MAX_RESOLUTION and side & (side - 1) == 0):
+        raise DatasetError(f"{where}: the side must be a power of two from {MIN_RESOLUTION} to {MAX_RESOLUTION}, "
+                           f"got {side}{hint}")
+
+
+def _check_resolution(resolution, transform):
+    """The written image of `--resolution=WxH`: square (W = H, or a W x W canvas), its side a power of two."""
+    width, height = resolution
+    where = f"--resolution={width}x{height}"
+    if transform == "center-crop-wide" and height > width:
+        raise ValueError(f"{where}: center-crop-wide puts a WxH band on a WxW canvas, so H must not exceed W")
+    if transform != "center-crop-wide" and width != height:
+        raise ValueError(f"{where}: the images written must be square (WxW) unless --transform=center-crop-wide")
+    _check_side(width, where, "")
 
 
 def _as_rgb(image: np.ndarray) -> PIL.Image.Image:
@@ -490,8 +631,7 @@ def _check_written_shape(image: np.ndarray, first, where: str, first_where: str)
                                "(use --resolution and --transform)")
         if channels not in (1, 3):
             raise DatasetError(f"{where}: images must be grey or RGB, got {channels} channels")
-        if width & (width - 1):
-            raise DatasetError(f"{where}: the side must be a power of two, got {width} (use --resolution)")
+        _check_side(width, where, " (use --resolution)")
     elif shape != first:
         raise DatasetError(f"{where}: image shape (H, W, C) is {shape}, expected {first} like the first image "
                            f"({first_where}); all images must have one shape")
@@ -506,66 +646,177 @@ def _png_bytes(image: np.ndarray) -> bytes:
 
 
 def _remove(path: Path):
-    if path.is_dir():
+    if path.is_dir() and not path.is_symlink():
         shutil.rmtree(path, ignore_errors=True)
-    elif path.exists():
+    elif path.exists() or path.is_symlink():
         path.unlink()
 
 
-def write_dataset(source: Source, dest, resolution=None, transform=None, progress=True) -> Path:
-    """Write `source` as a data set in the official layout at `dest` (.zip or folder), atomically. Chapter 6."""
+def _lock(fd: int) -> bool:
+    """Lock an open file or folder for this process (flock, non-blocking); False when another process holds it."""
+    if fcntl is None:
+        return True
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return False
+    except OSError:  # a file system without locks
+        return True
+    return True
+
+
+def _process_exists(pid: int) -> bool:
+    if pid <= 0:
+        return False
+    if os.name != "posix" or pid == os.getpid():
+        return True  # elsewhere os.kill(pid, 0) is no harmless probe; and our own files are in use
+    try:
+        os.kill(pid, 0)
+    except (ProcessLookupError, OverflowError):
+        return False
+    except OSError:  # it exists, but belongs to another user
+        return True
+    return True
+
+
+def _remove_stale_partials(dest: Path):
+    """Remove the temporary files that killed runs left next to `dest`: process gone, lock free."""
+    pattern = re.compile(re.escape(f".{dest.name}.partial-") + r"([0-9]+)(-[0-9a-f]+)?")
+    for path in dest.parent.iterdir():
+        match = pattern.fullmatch(path.name)
+        if match is None or path.is_symlink() or _process_exists(int(match[1])):
+            continue
+        try:
+            fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))
+        except OSError:
+            continue
+        try:
+            if _lock(fd):
+                _remove(path)
+        finally:
+            os.close(fd)
+
+
+class _PartialOutput:
+    """A data set written under a temporary name next to `dest`; `commit()` claims `dest`, never replacing it."""
+
+    def __init__(self, dest: Path):
+        self.dest, self.as_zip = dest, dest.suffix.lower() == ".zip"
+        self.temp, self._file, self._archive, self._fd = None, None, None, None
+        try:
+            if dest.exists() and not (dest.is_dir() and not any(dest.iterdir())):
+                raise DatasetError(f"{dest}: destination exists; remove it or choose another --dest")
+            dest.parent.mkdir(parents=True, exist_ok=True)
+            _remove_stale_partials(dest)
+            temp = dest.with_name(f".{dest.name}.partial-{os.getpid()}-{secrets.token_hex(4)}")
+            if self.as_zip:
+                self._file, self.temp = open(temp, "xb"), temp
+                _lock(self._file.fileno())
+                self._archive = zipfile.ZipFile(self._file, "w", zipfile.ZIP_STORED)
+            else:
+                os.mkdir(temp)
+                self.temp = temp
+                if fcntl is not None:  # a folder is locked through a descriptor of its own (POSIX)
+                    self._fd = os.open(temp, os.O_RDONLY)
+                    _lock(self._fd)
+        except OSError as e:
+            self.abort()
+            folder = dest.parent
+            reason = f"{folder} is not a folder" if folder.exists() and not folder.is_dir() else e.strerror or e
+            raise DatasetError(f"{dest}: cannot write the destination ({reason})") from None
+
+    def put(self, name: str, data: bytes):
+        if self.as_zip:
+            self._archive.writestr(name, data)
+        else:
+            (self.temp / name).parent.mkdir(exist_ok=True)
+            (self.temp / name).write_bytes(data)
+
+    def commit(self):
+        taken = DatasetError(f"{self.dest}: another process created the destination while this one was writing; "
+                             "it was left as it is and nothing was written")
+        if self.as_zip:
+            self._archive.close()
+            self._file.flush()
+            os.fsync(self._file.fileno())
+            if self.dest.is_dir() and not any(self.dest.iterdir()):
+                self.dest.rmdir()  # the empty folder that may stand in for the destination
+            try:
+                os.link(self.temp, self.dest)  # fails when the name exists: never replaces
+            except FileExistsError:
+                raise taken from None
+            except OSError:  # no hard links on this file system: check, then rename
+                if self.dest.exists():
+                    raise taken from None
+                os.replace(self.temp, self.dest)
+        else:
+            try:
+                os.rename(self.temp, self.dest)  # replaces at most an empty folder, never a data set or a file
+            except OSError as e:
+                if e.errno in (errno.EEXIST, errno.ENOTEMPTY, errno.ENOTDIR, errno.EISDIR):
+                    raise taken from None
+                raise
+        self.abort()
+
+    def abort(self):
+        """Close and remove the temporary file (after `commit`, only what is left of it)."""
+        for handle in (self._archive, self._file):
+            try:
+                if handle is not None:
+                    handle.close()
+            except Exception:  # noqa: BLE001 - the write already failed; removing the file is what matters
+                pass
+        if self._fd is not None:
+            os.close(self._fd)
+        self._archive = self._file = self._fd = None
+        if self.temp is not None:
+            _remove(self.temp)
+
+
+def _write(open_items, dest, resolution, transform, progress) -> Path:
+    """Claim a temporary output, then read the source (`open_items()`), write it and commit."""
     from tqdm.auto import tqdm
 
     dest = Path(dest)
-    if dest.exists() and not (dest.is_dir() and not any(dest.iterdir())):
-        raise DatasetError(f"{dest}: destination exists; remove it or choose another --dest")
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    temp = dest.with_name(f".{dest.name}.partial-{os.getpid()}")
-    _remove(temp)
-    as_zip = dest.suffix.lower() == ".zip"
-    archive = zipfile.ZipFile(temp, "w", zipfile.ZIP_STORED) if as_zip else None
+    out = _PartialOutput(dest)
     try:
-        if not as_zip:
-            temp.mkdir()
-
-        def put(name: str, data: bytes):
-            if as_zip:
-                archive.writestr(name, data)
-            else:
-                (temp / name).parent.mkdir(exist_ok=True)
-                (temp / name).write_bytes(data)
-
+        source = open_items()
         describe = source.describe or (lambda i: f"source image {i}")
         first, first_where, labels = None, None, []
         for index, image, label in tqdm(source.items, total=source.count, disable=not progress, unit="img"):
-            image = transform_image(np.asarray(image, np.uint8), resolution, transform)
+            if np.asarray(image).dtype != np.uint8:  # a Source of our own never yields other pixels
+                raise DatasetError(f"{describe(index)}: pixels are {np.asarray(image).dtype}, expected uint8")
+            image = transform_image(np.asarray(image), resolution, transform)
             if image is None:
                 continue
             name, where = archive_name(index), describe(index)
             first, first_where = _check_written_shape(image, first, where, first_where), first_where or where
             if source.labelled and label is None:
                 raise DatasetError(f"{where}: no label, in a source whose other images are labelled")
-            put(name, _png_bytes(image))
+            out.put(name, _png_bytes(image))
             labels.append([name, label])
         if first is None:
             raise DatasetError(f"{dest}: no images to write (empty source, or all skipped by the transform)")
-        put(LABEL_FILE, json.dumps({"labels": labels if source.labelled else None}).encode())
-        if archive is not None:
-            archive.close()
-        if dest.is_dir():
-            dest.rmdir()
-        os.replace(temp, dest)
+        out.put(LABEL_FILE, json.dumps({"labels": labels if source.labelled else None}).encode())
+        out.commit()
     except BaseException:
-        if archive is not None:
-            archive.close()
-        _remove(temp)
+        out.abort()
         raise
     return dest
 
+
+def write_dataset(source: Source, dest, resolution=None, transform=None, progress=True) -> Path:
+    """Write `source` as a data set in the official layout at `dest` (.zip or folder), atomically. Chapter 6."""
+    return _write(lambda: source, dest, resolution, transform, progress)
+
+def _check_max_images(max_images):
+    if max_images is not None and (not _is_integer(max_images) or max_images < 1):
+        raise ValueError(f"max_images (--max-images) must be a positive integer or None, got {max_images!r}")
+
+
 def open_source(source, max_images=None) -> Source:
     """Recognise a source: 'digits', an image folder, a .zip of images or cifar-10-python.tar.gz. Chapter 6."""
-    if max_images is not None and (not _is_integer(max_images) or max_images < 1):
-        raise ValueError(f"max_images must be a positive integer or None, got {max_images!r}")
+    _check_max_images(max_images)
     if str(source) == "digits":
         return digits_source(max_images)
     path = Path(source)
@@ -573,6 +824,8 @@ def open_source(source, max_images=None) -> Source:
         return _store_source(_FolderStore(path), str(path), max_images, is_folder=True)
     if not path.exists():
         raise DatasetError(f"{path}: no such file or directory")
+    if not path.is_file():
+        raise DatasetError(f"{path}: not a regular file (a FIFO, socket or device); refusing to open it")
     if path.name.lower().endswith(".tar.gz"):
         return _cifar10_source(path, max_images)
     if path.suffix.lower() == ".zip":
@@ -588,14 +841,16 @@ def convert_dataset(source, dest, resolution=None, transform=None, max_images=No
         raise ValueError(f"transform must be one of {TRANSFORMS} or None, got {transform!r}")
     if transform is not None and resolution is None:
         raise ValueError(f"transform {transform!r} needs a resolution (--resolution=WxH)")
-    return write_dataset(open_source(source, max_images), dest, resolution, transform, progress)
+    if resolution is not None:
+        _check_resolution(resolution, transform)
+    _check_max_images(max_images)
+    return _write(lambda: open_source(source, max_images), dest, resolution, transform, progress)
 
 
 # ── 06_data.py § 6.4 Real images for quick mode, with no download ──
 
 QUICK_SOURCE = "digits"
 QUICK_RESOLUTION = 8
-DATA_ENV = "EDM_LIT_DATA"
 
 
 def digits_source(max_images=None) -> Source:
@@ -619,12 +874,11 @@ def quick_dataset(dest, progress=False) -> Path:
     return dest
 
 
-def dataset_for_mode(mode, workdir, environ=None) -> Path:
-    """Quick mode: the digits under `workdir`. Full mode: the data set named by $EDM_LIT_DATA. Chapter 6."""
-    environ = os.environ if environ is None else environ
+def dataset_for_mode(mode, workdir) -> Path:
+    """Quick mode: the digits, written once under `workdir`. Full mode: the reader's data set, `mode.data`. Chapter 6."""
     if mode.quick:
         return quick_dataset(Path(workdir) / "digits-8x8.zip")
-    if not environ.get(DATA_ENV):
-        raise ValueError(f"full mode reads a real data set: set {DATA_ENV}=/path/to/cifar10-32x32.zip "
+    if mode.data is None:
+        raise ValueError("full mode reads your data set: set EDM_LIT_DATA=/path/to/cifar10-32x32.zip "
                          "(made with `edm-lit dataset`)")
-    return Path(environ[DATA_ENV])
+    return Path(mode.data)

@@ -394,6 +394,9 @@ def test_killed_write_leaves_no_final_name(tmp_path, dest_name):
     assert not (tmp_path / dest_name).exists()
     leftovers = [p.name for p in tmp_path.iterdir()]
     assert len(leftovers) == 1 and leftovers[0].startswith(f".{dest_name}.partial-")
+    write_dataset(Source(2, ((i, pixels, 0) for i, pixels in enumerate(grey(2))), True), tmp_path / dest_name,
+                  progress=False)  # the next run to that destination removes what the killed one left
+    assert [p.name for p in tmp_path.iterdir()] == [dest_name] and len(ImageFolderDataset(tmp_path / dest_name)) == 2
 
 
 # ---- the data set in worker processes, and the command line ----
