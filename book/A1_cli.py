@@ -84,6 +84,9 @@ def _dataset(args) -> int:
     except (DatasetError, ValueError, ImportError, OSError) as e:
         print(f"edm-lit dataset: error: {e}", file=sys.stderr)
         return 1
+    except KeyboardInterrupt:  # Ctrl-C: convert_dataset has removed its temporary file
+        print(f"edm-lit dataset: interrupted; nothing was written to {args.dest}", file=sys.stderr)
+        return 130
     print(f"wrote {dest}")
     return 0
 

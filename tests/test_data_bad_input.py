@@ -153,7 +153,6 @@ def test_later_run_removes_partial_files_of_dead_processes_only(tmp_path):
         alive.wait()
 
 
-@pytest.mark.xfail(strict=True, reason="needs `except KeyboardInterrupt` in A1_cli's _dataset")
 def test_interrupted_command_line_is_one_line(tmp_path, monkeypatch):
     """Ctrl-C while writing: one line, and nothing left (the library already removes its file)."""
     src, calls = folder_of(tmp_path / "src", grey(4)), []
