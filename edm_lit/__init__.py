@@ -3,21 +3,216 @@
 
 """edm_lit: EDM (Karras et al., 2022), exported from a literate book.
 
-Each module says at its top which chapter derives it. Modules:
-    edm_lit.augment
-    edm_lit.checkpoints
-    edm_lit.cli
-    edm_lit.data
-    edm_lit.fid
-    edm_lit.framework
-    edm_lit.generate
-    edm_lit.loss
-    edm_lit.mode
-    edm_lit.networks
-    edm_lit.precond
-    edm_lit.samplers
-    edm_lit.train
-    edm_lit.training
+`import edm_lit` offers every module below and the public names of the library modules
+(`edm_lit.edm_sampler`, `edm_lit.EDMPrecond`, ...), each loaded on first use. Each module says at
+its top which chapter derives it:
+
+    edm_lit.augment      6b. Non-leaking augmentation
+    edm_lit.checkpoints  B. Checkpoints: loading official snapshots without running their code
+    edm_lit.cli          A. The command line
+    edm_lit.data         6. Data sets
+    edm_lit.fid          8. Evaluation: generating at scale and measuring FID
+    edm_lit.framework    1. The unified framework
+    edm_lit.generate     8. Evaluation: generating at scale and measuring FID
+    edm_lit.loss         4. Preconditioning and the training objective
+    edm_lit.mode         0. EDM, line by line
+    edm_lit.networks     5. The networks
+    edm_lit.precond      4. Preconditioning and the training objective
+    edm_lit.samplers     2. Deterministic sampling; 3. Stochastic sampling
+    edm_lit.train        7. The training loop
+    edm_lit.training     7. The training loop
 """
 
+import importlib
+
 __version__ = "0.1.0"
+
+_MODULES = ['augment', 'checkpoints', 'cli', 'data', 'fid', 'framework', 'generate',
+            'loss', 'mode', 'networks', 'precond', 'samplers', 'train', 'training']
+
+# public name -> the module that defines it
+_API = {
+    'AugmentPipe': 'augment',
+    'CheckpointError': 'checkpoints',
+    'Conv2d': 'networks',
+    'ConvBN': 'fid',
+    'DatasetError': 'data',
+    'DenoisingLoss': 'loss',
+    'DhariwalUNet': 'networks',
+    'DigitFeatures': 'fid',
+    'DigitsExtractor': 'fid',
+    'EDMLoss': 'loss',
+    'EDMPrecond': 'precond',
+    'FeatureStats': 'fid',
+    'FourierEmbedding': 'networks',
+    'GaussianMixture': 'framework',
+    'GroupNorm': 'networks',
+    'ImageFolderDataset': 'data',
+    'InceptionV3Features': 'fid',
+    'ItemDetails': 'data',
+    'Level': 'networks',
+    'Linear': 'networks',
+    'Mixed': 'fid',
+    'NpzImages': 'fid',
+    'PerSeedRandom': 'generate',
+    'PersistentObject': 'checkpoints',
+    'PositionalEmbedding': 'networks',
+    'Precond': 'precond',
+    'SamplerSchedule': 'samplers',
+    'Schedule': 'framework',
+    'ShardedStream': 'training',
+    'SigmaProbe': 'training',
+    'SnapshotUnpickler': 'checkpoints',
+    'SongUNet': 'networks',
+    'Source': 'data',
+    'Stats': 'training',
+    'TrainingRun': 'training',
+    'UNetBlock': 'networks',
+    'VELoss': 'loss',
+    'VEPrecond': 'precond',
+    'VPLoss': 'loss',
+    'VPPrecond': 'precond',
+    'ablation_sampler': 'samplers',
+    'ablation_setup': 'samplers',
+    'ablation_sigma_steps': 'samplers',
+    'accumulate_gradients': 'training',
+    'add_fid_command': 'fid',
+    'add_generate_command': 'generate',
+    'affine_2d': 'augment',
+    'agree_on_error': 'training',
+    'apply_color': 'augment',
+    'archive_name': 'data',
+    'attention': 'networks',
+    'build_meta_network': 'checkpoints',
+    'build_network': 'checkpoints',
+    'build_options': 'training',
+    'cache_dir': 'checkpoints',
+    'capture_rng': 'training',
+    'check_choice': 'samplers',
+    'check_init_kwargs': 'checkpoints',
+    'check_num_steps': 'samplers',
+    'check_real': 'samplers',
+    'check_sampler_inputs': 'samplers',
+    'check_shapes': 'checkpoints',
+    'check_t_steps': 'samplers',
+    'churn': 'samplers',
+    'class_labels_for': 'generate',
+    'compare_models': 'training',
+    'construct': 'training',
+    'convert': 'checkpoints',
+    'convert_dataset': 'data',
+    'convert_destination': 'checkpoints',
+    'dataset_for_mode': 'data',
+    'decoder_roles': 'networks',
+    'digits_detector': 'fid',
+    'digits_detector_name': 'fid',
+    'digits_path': 'training',
+    'digits_source': 'data',
+    'distributed_setup': 'generate',
+    'download': 'checkpoints',
+    'edm_sampler': 'samplers',
+    'edm_sigma_steps': 'framework',
+    'edm_time_steps': 'samplers',
+    'ema_beta': 'training',
+    'feature_network': 'fid',
+    'feature_statistics': 'fid',
+    'feature_statistics_of': 'fid',
+    'fid_calc': 'fid',
+    'fid_ref': 'fid',
+    'find_training_state': 'training',
+    'frechet_distance': 'fid',
+    'fsync_dir': 'checkpoints',
+    'iDDPMPrecond': 'precond',
+    'iddpm_u': 'framework',
+    'image_batches': 'fid',
+    'image_extensions': 'data',
+    'image_grid': 'training',
+    'image_path': 'generate',
+    'inception_cache_path': 'fid',
+    'inception_weights_path': 'fid',
+    'init_distributed': 'training',
+    'is_safe_member_name': 'data',
+    'is_url': 'checkpoints',
+    'learning_rate': 'training',
+    'level_key': 'networks',
+    'load_inception': 'fid',
+    'load_network': 'checkpoints',
+    'load_official_snapshot': 'checkpoints',
+    'load_reference': 'fid',
+    'load_training_state': 'training',
+    'local_rank': 'training',
+    'loss_per_bucket': 'training',
+    'make_loader': 'training',
+    'materialize': 'checkpoints',
+    'mirror_index': 'augment',
+    'network_config': 'checkpoints',
+    'ode_slope': 'framework',
+    'ode_step': 'samplers',
+    'official_layout_pickle': 'checkpoints',
+    'open_images': 'fid',
+    'open_source': 'data',
+    'parse_resolution': 'data',
+    'parse_seeds': 'generate',
+    'png_bytes': 'training',
+    'probe_writable': 'checkpoints',
+    'quick_dataset': 'data',
+    'random_seed': 'training',
+    'read_official_pickle': 'checkpoints',
+    'read_regular_file': 'checkpoints',
+    'read_training_state': 'training',
+    'reference_detector': 'fid',
+    'remove_stale_temp_files': 'training',
+    'restore_rng': 'training',
+    'rotation_2d': 'augment',
+    'run_fid_command': 'fid',
+    'run_generate_command': 'generate',
+    'sample_ode': 'samplers',
+    'sample_sde': 'samplers',
+    'sample_seeds': 'generate',
+    'sanitize_gradients': 'training',
+    'save_network': 'checkpoints',
+    'save_png': 'generate',
+    'save_reference': 'fid',
+    'save_training_state': 'training',
+    'scalar_stat': 'training',
+    'scaling_2d': 'augment',
+    'seed_batches': 'generate',
+    'seed_rank': 'training',
+    'sigma_range': 'samplers',
+    'solve_ode_rk4': 'framework',
+    'split_batch': 'training',
+    'stat_names': 'training',
+    'state_path': 'training',
+    'subset_indices': 'data',
+    'to_uint8': 'generate',
+    'toy_image_mixture': 'framework',
+    'trace_sqrt_product': 'fid',
+    'train_digit_features': 'fid',
+    'train_quick': 'training',
+    'training_loop': 'training',
+    'transform_image': 'data',
+    'translation_2d': 'augment',
+    'unet_levels': 'networks',
+    'update_ema': 'training',
+    'vp_fitted': 'samplers',
+    'vp_sigma': 'precond',
+    'vp_sigma_inv': 'precond',
+    'warp_affine': 'augment',
+    'weight_init': 'networks',
+    'write_atomic': 'checkpoints',
+    'write_dataset': 'data',
+}
+
+__all__ = sorted(_MODULES) + sorted(_API)
+
+
+def __getattr__(name):
+    if name in _MODULES:
+        return importlib.import_module(f"edm_lit.{name}")
+    if name in _API:
+        return getattr(importlib.import_module(f"edm_lit.{_API[name]}"), name)
+    raise AttributeError(f"module 'edm_lit' has no attribute {name!r}")
+
+
+def __dir__():
+    return sorted(set(globals()) | set(__all__))

@@ -3,6 +3,10 @@
 
 """augment: exported from 6b. Non-leaking augmentation (book/06b_augment.py)."""
 
+__all__ = ['affine_2d', 'rotation_2d', 'scaling_2d', 'translation_2d', 'mirror_index',
+           'BLITS', 'GEOMETRIC', 'SYM6', 'warp_affine', 'COLOR', 'apply_color',
+           'LABEL_SIZES', 'AugmentPipe']
+
 
 # ── 06b_augment.py § 6b. Non-leaking augmentation ──
 

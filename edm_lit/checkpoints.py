@@ -3,6 +3,17 @@
 
 """checkpoints: exported from B. Checkpoints: loading official snapshots without running their code (book/A2_checkpoints.py)."""
 
+__all__ = ['CheckpointError', 'NETWORK_CLASSES', 'INNER_NETWORKS', 'SUBMODULE_CLASSES',
+           'RECORD_CLASSES', 'PERSISTENCE_VERSION', 'MAX_FILE_BYTES',
+           'MAX_CONFIG_BYTES', 'MAX_DEPTH', 'MAX_ITEMS', 'MAX_LIST', 'MAX_INT_KWARG',
+           'KWARG_CAPS', 'read_regular_file', 'SnapshotUnpickler', 'PersistentObject',
+           'read_official_pickle', 'check_init_kwargs', 'build_meta_network',
+           'check_shapes', 'materialize', 'build_network', 'load_official_snapshot',
+           'FORMAT_NAME', 'FORMAT_VERSION', 'network_config', 'fsync_dir',
+           'write_atomic', 'probe_writable', 'save_network', 'DOWNLOAD_ATTEMPTS',
+           'cache_dir', 'is_url', 'download', 'load_network', 'convert_destination',
+           'convert', 'PERSISTENT_CLASSES', 'official_layout_pickle']
+
 
 # ── A2_checkpoints.py § B.1 Loading the official checkpoints — safely ──
 

@@ -3,6 +3,8 @@
 
 """cli: exported from A. The command line (book/A1_cli.py)."""
 
+__all__ = ['build_parser', 'main']
+
 
 # ── A1_cli.py § A. The command line ──
 

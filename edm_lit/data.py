@@ -3,6 +3,14 @@
 
 """data: exported from 6. Data sets (book/06_data.py)."""
 
+__all__ = ['LABEL_FILE', 'IMAGES_PER_FOLDER', 'PNG_SIGNATURE', 'PNG_TRAILER',
+           'CHANNELS_OF_MODE', 'DatasetError', 'image_extensions', 'archive_name',
+           'is_safe_member_name', 'MAX_CLASSES', 'subset_indices', 'ItemDetails',
+           'ImageFolderDataset', 'Source', 'CIFAR10_BATCHES', 'CIFAR10_CLASSES',
+           'TRANSFORMS', 'parse_resolution', 'transform_image', 'write_dataset',
+           'open_source', 'convert_dataset', 'QUICK_SOURCE', 'QUICK_RESOLUTION',
+           'digits_source', 'quick_dataset', 'dataset_for_mode']
+
 
 # ── 06_data.py § 6. Data sets ──
 

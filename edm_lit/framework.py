@@ -3,6 +3,10 @@
 
 """framework: exported from 1. The unified framework (book/01_framework.py)."""
 
+__all__ = ['GaussianMixture', 'toy_image_mixture', 'ode_slope', 'solve_ode_rk4',
+           'Schedule', 'VP', 'VE', 'iddpm_u', 'IDDPM', 'edm_sigma_steps', 'EDM',
+           'SCHEDULES']
+
 
 # ── 01_framework.py § 1. The unified framework ──
 

@@ -3,6 +3,11 @@
 
 """generate: exported from 8. Evaluation: generating at scale and measuring FID (book/08_evaluation.py)."""
 
+__all__ = ['SEED_MODULUS', 'ABLATION_OPTIONS', 'PerSeedRandom', 'parse_seeds',
+           'seed_batches', 'class_labels_for', 'to_uint8', 'sample_seeds', 'image_path',
+           'save_png', 'distributed_setup', 'generate', 'add_generate_command',
+           'run_generate_command']
+
 
 # ── 08_evaluation.py § 8.1 One seed, one image ──
 

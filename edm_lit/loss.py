@@ -3,6 +3,8 @@
 
 """loss: exported from 4. Preconditioning and the training objective (book/04_preconditioning.py)."""
 
+__all__ = ['DenoisingLoss', 'VPLoss', 'VELoss', 'EDMLoss']
+
 
 # ── 04_preconditioning.py § 4. Preconditioning and the training objective ──
 

@@ -3,6 +3,8 @@
 
 """mode: exported from 0. EDM, line by line (book/00_intro.py)."""
 
+__all__ = ['MODE_ENV', 'MODES', 'FULL_ENV', 'PRETRAINED_CIFAR10', 'Mode', 'get_mode']
+
 
 # ── 00_intro.py § Quick and full mode ──
 

@@ -3,6 +3,10 @@
 
 """networks: exported from 5. The networks (book/05_networks.py)."""
 
+__all__ = ['INIT_MODES', 'weight_init', 'Linear', 'Conv2d', 'GroupNorm', 'attention',
+           'PositionalEmbedding', 'FourierEmbedding', 'UNetBlock', 'Level',
+           'unet_levels', 'level_key', 'decoder_roles', 'SongUNet', 'DhariwalUNet']
+
 
 # ── 05_networks.py § 5. The networks ──
 

@@ -3,6 +3,9 @@
 
 """precond: exported from 4. Preconditioning and the training objective (book/04_preconditioning.py)."""
 
+__all__ = ['Precond', 'vp_sigma', 'vp_sigma_inv', 'VPPrecond', 'VEPrecond',
+           'iDDPMPrecond', 'EDMPrecond']
+
 
 # ── 04_preconditioning.py § 4. Preconditioning and the training objective ──
 

@@ -3,6 +3,13 @@
 
 """samplers: exported from 2. Deterministic sampling and 3. Stochastic sampling (book/02_deterministic.py, book/03_stochastic.py)."""
 
+__all__ = ['SOLVERS', 'DISCRETIZATIONS', 'SCHEDULES', 'SCALINGS', 'check_choice',
+           'check_real', 'check_num_steps', 'check_t_steps', 'SamplerSchedule',
+           'vp_fitted', 'ode_step', 'check_sampler_inputs', 'sigma_range',
+           'edm_time_steps', 'sample_ode', 'ABLATION_SIGMA_RANGE',
+           'ablation_sigma_steps', 'ablation_setup', 'churn', 'sample_sde',
+           'edm_sampler', 'ablation_sampler']
+
 
 # ── 02_deterministic.py § 2. Deterministic sampling ──
 

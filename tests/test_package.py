@@ -123,3 +123,29 @@ def test_check_catches_stray_module_and_unsynced_pair(tmp_path):
     assert out.returncode == 1
     assert "edm_lit/extra.py is not exported by any chapter" in out.stderr
     assert "01_framework.ipynb is out of sync with 01_framework.py" in out.stderr
+
+
+def test_public_api():
+    """`import edm_lit` offers the modules and the library's public names; every module declares __all__."""
+    import importlib
+
+    import edm_lit
+
+    for name in edm_lit._MODULES:
+        module = importlib.import_module(f"edm_lit.{name}")
+        assert isinstance(module.__all__, list) and module.__all__, f"edm_lit.{name} declares no __all__"
+        missing = [n for n in module.__all__ if not hasattr(module, n)]
+        assert not missing, f"edm_lit.{name}.__all__ names what it does not define: {missing}"
+        assert not any(n.startswith("_") for n in module.__all__)
+    for name in ["edm_sampler", "EDMPrecond", "EDMLoss", "SongUNet", "DhariwalUNet", "ImageFolderDataset",
+                 "AugmentPipe", "training_loop", "frechet_distance", "load_network", "save_network"]:
+        assert name in edm_lit.__all__
+    from edm_lit.samplers import edm_sampler
+    assert edm_lit.edm_sampler is edm_sampler and edm_lit.samplers.edm_sampler is edm_sampler
+    assert set(edm_lit.__all__) <= set(dir(edm_lit))
+    with pytest.raises(AttributeError, match="no attribute 'no_such_name'"):
+        edm_lit.no_such_name
+    out = subprocess.run([sys.executable, "-c", "import edm_lit, sys; print(len(edm_lit.__all__)); "
+                          "print('edm_lit.networks' in sys.modules)"], capture_output=True, text=True, check=True)
+    count, loaded = out.stdout.split()
+    assert int(count) > 20 and loaded == "False"  # the API is listed without importing every module

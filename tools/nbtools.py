@@ -17,6 +17,7 @@ Conventions (see Chapter 0):
 from __future__ import annotations
 
 import argparse
+import ast
 import re
 import sys
 import tomllib
@@ -80,6 +81,38 @@ def collect() -> dict[str, list[tuple[Path, str, str, str]]]:
     return modules
 
 
+# Modules that are not library API: the command line, the book's mode switch, and the book's own helpers.
+NOT_API = {"cli", "train", "mode", "book"}
+
+
+def public_names(blocks) -> list[str]:
+    """The names a module offers: top-level functions, classes and UPPER_CASE constants not starting with '_'."""
+    names = []
+    for path, _, section, code in blocks:
+        try:
+            tree = ast.parse(code)
+        except SyntaxError as e:
+            raise SystemExit(f"{path.name} § {section}: exported code does not parse: {e}")
+        for node in tree.body:
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
+                names.append(node.name)
+            elif isinstance(node, (ast.Assign, ast.AnnAssign)):
+                targets = node.targets if isinstance(node, ast.Assign) else [node.target]
+                names += [t.id for t in targets if isinstance(t, ast.Name) and t.id.isupper()]
+    return [n for n in dict.fromkeys(names) if not n.startswith("_")]
+
+
+def _wrapped_list(name: str, items: list[str], width: int = 88) -> str:
+    lines, line = [], f"{name} = ["
+    for i, item in enumerate(items):
+        piece = repr(item) + (", " if i < len(items) - 1 else "")
+        if len(line) + len(piece.rstrip()) > width:
+            lines.append(line.rstrip())
+            line = " " * (len(name) + 4)
+        line += piece
+    return "\n".join(lines + [line + "]"])
+
+
 def render(module: str, blocks) -> str:
     sources = []
     for path, title, _, _ in blocks:
@@ -92,6 +125,7 @@ def render(module: str, blocks) -> str:
             titles.append(title)
     out = [HEADER.format(sources=", ".join(sources))]
     out.append(f'"""{module}: exported from {" and ".join(titles)} ({", ".join(sources)})."""\n')
+    out.append(_wrapped_list("__all__", public_names(blocks)) + "\n")
     last = None
     for path, _, section, code in blocks:
         if (path, section) != last:
@@ -104,11 +138,38 @@ def render(module: str, blocks) -> str:
 def render_init(modules) -> str:
     version = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["version"]
     names = sorted(modules)
+    api = {}
+    for module in names:
+        if module in NOT_API:
+            continue
+        for name in public_names(modules[module]):
+            if name not in modules and not name.isupper():  # a module's name wins; constants stay in their module
+                api.setdefault(name, module)
+    width = max(len(n) for n in names) + len("edm_lit.")
+    rows = []
+    for n in names:
+        titles = list(dict.fromkeys(title for _, title, _, _ in modules[n]))
+        rows.append(f"    {('edm_lit.' + n).ljust(width)}  {'; '.join(titles)}\n")
     lines = [HEADER.format(sources="book/ (all chapters)")]
     lines.append('"""edm_lit: EDM (Karras et al., 2022), exported from a literate book.\n\n'
-                 "Each module says at its top which chapter derives it. Modules:\n"
-                 + "".join(f"    edm_lit.{n}\n" for n in names) + '"""\n')
+                 "`import edm_lit` offers every module below and the public names of the library modules\n"
+                 "(`edm_lit.edm_sampler`, `edm_lit.EDMPrecond`, ...), each loaded on first use. Each module says at\n"
+                 "its top which chapter derives it:\n\n" + "".join(rows) + '"""\n')
+    lines.append("import importlib\n")
     lines.append(f'__version__ = "{version}"\n')
+    lines.append(_wrapped_list("_MODULES", names) + "\n")
+    body = "".join(f"    {k!r}: {v!r},\n" for k, v in sorted(api.items()))
+    lines.append("# public name -> the module that defines it\n_API = {\n" + body + "}\n")
+    lines.append("__all__ = sorted(_MODULES) + sorted(_API)\n")
+    lines.append(
+        "\ndef __getattr__(name):\n"
+        "    if name in _MODULES:\n"
+        '        return importlib.import_module(f"edm_lit.{name}")\n'
+        "    if name in _API:\n"
+        '        return getattr(importlib.import_module(f"edm_lit.{_API[name]}"), name)\n'
+        '    raise AttributeError(f"module \'edm_lit\' has no attribute {name!r}")\n'
+        "\n\ndef __dir__():\n"
+        "    return sorted(set(globals()) | set(__all__))\n")
     return "\n".join(lines)
 
 
