@@ -266,7 +266,8 @@ def build_options(flags: dict, world_size: int = 1, device=None) -> dict:
     c["batch_size"], c["batch_gpu"] = int(f["batch"]), f["batch_gpu"]
     c["loss_scaling"], c["cudnn_benchmark"] = float(f["ls"]), bool(f["bench"])
     c["kimg_per_tick"], c["snapshot_ticks"], c["state_dump_ticks"] = int(f["tick"]), int(f["snap"]), int(f["dump"])
-    c["seed"] = int(f["seed"]) if f["seed"] is not None else random_seed(device)
+    seed = f["seed"] if f["seed"] is not None else _state_seed(resume_state)  # a resume keeps its seed
+    c["seed"] = int(seed) if seed is not None else random_seed(device)
     if f["transfer"] is not None:
         c["resume_pkl"] = str(f["transfer"])
         c["ema_rampup_ratio"] = None  # fine-tuning: the EMA keeps its full half-life from the start
@@ -324,6 +325,14 @@ def _pick_run_dir(outdir, desc: str, nosubdir: bool) -> str:
 
 
 # %% tags=["export"]
+def _state_seed(resume_state):
+    """The seed of the run a training state continues (the data order depends on it), or None."""
+    if resume_state is None:
+        return None
+    seed = json.loads(Path(resume_state[0]).read_text())["options"].get("seed")
+    return seed if isinstance(seed, int) and not isinstance(seed, bool) and 0 <= seed < 2**31 else None
+
+
 def _flag(name: str) -> str:
     return "--" + name.replace("_", "-")
 
@@ -992,6 +1001,16 @@ def find_training_state(path) -> tuple:
     return path.with_suffix(".json"), int(header["cur_nimg"])
 
 
+def _match_layouts(optimizer) -> None:
+    """Give each loaded optimizer tensor its parameter's memory layout (channels_last), as in a fresh run:
+    a fused kernel walks both in memory order."""
+    for group in optimizer.param_groups:
+        for p in group["params"]:
+            for name, value in optimizer.state.get(p, {}).items():
+                if torch.is_tensor(value) and value.shape == p.shape and value.stride() != p.stride():
+                    optimizer.state[p][name] = torch.empty_like(p, dtype=value.dtype).copy_(value)
+
+
 def load_training_state(path, *, net, ema, optimizer, rank: int, world_size: int, device) -> dict:
     """Restore net, EMA, optimizer and this rank's RNG from a training state; returns its header. Chapter 7."""
     from edm_lit.checkpoints import network_config
@@ -1018,6 +1037,7 @@ def load_training_state(path, *, net, ema, optimizer, rank: int, world_size: int
             index, name = key.split(".", 1)
             opt_state["state"].setdefault(int(index), {})[name] = value
         optimizer.load_state_dict(opt_state)
+        _match_layouts(optimizer)
         if header["world_size"] == world_size:
             rank_tensors = {k.split(".", 2)[2]: v for k, v in tensors.items()
                             if k.startswith(f"rng.{rank}.")}
@@ -1568,14 +1588,15 @@ assert header["cur_nimg"] == 2016 and (first_run / "samples-000002.png").read_by
 # ## 7.8 The command line
 #
 # `python -m edm_lit.train` (and `edm-lit train`, Appendix A) takes the official flags — the same
-# names, meanings and defaults, booleans written `--cond=1` as there — plus four of ours:
-# `--bf16` (bfloat16 autocast), `--lr-rampup` (the ramp-up in Mimg, officially fixed at 10),
-# `--grid` (images in each snapshot's sample grid, 0 for none), and `--data=digits` for the
-# quick data set of Chapter 6. `--resume` takes a `training-state-NNNNNN.json` or a run directory
-# (its latest complete state). The same command runs on one CPU, one GPU, or under `torchrun` on
-# many. The paper's runs, unchanged — CIFAR-10 class-conditional DDPM++ on 8 GPUs; FFHQ and AFHQv2
-# 64×64 (unconditional); ImageNet 64×64 with ADM on 32 GPUs over 4 nodes through torchrun's
-# rendezvous; and the quick-mode run of §7.9 on a CPU:
+# names, meanings and defaults, booleans written `--cond=1` as there — plus four of ours: `--bf16`
+# (bfloat16 autocast), `--lr-rampup` (the ramp-up in Mimg, officially fixed at 10), `--grid` (images
+# in each snapshot's sample grid, 0 for none), and `--data=digits` for the quick data set of
+# Chapter 6. `--resume` takes a `training-state-NNNNNN.json` or a run directory (its latest complete state);
+# without `--seed` it keeps the seed of the run it continues (the data order depends on it). The
+# same command runs on one CPU, one GPU, or under `torchrun` on many. The paper's runs, unchanged —
+# CIFAR-10 class-conditional DDPM++ on 8 GPUs; FFHQ and AFHQv2 64×64 (unconditional); ImageNet 64×64
+# with ADM on 32 GPUs over 4 nodes through torchrun's rendezvous; and the quick-mode run of §7.9 on
+# a CPU:
 #
 # ```bash
 # torchrun --standalone --nproc_per_node=8 -m edm_lit.train --outdir=training-runs \
@@ -1803,12 +1824,13 @@ if __name__ == "__main__" and __spec__ is not None and __spec__.name == "edm_lit
 # %% [markdown]
 # **Speed.** Three more flags of ours; each keeps the exact resume and the snapshots' layout.
 # `--fused-adam=1`: Adam's fused kernel (`torch.optim.Adam(fused=True)`), one kernel for the whole
-# update — the same formula, other rounding. `--channels-last=1`: network and images in
-# channels-last memory format, which GPU convolutions prefer; the noise is then drawn in that
-# layout, so such a run is not bitwise the one without the flag. `--compile=1`: `torch.compile` of
-# the trained network, fused kernels after a compilation at the start. Without any flag the images
-# travel as uint8 (a quarter of the bytes of float32), from pinned memory and asynchronously, and
-# are converted on the device. What the flags buy on a GPU is not measured here (no GPU was
+# update — the same formula, other rounding (a resumed run gives Adam's moments the parameters'
+# memory layout back: the fused kernel walks both in memory order). `--channels-last=1`: network and
+# images in channels-last memory format, which GPU convolutions prefer; the noise is then drawn in
+# that layout, so such a run is not bitwise the one without the flag. `--compile=1`: `torch.compile`
+# of the trained network, fused kernels after a compilation at the start. Without any flag the
+# images travel as uint8 (a quarter of the bytes of float32), from pinned memory and asynchronously,
+# and are converted on the device. What the flags buy on a GPU is not measured here (no GPU was
 # available to this book's build); `benchmarks/bench_training.py` measures it, one row per flag.
 #
 # **Check** — `--dry-run` with the paper's CIFAR-10 flags prints the official configuration and

@@ -187,7 +187,8 @@ def build_options(flags: dict, world_size: int = 1, device=None) -> dict:
     c["batch_size"], c["batch_gpu"] = int(f["batch"]), f["batch_gpu"]
     c["loss_scaling"], c["cudnn_benchmark"] = float(f["ls"]), bool(f["bench"])
     c["kimg_per_tick"], c["snapshot_ticks"], c["state_dump_ticks"] = int(f["tick"]), int(f["snap"]), int(f["dump"])
-    c["seed"] = int(f["seed"]) if f["seed"] is not None else random_seed(device)
+    seed = f["seed"] if f["seed"] is not None else _state_seed(resume_state)  # a resume keeps its seed
+    c["seed"] = int(seed) if seed is not None else random_seed(device)
     if f["transfer"] is not None:
         c["resume_pkl"] = str(f["transfer"])
         c["ema_rampup_ratio"] = None  # fine-tuning: the EMA keeps its full half-life from the start
@@ -242,6 +243,14 @@ def _pick_run_dir(outdir, desc: str, nosubdir: bool) -> str:
     numbers = [int(m.group()) for p in (Path(outdir).iterdir() if Path(outdir).is_dir() else [])
                if p.is_dir() and (m := re.match(r"\d+", p.name))]
     return str(Path(outdir) / f"{max(numbers, default=-1) + 1:05d}-{desc}")
+
+def _state_seed(resume_state):
+    """The seed of the run a training state continues (the data order depends on it), or None."""
+    if resume_state is None:
+        return None
+    seed = json.loads(Path(resume_state[0]).read_text())["options"].get("seed")
+    return seed if isinstance(seed, int) and not isinstance(seed, bool) and 0 <= seed < 2**31 else None
+
 
 def _flag(name: str) -> str:
     return "--" + name.replace("_", "-")
@@ -645,6 +654,16 @@ def find_training_state(path) -> tuple:
     return path.with_suffix(".json"), int(header["cur_nimg"])
 
 
+def _match_layouts(optimizer) -> None:
+    """Give each loaded optimizer tensor its parameter's memory layout (channels_last), as in a fresh run:
+    a fused kernel walks both in memory order."""
+    for group in optimizer.param_groups:
+        for p in group["params"]:
+            for name, value in optimizer.state.get(p, {}).items():
+                if torch.is_tensor(value) and value.shape == p.shape and value.stride() != p.stride():
+                    optimizer.state[p][name] = torch.empty_like(p, dtype=value.dtype).copy_(value)
+
+
 def load_training_state(path, *, net, ema, optimizer, rank: int, world_size: int, device) -> dict:
     """Restore net, EMA, optimizer and this rank's RNG from a training state; returns its header. Chapter 7."""
     from edm_lit.checkpoints import network_config
@@ -671,6 +690,7 @@ def load_training_state(path, *, net, ema, optimizer, rank: int, world_size: int
             index, name = key.split(".", 1)
             opt_state["state"].setdefault(int(index), {})[name] = value
         optimizer.load_state_dict(opt_state)
+        _match_layouts(optimizer)
         if header["world_size"] == world_size:
             rank_tensors = {k.split(".", 2)[2]: v for k, v in tensors.items()
                             if k.startswith(f"rng.{rank}.")}

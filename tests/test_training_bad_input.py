@@ -237,3 +237,16 @@ def test_transfer_of_a_file_that_is_no_network_is_one_line(tmp_path, capsys, sou
     err = one_line_error(capsys, status)
     assert "--transfer" in err or str(path) in err
     assert not (tmp_path / "runs").exists()
+
+
+def test_resume_without_seed_continues_the_same_run(tmp_path):
+    """--resume without --seed took a fresh random seed: another data order, silently not the run it resumed."""
+    data, whole, resumed = image_folder(tmp_path / "data"), tmp_path / "whole", tmp_path / "resumed"
+    flags = tiny_flags(data, "--duration=0.002", "--dump=1")
+    assert train_cli.main(["--outdir", str(whole), "--nosubdir", "--seed=7", *flags]) == 0
+    middle = whole / "training-state-000001.json"
+    assert train_cli.main(["--outdir", str(resumed), "--nosubdir", f"--resume={middle}", *flags]) == 0
+    _, a = training.read_training_state(whole / "training-state-000002.json")
+    _, b = training.read_training_state(resumed / "training-state-000002.json")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert json.loads((resumed / "training_options.json").read_text())["seed"] == 7
