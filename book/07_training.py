@@ -1187,12 +1187,14 @@ for lo, hi in zip(SIGMA_BUCKETS[:-1], SIGMA_BUCKETS[1:]):
 # rewriting that prefix once, atomically, then appends: the file reads as if the run had never
 # stopped.
 #
-# **Divergence.** The nan/inf guard absorbs a batch whose loss overflows; it cannot absorb weights
-# that are no longer finite (too large a learning rate, a broken network), after which every loss is
-# NaN and the run would train on. So each step records, on the device, the first progress with a
-# non-finite loss (no host sync), and each tick checks, *before* writing anything, that the weights
-# are finite: if not, the run stops with `TrainingDiverged` (the command exits 1), and the last
-# snapshot and state on disk are the last good ones.
+# **Divergence.** The nan/inf guard absorbs a batch whose loss overflows. It cannot absorb weights
+# that are no longer finite (too large a learning rate, a broken network), and it hides a loss that is
+# never finite any more (it zeroes every gradient): either way the run would train on, learning
+# nothing. So each step counts, on the device, its finite losses and the progress of the first
+# non-finite one (no host sync), and each tick checks, *before* writing anything, that the weights
+# are finite and that some loss of the tick was (for ticks of several steps): if not, the run stops
+# with `TrainingDiverged` (the command exits 1), and the snapshots and states on disk are the last
+# good ones.
 
 # %% tags=["export"]
 class TrainingDiverged(RuntimeError):
@@ -1343,8 +1345,9 @@ class TrainingRun:
             self._keep_stats_until(Path(resume_state_dump).parent)
         self.tick_start_nimg = self.cur_nimg
         self.stats = Stats(device)
-        # the progress at the first non-finite loss (-1: none yet), kept on the device
+        # on the device: the progress at the first non-finite loss (-1: none yet), finite rounds this tick
         self.first_nonfinite = torch.full([], -1, dtype=torch.int64, device=device)
+        self.finite_rounds = torch.zeros([], dtype=torch.int64, device=device)
         self.batches = make_loader(self.dataset, self.batch_gpu, self.rank, self.world_size, self.seed, self.cur_nimg,
                                    **self.loader_kwargs)
         self.grid_latents = None
@@ -1394,8 +1397,10 @@ class TrainingRun:
     def _on_loss(self, loss: torch.Tensor, sigma: torch.Tensor) -> None:
         """Statistics of a round's loss, and the progress of the first non-finite one (on the device)."""
         self.stats.add_loss(loss, sigma)
-        first = (self.first_nonfinite < 0) & ~torch.isfinite(loss).all()
-        self.first_nonfinite = torch.where(first, self.cur_nimg, self.first_nonfinite)
+        finite = torch.isfinite(loss).all()
+        self.finite_rounds += finite
+        self.first_nonfinite = torch.where((self.first_nonfinite < 0) & ~finite, self.cur_nimg,
+                                           self.first_nonfinite)
 
     def step(self) -> None:
         """One optimiser step on `batch_size` images (all ranks, all rounds), then the EMA update."""
@@ -1443,20 +1448,26 @@ class TrainingRun:
             os.fsync(f.fileno())
 
     def check_finite(self) -> None:
-        """Raise TrainingDiverged if the weights are no longer finite (one host sync, at each tick)."""
+        """Raise TrainingDiverged if the weights are no longer finite, or no loss of a tick of several
+        steps was (then the guard keeps zeroing every gradient). One host sync, at each tick."""
         params = [p for module in (self.net, self.ema) for p in module.parameters()]
-        finite = torch.stack([torch.isfinite(p).all() for p in params]).all()
-        broken = finite.logical_not().to(torch.int64)
-        if torch.distributed.is_initialized():  # the replicas are equal; agree anyway: all stop
-            torch.distributed.all_reduce(broken, op=torch.distributed.ReduceOp.MAX)
-        broken, first = torch.stack([broken, self.first_nonfinite]).tolist()
-        if broken:
-            loss = f"the first non-finite loss was at kimg {first / 1e3:g}; " if first >= 0 else ""
-            last = f" (last snapshot: {self.last_snapshot})" if self.last_snapshot else ""
-            raise TrainingDiverged(
-                f"training diverged: the weights are no longer finite at kimg {self.cur_nimg / 1e3:g} "
-                f"({loss}the nan/inf guard cannot undo that); stopped before writing this tick, so the "
-                f"files on disk are from before it{last}. Lower --lr, or check the --transfer network")
+        broken = torch.stack([torch.isfinite(p).all() for p in params]).all().logical_not()
+        status = torch.stack([broken.to(torch.int64), self.finite_rounds])
+        if torch.distributed.is_initialized():  # any rank's broken weights, any rank's finite loss
+            torch.distributed.all_reduce(status, op=torch.distributed.ReduceOp.MAX)
+        broken, finite_rounds, first = torch.cat([status, self.first_nonfinite[None]]).tolist()
+        self.finite_rounds.zero_()
+        steps = (self.cur_nimg - self.tick_start_nimg) // self.batch_size
+        if not broken and (finite_rounds > 0 or steps < 2):
+            return
+        what = ("the weights are no longer finite" if broken else
+                f"no loss of the last {steps} steps was finite (the guard zeroes every gradient)")
+        loss = f"; the first non-finite loss was at kimg {first / 1e3:g}" if first >= 0 else ""
+        last = f" (last snapshot: {self.last_snapshot})" if self.last_snapshot else ""
+        raise TrainingDiverged(
+            f"training diverged at kimg {self.cur_nimg / 1e3:g}: {what}{loss}. Stopped before writing "
+            f"this tick, so the files on disk are from before it{last}. Lower --lr, or check the "
+            "--transfer network")
 
     def _snapshot(self, kimg: int) -> None:
         from edm_lit.checkpoints import save_network
@@ -1570,11 +1581,21 @@ class RandomImages(torch.utils.data.Dataset):
 
 first_run = scratch / "first-run"
 tiny = dict(ARCH_PRESETS["ddpmpp-tiny"], class_name="edm_lit.precond.EDMPrecond", dropout=0.0, use_fp16=False)
+inodes = []  # stats.jsonl at each tick: the same file, appended to
+
+
+def log(line):
+    print(line)
+    if (first_run / "stats.jsonl").exists():
+        inodes.append((first_run / "stats.jsonl").stat().st_ino)
+
+
 run = TrainingRun(run_dir=first_run, dataset=RandomImages(), network_kwargs=tiny, batch_size=32, total_kimg=2,
                   kimg_per_tick=1, snapshot_ticks=1, state_dump_ticks=2, lr_rampup_kimg=0, ema_halflife_kimg=0.5,
-                  grid_images=16, grid_steps=6, device=MODE.device, log=print,
+                  grid_images=16, grid_steps=6, device=MODE.device, log=log,
                   data_loader_kwargs=dict(num_workers=0))
 ema = run.run()
+assert len(inodes) == 2 and {(first_run / "stats.jsonl").stat().st_ino} == set(inodes)
 print(sorted(p.name for p in first_run.iterdir()))
 lines = (first_run / "stats.jsonl").read_text().splitlines()
 assert len(lines) == 3 and {"Loss/loss", "Progress/kimg", "Timing/sec_per_kimg", "timestamp"} <= set(json.loads(lines[-1]))
@@ -1583,6 +1604,29 @@ assert all(torch.equal(a, b.cpu()) for a, b in zip(snap.state_dict().values(),
                                                    ema.state_dict().values()))
 header, tensors = read_training_state(first_run / "training-state-000002.json")
 assert header["cur_nimg"] == 2016 and (first_run / "samples-000002.png").read_bytes()[:4] == b"\x89PNG"
+
+# %% [markdown]
+# **Check** — divergence: with a loss that is never finite the guard zeroes every gradient, and the run
+# stops at the first tick of several steps, before writing it: only the snapshot of tick 0 is on disk.
+
+# %%
+from edm_lit.training import TrainingDiverged
+
+
+class NeverFinite(EDMLoss):
+    def __call__(self, net, images, labels=None, augment_pipe=None):
+        return super().__call__(net, images, labels, augment_pipe) * float("nan")
+
+
+diverging = TrainingRun(run_dir=scratch / "diverging", dataset=RandomImages(), network_kwargs=tiny,
+                        loss_fn=NeverFinite(), batch_size=32, total_kimg=1, kimg_per_tick=0.25, grid_images=0,
+                        device=MODE.device, data_loader_kwargs=dict(num_workers=0))
+try:
+    diverging.run()
+    raise AssertionError("the run did not stop")
+except TrainingDiverged as e:
+    print(e)
+assert [p.name for p in (scratch / "diverging").glob("*.json")] == ["network-snapshot-000000.json"]
 
 # %% [markdown]
 # ## 7.8 The command line

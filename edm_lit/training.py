@@ -915,8 +915,9 @@ class TrainingRun:
             self._keep_stats_until(Path(resume_state_dump).parent)
         self.tick_start_nimg = self.cur_nimg
         self.stats = Stats(device)
-        # the progress at the first non-finite loss (-1: none yet), kept on the device
+        # on the device: the progress at the first non-finite loss (-1: none yet), finite rounds this tick
         self.first_nonfinite = torch.full([], -1, dtype=torch.int64, device=device)
+        self.finite_rounds = torch.zeros([], dtype=torch.int64, device=device)
         self.batches = make_loader(self.dataset, self.batch_gpu, self.rank, self.world_size, self.seed, self.cur_nimg,
                                    **self.loader_kwargs)
         self.grid_latents = None
@@ -966,8 +967,10 @@ class TrainingRun:
     def _on_loss(self, loss: torch.Tensor, sigma: torch.Tensor) -> None:
         """Statistics of a round's loss, and the progress of the first non-finite one (on the device)."""
         self.stats.add_loss(loss, sigma)
-        first = (self.first_nonfinite < 0) & ~torch.isfinite(loss).all()
-        self.first_nonfinite = torch.where(first, self.cur_nimg, self.first_nonfinite)
+        finite = torch.isfinite(loss).all()
+        self.finite_rounds += finite
+        self.first_nonfinite = torch.where((self.first_nonfinite < 0) & ~finite, self.cur_nimg,
+                                           self.first_nonfinite)
 
     def step(self) -> None:
         """One optimiser step on `batch_size` images (all ranks, all rounds), then the EMA update."""
@@ -1015,20 +1018,26 @@ class TrainingRun:
             os.fsync(f.fileno())
 
     def check_finite(self) -> None:
-        """Raise TrainingDiverged if the weights are no longer finite (one host sync, at each tick)."""
+        """Raise TrainingDiverged if the weights are no longer finite, or no loss of a tick of several
+        steps was (then the guard keeps zeroing every gradient). One host sync, at each tick."""
         params = [p for module in (self.net, self.ema) for p in module.parameters()]
-        finite = torch.stack([torch.isfinite(p).all() for p in params]).all()
-        broken = finite.logical_not().to(torch.int64)
-        if torch.distributed.is_initialized():  # the replicas are equal; agree anyway: all stop
-            torch.distributed.all_reduce(broken, op=torch.distributed.ReduceOp.MAX)
-        broken, first = torch.stack([broken, self.first_nonfinite]).tolist()
-        if broken:
-            loss = f"the first non-finite loss was at kimg {first / 1e3:g}; " if first >= 0 else ""
-            last = f" (last snapshot: {self.last_snapshot})" if self.last_snapshot else ""
-            raise TrainingDiverged(
-                f"training diverged: the weights are no longer finite at kimg {self.cur_nimg / 1e3:g} "
-                f"({loss}the nan/inf guard cannot undo that); stopped before writing this tick, so the "
-                f"files on disk are from before it{last}. Lower --lr, or check the --transfer network")
+        broken = torch.stack([torch.isfinite(p).all() for p in params]).all().logical_not()
+        status = torch.stack([broken.to(torch.int64), self.finite_rounds])
+        if torch.distributed.is_initialized():  # any rank's broken weights, any rank's finite loss
+            torch.distributed.all_reduce(status, op=torch.distributed.ReduceOp.MAX)
+        broken, finite_rounds, first = torch.cat([status, self.first_nonfinite[None]]).tolist()
+        self.finite_rounds.zero_()
+        steps = (self.cur_nimg - self.tick_start_nimg) // self.batch_size
+        if not broken and (finite_rounds > 0 or steps < 2):
+            return
+        what = ("the weights are no longer finite" if broken else
+                f"no loss of the last {steps} steps was finite (the guard zeroes every gradient)")
+        loss = f"; the first non-finite loss was at kimg {first / 1e3:g}" if first >= 0 else ""
+        last = f" (last snapshot: {self.last_snapshot})" if self.last_snapshot else ""
+        raise TrainingDiverged(
+            f"training diverged at kimg {self.cur_nimg / 1e3:g}: {what}{loss}. Stopped before writing "
+            f"this tick, so the files on disk are from before it{last}. Lower --lr, or check the "
+            "--transfer network")
 
     def _snapshot(self, kimg: int) -> None:
         from edm_lit.checkpoints import save_network

@@ -281,9 +281,12 @@ def test_stats_lines_are_strict_json_without_psutil_and_with_nan(tmp_path, monke
 
     monkeypatch.setitem(sys.modules, "psutil", None)  # import psutil -> ImportError
 
-    class NanLoss(EDMLoss):  # a diverged loss: the statistics become NaN (the gradients are cleared by the guard)
+    class NanLoss(EDMLoss):  # every other batch overflows: the statistics become NaN, the guard clears the gradients
+        calls = 0
+
         def __call__(self, net, images, labels=None, augment_pipe=None):
-            return super().__call__(net, images, labels, augment_pipe) * float("nan")
+            self.calls += 1
+            return super().__call__(net, images, labels, augment_pipe) * (float("nan") if self.calls % 2 else 1.0)
 
     images = np.random.default_rng(0).integers(0, 256, (16, 1, 8, 8), dtype=np.uint8)
     lines = []

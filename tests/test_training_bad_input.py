@@ -250,3 +250,32 @@ def test_resume_without_seed_continues_the_same_run(tmp_path):
     _, b = training.read_training_state(resumed / "training-state-000002.json")
     assert all(torch.equal(a[k], b[k]) for k in a)
     assert json.loads((resumed / "training_options.json").read_text())["seed"] == 7
+
+
+def test_a_tick_without_one_finite_loss_stops_the_run(tmp_path):
+    """Finite weights but every loss NaN: the guard zeroes every gradient and the run would train on, learning nothing."""
+    from edm_lit.loss import EDMLoss
+
+    class NanLoss(EDMLoss):
+        def __call__(self, net, images, labels=None, augment_pipe=None):
+            return super().__call__(net, images, labels, augment_pipe) * float("nan")
+
+    images = np.random.default_rng(0).integers(0, 256, (16, 1, 8, 8), dtype=np.uint8)
+
+    class Data(torch.utils.data.Dataset):
+        name, resolution, num_channels, label_dim, has_labels = "d", 8, 1, 0, False
+
+        def __len__(self):
+            return len(images)
+
+        def __getitem__(self, i):
+            return images[i].copy(), np.zeros([0], dtype=np.float32)
+
+    net = dict(training.ARCH_PRESETS["ddpmpp-tiny"], class_name="edm_lit.precond.EDMPrecond", model_channels=8,
+               dropout=0.0, use_fp16=False)
+    run = training.TrainingRun(run_dir=tmp_path, dataset=Data(), network_kwargs=net, loss_fn=NanLoss(),
+                               batch_size=16, total_kimg=1, kimg_per_tick=0.25, snapshot_ticks=1, state_dump_ticks=1,
+                               device="cpu", data_loader_kwargs=dict(num_workers=0), grid_images=0)
+    with pytest.raises(training.TrainingDiverged, match="no loss of the last 16 steps was finite"):
+        run.run()
+    assert sorted(p.name for p in tmp_path.glob("*.json")) == ["network-snapshot-000000.json"]  # tick 0: one step
