@@ -51,6 +51,7 @@ import hashlib
 import importlib
 import json
 import math
+import numbers
 import os
 import random
 import re
@@ -73,7 +74,7 @@ import torch
 
 from edm_lit.mode import get_mode
 
-MODE = get_mode()
+MODE = get_mode().require("training the paper's network", needs=("data", "kimg"))
 plt.rcParams.update({"figure.dpi": 80, "axes.grid": True, "grid.alpha": 0.3})
 if MODE.quick:
     torch.set_num_threads(1)  # this chapter's tensors are tiny: more CPU threads only add synchronisation
@@ -117,7 +118,18 @@ TRAIN_DEFAULTS = dict(
     transfer=None, resume=None, dry_run=False,
     # ours: bf16 autocast, the ramp-up length (official: a fixed 10 Mimg), snapshot sample grid size
     bf16=False, lr_rampup=10.0, grid=64,
+    # ours, for speed (§7.8)
+    channels_last=False, compile=False, fused_adam=False,
 )
+# Ranges of the numeric flags: (low, high, low excluded); every value must also be finite.
+FLOAT_RANGES = {"duration": (0, None, True), "lr": (0, None, True), "ls": (0, None, True),
+                "ema": (0, None, False), "lr_rampup": (0, None, False), "dropout": (0, 1, False),
+                "augment": (0, 1, False)}
+# (low, high); None = no value given is allowed for batch_gpu, cbase and seed. The official loop
+# seeds numpy with the seed modulo 2^31, and draws its random seeds below 2^31.
+INT_RANGES = {"batch": (1, None), "batch_gpu": (1, None), "cbase": (1, None), "tick": (1, None),
+              "snap": (1, None), "dump": (1, None), "workers": (1, None), "seed": (0, 2**31 - 1),
+              "grid": (0, 1024)}
 # The augmentations the paper enables, each with probability --augment (Chapter 6).
 AUGMENT_SWITCHES = {"xflip": 1e8, "yflip": 1, "scale": 1, "rotate_frac": 1, "aniso": 1, "translate_frac": 1}
 AUGMENT_DIM = 9
@@ -211,20 +223,16 @@ def build_options(flags: dict, world_size: int = 1, device=None) -> dict:
         raise ValueError(f"--arch must be one of {sorted(ARCH_PRESETS)}, got {f['arch']!r}")
     if f["precond"] not in PRECOND_CLASSES:
         raise ValueError(f"--precond must be one of {sorted(PRECOND_CLASSES)}, got {f['precond']!r}")
-    if f["fp16"] and device.type != "cuda":
+    check_flags(f)
+    if f["fp16"] and device.type != "cuda" and not f["dry_run"]:  # a dry run warns (device_warning)
         raise ValueError("--fp16 needs a CUDA GPU (the networks' fp16 path runs on CUDA only); on a CPU use --bf16")
     if f["fp16"] and f["bf16"]:
         raise ValueError("--fp16 and --bf16 cannot both be set")
     if f["transfer"] is not None and f["resume"] is not None:
         raise ValueError("--transfer and --resume cannot be specified at the same time")
-    for name, low in [("duration", 0), ("lr", 0), ("ls", 0)]:
-        if not f[name] > low:
-            raise ValueError(f"--{name} must be > {low}, got {f[name]}")
-    for name in ["dropout", "augment"]:
-        if not 0 <= f[name] <= 1:
-            raise ValueError(f"--{name} must be in [0, 1], got {f[name]}")
-    if f["ema"] < 0 or f["lr_rampup"] < 0:
-        raise ValueError(f"--ema and --lr-rampup must be >= 0, got {f['ema']} and {f['lr_rampup']}")
+    if f["transfer"] is not None and not re.match(r"https?://", str(f["transfer"])) \
+            and not os.path.isfile(f["transfer"]):
+        raise ValueError(f"--transfer: no such file: {str(f['transfer'])!r}")
     split_batch(int(f["batch"]), world_size, f["batch_gpu"])
     resume_state = find_training_state(f["resume"]) if f["resume"] is not None else None
 
@@ -241,6 +249,11 @@ def build_options(flags: dict, world_size: int = 1, device=None) -> dict:
         net["model_channels"] = int(f["cbase"])
     if f["cres"] is not None:
         net["channel_mult"] = [int(m) for m in f["cres"]]
+    levels = len(net["channel_mult"])
+    if dataset.resolution % 2 ** (levels - 1):
+        raise ValueError(f"--cres: {levels} levels halve the resolution {levels - 1} times, but the "
+                         f"data set is {dataset.resolution}x{dataset.resolution} (not divisible by "
+                         f"{2 ** (levels - 1)})")
     c["network_kwargs"] = {**net, "class_name": f"edm_lit.precond.{precond_name}"}
     c["loss_kwargs"] = {"class_name": f"edm_lit.loss.{loss_name}"}
     c["optimizer_kwargs"] = {"class_name": "torch.optim.Adam", "lr": float(f["lr"]), "betas": [0.9, 0.999], "eps": 1e-8}
@@ -253,7 +266,8 @@ def build_options(flags: dict, world_size: int = 1, device=None) -> dict:
     c["batch_size"], c["batch_gpu"] = int(f["batch"]), f["batch_gpu"]
     c["loss_scaling"], c["cudnn_benchmark"] = float(f["ls"]), bool(f["bench"])
     c["kimg_per_tick"], c["snapshot_ticks"], c["state_dump_ticks"] = int(f["tick"]), int(f["snap"]), int(f["dump"])
-    c["seed"] = int(f["seed"]) if f["seed"] is not None else random_seed(device)
+    seed = f["seed"] if f["seed"] is not None else _state_seed(resume_state)  # a resume keeps its seed
+    c["seed"] = int(seed) if seed is not None else random_seed(device)
     if f["transfer"] is not None:
         c["resume_pkl"] = str(f["transfer"])
         c["ema_rampup_ratio"] = None  # fine-tuning: the EMA keeps its full half-life from the start
@@ -264,6 +278,9 @@ def build_options(flags: dict, world_size: int = 1, device=None) -> dict:
     c["lr_rampup_kimg"] = int(f["lr_rampup"] * 1000)
     c["autocast_dtype"] = "bfloat16" if f["bf16"] else None
     c["grid_images"] = int(f["grid"])
+    c["channels_last"], c["torch_compile"] = bool(f["channels_last"]), bool(f["compile"])
+    if f["fused_adam"]:
+        c["optimizer_kwargs"]["fused"] = True
 
     cond = "cond" if f["cond"] else "uncond"
     dtype = "fp16" if f["fp16"] else ("bf16" if f["bf16"] else "fp32")
@@ -299,12 +316,147 @@ def random_seed(device) -> int:
 
 
 def _pick_run_dir(outdir, desc: str, nosubdir: bool) -> str:
-    """OUTDIR itself (--nosubdir) or OUTDIR/NNNNN-desc with the next free run number."""
+    """OUTDIR (--nosubdir) or OUTDIR/NNNNN-desc with the next free number (claim_run_dir claims it)."""
     if nosubdir:
         return str(outdir)
     numbers = [int(m.group()) for p in (Path(outdir).iterdir() if Path(outdir).is_dir() else [])
                if p.is_dir() and (m := re.match(r"\d+", p.name))]
     return str(Path(outdir) / f"{max(numbers, default=-1) + 1:05d}-{desc}")
+
+
+# %% tags=["export"]
+def _state_seed(resume_state):
+    """The seed of the run a training state continues (the data order depends on it), or None."""
+    if resume_state is None:
+        return None
+    seed = json.loads(Path(resume_state[0]).read_text())["options"].get("seed")
+    return seed if isinstance(seed, int) and not isinstance(seed, bool) and 0 <= seed < 2**31 else None
+
+
+def _flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def check_flags(f: dict) -> None:
+    """One-line ValueError naming a flag that cannot train: not a number, not finite, out of range."""
+    for name, (low, high, open_low) in FLOAT_RANGES.items():
+        value = f[name]
+        if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value):
+            raise ValueError(f"{_flag(name)} must be a finite number, got {value!r}")
+        if value < low or (open_low and value == low) or (high is not None and value > high):
+            bounds = ("(" if open_low else "[") + f"{low}, " + ("inf)" if high is None else f"{high}]")
+            raise ValueError(f"{_flag(name)} must be in {bounds}, got {value}")
+    for name, (low, high) in INT_RANGES.items():
+        value = f[name]
+        if value is None and name in ("batch_gpu", "cbase", "seed"):
+            continue
+        integer = isinstance(value, numbers.Integral) and not isinstance(value, bool)
+        if not integer or not low <= value <= (value if high is None else high):
+            raise ValueError(f"{_flag(name)} must be an integer in [{low}, {high or 'inf'}], "
+                             f"got {value!r}")
+    cres = f["cres"]
+    if cres is not None and (not isinstance(cres, (list, tuple)) or not cres or not all(
+            isinstance(m, numbers.Integral) and not isinstance(m, bool) and m >= 1 for m in cres)):
+        raise ValueError(f"--cres must be a non-empty list of integers >= 1 (1,2,2,2), got {cres!r}")
+    if f["desc"] is not None and any(c in str(f["desc"]) for c in "/\\\0"):
+        raise ValueError(f"--desc is part of a directory name: no '/', '\\' or NUL, got {f['desc']!r}")
+
+
+def device_warning(options: dict, device) -> str:
+    """Why this configuration cannot train on `device` (--dry-run only prints it), or None. Chapter 7."""
+    kind = torch.device(device).type
+    if options["network_kwargs"].get("use_fp16") and kind != "cuda":
+        return (f"--fp16 needs a CUDA GPU and this machine trains on {kind}: the configuration above is "
+                "valid, but a run of it here is refused (on a CPU use --bf16)")
+    return None
+
+
+# %% [markdown]
+# **Claiming the run directory.** Two runs started together with the same `--outdir` must not both
+# take `00000-…`, and `--nosubdir` must not write into a directory that holds another run (its later
+# training states would stay, and a `--resume` of it would continue the wrong run). So the command
+# *claims* the run directory before building anything: an exclusive `mkdir` of the next number under
+# a lock on `--outdir` (on a collision, the next number), or, with `--nosubdir`, a directory that is
+# empty or is the one `--resume` continues; then `log.txt` created exclusively. A place that cannot
+# be written (a file, a read-only disk, `/proc`) fails here, in one line, before any work; a run
+# that fails later while being built leaves nothing behind.
+
+# %% tags=["export"]
+@contextlib.contextmanager
+def _dir_lock(directory: Path):
+    """An exclusive flock on `directory` while claiming in it (POSIX; elsewhere the mkdir alone)."""
+    try:
+        import fcntl
+        fd = os.open(directory, os.O_RDONLY)
+    except (ImportError, OSError):
+        yield
+        return
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)
+
+
+def _resumed_dir(resume):
+    path = Path(resume)
+    return (path if path.is_dir() else path.parent).resolve()
+
+
+def claim_run_dir(planned, nosubdir: bool, resume=None) -> tuple:
+    """Create and claim the run directory build_options planned: (run_dir, log.txt, created). Chapter 7.
+
+    Without --nosubdir, OUTDIR/NNNNN-desc with the number free at the moment of the exclusive mkdir;
+    with it, OUTDIR itself, which must be empty unless `resume` continues the run inside it. One-line
+    ValueError if it cannot be written or is taken; release_run_dir(created) undoes the claim.
+    """
+    planned, created = Path(planned), []
+    outdir = planned if nosubdir else planned.parent
+    in_place = nosubdir and resume is not None and _resumed_dir(resume) == outdir.resolve()
+    try:
+        if outdir.exists() and not outdir.is_dir():
+            raise ValueError(f"--outdir: {outdir} is a file, not a directory")
+        created += [d for d in reversed([outdir, *outdir.parents]) if not d.exists()]
+        outdir.mkdir(parents=True, exist_ok=True)
+        if nosubdir:
+            run_dir = outdir
+            if not in_place and any(outdir.iterdir()):
+                raise ValueError(f"--nosubdir: {outdir} is not empty (it may hold another run): choose "
+                                 f"an empty --outdir, or continue the run in it with --resume={outdir}")
+        else:
+            desc = planned.name.split("-", 1)[1]
+            with _dir_lock(outdir):
+                for _ in range(1000):
+                    run_dir = Path(_pick_run_dir(outdir, desc, False))
+                    with contextlib.suppress(FileExistsError):
+                        run_dir.mkdir()
+                        created.append(run_dir)
+                        break
+                else:
+                    raise ValueError(f"--outdir: could not claim a new run directory in {outdir}")
+        flags = os.O_WRONLY | os.O_CREAT | os.O_APPEND | (0 if in_place else os.O_EXCL)
+        try:
+            log = os.fdopen(os.open(run_dir / "log.txt", flags, 0o666), "a")
+        except FileExistsError:
+            raise ValueError(f"--outdir: another run has just claimed {run_dir}") from None
+        if not in_place:
+            created.append(run_dir / "log.txt")
+        return run_dir, log, created
+    except (ValueError, OSError) as e:
+        release_run_dir(created)
+        if isinstance(e, ValueError):
+            raise
+        raise ValueError(f"--outdir: cannot write to {outdir}: {e.strerror or e}") from None
+
+
+def release_run_dir(created) -> None:
+    """Undo claim_run_dir for a run that failed before its work: remove what it created, if empty."""
+    for path in reversed([Path(p) for p in created]):
+        with contextlib.suppress(OSError):
+            if path.is_dir():
+                path.rmdir()
+            elif path.stat().st_size == 0:
+                path.unlink()
 
 
 # %% [markdown]
@@ -797,32 +949,66 @@ def read_training_state(path) -> tuple:
         raise ValueError(f"{header_path} is not a complete training state: {e}") from None
     if not isinstance(header, dict) or header.get("format") != STATE_FORMAT:
         raise ValueError(f"{header_path} is not an edm_lit training state")
+    _check_header(header, header_path)
     tensors_path = header_path.parent / header["tensors"]
     try:
         data = tensors_path.read_bytes()
-    except FileNotFoundError:
-        raise ValueError(f"{header_path} names {tensors_path}, which is missing") from None
+    except OSError as e:
+        raise ValueError(f"{header_path} names {tensors_path}, which cannot be read "
+                         f"({e.strerror or e})") from None
     if hashlib.sha256(data).hexdigest() != header["tensors_sha256"]:
         raise ValueError(f"{tensors_path} does not match the SHA-256 in {header_path} (truncated or replaced)")
-    return header, safetensors_load(data)
+    try:
+        return header, safetensors_load(data)
+    except Exception as e:  # the library's own validation of the file
+        raise ValueError(f"{tensors_path} is not a readable safetensors file: {e}") from None
+
+
+# The header's entries and their JSON types: anything else is not a state this code wrote.
+STATE_HEADER = {"cur_nimg": int, "cur_tick": int, "world_size": int, "network": dict,
+                "optimizer_param_groups": list, "optimizer_scalars": dict, "rng": list, "options": dict,
+                "tensors": str, "tensors_sha256": str}
+
+
+def _check_header(header: dict, header_path) -> None:
+    for key, kind in STATE_HEADER.items():
+        if not isinstance(header.get(key), kind) or isinstance(header.get(key), bool):
+            raise ValueError(f"{header_path} is not a valid training state: {key!r} must be a JSON "
+                             f"{kind.__name__}, got {str(header.get(key))[:40]!r}")
+    name, progress = header["tensors"], min(header["cur_nimg"], header["cur_tick"])
+    if progress < 0 or len(header["rng"]) != header["world_size"] or Path(name).name != name \
+            or not name.endswith(".safetensors"):
+        raise ValueError(f"{header_path} is not a valid training state (negative progress, rng entries "
+                         "not matching world_size, or tensors not a bare .safetensors name)")
 
 
 def find_training_state(path) -> tuple:
     """(header path, cur_nimg) of a training state given by file, or the latest complete one in a run directory."""
     path = Path(path)
     if path.is_dir():
-        candidates = sorted(path.glob("training-state-*.json"), reverse=True)
-        for candidate in candidates:
+        numbered = [(int(m[1]), p) for p in path.glob("training-state-*.json")
+                    if (m := re.fullmatch(r"training-state-(\d+)\.json", p.name))]
+        for _, candidate in sorted(numbered, reverse=True):  # by number: names grow past 999,999 kimg
             try:
                 header, _ = read_training_state(candidate)
             except ValueError:
-                continue  # incomplete: the run was killed while writing it
-            return candidate, int(header["cur_nimg"])
+                continue  # incomplete (the run was killed while writing it) or not a state of ours
+            return candidate, header["cur_nimg"]
         raise ValueError(f"--resume: {path} holds no complete training-state-*.json")
     if not re.fullmatch(r"training-state-\d+\.(json|safetensors)", path.name):
         raise ValueError(f"--resume must be a run directory or a training-state-NNNNNN.json of a previous run, got {path}")
     header, _ = read_training_state(path)
     return path.with_suffix(".json"), int(header["cur_nimg"])
+
+
+def _match_layouts(optimizer) -> None:
+    """Give each loaded optimizer tensor its parameter's memory layout (channels_last), as in a fresh run:
+    a fused kernel walks both in memory order."""
+    for group in optimizer.param_groups:
+        for p in group["params"]:
+            for name, value in optimizer.state.get(p, {}).items():
+                if torch.is_tensor(value) and value.shape == p.shape and value.stride() != p.stride():
+                    optimizer.state[p][name] = torch.empty_like(p, dtype=value.dtype).copy_(value)
 
 
 def load_training_state(path, *, net, ema, optimizer, rank: int, world_size: int, device) -> dict:
@@ -833,25 +1019,32 @@ def load_training_state(path, *, net, ema, optimizer, rank: int, world_size: int
     ours = _json_safe(network_config(net))
     if header["network"] != ours:
         theirs = header["network"]
-        diff = sorted(k for k in set(ours["init_kwargs"]) | set(theirs.get("init_kwargs", {}))
-                      if ours["init_kwargs"].get(k) != theirs.get("init_kwargs", {}).get(k))
+        kwargs = theirs.get("init_kwargs") if isinstance(theirs.get("init_kwargs"), dict) else {}
+        diff = sorted(k for k in set(ours["init_kwargs"]) | set(kwargs)
+                      if ours["init_kwargs"].get(k) != kwargs.get(k))
         raise ValueError(f"--resume: {path} was trained with a different network ({theirs.get('class_name')} vs "
                          f"{ours['class_name']}; differing arguments: {diff})")
-    for prefix, module in [("net.", net), ("ema.", ema)]:
-        state = {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
-        module.load_state_dict(state, strict=True)
-    opt_state = {"state": {}, "param_groups": header["optimizer_param_groups"]}
-    for key, value in tensors.items():
-        if key.startswith("optimizer."):
-            _, index, name = key.split(".", 2)
+    try:  # a state that passed the checks above but does not fit: one line, not a traceback
+        for prefix, module in [("net.", net), ("ema.", ema)]:
+            state = {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
+            module.load_state_dict(state, strict=True)
+        opt_state = {"state": {}, "param_groups": header["optimizer_param_groups"]}
+        for key, value in tensors.items():
+            if key.startswith("optimizer."):
+                _, index, name = key.split(".", 2)
+                opt_state["state"].setdefault(int(index), {})[name] = value
+        for key, value in header["optimizer_scalars"].items():
+            index, name = key.split(".", 1)
             opt_state["state"].setdefault(int(index), {})[name] = value
-    for key, value in header["optimizer_scalars"].items():
-        index, name = key.split(".", 1)
-        opt_state["state"].setdefault(int(index), {})[name] = value
-    optimizer.load_state_dict(opt_state)
-    if header["world_size"] == world_size:
-        rank_tensors = {k.split(".", 2)[2]: v for k, v in tensors.items() if k.startswith(f"rng.{rank}.")}
-        restore_rng(rank_tensors, header["rng"][rank], device)
+        optimizer.load_state_dict(opt_state)
+        _match_layouts(optimizer)
+        if header["world_size"] == world_size:
+            rank_tensors = {k.split(".", 2)[2]: v for k, v in tensors.items()
+                            if k.startswith(f"rng.{rank}.")}
+            restore_rng(rank_tensors, header["rng"][rank], device)
+    except (KeyError, TypeError, ValueError, RuntimeError, IndexError, AttributeError) as e:
+        raise ValueError(f"--resume: {path} cannot be restored "
+                         f"({type(e).__name__}: {str(e)[:200]})") from None
     return header
 
 
@@ -859,47 +1052,64 @@ def load_training_state(path, *, net, ema, optimizer, rank: int, world_size: int
 # ## 7.6 Statistics in the official layout
 #
 # Every `--tick` kimg the loop writes one line to `stats.jsonl`. The official layout is kept: each
-# statistic is a name such as `Loss/loss` or `Timing/sec_per_kimg` mapped to `{"num", "mean", "std"}`
-# over the tick and over all ranks (`Loss/loss` over every pixel of every image), plus a `timestamp`,
-# so a script that plots official runs plots ours. We add the loss per σ bucket
+# statistic is a name such as `Loss/loss` or `Timing/sec_per_kimg` mapped to `{"num", "mean",
+# "std"}` over the tick and over all ranks (`Loss/loss` over every pixel of every image), plus a
+# `timestamp`, so a script that plots official runs plots ours. We add the loss per σ bucket
 # (`Loss/sigma_LO_HI`, per image), which §7.9 compares with the floor. The collector keeps the
-# count, sum and sum of squares of each statistic; at the tick these are summed over the ranks
-# (one `all_reduce`) and turned into means and standard deviations. Every line is strict JSON: a
-# non-finite value (a diverged loss) is written as `null`, and a statistic that cannot be measured
-# (the process's memory, without `psutil`) is left out.
+# count, sum and sum of squares of each statistic on the device — the σ buckets in one preallocated
+# table, filled with `index_add_` at the rows `torch.bucketize` finds, so that no step waits for the
+# GPU; at the tick these are summed over the ranks (one `all_reduce`) and turned into means and
+# standard deviations. Every line is strict JSON: a non-finite value (a diverged loss) is written as
+# `null`, and a statistic that cannot be measured (the process's memory, without `psutil`) is left
+# out.
 
 # %% tags=["export"]
 SIGMA_BUCKETS = (0.002, 0.02, 0.1, 0.3, 1.0, 3.0, 10.0, 80.0)  # edges of the Loss/sigma_LO_HI statistics
 
 
 class Stats:
-    """Running count, sum and sum of squares per statistic name; reduced over ranks at each tick. Chapter 7."""
+    """Running count, sum and sum of squares per statistic; reduced over ranks at each tick. Chapter 7.
+
+    Nothing here waits for the device: the moments stay on it until `collect` (once per tick).
+    """
 
     def __init__(self, device):
-        self.device, self.moments = device, {}
+        self.device, self.moments = torch.device(device), {}
+        self.bucket_rows = {f"Loss/sigma_{lo:g}_{hi:g}": i + 1 for i, (lo, hi) in
+                            enumerate(zip(SIGMA_BUCKETS[:-1], SIGMA_BUCKETS[1:]))}
+        # row 0: below the first edge, row len(SIGMA_BUCKETS): at or above the last (not reported)
+        self.buckets = torch.zeros(len(SIGMA_BUCKETS) + 1, 3, dtype=torch.float64, device=self.device)
+        self.edges = {}  # the bucket edges in each dtype sigma comes in, on the device (made once)
 
     def add(self, name: str, values) -> None:
         values = torch.as_tensor(values).detach().to(self.device, torch.float64).flatten()
         m = self.moments.setdefault(name, torch.zeros(3, dtype=torch.float64, device=self.device))
-        m += torch.stack([torch.tensor(float(values.numel()), dtype=torch.float64, device=self.device),
-                          values.sum(), values.square().sum()])
+        m += torch.stack([values.new_full([], values.numel()), values.sum(), values.square().sum()])
 
     def add_loss(self, loss: torch.Tensor, sigma: torch.Tensor) -> None:
-        """Loss/loss over all elements, and the per-image mean loss under its sigma bucket."""
+        """Loss/loss over all elements, and the per-image mean loss under its sigma bucket [lo, hi)."""
         self.add("Loss/loss", loss)
-        per_image, sigma = loss.mean(dim=(1, 2, 3)), sigma.detach().flatten().to(loss.device)
-        for lo, hi in zip(SIGMA_BUCKETS[:-1], SIGMA_BUCKETS[1:]):
-            inside = (sigma >= lo) & (sigma < hi)
-            self.add(f"Loss/sigma_{lo:g}_{hi:g}", per_image[inside])
+        per_image = loss.detach().mean(dim=(1, 2, 3)).to(self.device, torch.float64)
+        sigma = sigma.detach().flatten().to(self.device)
+        if sigma.dtype not in self.edges:
+            self.edges[sigma.dtype] = torch.tensor(SIGMA_BUCKETS, dtype=sigma.dtype, device=self.device)
+        row = torch.bucketize(sigma, self.edges[sigma.dtype], right=True)  # e[row-1] <= sigma < e[row]
+        values = torch.stack([torch.ones_like(per_image), per_image, per_image.square()], dim=1)
+        self.buckets.index_add_(0, row, values)
 
     def collect(self, names_everywhere) -> dict:
         """{name: {num, mean, std}} over all ranks since the last call (same `names_everywhere` on every rank)."""
         names = sorted(names_everywhere)
-        table = torch.stack([self.moments.get(n, torch.zeros(3, dtype=torch.float64, device=self.device))
-                             for n in names]) if names else torch.zeros(0, 3, dtype=torch.float64)
+        zero = torch.zeros(3, dtype=torch.float64, device=self.device)
+
+        def moments(name):
+            m = self.moments.get(name, zero)
+            return m + self.buckets[self.bucket_rows[name]] if name in self.bucket_rows else m
+        table = torch.stack([moments(n) for n in names]) if names else zero.new_zeros(0, 3)
         if torch.distributed.is_initialized() and names:
             torch.distributed.all_reduce(table)
         self.moments = {}
+        self.buckets.zero_()
         out = {}
         for name, (num, total, squares) in zip(names, table.tolist()):
             if num > 0:
@@ -934,6 +1144,14 @@ assert row["num"] == 1000 and abs(row["mean"] - values.double().mean()) < 1e-12
 assert abs(row["std"] - values.double().std(unbiased=False)) < 1e-9
 stats.add_loss(torch.ones(4, 1, 2, 2), torch.tensor([0.01, 0.5, 0.5, 50.0]).reshape(4, 1, 1, 1))
 print({k: v["num"] for k, v in stats.collect(stat_names()).items()})
+g = torch.Generator().manual_seed(0)  # against the buckets' definition, by boolean masks
+sigma, loss = (torch.randn(256, generator=g) * 2 - 1).exp(), torch.rand(256, 1, 2, 2, generator=g)
+stats.add_loss(loss, sigma.reshape(-1, 1, 1, 1))
+got = stats.collect(stat_names())
+for lo, hi in zip(SIGMA_BUCKETS[:-1], SIGMA_BUCKETS[1:]):
+    inside, row = (sigma >= lo) & (sigma < hi), got[f"Loss/sigma_{lo:g}_{hi:g}"]
+    assert row["num"] == inside.sum()
+    assert abs(row["mean"] - loss.mean((1, 2, 3))[inside].double().mean()) < 1e-12
 
 # %% [markdown]
 # ## 7.7 The loop
@@ -962,11 +1180,27 @@ print({k: v["num"] for k, v in stats.collect(stat_names()).items()})
 # `--transfer` source does not fit), so all ranks exit together instead of one waiting for the others
 # forever; `--data=digits` is built once per node, by its local rank 0, while the others wait.
 #
-# **Crash order.** At a tick, `stats.jsonl` is rewritten first (atomically, the old lines plus the
-# new one), then the snapshot, then the state. A resumed run drops the statistics lines past its
-# state, so the file reads as if the run had never stopped.
+# **Crash order.** At a tick, one line is appended to `stats.jsonl` (written, then `fsync`ed; the
+# file is never rewritten, so a tick costs as much at the end of a long run as at its start), then
+# the snapshot, then the state. A kill leaves complete lines (at most a partial last one, from a
+# kill inside the write). A run resumed in its own directory keeps the lines up to its state,
+# rewriting that prefix once, atomically, then appends: the file reads as if the run had never
+# stopped.
+#
+# **Divergence.** The nan/inf guard absorbs a batch whose loss overflows. It cannot absorb weights
+# that are no longer finite (too large a learning rate, a broken network), and it hides a loss that is
+# never finite any more (it zeroes every gradient): either way the run would train on, learning
+# nothing. So each step counts, on the device, its finite losses and the progress of the first
+# non-finite one (no host sync), and each tick checks, *before* writing anything, that the weights
+# are finite and that some loss of the tick was (for ticks of several steps): if not, the run stops
+# with `TrainingDiverged` (the command exits 1), and the snapshots and states on disk are the last
+# good ones.
 
 # %% tags=["export"]
+class TrainingDiverged(RuntimeError):
+    """The weights became non-finite: the run stopped before writing the tick (exit 1). Chapter 7."""
+
+
 def init_distributed() -> tuple:
     """(rank, world size, device): join torchrun's process group (nccl on CUDA, gloo on CPU), else a single process."""
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
@@ -1032,7 +1266,7 @@ class TrainingRun:
                  lr_rampup_kimg=10000, loss_scaling=1, kimg_per_tick=50, snapshot_ticks=50, state_dump_ticks=500,
                  resume_pkl=None, resume_state_dump=None, resume_kimg=0, cudnn_benchmark=True, device=None,
                  autocast_dtype=None, grid_images=64, grid_steps=18, log=None, progress_bar=False,
-                 loss_fn=None, dataset=None):
+                 loss_fn=None, dataset=None, channels_last=False, torch_compile=False):
         if device is None:
             self.rank, self.world_size, device = init_distributed()
         else:
@@ -1058,7 +1292,9 @@ class TrainingRun:
                             augment_kwargs=augment_kwargs, seed=seed, batch_size=batch_size, batch_gpu=batch_gpu,
                             total_kimg=total_kimg, ema_halflife_kimg=ema_halflife_kimg,
                             ema_rampup_ratio=ema_rampup_ratio, lr_rampup_kimg=lr_rampup_kimg,
-                            loss_scaling=loss_scaling)
+                            loss_scaling=loss_scaling, channels_last=channels_last,
+                            torch_compile=torch_compile)
+        self.channels_last = bool(channels_last)
         if device.type == "cuda":
             torch.backends.cudnn.benchmark = bool(cudnn_benchmark)
             torch.backends.cudnn.allow_tf32 = False  # the paper trains in true fp32
@@ -1076,6 +1312,8 @@ class TrainingRun:
             self.net = construct(**network_kwargs, img_resolution=self.dataset.resolution,
                                  img_channels=self.dataset.num_channels, label_dim=self.dataset.label_dim)
         self.net.train().requires_grad_(True).to(device)
+        if self.channels_last:  # the 4-D weights; the images follow in _next_rounds
+            self.net.to(memory_format=torch.channels_last)
         self.ema = copy.deepcopy(self.net).eval().requires_grad_(False)
         self.loss_fn = loss_fn if loss_fn is not None else construct(**(loss_kwargs or {"class_name": "edm_lit.loss.EDMLoss"}))
         optimizer_kwargs = dict(optimizer_kwargs or {"class_name": "torch.optim.Adam", "lr": 1e-3})
@@ -1089,9 +1327,12 @@ class TrainingRun:
             warnings.filterwarnings("ignore", message="Grad strides do not match bucket view strides")
             ids = [device.index] if device.type == "cuda" else None
             self.ddp = torch.nn.parallel.DistributedDataParallel(self.net, device_ids=ids)
+        if torch_compile:
+            self.net.compile()  # in place, after the EMA copy: the state_dict keeps its names
 
         self.cur_nimg, self.cur_tick = int(resume_kimg) * 1000, 0
-        self.stats_lines = []
+        self.stats_lines = []  # the lines a resumed run keeps; None once stats.jsonl is (re)started
+        self.last_snapshot = None
         if resume_pkl is not None:
             self._transfer(resume_pkl)
         if resume_state_dump is not None:
@@ -1104,6 +1345,9 @@ class TrainingRun:
             self._keep_stats_until(Path(resume_state_dump).parent)
         self.tick_start_nimg = self.cur_nimg
         self.stats = Stats(device)
+        # on the device: the progress at the first non-finite loss (-1: none yet), finite rounds this tick
+        self.first_nonfinite = torch.full([], -1, dtype=torch.int64, device=device)
+        self.finite_rounds = torch.zeros([], dtype=torch.int64, device=device)
         self.batches = make_loader(self.dataset, self.batch_gpu, self.rank, self.world_size, self.seed, self.cur_nimg,
                                    **self.loader_kwargs)
         self.grid_latents = None
@@ -1117,6 +1361,9 @@ class TrainingRun:
         bad = [k for k in ours if k in theirs and theirs[k].shape != ours[k].shape]
         if bad or not set(theirs) & set(ours):
             raise ValueError(f"--transfer: {source} does not fit this network (mismatched tensors: {bad[:5]})")
+        broken = [k for k, v in theirs.items() if v.is_floating_point() and not torch.isfinite(v).all()]
+        if broken:
+            raise ValueError(f"--transfer: {source} holds non-finite weights (NaN/inf in {broken[:3]})")
         common = {k: v for k, v in theirs.items() if k in ours}
         self.net.load_state_dict(common, strict=False)
         self.ema.load_state_dict(common, strict=False)
@@ -1127,7 +1374,7 @@ class TrainingRun:
             return
         path = self.run_dir / "stats.jsonl"
         if path.exists():
-            for line in path.read_text().splitlines():
+            for line in path.read_text(errors="replace").splitlines():
                 try:
                     row = json.loads(line)
                 except json.JSONDecodeError:
@@ -1140,16 +1387,26 @@ class TrainingRun:
     def _next_rounds(self) -> list:
         rounds = []
         for _ in range(self.rounds):
-            images, labels = next(self.batches)
-            images = images.to(self.device).to(torch.float32) / 127.5 - 1
-            rounds.append((images, labels.to(self.device)))
+            images, labels = next(self.batches)  # uint8 (a quarter of float32), converted on the device
+            images = images.to(self.device, non_blocking=True).to(torch.float32) / 127.5 - 1
+            if self.channels_last:
+                images = images.contiguous(memory_format=torch.channels_last)
+            rounds.append((images, labels.to(self.device, non_blocking=True)))
         return rounds
+
+    def _on_loss(self, loss: torch.Tensor, sigma: torch.Tensor) -> None:
+        """Statistics of a round's loss, and the progress of the first non-finite one (on the device)."""
+        self.stats.add_loss(loss, sigma)
+        finite = torch.isfinite(loss).all()
+        self.finite_rounds += finite
+        self.first_nonfinite = torch.where((self.first_nonfinite < 0) & ~finite, self.cur_nimg,
+                                           self.first_nonfinite)
 
     def step(self) -> None:
         """One optimiser step on `batch_size` images (all ranks, all rounds), then the EMA update."""
         self.optimizer.zero_grad(set_to_none=True)
         accumulate_gradients(self.ddp, self.loss_fn, self._next_rounds(), self.loss_scaling, self.per_rank_batch,
-                             self.augment_pipe, self.autocast_dtype, on_loss=self.stats.add_loss)
+                             self.augment_pipe, self.autocast_dtype, on_loss=self._on_loss)
         for group in self.optimizer.param_groups:
             group["lr"] = learning_rate(self.base_lr, self.cur_nimg, self.lr_rampup_kimg)
         sanitize_gradients(self.net.parameters())
@@ -1178,8 +1435,39 @@ class TrainingRun:
                                randn_like=lambda x: torch.randn(x.shape, generator=g, device=x.device, dtype=x.dtype))
 
     def _write_stats(self, row: dict) -> None:
-        self.stats_lines.append(json.dumps(_finite_or_null(row), allow_nan=False))
-        write_atomic(self.run_dir / "stats.jsonl", ("\n".join(self.stats_lines) + "\n").encode())
+        """Append one line to stats.jsonl; a process's first line starts the file anew (atomically)."""
+        line = json.dumps(_finite_or_null(row), allow_nan=False) + "\n"
+        if self.stats_lines is not None:  # the kept lines of a resumed run (or none) and this one
+            kept = "".join(k + "\n" for k in self.stats_lines)
+            write_atomic(self.run_dir / "stats.jsonl", (kept + line).encode())
+            self.stats_lines = None
+            return
+        with open(self.run_dir / "stats.jsonl", "ab") as f:
+            f.write(line.encode())
+            f.flush()
+            os.fsync(f.fileno())
+
+    def check_finite(self) -> None:
+        """Raise TrainingDiverged if the weights are no longer finite, or no loss of a tick of several
+        steps was (then the guard keeps zeroing every gradient). One host sync, at each tick."""
+        params = [p for module in (self.net, self.ema) for p in module.parameters()]
+        broken = torch.stack([torch.isfinite(p).all() for p in params]).all().logical_not()
+        status = torch.stack([broken.to(torch.int64), self.finite_rounds])
+        if torch.distributed.is_initialized():  # any rank's broken weights, any rank's finite loss
+            torch.distributed.all_reduce(status, op=torch.distributed.ReduceOp.MAX)
+        broken, finite_rounds, first = torch.cat([status, self.first_nonfinite[None]]).tolist()
+        self.finite_rounds.zero_()
+        steps = (self.cur_nimg - self.tick_start_nimg) // self.batch_size
+        if not broken and (finite_rounds > 0 or steps < 2):
+            return
+        what = ("the weights are no longer finite" if broken else
+                f"no loss of the last {steps} steps was finite (the guard zeroes every gradient)")
+        loss = f"; the first non-finite loss was at kimg {first / 1e3:g}" if first >= 0 else ""
+        last = f" (last snapshot: {self.last_snapshot})" if self.last_snapshot else ""
+        raise TrainingDiverged(
+            f"training diverged at kimg {self.cur_nimg / 1e3:g}: {what}{loss}. Stopped before writing "
+            f"this tick, so the files on disk are from before it{last}. Lower --lr, or check the "
+            "--transfer network")
 
     def _snapshot(self, kimg: int) -> None:
         from edm_lit.checkpoints import save_network
@@ -1189,13 +1477,15 @@ class TrainingRun:
             with open(path, "rb") as f:
                 os.fsync(f.fileno())
         fsync_dir(self.run_dir)
+        self.last_snapshot = stem.name + ".json"
         if self.grid_images > 0:
             images = self.sample_grid()
             columns = max(1, int(math.ceil(math.sqrt(images.shape[0]))))
             write_atomic(self.run_dir / f"samples-{kimg:06d}.png", png_bytes(image_grid(images, columns)))
 
     def maintenance(self, done: bool, timing: dict) -> dict:
-        """The tick: statistics, log line, snapshot, state dump. Returns the statistics row."""
+        """The tick: finiteness check, statistics, log line, snapshot, state dump. Returns the row."""
+        self.check_finite()  # before anything is written
         now = time.time()
         row = self.stats.collect(stat_names())
         tick_sec = now - timing["tick_start"]
@@ -1242,20 +1532,20 @@ class TrainingRun:
         bar = tqdm(total=last_nimg, initial=self.cur_nimg, unit="kimg", unit_scale=1e-3, disable=not self.progress_bar,
                    bar_format="{l_bar}{bar}| {n:.1f}/{total:.1f} kimg [{elapsed} elapsed, ETA {remaining}{postfix}]")
         done = self.cur_nimg >= self.total_nimg
-        while not done:
-            self.step()
-            bar.update(self.batch_size)
-            done = self.cur_nimg >= self.total_nimg
-            if not self._tick_due(done):
-                continue
-            tick_end = time.time()
-            row = self.maintenance(done, timing)
-            bar.set_postfix_str(f"{row['Timing/sec_per_kimg']['mean']:.2f} sec/kimg")
-            self.cur_tick += 1
-            self.tick_start_nimg = self.cur_nimg
-            timing["tick_start"] = time.time()
-            timing["maintenance"] = timing["tick_start"] - tick_end
-        bar.close()
+        with contextlib.closing(bar):
+            while not done:
+                self.step()
+                bar.update(self.batch_size)
+                done = self.cur_nimg >= self.total_nimg
+                if not self._tick_due(done):
+                    continue
+                tick_end = time.time()
+                row = self.maintenance(done, timing)
+                bar.set_postfix_str(f"{row['Timing/sec_per_kimg']['mean']:.2f} sec/kimg")
+                self.cur_tick += 1
+                self.tick_start_nimg = self.cur_nimg
+                timing["tick_start"] = time.time()
+                timing["maintenance"] = timing["tick_start"] - tick_end
         return self.ema
 
 
@@ -1291,30 +1581,66 @@ class RandomImages(torch.utils.data.Dataset):
 
 first_run = scratch / "first-run"
 tiny = dict(ARCH_PRESETS["ddpmpp-tiny"], class_name="edm_lit.precond.EDMPrecond", dropout=0.0, use_fp16=False)
+inodes = []  # stats.jsonl at each tick: the same file, appended to
+
+
+def log(line):
+    print(line)
+    if (first_run / "stats.jsonl").exists():
+        inodes.append((first_run / "stats.jsonl").stat().st_ino)
+
+
 run = TrainingRun(run_dir=first_run, dataset=RandomImages(), network_kwargs=tiny, batch_size=32, total_kimg=2,
                   kimg_per_tick=1, snapshot_ticks=1, state_dump_ticks=2, lr_rampup_kimg=0, ema_halflife_kimg=0.5,
-                  grid_images=16, grid_steps=6, device="cpu", data_loader_kwargs=dict(num_workers=0), log=print)
+                  grid_images=16, grid_steps=6, device=MODE.device, log=log,
+                  data_loader_kwargs=dict(num_workers=0))
 ema = run.run()
+assert len(inodes) == 2 and {(first_run / "stats.jsonl").stat().st_ino} == set(inodes)
 print(sorted(p.name for p in first_run.iterdir()))
 lines = (first_run / "stats.jsonl").read_text().splitlines()
 assert len(lines) == 3 and {"Loss/loss", "Progress/kimg", "Timing/sec_per_kimg", "timestamp"} <= set(json.loads(lines[-1]))
 snap = load_network(first_run / "network-snapshot-000002.json")
-assert all(torch.equal(a, b) for a, b in zip(snap.state_dict().values(), ema.state_dict().values()))
+assert all(torch.equal(a, b.cpu()) for a, b in zip(snap.state_dict().values(),
+                                                   ema.state_dict().values()))
 header, tensors = read_training_state(first_run / "training-state-000002.json")
 assert header["cur_nimg"] == 2016 and (first_run / "samples-000002.png").read_bytes()[:4] == b"\x89PNG"
+
+# %% [markdown]
+# **Check** — divergence: with a loss that is never finite the guard zeroes every gradient, and the run
+# stops at the first tick of several steps, before writing it: only the snapshot of tick 0 is on disk.
+
+# %%
+from edm_lit.training import TrainingDiverged
+
+
+class NeverFinite(EDMLoss):
+    def __call__(self, net, images, labels=None, augment_pipe=None):
+        return super().__call__(net, images, labels, augment_pipe) * float("nan")
+
+
+diverging = TrainingRun(run_dir=scratch / "diverging", dataset=RandomImages(), network_kwargs=tiny,
+                        loss_fn=NeverFinite(), batch_size=32, total_kimg=1, kimg_per_tick=0.25, grid_images=0,
+                        device=MODE.device, data_loader_kwargs=dict(num_workers=0))
+try:
+    diverging.run()
+    raise AssertionError("the run did not stop")
+except TrainingDiverged as e:
+    print(e)
+assert [p.name for p in (scratch / "diverging").glob("*.json")] == ["network-snapshot-000000.json"]
 
 # %% [markdown]
 # ## 7.8 The command line
 #
 # `python -m edm_lit.train` (and `edm-lit train`, Appendix A) takes the official flags — the same
-# names, meanings and defaults, booleans written `--cond=1` as there — plus four of ours:
-# `--bf16` (bfloat16 autocast), `--lr-rampup` (the ramp-up in Mimg, officially fixed at 10),
-# `--grid` (images in each snapshot's sample grid, 0 for none), and `--data=digits` for the
-# quick data set of Chapter 6. `--resume` takes a `training-state-NNNNNN.json` or a run directory
-# (its latest complete state). The same command runs on one CPU, one GPU, or under `torchrun` on
-# many. The paper's runs, unchanged — CIFAR-10 class-conditional DDPM++ on 8 GPUs; FFHQ and AFHQv2
-# 64×64 (unconditional); ImageNet 64×64 with ADM on 32 GPUs over 4 nodes through torchrun's
-# rendezvous; and the quick-mode run of §7.9 on a CPU:
+# names, meanings and defaults, booleans written `--cond=1` as there — plus four of ours: `--bf16`
+# (bfloat16 autocast), `--lr-rampup` (the ramp-up in Mimg, officially fixed at 10), `--grid` (images
+# in each snapshot's sample grid, 0 for none), and `--data=digits` for the quick data set of
+# Chapter 6. `--resume` takes a `training-state-NNNNNN.json` or a run directory (its latest complete state);
+# without `--seed` it keeps the seed of the run it continues (the data order depends on it). The
+# same command runs on one CPU, one GPU, or under `torchrun` on many. The paper's runs, unchanged —
+# CIFAR-10 class-conditional DDPM++ on 8 GPUs; FFHQ and AFHQv2 64×64 (unconditional); ImageNet 64×64
+# with ADM on 32 GPUs over 4 nodes through torchrun's rendezvous; and the quick-mode run of §7.9 on
+# a CPU:
 #
 # ```bash
 # torchrun --standalone --nproc_per_node=8 -m edm_lit.train --outdir=training-runs \
@@ -1352,8 +1678,10 @@ def parse_bool(text: str) -> bool:
 
 
 def parse_int_list(text: str) -> list:
-    """'1,2,5-7' -> [1, 2, 5, 6, 7]."""
+    """'1,2,5-7' -> [1, 2, 5, 6, 7]; '' -> [] (which build_options refuses for --cres, in one line)."""
     values = []
+    if not str(text).strip():
+        return values
     for part in str(text).split(","):
         bounds = re.fullmatch(r"\s*(\d+)\s*-\s*(\d+)\s*", part)
         try:
@@ -1361,15 +1689,6 @@ def parse_int_list(text: str) -> list:
         except ValueError:
             raise argparse.ArgumentTypeError(f"expected integers and ranges such as 1,2,5-7, got {text!r}") from None
     return values
-
-
-def _positive(kind):
-    def check(text):
-        value = kind(text)
-        if not value > 0:
-            raise argparse.ArgumentTypeError(f"must be > 0, got {text}")
-        return value
-    return check
 
 
 def add_train_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
@@ -1383,31 +1702,31 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPar
     main.add_argument("--precond", choices=sorted(training.PRECOND_CLASSES), default=d["precond"],
                       help="preconditioning and loss function")
     hyper = parser.add_argument_group("hyperparameters")
-    hyper.add_argument("--duration", type=_positive(float), default=d["duration"], metavar="MIMG", help="training duration")
-    hyper.add_argument("--batch", type=_positive(int), default=d["batch"], metavar="INT", help="total batch size")
-    hyper.add_argument("--batch-gpu", type=_positive(int), default=d["batch_gpu"], metavar="INT",
+    hyper.add_argument("--duration", type=float, default=d["duration"], metavar="MIMG", help="training duration")
+    hyper.add_argument("--batch", type=int, default=d["batch"], metavar="INT", help="total batch size")
+    hyper.add_argument("--batch-gpu", type=int, default=d["batch_gpu"], metavar="INT",
                        help="limit batch size per GPU (gradient accumulation)")
     hyper.add_argument("--cbase", type=int, default=d["cbase"], metavar="INT", help="channel multiplier [default: varies]")
     hyper.add_argument("--cres", type=parse_int_list, default=d["cres"], metavar="LIST",
                        help="channels per resolution [default: varies]")
-    hyper.add_argument("--lr", type=_positive(float), default=d["lr"], metavar="FLOAT", help="learning rate")
+    hyper.add_argument("--lr", type=float, default=d["lr"], metavar="FLOAT", help="learning rate")
     hyper.add_argument("--ema", type=float, default=d["ema"], metavar="MIMG", help="EMA half-life")
     hyper.add_argument("--dropout", type=float, default=d["dropout"], metavar="FLOAT", help="dropout probability")
     hyper.add_argument("--augment", type=float, default=d["augment"], metavar="FLOAT", help="augment probability")
     hyper.add_argument("--xflip", type=parse_bool, default=d["xflip"], metavar="BOOL", help="enable data-set x-flips")
     perf = parser.add_argument_group("performance")
     perf.add_argument("--fp16", type=parse_bool, default=d["fp16"], metavar="BOOL", help="mixed-precision training (CUDA)")
-    perf.add_argument("--ls", type=_positive(float), default=d["ls"], metavar="FLOAT", help="loss scaling")
+    perf.add_argument("--ls", type=float, default=d["ls"], metavar="FLOAT", help="loss scaling")
     perf.add_argument("--bench", type=parse_bool, default=d["bench"], metavar="BOOL", help="enable cuDNN benchmarking")
     perf.add_argument("--cache", type=parse_bool, default=d["cache"], metavar="BOOL", help="cache data set in CPU memory")
-    perf.add_argument("--workers", type=_positive(int), default=d["workers"], metavar="INT",
+    perf.add_argument("--workers", type=int, default=d["workers"], metavar="INT",
                       help="DataLoader worker processes")
     io = parser.add_argument_group("I/O")
     io.add_argument("--desc", default=d["desc"], metavar="STR", help="string to include in result dir name")
     io.add_argument("--nosubdir", action="store_true", help="do not create a subdirectory for results")
-    io.add_argument("--tick", type=_positive(int), default=d["tick"], metavar="KIMG", help="how often to print progress")
-    io.add_argument("--snap", type=_positive(int), default=d["snap"], metavar="TICKS", help="how often to save snapshots")
-    io.add_argument("--dump", type=_positive(int), default=d["dump"], metavar="TICKS", help="how often to dump state")
+    io.add_argument("--tick", type=int, default=d["tick"], metavar="KIMG", help="how often to print progress")
+    io.add_argument("--snap", type=int, default=d["snap"], metavar="TICKS", help="how often to save snapshots")
+    io.add_argument("--dump", type=int, default=d["dump"], metavar="TICKS", help="how often to dump state")
     io.add_argument("--seed", type=int, default=d["seed"], metavar="INT", help="random seed [default: random]")
     io.add_argument("--transfer", default=d["transfer"], metavar="PKL|URL",
                     help="transfer learning from a network snapshot (ours or an official .pkl)")
@@ -1419,6 +1738,12 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPar
     ours.add_argument("--lr-rampup", type=float, default=d["lr_rampup"], metavar="MIMG",
                       help="learning-rate ramp-up (official: 10)")
     ours.add_argument("--grid", type=int, default=d["grid"], metavar="INT", help="sample-grid images per snapshot, 0 = none")
+    ours.add_argument("--channels-last", type=parse_bool, default=d["channels_last"], metavar="BOOL",
+                      help="network and input images in channels_last memory format")
+    ours.add_argument("--compile", type=parse_bool, default=d["compile"], metavar="BOOL",
+                      help="torch.compile the trained network")
+    ours.add_argument("--fused-adam", type=parse_bool, default=d["fused_adam"], metavar="BOOL",
+                      help="Adam's fused kernel (torch.optim.Adam(fused=True))")
     return parser
 
 
@@ -1459,10 +1784,20 @@ def _train(args, flags: dict, out, rank: int, world_size: int, device) -> int:
                          ("Mixed-precision", net["use_fp16"] or options["autocast_dtype"] or False)]:
         say(f"{label + ':':<25}{value}")
     if args.dry_run:
+        warning = training.device_warning(options, device)
+        if warning is not None and rank == 0:
+            print(f"edm-lit train: warning: {warning}", file=sys.stderr)
         say("Dry run; exiting.")
         return 0
-    run_dir = Path(options["run_dir"])
-    if failed(f"{run_dir} exists already" if rank == 0 and not args.nosubdir and run_dir.exists() else None):
+    run_dir, log_file, created, error = None, None, [], None
+    if rank == 0:  # claim the run directory before building anything (also a test that it is writable)
+        try:
+            claim = training.claim_run_dir(options["run_dir"], args.nosubdir, flags["resume"])
+            run_dir, log_file, created = claim
+            options["run_dir"] = str(run_dir)
+        except ValueError as e:
+            error = str(e)
+    if failed(error):
         return 1
     trainer, error = None, None
     try:  # builds everything and loads --resume/--transfer; writes nothing yet
@@ -1470,24 +1805,50 @@ def _train(args, flags: dict, out, rank: int, world_size: int, device) -> int:
     except ValueError as e:
         error = str(e)
     if failed(error):
+        if log_file is not None:
+            log_file.close()
+            training.release_run_dir(created)
         return 1
-    if rank == 0:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        training.write_atomic(run_dir / "training_options.json", (json.dumps(options, indent=2) + "\n").encode())
-        log_file = open(run_dir / "log.txt", "a")  # a human log, appended (the one non-atomic file)
+    try:
+        if rank == 0:
+            text = json.dumps(options, indent=2) + "\n"
+            training.write_atomic(run_dir / "training_options.json", text.encode())
 
-        def log(line):
-            print(line, file=out, flush=True)
-            log_file.write(line + "\n")
-            log_file.flush()
-        trainer.log = log
-    trainer.run()
+            def log(line):  # log.txt: a human log, appended (the one non-atomic file)
+                print(line, file=out, flush=True)
+                log_file.write(line + "\n")
+                log_file.flush()
+            trainer.log = log
+        trainer.run()
+    except training.TrainingDiverged as e:  # raised on every rank at the same tick
+        if rank == 0:
+            print(f"edm-lit train: error: {e}", file=sys.stderr)
+        return 1
+    finally:
+        if log_file is not None:
+            log_file.close()
     return 0
 
 
 def torch_distributed_ready() -> bool:
     import torch
     return torch.distributed.is_available() and torch.distributed.is_initialized()
+
+
+def to_argv(flags: dict) -> list:
+    """Flags as a dict (build_options' names) -> the command line giving them: ['--batch=32', ...]."""
+    def text(value):
+        if isinstance(value, bool):
+            return "1" if value else "0"
+        return ",".join(str(v) for v in value) if isinstance(value, (list, tuple)) else str(value)
+    argv = []
+    for name, value in flags.items():
+        switch = name in ("nosubdir", "dry_run")  # flags without a value
+        if name not in training.TRAIN_DEFAULTS or value is None or (switch and not value):
+            continue
+        flag = "--" + name.replace("_", "-")
+        argv.append(flag if switch else f"{flag}={text(value)}")
+    return argv
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -1505,9 +1866,21 @@ if __name__ == "__main__" and __spec__ is not None and __spec__.name == "edm_lit
     sys.exit(main())
 
 # %% [markdown]
+# **Speed.** Three more flags of ours; each keeps the exact resume and the snapshots' layout.
+# `--fused-adam=1`: Adam's fused kernel (`torch.optim.Adam(fused=True)`), one kernel for the whole
+# update — the same formula, other rounding (a resumed run gives Adam's moments the parameters'
+# memory layout back: the fused kernel walks both in memory order). `--channels-last=1`: network and
+# images in channels-last memory format, which GPU convolutions prefer; the noise is then drawn in
+# that layout, so such a run is not bitwise the one without the flag. `--compile=1`: `torch.compile`
+# of the trained network, fused kernels after a compilation at the start. Without any flag the
+# images travel as uint8 (a quarter of the bytes of float32), from pinned memory and asynchronously,
+# and are converted on the device. What the flags buy on a GPU is not measured here (no GPU was
+# available to this book's build); `benchmarks/bench_training.py` measures it, one row per flag.
+#
 # **Check** — `--dry-run` with the paper's CIFAR-10 flags prints the official configuration and
-# writes nothing; the bad inputs are refused with one line before any work: a missing data set,
-# a batch the ranks and `--batch-gpu` cannot split, `--fp16` on a CPU, `--transfer` with `--resume`.
+# writes nothing; the bad inputs are refused with one line before any work: a missing data set, a
+# batch the ranks and `--batch-gpu` cannot split, `--transfer` with `--resume`, non-finite or absurd
+# numbers.
 
 # %%
 import contextlib
@@ -1524,14 +1897,42 @@ print(printed[-420:])
 assert status == 0 and '"batch_size": 512' in printed and "Dry run; exiting." in printed and not runs.exists()
 bad_inputs = {"missing data set": [f"--data={scratch}/no-such.zip"],
               "batch vs --batch-gpu": [f"--data={fake_cifar}", "--batch=512", "--batch-gpu=48"],
-              "--fp16 on a CPU": [f"--data={fake_cifar}", "--fp16=1"],
-              "--transfer with --resume": [f"--data={fake_cifar}", "--transfer=a.pkl", f"--resume={first_run}"]}
+              "--transfer with --resume": [f"--data={fake_cifar}", "--transfer=a.pkl",
+                                           f"--resume={first_run}"],
+              "--lr=inf": [f"--data={fake_cifar}", "--lr=inf"],
+              "--cbase=0": [f"--data={fake_cifar}", "--cbase=0"],
+              "--seed of 23 digits": [f"--data={fake_cifar}", f"--seed={10**22}"]}
 for case, flags in bad_inputs.items():
     err = io.StringIO()
     with contextlib.redirect_stderr(err):
         status = train_cli.main(["--outdir", str(runs), "--dry-run", *flags])
     print(f"{case:26s} -> exit {status}: {err.getvalue().strip()}")
     assert status == 1 and err.getvalue().startswith("edm-lit train: error:")
+    assert err.getvalue().count("\n") == 1
+
+# %% [markdown]
+# **Check** — `--fp16` depends on the device this chapter runs on. Without CUDA, `--dry-run` still
+# prints the configuration (a login node may prepare a GPU run; the official tool does not check at
+# all) and adds a one-line warning, while a real run is refused in one line before any work. With
+# CUDA, the flag is accepted.
+
+# %%
+err = io.StringIO()
+with contextlib.redirect_stderr(err), contextlib.redirect_stdout(io.StringIO()):
+    status = train_cli.main(["--outdir", str(runs), f"--data={fake_cifar}", "--fp16=1", "--dry-run"])
+print(f"--fp16=1 --dry-run on {MODE.device.type}: exit {status}; "
+      f"{err.getvalue().strip() or 'no warning'}")
+warned = "warning: --fp16 needs a CUDA GPU" in err.getvalue()
+assert status == 0 and warned == (MODE.device.type != "cuda")
+if MODE.device.type == "cuda":
+    fp16_options = build_options(dict(data=str(fake_cifar), fp16=True, seed=0), device=MODE.device)
+    assert fp16_options["network_kwargs"]["use_fp16"]
+else:
+    err = io.StringIO()
+    with contextlib.redirect_stderr(err):
+        status = train_cli.main(["--outdir", str(runs), f"--data={fake_cifar}", "--fp16=1"])
+    print(f"--fp16=1 on {MODE.device.type}, a real run: exit {status}: {err.getvalue().strip()}")
+    assert status == 1 and err.getvalue().count("\n") == 1 and not runs.exists()
 
 # %% [markdown]
 # ## 7.9 A real run: the digits on a CPU
@@ -1548,25 +1949,26 @@ QUICK_FLAGS = dict(data="digits", arch="ddpmpp-tiny", cond=False, duration=0.03,
                    ema=0.002, dropout=0.0, augment=0.0, tick=5, snap=3, dump=6, workers=1, grid=64)
 
 
-def train_quick(run_dir, seed: int = 0, log=None, **overrides) -> torch.nn.Module:
-    """Train (or load, if done before) the book's quick-mode model: tiny DDPM++ on the digits, CPU. Chapter 7.
+def train_quick(run_dir, seed: int = 0, log=None, device="cpu", **overrides) -> torch.nn.Module:
+    """Train (or load, if done before) the book's quick-mode model: tiny DDPM++ on the digits. Chapter 7.
 
     Equivalent to `python -m edm_lit.train --outdir=RUN_DIR --nosubdir --seed=SEED` with QUICK_FLAGS
     (+ overrides) under OMP_NUM_THREADS=1; returns the EMA network of the final snapshot, in eval mode.
-    Trains in one torch thread, so the weights are bitwise reproducible for a given torch build and CPU.
+    The model is defined by a CPU run in one torch thread, bitwise reproducible for a given torch build
+    and CPU (the committed model, book/results/quick_digits); another `device` gives a close one.
     """
     from edm_lit.checkpoints import load_network
 
     flags = {**QUICK_FLAGS, **overrides, "outdir": str(run_dir), "nosubdir": True, "seed": int(seed)}
     final = Path(run_dir) / f"network-snapshot-{max(int(flags['duration'] * 1000), 1):06d}.json"
     if not final.exists():
-        options = build_options(flags, device="cpu")
+        options = build_options(flags, device=device)
         Path(run_dir).mkdir(parents=True, exist_ok=True)
         write_atomic(Path(run_dir) / "training_options.json", (json.dumps(options, indent=2) + "\n").encode())
         threads = torch.get_num_threads()
         torch.set_num_threads(1)  # one thread: the same rounding, hence the same model, on every machine
         try:
-            TrainingRun(**options, device=torch.device("cpu"), log=log).run()
+            TrainingRun(**options, device=torch.device(device), log=log).run()
         finally:
             torch.set_num_threads(threads)
     return load_network(final)
@@ -1664,18 +2066,84 @@ assert max(raw_diff["outputs"].values()) > 10 * REPRODUCTION_TOLERANCE["outputs"
 assert raw_diff["weights"] > 3 * REPRODUCTION_TOLERANCE["weights"]
 
 # %% [markdown]
-# **Samples.** The snapshots' grids: 64 EMA samples from the same fixed noise, 18 Heun steps
-# (Chapter 3), at the start, halfway and at the end of the run. How close they are to the digits is
-# measured below (the pixel statistics, with and without the EMA).
+# **At full size.** In full mode (`EDM_LIT_MODE=full`, `EDM_LIT_DATA`, `EDM_LIT_KIMG`, a GPU) the
+# chapter also trains the paper's network for the data set's resolution — `paper_recipe`: CIFAR-10's
+# DDPM++ recipe at 32×32, the FFHQ/AFHQv2 one at 64×64, class-conditional when the data set has
+# labels — for `EDM_LIT_KIMG` thousand images, through the command's own code
+# (`edm_lit.train.main`), into `training-runs/`. The figure after it shows that run's files; in
+# quick mode, the digits run's.
+
+# %% tags=["export"]
+def paper_recipe(resolution: int, labelled: bool) -> dict:
+    """The paper's train flags for data of this resolution (App. F.2, Table 7): DDPM++, EDM. Chapter 7.
+
+    32x32: the CIFAR-10 recipe (the official defaults); 64x64: the FFHQ/AFHQv2 recipe (multipliers
+    1,2,2,2, batch 256, lr 2e-4, dropout 0.05, augment 0.15). Class-conditional when labelled.
+    """
+    common = dict(arch="ddpmpp", precond="edm", cond=bool(labelled), ema=0.5, lr_rampup=10.0)
+    if resolution == 32:
+        return dict(common, batch=512, lr=1e-3, dropout=0.13, augment=0.12)
+    if resolution == 64:
+        return dict(common, cres=[1, 2, 2, 2], batch=256, lr=2e-4, dropout=0.05, augment=0.15)
+    raise ValueError(f"no paper recipe for {resolution}x{resolution} images: the paper trains DDPM++ "
+                     "at 32x32 (CIFAR-10) and 64x64 (FFHQ, AFHQv2)")
+
+
+def full_size_flags(data, kimg: float, seed: int = 0) -> dict:
+    """Chapter 7's full-mode run: paper_recipe for `data`'s resolution and labels, for `kimg` kimg."""
+    kwargs = _dataset_kwargs(dict(TRAIN_DEFAULTS, data=data, cond=True, cache=False))  # labels, if any
+    dataset = construct(**kwargs)
+    duration = kimg / 1000
+    while int(duration * 1000) < int(kimg):  # 1.001 * 1000 = 1000.99...: not a kimg short
+        duration = math.nextafter(duration, math.inf)
+    tick = max(1, int(kimg) // 10)  # about ten ticks; snapshots and grids at the start, middle and end
+    return dict(paper_recipe(dataset.resolution, dataset.has_labels), data=str(data), duration=duration,
+                tick=tick, snap=max(1, int(kimg) // tick // 2), dump=10, seed=int(seed))
+
+
+# %%
+shown_dir = quick_dir
+if MODE.full:
+    from edm_lit import train as train_cli
+    from edm_lit.training import full_size_flags
+
+    full_flags = full_size_flags(MODE.data, MODE.kimg)
+    print("full-size run:", json.dumps(full_flags))
+    outdir = Path("training-runs")
+    assert train_cli.main(["--outdir", str(outdir), *train_cli.to_argv(full_flags)]) == 0
+    runs = [p for p in outdir.iterdir() if p.is_dir() and p.name[:5].isdigit()]
+    shown_dir = max(runs, key=lambda p: int(p.name[:5]))  # the run just made
+
+# %% [markdown]
+# **Samples and loss per σ, from the run's files.** The snapshots' grids: EMA samples from the same
+# fixed noise, 18 Heun steps (Chapter 3), at the start, halfway and at the end of the run; and the
+# training loss of each σ bucket over the run (`stats.jsonl`). For the digits, how close the samples
+# are to the data is measured below.
 
 # %%
 from PIL import Image
 
-fig, axes = plt.subplots(1, 3, figsize=(11, 4))
-for ax, kimg in zip(axes, [0, 15, 30]):
-    ax.imshow(np.array(Image.open(quick_dir / f"samples-{kimg:06d}.png")), cmap="gray", vmin=0, vmax=255)
-    ax.set(title=f"EMA samples at {kimg} kimg", xticks=[], yticks=[])
+from edm_lit.training import SIGMA_BUCKETS
+
+shown_rows = [json.loads(line) for line in (shown_dir / "stats.jsonl").read_text().splitlines()]
+grids = sorted(shown_dir.glob("samples-*.png"), key=lambda path: int(path.stem.split("-")[1]))
+fig, axes = plt.subplots(1, 4, figsize=(15, 4))
+for lo, hi in zip(SIGMA_BUCKETS[:-1], SIGMA_BUCKETS[1:]):
+    points = [(r["Progress/kimg"]["mean"], r[f"Loss/sigma_{lo:g}_{hi:g}"]["mean"]) for r in shown_rows
+              if r.get(f"Loss/sigma_{lo:g}_{hi:g}", {}).get("mean") is not None]
+    axes[0].plot(*zip(*points), "o-", ms=2, label=f"σ in [{lo:g}, {hi:g})")
+axes[0].set(xlabel="training progress (kimg)", ylabel="λ(σ) · loss per pixel", yscale="log",
+            title="training loss per σ bucket")
+axes[0].legend(fontsize=6)
+for ax, path in zip(axes[1:], [grids[0], grids[len(grids) // 2], grids[-1]]):
+    ax.imshow(np.array(Image.open(path)), cmap="gray", vmin=0, vmax=255)
+    ax.set(title=f"EMA samples at {int(path.stem.split('-')[1])} kimg", xticks=[], yticks=[])
 plt.tight_layout()
+assert len(grids) >= 2 and all(r["Loss/loss"]["mean"] is not None for r in shown_rows)  # all finite
+if MODE.full:  # the run went the whole way (its loss depends on the reader's data and budget)
+    assert shown_rows[-1]["Progress/kimg"]["mean"] >= int(MODE.kimg)
+else:  # the digits run of this chapter learns: its loss falls by half
+    assert shown_rows[-1]["Loss/loss"]["mean"] < 0.5 * shown_rows[0]["Loss/loss"]["mean"]
 
 # %% [markdown]
 # **Loss per σ against the floor.** The training statistics carry the loss per σ bucket. For a
@@ -1858,15 +2326,21 @@ assert fd["EMA"] < fd["raw"]
 # - `TrainingRun`, `training_loop`, `init_distributed`, `agree_on_error`: the loop on one CPU, one GPU or
 #   torchrun;
 # - `train_quick`: the quick-mode model of Chapters 7–9; `compare_models` and `REPRODUCTION_TOLERANCE`: how
-#   a rerun is compared with the committed model; `loss_per_bucket`: any denoiser's loss per σ bucket.
+#   a rerun is compared with the committed model; `loss_per_bucket`: any denoiser's loss per σ bucket;
+# - `claim_run_dir`: the run directory, claimed before any work; `check_flags`: one-line errors for
+#   absurd flags; `TrainingDiverged`: the stop when the weights are no longer finite;
+#   `paper_recipe`, `full_size_flags`: the paper's recipe for a data set's resolution (full mode).
 #
 # What is guaranteed and tested (`tests/test_training.py`): a run killed with SIGKILL and resumed
 # from its directory ends with **bitwise** the same network, EMA, optimizer state, generator states,
-# snapshots and sample grids as an uninterrupted one (CPU, fixed seed), and leaves no temporary file;
-# `--transfer` starts from the source's weights and refuses another architecture; two ranks with Gloo match one process with the same global
-# batch to float32 rounding after several steps (with a loss whose noise depends only on the
-# image, so that both see the same draws); the schedules follow their formulas; bad input fails
-# before any work; the committed quick model is near the floor where this chapter says it is. Throughput:
+# snapshots, sample grids and statistics lines as an uninterrupted one (CPU, fixed seed), also with
+# each speed flag (`tests/test_training_speed.py`), and leaves no temporary file; `--transfer`
+# starts from the source's weights and refuses another architecture; two ranks with Gloo match one
+# process with the same global batch to float32 rounding after several steps (with a loss whose
+# noise depends only on the image, so that both see the same draws); the schedules follow their
+# formulas; bad input and races fail in one line before any work, and a diverging run stops with its
+# last good files (`tests/test_training_bad_input.py`); a step reads no tensor on the host; the
+# committed quick model is near the floor where this chapter says it is. Throughput:
 # `benchmarks/bench_training.py`.
 #
 # ## Exercises

@@ -30,8 +30,10 @@ def parse_bool(text: str) -> bool:
 
 
 def parse_int_list(text: str) -> list:
-    """'1,2,5-7' -> [1, 2, 5, 6, 7]."""
+    """'1,2,5-7' -> [1, 2, 5, 6, 7]; '' -> [] (which build_options refuses for --cres, in one line)."""
     values = []
+    if not str(text).strip():
+        return values
     for part in str(text).split(","):
         bounds = re.fullmatch(r"\s*(\d+)\s*-\s*(\d+)\s*", part)
         try:
@@ -39,15 +41,6 @@ def parse_int_list(text: str) -> list:
         except ValueError:
             raise argparse.ArgumentTypeError(f"expected integers and ranges such as 1,2,5-7, got {text!r}") from None
     return values
-
-
-def _positive(kind):
-    def check(text):
-        value = kind(text)
-        if not value > 0:
-            raise argparse.ArgumentTypeError(f"must be > 0, got {text}")
-        return value
-    return check
 
 
 def add_train_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
@@ -61,31 +54,31 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPar
     main.add_argument("--precond", choices=sorted(training.PRECOND_CLASSES), default=d["precond"],
                       help="preconditioning and loss function")
     hyper = parser.add_argument_group("hyperparameters")
-    hyper.add_argument("--duration", type=_positive(float), default=d["duration"], metavar="MIMG", help="training duration")
-    hyper.add_argument("--batch", type=_positive(int), default=d["batch"], metavar="INT", help="total batch size")
-    hyper.add_argument("--batch-gpu", type=_positive(int), default=d["batch_gpu"], metavar="INT",
+    hyper.add_argument("--duration", type=float, default=d["duration"], metavar="MIMG", help="training duration")
+    hyper.add_argument("--batch", type=int, default=d["batch"], metavar="INT", help="total batch size")
+    hyper.add_argument("--batch-gpu", type=int, default=d["batch_gpu"], metavar="INT",
                        help="limit batch size per GPU (gradient accumulation)")
     hyper.add_argument("--cbase", type=int, default=d["cbase"], metavar="INT", help="channel multiplier [default: varies]")
     hyper.add_argument("--cres", type=parse_int_list, default=d["cres"], metavar="LIST",
                        help="channels per resolution [default: varies]")
-    hyper.add_argument("--lr", type=_positive(float), default=d["lr"], metavar="FLOAT", help="learning rate")
+    hyper.add_argument("--lr", type=float, default=d["lr"], metavar="FLOAT", help="learning rate")
     hyper.add_argument("--ema", type=float, default=d["ema"], metavar="MIMG", help="EMA half-life")
     hyper.add_argument("--dropout", type=float, default=d["dropout"], metavar="FLOAT", help="dropout probability")
     hyper.add_argument("--augment", type=float, default=d["augment"], metavar="FLOAT", help="augment probability")
     hyper.add_argument("--xflip", type=parse_bool, default=d["xflip"], metavar="BOOL", help="enable data-set x-flips")
     perf = parser.add_argument_group("performance")
     perf.add_argument("--fp16", type=parse_bool, default=d["fp16"], metavar="BOOL", help="mixed-precision training (CUDA)")
-    perf.add_argument("--ls", type=_positive(float), default=d["ls"], metavar="FLOAT", help="loss scaling")
+    perf.add_argument("--ls", type=float, default=d["ls"], metavar="FLOAT", help="loss scaling")
     perf.add_argument("--bench", type=parse_bool, default=d["bench"], metavar="BOOL", help="enable cuDNN benchmarking")
     perf.add_argument("--cache", type=parse_bool, default=d["cache"], metavar="BOOL", help="cache data set in CPU memory")
-    perf.add_argument("--workers", type=_positive(int), default=d["workers"], metavar="INT",
+    perf.add_argument("--workers", type=int, default=d["workers"], metavar="INT",
                       help="DataLoader worker processes")
     io = parser.add_argument_group("I/O")
     io.add_argument("--desc", default=d["desc"], metavar="STR", help="string to include in result dir name")
     io.add_argument("--nosubdir", action="store_true", help="do not create a subdirectory for results")
-    io.add_argument("--tick", type=_positive(int), default=d["tick"], metavar="KIMG", help="how often to print progress")
-    io.add_argument("--snap", type=_positive(int), default=d["snap"], metavar="TICKS", help="how often to save snapshots")
-    io.add_argument("--dump", type=_positive(int), default=d["dump"], metavar="TICKS", help="how often to dump state")
+    io.add_argument("--tick", type=int, default=d["tick"], metavar="KIMG", help="how often to print progress")
+    io.add_argument("--snap", type=int, default=d["snap"], metavar="TICKS", help="how often to save snapshots")
+    io.add_argument("--dump", type=int, default=d["dump"], metavar="TICKS", help="how often to dump state")
     io.add_argument("--seed", type=int, default=d["seed"], metavar="INT", help="random seed [default: random]")
     io.add_argument("--transfer", default=d["transfer"], metavar="PKL|URL",
                     help="transfer learning from a network snapshot (ours or an official .pkl)")
@@ -97,6 +90,12 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPar
     ours.add_argument("--lr-rampup", type=float, default=d["lr_rampup"], metavar="MIMG",
                       help="learning-rate ramp-up (official: 10)")
     ours.add_argument("--grid", type=int, default=d["grid"], metavar="INT", help="sample-grid images per snapshot, 0 = none")
+    ours.add_argument("--channels-last", type=parse_bool, default=d["channels_last"], metavar="BOOL",
+                      help="network and input images in channels_last memory format")
+    ours.add_argument("--compile", type=parse_bool, default=d["compile"], metavar="BOOL",
+                      help="torch.compile the trained network")
+    ours.add_argument("--fused-adam", type=parse_bool, default=d["fused_adam"], metavar="BOOL",
+                      help="Adam's fused kernel (torch.optim.Adam(fused=True))")
     return parser
 
 
@@ -137,10 +136,20 @@ def _train(args, flags: dict, out, rank: int, world_size: int, device) -> int:
                          ("Mixed-precision", net["use_fp16"] or options["autocast_dtype"] or False)]:
         say(f"{label + ':':<25}{value}")
     if args.dry_run:
+        warning = training.device_warning(options, device)
+        if warning is not None and rank == 0:
+            print(f"edm-lit train: warning: {warning}", file=sys.stderr)
         say("Dry run; exiting.")
         return 0
-    run_dir = Path(options["run_dir"])
-    if failed(f"{run_dir} exists already" if rank == 0 and not args.nosubdir and run_dir.exists() else None):
+    run_dir, log_file, created, error = None, None, [], None
+    if rank == 0:  # claim the run directory before building anything (also a test that it is writable)
+        try:
+            claim = training.claim_run_dir(options["run_dir"], args.nosubdir, flags["resume"])
+            run_dir, log_file, created = claim
+            options["run_dir"] = str(run_dir)
+        except ValueError as e:
+            error = str(e)
+    if failed(error):
         return 1
     trainer, error = None, None
     try:  # builds everything and loads --resume/--transfer; writes nothing yet
@@ -148,24 +157,50 @@ def _train(args, flags: dict, out, rank: int, world_size: int, device) -> int:
     except ValueError as e:
         error = str(e)
     if failed(error):
+        if log_file is not None:
+            log_file.close()
+            training.release_run_dir(created)
         return 1
-    if rank == 0:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        training.write_atomic(run_dir / "training_options.json", (json.dumps(options, indent=2) + "\n").encode())
-        log_file = open(run_dir / "log.txt", "a")  # a human log, appended (the one non-atomic file)
+    try:
+        if rank == 0:
+            text = json.dumps(options, indent=2) + "\n"
+            training.write_atomic(run_dir / "training_options.json", text.encode())
 
-        def log(line):
-            print(line, file=out, flush=True)
-            log_file.write(line + "\n")
-            log_file.flush()
-        trainer.log = log
-    trainer.run()
+            def log(line):  # log.txt: a human log, appended (the one non-atomic file)
+                print(line, file=out, flush=True)
+                log_file.write(line + "\n")
+                log_file.flush()
+            trainer.log = log
+        trainer.run()
+    except training.TrainingDiverged as e:  # raised on every rank at the same tick
+        if rank == 0:
+            print(f"edm-lit train: error: {e}", file=sys.stderr)
+        return 1
+    finally:
+        if log_file is not None:
+            log_file.close()
     return 0
 
 
 def torch_distributed_ready() -> bool:
     import torch
     return torch.distributed.is_available() and torch.distributed.is_initialized()
+
+
+def to_argv(flags: dict) -> list:
+    """Flags as a dict (build_options' names) -> the command line giving them: ['--batch=32', ...]."""
+    def text(value):
+        if isinstance(value, bool):
+            return "1" if value else "0"
+        return ",".join(str(v) for v in value) if isinstance(value, (list, tuple)) else str(value)
+    argv = []
+    for name, value in flags.items():
+        switch = name in ("nosubdir", "dry_run")  # flags without a value
+        if name not in training.TRAIN_DEFAULTS or value is None or (switch and not value):
+            continue
+        flag = "--" + name.replace("_", "-")
+        argv.append(flag if switch else f"{flag}={text(value)}")
+    return argv
 
 
 def build_parser() -> argparse.ArgumentParser:
