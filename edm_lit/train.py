@@ -4,7 +4,7 @@
 """train: exported from 7. The training loop (book/07_training.py)."""
 
 __all__ = ['parse_bool', 'parse_int_list', 'add_train_arguments', 'run_train',
-           'torch_distributed_ready', 'build_parser', 'main']
+           'torch_distributed_ready', 'to_argv', 'build_parser', 'main']
 
 
 # ── 07_training.py § 7.8 The command line ──

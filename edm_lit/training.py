@@ -3,18 +3,20 @@
 
 """training: exported from 7. The training loop (book/07_training.py)."""
 
-__all__ = ['ARCH_PRESETS', 'PRECOND_CLASSES', 'TRAIN_DEFAULTS', 'AUGMENT_SWITCHES',
-           'AUGMENT_DIM', 'construct', 'split_batch', 'digits_path', 'build_options',
-           'local_rank', 'agree_on_error', 'random_seed', 'ShardedStream',
-           'make_loader', 'learning_rate', 'ema_beta', 'update_ema', 'SigmaProbe',
-           'accumulate_gradients', 'sanitize_gradients', 'STATE_FORMAT',
-           'STATE_VERSION', 'TEMP_FILE', 'remove_stale_temp_files', 'png_bytes',
-           'image_grid', 'capture_rng', 'restore_rng', 'state_path',
-           'save_training_state', 'read_training_state', 'find_training_state',
-           'load_training_state', 'SIGMA_BUCKETS', 'Stats', 'stat_names', 'scalar_stat',
+__all__ = ['ARCH_PRESETS', 'PRECOND_CLASSES', 'TRAIN_DEFAULTS', 'FLOAT_RANGES',
+           'INT_RANGES', 'AUGMENT_SWITCHES', 'AUGMENT_DIM', 'construct', 'split_batch',
+           'digits_path', 'build_options', 'local_rank', 'agree_on_error',
+           'random_seed', 'check_flags', 'device_warning', 'claim_run_dir',
+           'release_run_dir', 'ShardedStream', 'make_loader', 'learning_rate',
+           'ema_beta', 'update_ema', 'SigmaProbe', 'accumulate_gradients',
+           'sanitize_gradients', 'STATE_FORMAT', 'STATE_VERSION', 'TEMP_FILE',
+           'remove_stale_temp_files', 'png_bytes', 'image_grid', 'capture_rng',
+           'restore_rng', 'state_path', 'save_training_state', 'read_training_state',
+           'STATE_HEADER', 'find_training_state', 'load_training_state',
+           'SIGMA_BUCKETS', 'Stats', 'stat_names', 'scalar_stat', 'TrainingDiverged',
            'init_distributed', 'seed_rank', 'TrainingRun', 'training_loop',
            'QUICK_FLAGS', 'train_quick', 'REPRODUCTION_TOLERANCE', 'compare_models',
-           'loss_per_bucket']
+           'paper_recipe', 'full_size_flags', 'loss_per_bucket']
 
 
 # ── 07_training.py § 7. The training loop ──
