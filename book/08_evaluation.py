@@ -107,11 +107,11 @@ class PerSeedRandom:
             raise ValueError(f"the first dimension must be the batch size {len(self)}, got shape {list(size)}")
 
     def randn(self, size, dtype=torch.float32, device=None):
-        """Normal draws of shape `size`; row k from generator k."""
+        """Normal draws of shape `size`; row k from generator k, drawn on its device, then moved to `device`."""
         self._check_rows(size)
-        device = self.device if device is None else device
-        rows = [torch.randn(list(size[1:]), generator=g, dtype=dtype, device=device) for g in self.generators]
-        return torch.stack(rows)
+        shape = list(size[1:])
+        rows = [torch.randn(shape, generator=g, dtype=dtype, device=self.device) for g in self.generators]
+        return torch.stack(rows).to(self.device if device is None else device)
 
     def randn_like(self, x):
         """`torch.randn_like` with per-row generators: what the samplers call at every step."""
@@ -120,8 +120,8 @@ class PerSeedRandom:
     def randint(self, high, size, device=None):
         """Integers in [0, high) of shape `size`; row k from generator k."""
         self._check_rows(size)
-        device = self.device if device is None else device
-        return torch.stack([torch.randint(high, list(size[1:]), generator=g, device=device) for g in self.generators])
+        rows = [torch.randint(high, list(size[1:]), generator=g, device=self.device) for g in self.generators]
+        return torch.stack(rows).to(self.device if device is None else device)
 
 
 # %% [markdown]
@@ -171,7 +171,8 @@ class Seeds(collections.abc.Sequence):
         self.parts = [p if isinstance(p, range) else tuple(int(s) for s in p) for p in parts]
         self.parts = [p for p in self.parts if len(p)]
         for p in self.parts:
-            low, high = (p[0], p[-1]) if isinstance(p, range) and p.step > 0 else (min(p), max(p))  # O(1) for ranges
+            ascending = isinstance(p, range) and p.step > 0
+            low, high = (p[0], p[-1]) if ascending else (min(p), max(p))  # min() of a range would iterate it
             if low not in INT64_RANGE or high not in INT64_RANGE:
                 raise ValueError(f"seeds must lie in [-2**63, 2**63) (int64, as the official parser), "
                                  f"got {high if high not in INT64_RANGE else low}")
@@ -208,8 +209,9 @@ class Seeds(collections.abc.Sequence):
 
 
 def parse_seeds(text):
-    """'0-3,7' -> Seeds 0, 1, 2, 3, 7: the official --seeds syntax (comma-separated ints, which may be negative, and
-    inclusive ranges of non-negative ints), each within int64. A list, tuple or range is taken as is. Chapter 8.1."""
+    """'0-3,7' -> Seeds 0, 1, 2, 3, 7: the official --seeds syntax (comma-separated ints, which may be
+    negative, and inclusive ranges of non-negative ints), each within int64. A list, tuple or range is taken
+    as is. Chapter 8.1."""
     if isinstance(text, Seeds):
         return text
     if isinstance(text, (list, tuple, range)):
@@ -224,7 +226,7 @@ def parse_seeds(text):
                 raise ValueError(f"seeds: the range {part!r} is empty (its end is below its start)")
             parts.append(range(lo, hi + 1))
         elif _INT.match(part):
-            parts.append((int(part),))  # negative too, as the official int(p); the generator takes it modulo 2**32
+            parts.append((int(part),))  # negative too, as the official int(p); drawn modulo 2**32
         else:
             what = "an empty entry" if not part else f"{part!r} is neither an integer nor a range A-B of " \
                                                      f"non-negative integers"
@@ -233,7 +235,7 @@ def parse_seeds(text):
 
 
 class SeedBatches(collections.abc.Sequence):
-    """Batch i of process `rank`: a list of seeds, computed on demand (as numpy's array_split cuts). Chapter 8.1."""
+    """Batch i of process `rank`: a list of seeds, computed on demand, cut as numpy's array_split. Chapter 8.1."""
 
     def __init__(self, seeds, num_batches, world_size, rank):
         self.seeds, self.ids = seeds, range(rank, num_batches, world_size)
@@ -272,7 +274,8 @@ def seed_batches(seeds, max_batch_size=64, world_size=1, rank=0):
 # `schedule`, `scaling` is given, in which case it is the `ablation_sampler` (Chapter 2). The batch is drawn
 # on the network's device (its parameters' device; the CPU for a denoiser without parameters) unless
 # `device` says otherwise: CUDA generators draw other numbers than the CPU's, so an image is a function of
-# its seed *and* of the device, as with the official script. A network whose output is not finite (NaN or
+# its seed *and* of the device, as with the official script (`generator_device="cpu"` draws the CPU's numbers
+# for a network on a GPU, to compare a GPU run with a CPU one). A network whose output is not finite (NaN or
 # inf: a damaged checkpoint, or a half-precision overflow, §8.8) would give black or white pixels that
 # look like images; `sample_seeds` refuses to return them.
 
@@ -301,29 +304,31 @@ def to_uint8(images):
 
 
 def module_device(net, default=None):
-    """The device of a module's first parameter (or buffer); `default` for anything without tensors. Chapter 8.1."""
-    tensors = itertools.chain(net.parameters(), net.buffers()) if isinstance(net, torch.nn.Module) else iter(())
+    """The device of a module's first parameter (or buffer); `default` without tensors. Chapter 8.1."""
+    is_module = isinstance(net, torch.nn.Module)
+    tensors = itertools.chain(net.parameters(), net.buffers()) if is_module else iter(())
     first = next(tensors, None)
     return default if first is None else first.device
 
 
 def check_denoiser(net, name="network"):
-    """Refuse, in one line, an object that lacks the denoiser interface (e.g. an inner network saved alone). Chapter 8.1."""
+    """Refuse in one line an object without the denoiser interface (an inner network saved alone). Chapter 8.1."""
     missing = [a for a in DENOISER_ATTRIBUTES if not hasattr(net, a)]
     if missing or not callable(net):
-        raise ValueError(f"{name}: a {type(net).__name__} is not a denoiser D(x, sigma, class_labels): it lacks "
-                         f"{', '.join(missing) or '__call__'}; load or save the preconditioner around it (e.g. "
-                         f"EDMPrecond, what `edm-lit train` saves), not the inner network")
+        raise ValueError(f"{name}: a {type(net).__name__} is not a denoiser D(x, sigma, class_labels): it "
+                         f"lacks {', '.join(missing) or '__call__'}; load or save the preconditioner around "
+                         f"it (e.g. EDMPrecond, what `edm-lit train` saves), not the inner network")
     return net
 
 
-def sample_seeds(net, seeds, class_idx=None, device=None, **sampler_kwargs):
-    """Images (uint8 [N, H, W, C]) for `seeds`, each a function of its seed only, drawn on `device` (default: the
-    network's). Refuses a network output that is not finite. Chapter 8.1."""
+def sample_seeds(net, seeds, class_idx=None, device=None, generator_device=None, **sampler_kwargs):
+    """Images (uint8 [N, H, W, C]) for `seeds`, each a function of its seed only, sampled on `device`
+    (default: the network's) with random numbers drawn on `generator_device` (default: `device`, as the
+    official script). Refuses a network output that is not finite. Chapter 8.1."""
     check_denoiser(net)
     device = torch.device(device) if device is not None else module_device(net, torch.device("cpu"))
     sampler_kwargs = {k: v for k, v in sampler_kwargs.items() if v is not None}
-    rnd = PerSeedRandom(seeds, device)
+    rnd = PerSeedRandom(seeds, device if generator_device is None else generator_device)
     shape = [len(rnd), net.img_channels, net.img_resolution, net.img_resolution]
     latents = rnd.randn(shape, device=device)
     labels = class_labels_for(net, rnd, class_idx, device)
@@ -331,11 +336,12 @@ def sample_seeds(net, seeds, class_idx=None, device=None, **sampler_kwargs):
     sampler = ablation_sampler if ablate else edm_sampler
     with torch.no_grad():
         images = sampler(net, latents, labels, randn_like=rnd.randn_like, **sampler_kwargs)
-    if not torch.isfinite(images).all():
-        bad = sorted({int(s) for s, ok in zip(rnd.seeds, torch.isfinite(images).flatten(1).all(1).tolist()) if not ok})
-        raise ValueError(f"the network's output is not finite (NaN or inf) for {len(bad)} of {len(rnd)} seeds "
-                         f"(first: {bad[0]}); no images written from this batch: is the checkpoint damaged, or "
-                         f"does half precision overflow (--fp16)?")
+    finite = torch.isfinite(images).flatten(1).all(1).tolist()
+    if not all(finite):
+        bad = [s for s, ok in zip(rnd.seeds, finite) if not ok]
+        raise ValueError(f"the network's output is not finite (NaN or inf) for {len(bad)} of {len(rnd)} "
+                         f"seeds (first: {bad[0]}); no images written from this batch: is the checkpoint "
+                         f"damaged, or does half precision overflow (--fp16)?")
     return to_uint8(images).cpu()
 
 
@@ -375,7 +381,8 @@ settings = dict(num_steps=6, S_churn=10)  # stochastic: the per-step noise matte
 ideal = PixelGaussian()
 whole = sample_seeds(ideal, range(6), **settings, **dev)
 assert whole.dtype == torch.uint8 and whole.shape == (6, 16, 16, 3)
-assert torch.equal(whole, torch.cat([sample_seeds(ideal, b, **settings, **dev) for b in seed_batches(range(6), 3)]))
+in_threes = [sample_seeds(ideal, b, **settings, **dev) for b in seed_batches(range(6), 3)]
+assert torch.equal(whole, torch.cat(in_threes))
 assert torch.equal(whole, torch.cat([sample_seeds(ideal, [s], **settings, **dev) for s in range(6)]))
 assert [len(b) for b in seed_batches(range(6), 4)] == [3, 3]
 assert list(seed_batches(range(10), 2, world_size=3, rank=1)) == [[2, 3], [8]]  # 6 batches: 2,2,2,2,1,1
@@ -430,7 +437,7 @@ def image_path(outdir, seed, subdirs=False):
 
 
 def save_png(image, path):
-    """Write one uint8 [H, W, C] image (C = 1 or 3) as PNG, under a temporary name first, then renamed. Chapter 8.1."""
+    """Write one uint8 [H, W, C] image (C = 1 or 3) as PNG: a temporary name, then renamed. Chapter 8.1."""
     import PIL.Image
 
     array = image.numpy() if isinstance(image, torch.Tensor) else np.asarray(image)
@@ -447,8 +454,8 @@ def save_png(image, path):
 
 
 class PngWriter:
-    """save_png on `threads` background threads (0: in the caller's thread); at most `max_pending` images wait, and
-    the first error is raised in the caller's thread. Use as a context manager. Chapter 8.1."""
+    """save_png on `threads` background threads (0: in the caller's thread); at most `max_pending` images
+    wait, and the first error is raised in the caller's thread. A context manager. Chapter 8.1."""
 
     def __init__(self, threads=4, max_pending=1024):
         self.pool = concurrent.futures.ThreadPoolExecutor(threads) if threads > 0 else None
@@ -480,14 +487,17 @@ def npz_path(path):
 
 
 def npz_output(path, flag):
-    """The .npz file an output flag names (`npz_path`), refused now if it is a folder or cannot be written. Chapter 8.1."""
-    if os.path.isdir(path):
-        raise ValueError(f"{flag}={os.fspath(path)} is a folder; give the name of an .npz file to write")
+    """The .npz file an output flag names (`npz_path`), refused now if a folder or unwritable. Chapter 8.1."""
+    if not os.fspath(path) or os.path.isdir(path):
+        what = "a folder" if os.fspath(path) else "empty"
+        raise ValueError(f"{flag}={os.fspath(path)} is {what}; give the name of an .npz file to write")
     return check_writable(npz_path(path), flag)
 
 
 def check_writable(path, flag, folder=False):
-    """Refuse now, in one line naming `flag`, an output file (or folder) that could not be written later. Chapter 8.1."""
+    """Refuse now, in one line naming `flag`, an output file (or folder) that could not be written. Chapter 8.1."""
+    if not os.fspath(path):
+        raise ValueError(f"{flag} is empty: name the {'folder' if folder else 'file'} to write")
     path = os.path.abspath(os.fspath(path))
     if folder and os.path.exists(path) and not os.path.isdir(path):
         raise ValueError(f"{flag}={path} is a file, not a folder")
@@ -529,13 +539,15 @@ PRECISIONS = {"fp16": torch.float16, "bf16": torch.bfloat16}
 
 
 def place_network(network, device=None, default_device="cpu"):
-    """(net, device) ready to sample. A path or URL is loaded onto `device` (default: `default_device`); a module
-    is used where it is, or a copy is moved (and put in eval mode) when it must run elsewhere or is training:
-    the caller's module is never changed. Chapter 8.1."""
+    """(net, device) ready to sample. A path or URL is loaded onto `device` (default: `default_device`); a
+    module is used where it is, or a copy is moved (and put in eval mode) when it must run elsewhere or is
+    training: the caller's module is never changed. Chapter 8.1."""
     if isinstance(network, (str, os.PathLike)):
         device = torch.device(default_device if device is None else device)
         net = check_denoiser(load_network(network), str(network))
-        return (net.to(device).eval().requires_grad_(False) if isinstance(net, torch.nn.Module) else net), device
+        if isinstance(net, torch.nn.Module):
+            net = net.to(device).eval().requires_grad_(False)
+        return net, device
     check_denoiser(network)
     here = module_device(network)
     device = torch.device(device) if device is not None else (here or torch.device(default_device))
@@ -547,7 +559,7 @@ def place_network(network, device=None, default_device="cpu"):
 
 
 class Autocast:
-    """A denoiser called under torch.autocast(dtype): the network in half precision, the sampler untouched. Chapter 8.1."""
+    """A denoiser called under torch.autocast(dtype): the network in half precision. Chapter 8.1."""
 
     def __init__(self, net, dtype):
         self.net, self.dtype = net, dtype
@@ -589,8 +601,8 @@ def _npy_header(f, dtype, shape):
 
 
 def write_images_npz(path, outdir, seeds, subdirs=False):
-    """The PNGs of `seeds`, in order, streamed into an .npz laid out as np.savez does ('images' uint8 [N, H, W, C],
-    'seeds' int64 [N]): never all in memory, written under a temporary name, then renamed. Chapter 8.1."""
+    """The PNGs of `seeds`, in order, streamed into an .npz laid out as np.savez does ('images' uint8
+    [N, H, W, C], 'seeds' int64 [N]): never all in memory; a temporary name, then renamed. Chapter 8.1."""
     import PIL.Image
 
     def read(seed):
@@ -607,7 +619,8 @@ def write_images_npz(path, outdir, seeds, subdirs=False):
                 for seed in seeds:
                     image = read(seed)
                     if image.shape != shape:
-                        raise ValueError(f"{image_path(outdir, seed, subdirs)}: shape {image.shape} differs from {shape}")
+                        where = image_path(outdir, seed, subdirs)
+                        raise ValueError(f"{where}: shape {image.shape} differs from {shape}")
                     f.write(image.tobytes())
             with z.open("seeds.npy", "w", force_zip64=True) as f:
                 _npy_header(f, np.int64, (len(seeds),))
@@ -626,8 +639,8 @@ def generate(network, outdir, seeds="0-63", subdirs=False, class_idx=None, max_b
     """Generate one PNG per seed into `outdir` (and optionally an .npz); returns the number written. Chapter 8.1.
 
     `network`: a denoiser (used where it is, never changed; see place_network), or a path / URL for
-    `load_network`. Outputs are checked first. `fp16`/`bf16`: autocast precision of the network; `writers`: PNG
-    writer threads. `sampler_kwargs`: those of `edm_sampler`, or of `ablation_sampler` when
+    `load_network`. Outputs are checked first. `fp16`/`bf16`: autocast precision of the network;
+    `writers`: PNG writer threads. `sampler_kwargs`: those of `edm_sampler`, or of `ablation_sampler` when
     solver/discretization/schedule/scaling is given.
     """
     from tqdm import tqdm  # a text bar on stderr, as the official scripts; no notebook widget state
@@ -643,9 +656,10 @@ def generate(network, outdir, seeds="0-63", subdirs=False, class_idx=None, max_b
     rank, world_size, auto_device = distributed_setup()
     net, device = place_network(network, device, auto_device)
     label_dim = int(net.label_dim or 0)
-    if class_idx is not None and not 0 <= int(class_idx) < max(label_dim, 1):
-        raise ValueError(f"class_idx={class_idx} (--class) was given but the network is unconditional (label_dim=0)"
-                         if not label_dim else f"class_idx (--class) must be in [0, {label_dim}), got {class_idx}")
+    if class_idx is not None and not label_dim:
+        raise ValueError(f"class_idx={class_idx} (--class) was given but the network is unconditional")
+    if class_idx is not None and not 0 <= int(class_idx) < label_dim:
+        raise ValueError(f"class_idx (--class) must be in [0, {label_dim}), got {class_idx}")
     net = with_precision(net, fp16, bf16)
     written = 0
     with PngWriter(writers) as writer:
@@ -684,7 +698,8 @@ with tempfile.TemporaryDirectory() as tmp, torch.backends.cudnn.flags(enabled=Tr
     n = generate(str(tmp / "tiny.json"), tmp / "a", seeds="998-1001", subdirs=True, max_batch_size=3,
                  npz=tmp / "a.npz", progress=False, num_steps=4, **dev)
     caller = copy.deepcopy(net).train().requires_grad_(True)  # a module in training mode, with gradients
-    generate(caller, tmp / "b", seeds=[998, 999, 1000, 1001], max_batch_size=1, progress=False, num_steps=4, **dev)
+    generate(caller, tmp / "b", seeds=[998, 999, 1000, 1001], max_batch_size=1, progress=False, num_steps=4,
+             **dev)
     assert caller.training and all(p.requires_grad for p in caller.parameters())  # untouched ...
     assert module_device(caller) == module_device(net)  # ... and where it was
     files = sorted(str(p.relative_to(tmp / "a")) for p in (tmp / "a").rglob("*.png"))
@@ -767,7 +782,7 @@ SYMMETRY_TOLERANCE = 1e-6  # |sigma - sigma^T| above SYMMETRY_TOLERANCE * max |s
 def _as_stats(mu, sigma, which):
     mu, sigma = np.asarray(mu), np.asarray(sigma)
     for name, array in (("mu", mu), ("sigma", sigma)):
-        if array.dtype.kind not in "iuf":  # not bool, complex, object or text: those would be coerced silently
+        if array.dtype.kind not in "iuf":  # not bool, complex, object or text: coerced silently otherwise
             raise ValueError(f"{name}{which} must hold real numbers, got dtype {array.dtype}")
     mu, sigma = mu.astype(np.float64), sigma.astype(np.float64)
     if mu.ndim != 1:
@@ -777,8 +792,10 @@ def _as_stats(mu, sigma, which):
     if not (np.isfinite(mu).all() and np.isfinite(sigma).all()):
         raise ValueError(f"mu{which} and sigma{which} must be finite (no NaN or inf)")
     asymmetry = float(np.abs(sigma - sigma.T).max(initial=0.0))
-    if asymmetry > SYMMETRY_TOLERANCE * max(float(np.abs(sigma).max(initial=0.0)), np.finfo(np.float64).tiny):
-        raise ValueError(f"sigma{which} is not symmetric (largest |sigma - sigma^T| is {asymmetry:.3g}): not a covariance")
+    scale = max(float(np.abs(sigma).max(initial=0.0)), np.finfo(np.float64).tiny)
+    if asymmetry > SYMMETRY_TOLERANCE * scale:
+        raise ValueError(f"sigma{which} is not symmetric (largest |sigma - sigma^T| is {asymmetry:.3g}): "
+                         f"not a covariance")
     return mu, (sigma + sigma.T) / 2
 
 
@@ -806,11 +823,12 @@ def frechet_distance(mu1, sigma1, mu2, sigma2, names=("1", "2")):
     mu1, sigma1 = _as_stats(mu1, sigma1, names[0])
     mu2, sigma2 = _as_stats(mu2, sigma2, names[1])
     if mu1.shape != mu2.shape:
-        raise ValueError(f"feature dimensions differ: {mu1.shape[0]} (mu{names[0]}) vs {mu2.shape[0]} (mu{names[1]}); "
-                         f"were they computed with the same feature network?")
+        raise ValueError(f"feature dimensions differ: {mu1.shape[0]} (mu{names[0]}) vs {mu2.shape[0]} "
+                         f"(mu{names[1]}); were they computed with the same feature network?")
     _psd_eigh(sigma2, f"sigma{names[1]}")
     mean_term = float(np.sum((mu1 - mu2) ** 2))
-    return mean_term + float(np.trace(sigma1) + np.trace(sigma2)) - 2.0 * trace_sqrt_product(sigma1, sigma2, names)
+    traces = float(np.trace(sigma1) + np.trace(sigma2))
+    return mean_term + traces - 2.0 * trace_sqrt_product(sigma1, sigma2, names)
 
 
 # %% [markdown]
@@ -952,19 +970,21 @@ def feature_statistics_of(features):
     return stats.mean(), stats.cov()
 
 
-NVIDIA_DETECTOR = "nvidia:inception-2015-12-05.pkl"  # a reference without a record: NVIDIA's published fid-refs
+NVIDIA_DETECTOR = "nvidia:inception-2015-12-05.pkl"  # what a reference without a record counts as
 MAX_DEFLATE_RATIO = 1032  # deflate shrinks data at most ~1032:1; an array claiming more than that is not real
 _NPY_HEADERS = {(1, 0): np.lib.format.read_array_header_1_0, (2, 0): np.lib.format.read_array_header_2_0}
 
 
 def save_reference(path, mu, sigma, detector=None):
-    """Write reference statistics in the official fid-refs layout: an .npz with float64 `mu` [d] and `sigma` [d, d],
-    plus a string `detector` naming the feature network that made them; all-or-nothing, to `path` exactly. Chapter 8.3."""
+    """Write reference statistics in the official fid-refs layout: an .npz with float64 `mu` [d] and
+    `sigma` [d, d], plus a string `detector` naming the feature network that made them; all or nothing, to
+    `path` exactly. Chapter 8.3."""
     from edm_lit.checkpoints import write_atomic
 
     mu, sigma = _as_stats(mu, sigma, "")
     buffer = io.BytesIO()
-    np.savez(buffer, mu=mu, sigma=sigma, **({} if detector is None else {"detector": np.array(str(detector))}))
+    record = {} if detector is None else {"detector": np.array(str(detector))}
+    np.savez(buffer, mu=mu, sigma=sigma, **record)
     write_atomic(path, buffer.getvalue())
 
 
@@ -973,26 +993,28 @@ def _declared(z, info, path, size):
     with z.open(info) as f:
         version = np.lib.format.read_magic(f)
         if version not in _NPY_HEADERS:
-            raise ValueError(f"{path}: {info.filename} has .npy format version {version}, which this reader refuses")
+            raise ValueError(f"{path}: {info.filename} has .npy format version {version}, not read here")
         shape, _, dtype = _NPY_HEADERS[version](f)
     need = dtype.itemsize * math.prod(shape)
     room = min(info.file_size, size * (1 if info.compress_type == zipfile.ZIP_STORED else MAX_DEFLATE_RATIO))
     if dtype.hasobject or need > room:
-        raise ValueError(f"{path}: {info.filename} declares {list(shape)} {dtype} ({need / 2**30:.3g} GiB), but the "
-                         f"file can hold at most {room:,} bytes of it: damaged, or not what it claims")
+        raise ValueError(f"{path}: {info.filename} declares {list(shape)} {dtype} ({need / 2**30:.3g} GiB), "
+                         f"but the file can hold at most {room:,} bytes of it: damaged, or not what it claims")
     return shape, dtype
 
 
 def read_npz(path, keys, optional=(), what="an .npz"):
-    """{key: array} of an .npz; one clear error for a file that is not a complete .npz (truncated, an .npy renamed),
-    lacks a key, or whose arrays declare more bytes than the file holds (checked before loading). Chapter 8.3."""
+    """{key: array} of an .npz; one clear error for a file that is not a complete .npz (truncated, an .npy
+    renamed), lacks a key, or whose arrays declare more bytes than the file holds (checked before loading).
+    Chapter 8.3."""
     size = os.path.getsize(path)
     try:
         with zipfile.ZipFile(path) as z:
             members = {i.filename[:-4]: i for i in z.infolist() if i.filename.endswith(".npy")}
             missing = [k for k in keys if k not in members]
             if missing:
-                raise KeyError(f"{path} is not {what}: it lacks {' and '.join(missing)} (has {sorted(members)})")
+                has = sorted(members)
+                raise KeyError(f"{path} is not {what}: it lacks {' and '.join(missing)} (has {has})")
             wanted = [*keys, *(k for k in optional if k in members)]
             declared = {k: _declared(z, members[k], path, size) for k in wanted}
             arrays = {}
@@ -1026,8 +1048,8 @@ def _read_reference(path_or_url, cache=None):
     _psd_eigh(sigma, f"sigma in {path}")
     detector = data.get("detector", np.array(NVIDIA_DETECTOR))
     if detector.dtype.kind != "U" or detector.ndim != 0:
-        raise ValueError(f"{path}: 'detector' must be a string naming a feature network, got {detector.dtype} "
-                         f"{list(detector.shape)}")
+        raise ValueError(f"{path}: 'detector' must be a string naming a feature network, got "
+                         f"{detector.dtype} {list(detector.shape)}")
     return mu, sigma, str(detector)
 
 
@@ -1037,7 +1059,7 @@ def load_reference(path_or_url, cache=None):
 
 
 def reference_detector(path_or_url, cache=None):
-    """The feature network recorded in a reference .npz; NVIDIA_DETECTOR when none is (the published fid-refs). Chapter 8.3."""
+    """The feature network recorded in a reference .npz; NVIDIA_DETECTOR when none is. Chapter 8.3."""
     return _read_reference(path_or_url, cache)[2]
 
 
@@ -1081,7 +1103,8 @@ with tempfile.TemporaryDirectory() as tmp:
     np.savez(Path(tmp) / "bad.npz", mu=mu_r)
     mu_npy, sigma_npy = io.BytesIO(), io.BytesIO()  # a valid zip whose sigma claims to be 200000 x 200000
     np.save(mu_npy, np.zeros(3))
-    np.lib.format.write_array_header_1_0(sigma_npy, {"descr": "<f8", "fortran_order": False, "shape": (200_000,) * 2})
+    header = {"descr": "<f8", "fortran_order": False, "shape": (200_000, 200_000)}
+    np.lib.format.write_array_header_1_0(sigma_npy, header)
     with zipfile.ZipFile(Path(tmp) / "huge.npz", "w") as z:
         z.writestr("mu.npy", mu_npy.getvalue())
         z.writestr("sigma.npy", sigma_npy.getvalue() + bytes(64))
@@ -1299,13 +1322,15 @@ def inception_weights_path(weights=None, allow_download=True):
 
 
 def load_inception(weights=None, device="cpu", allow_download=True):
-    """The FID Inception-v3 with the published pytorch-fid weights, checked (size, whole SHA-256), loaded weights_only. Chapter 8.4."""
+    """The FID Inception-v3 with the published pytorch-fid weights, checked (size and whole SHA-256), loaded
+    weights_only. Chapter 8.4."""
     path = inception_weights_path(weights, allow_download)
     size = os.path.getsize(path)
     digest = _sha256(path) if size == INCEPTION_BYTES else None
     if digest != INCEPTION_SHA256:
-        raise ValueError(f"{path} is not {INCEPTION_FILE}: " + (f"{size} bytes, expected {INCEPTION_BYTES}" if digest is None
-                         else f"its SHA-256 is {digest}, expected {INCEPTION_SHA256}"))
+        why = (f"{size} bytes, expected {INCEPTION_BYTES}" if digest is None
+               else f"its SHA-256 is {digest}, expected {INCEPTION_SHA256}")
+        raise ValueError(f"{path} is not {INCEPTION_FILE}: {why}")
     net = InceptionV3Features()
     net.load_state_dict(torch.load(path, map_location="cpu", weights_only=True), strict=True)
     return net.to(device).eval().requires_grad_(False)
@@ -1427,10 +1452,11 @@ def image_batches(images, batch_size=64, rank=0, world_size=1):
         yield torch.from_numpy(np.stack(batch))
 
 
-def feature_statistics(path, extractor, batch_size=64, num=None, seed=0, device=None, progress=False, dim=None):
-    """(mu, sigma) of extractor features over the images at `path`, streamed, summed over processes. Batches go to
-    `device` (default: the extractor's parameters' device, else the CPU); features of another size than `dim`
-    are refused at the first batch. Chapter 8.5."""
+def feature_statistics(path, extractor, batch_size=64, num=None, seed=0, device=None, progress=False,
+                       dim=None):
+    """(mu, sigma) of extractor features over the images at `path`, streamed, summed over processes. Batches
+    go to `device` (default: the extractor's parameters' device, else the CPU); features of another size than
+    `dim` are refused at the first batch. Chapter 8.5."""
     from tqdm import tqdm  # a text bar on stderr, as the official scripts; no notebook widget state
 
     device = torch.device(device) if device is not None else module_device(extractor, torch.device("cpu"))
@@ -1444,8 +1470,9 @@ def feature_statistics(path, extractor, batch_size=64, num=None, seed=0, device=
                           total=-(-len(images) // batch_size) // world_size):
             features = extractor(batch.to(device))
             if dim is not None and features.shape[-1] != dim:
-                raise ValueError(f"the feature network gives {features.shape[-1]}-d features, but {dim}-d are "
-                                 f"expected (the reference's); use a reference made with the same feature network")
+                raise ValueError(f"the feature network gives {features.shape[-1]}-d features, but {dim}-d "
+                                 f"are expected (the reference's); use a reference made with the same "
+                                 f"feature network")
             stats.update(features)
     return stats.all_reduce().mean(), stats.cov()
 
@@ -1457,8 +1484,9 @@ DETECTORS = ("inception", "digits")
 
 
 def feature_network(detector="inception", weights=None, device="cpu"):
-    """(extractor, name) for `--detector`: the paper's Inception-v3 (§8.4; `weights`, see load_inception), or the
-    quick-mode digits classifier (§8.7). `name`, with the weights' SHA-256, is what a reference records. Chapter 8.5."""
+    """(extractor, name) for `--detector`: the paper's Inception-v3 (§8.4; `weights`, see load_inception), or
+    the quick-mode digits classifier (§8.7). `name`, with the weights' SHA-256, is what a reference records.
+    Chapter 8.5."""
     if detector == "inception":
         return load_inception(weights, device=device), INCEPTION_DETECTOR
     _check_detector(detector)
@@ -1472,7 +1500,9 @@ def _check_detector(detector):
 
 
 def _described(name):
-    return "NVIDIA's detector (no record in the file, as in NVIDIA's fid-refs)" if name == NVIDIA_DETECTOR else repr(name)
+    if name == NVIDIA_DETECTOR:
+        return "NVIDIA's detector (no record in the file, as in NVIDIA's fid-refs)"
+    return repr(name)
 
 
 def compare_detectors(ref, recorded, ours, allow=False, warn=None):
@@ -1480,21 +1510,22 @@ def compare_detectors(ref, recorded, ours, allow=False, warn=None):
     (default warnings.warn) with one line instead. Chapter 8.5."""
     if recorded == ours:
         return
-    message = (f"the reference {ref} was made with {_described(recorded)} but this FID uses {_described(ours)}; "
-               f"FIDs of different feature networks are different quantities (Chapter 8.4)")
+    message = (f"the reference {ref} was made with {_described(recorded)} but this FID uses "
+               f"{_described(ours)}; FIDs of different feature networks are different quantities (Chapter 8.4)")
     if not allow:
-        raise ValueError(f"{message}: remake the reference with `edm-lit fid ref` and the same --detector, or pass "
-                         f"--allow-detector-mismatch to compare anyway")
+        raise ValueError(f"{message}: remake the reference with `edm-lit fid ref` and the same --detector, or "
+                         f"pass --allow-detector-mismatch to compare anyway")
     (warn or warnings.warn)(f"{message}; compared anyway (--allow-detector-mismatch)")
 
 
-def fid_ref(data, dest, batch_size=64, extractor=None, device=None, progress=True, weights=None, detector="inception",
-            extractor_name=None):
-    """`edm-lit fid ref`: reference statistics of all images at `data`, saved to `dest` (official layout, '.npz'
-    appended as np.savez does; checked before the work). Chapter 8.5.
+def fid_ref(data, dest, batch_size=64, extractor=None, device=None, progress=True, weights=None,
+            detector="inception", extractor_name=None):
+    """`edm-lit fid ref`: reference statistics of all images at `data`, saved to `dest` (official layout,
+    '.npz' appended as np.savez does; checked before the work). Chapter 8.5.
 
-    The feature network is `detector` ("inception" or "digits", see feature_network), recorded with its weights'
-    hash; or `extractor`, any callable uint8 [N, C, H, W] -> [N, d], recorded as `extractor_name` (or "custom:...").
+    The feature network is `detector` ("inception" or "digits", see feature_network), recorded with its
+    weights' hash; or `extractor`, any callable uint8 [N, C, H, W] -> [N, d], recorded as `extractor_name`
+    (or "custom:...").
     """
     dest = npz_output(dest, "--dest")
     rank, _, auto_device = distributed_setup()
@@ -1514,7 +1545,7 @@ def fid_calc(images, ref, num=50000, seed=0, batch_size=64, extractor=None, devi
     """`edm-lit fid calc`: FID of `num` images at `images` against reference statistics (.npz path or URL). Chapter 8.5.
 
     The feature network is `detector`, refused if the reference records another one unless
-    `allow_detector_mismatch` (then `warn` is called); or `extractor` (as in fid_ref; then nothing is compared).
+    `allow_detector_mismatch` (then `warn` is called); or `extractor` (as in fid_ref; nothing is compared).
     """
     _, _, auto_device = distributed_setup()
     mu_ref, sigma_ref, recorded = _read_reference(ref)  # first: a bad reference fails before the long part
@@ -1526,7 +1557,8 @@ def fid_calc(images, ref, num=50000, seed=0, batch_size=64, extractor=None, devi
             compare_detectors(ref, recorded, kind)  # refused before a network we do not need is built
         extractor, name = feature_network(detector, weights, device)
         compare_detectors(ref, recorded, name, allow_detector_mismatch, warn)
-    mu, sigma = feature_statistics(images, extractor, batch_size, num, seed, device, progress, dim=mu_ref.shape[0])
+    mu, sigma = feature_statistics(images, extractor, batch_size, num, seed, device, progress,
+                                   dim=mu_ref.shape[0])
     return frechet_distance(mu, sigma, mu_ref, sigma_ref, names=(f" of the images at {images}", f" in {ref}"))
 
 # %% [markdown]
@@ -1602,12 +1634,16 @@ def add_generate_command(subparsers):
                               description="Generate images with the EDM sampler; an image depends only on its seed.")
     p.add_argument("--network", required=True, metavar="PATH|URL", help="official .pkl, our .json/.safetensors, or a URL")
     p.add_argument("--outdir", required=True, metavar="DIR", help="where to write {seed:06d}.png")
-    p.add_argument("--seeds", type=_seeds_argument, default="0-63", metavar="LIST", help="e.g. 1,2,5-10 (default 0-63)")
+    p.add_argument("--seeds", type=_seeds_argument, default="0-63", metavar="LIST",
+                   help="e.g. 1,2,5-10 (default 0-63)")
     p.add_argument("--subdirs", action="store_true", help="one subdirectory per 1000 seeds")
-    p.add_argument("--class", dest="class_idx", type=at_least(0), default=None, metavar="INT", help="class label (default: random)")
-    p.add_argument("--batch", dest="max_batch_size", type=at_least(1), default=64, metavar="INT", help="maximum batch size (64)")
+    p.add_argument("--class", dest="class_idx", type=at_least(0), default=None, metavar="INT",
+                   help="class label (default: random)")
+    p.add_argument("--batch", dest="max_batch_size", type=at_least(1), default=64, metavar="INT",
+                   help="maximum batch size (64)")
     p.add_argument("--npz", default=None, metavar="FILE", help="also write all images, in seed order, to this .npz")
-    p.add_argument("--steps", dest="num_steps", type=at_least(1), default=18, metavar="INT", help="sampling steps (18)")
+    p.add_argument("--steps", dest="num_steps", type=at_least(1), default=18, metavar="INT",
+                   help="sampling steps (18)")
     p.add_argument("--sigma_min", type=_positive, metavar="FLOAT", help="lowest noise level (default: varies)")
     p.add_argument("--sigma_max", type=_positive, metavar="FLOAT", help="highest noise level (default: varies)")
     p.add_argument("--rho", type=_positive, default=7.0, metavar="FLOAT", help="time step exponent (7)")
@@ -1619,9 +1655,12 @@ def add_generate_command(subparsers):
     p.add_argument("--disc", dest="discretization", choices=["vp", "ve", "iddpm", "edm"], help="ablate the time steps")
     p.add_argument("--schedule", choices=["vp", "ve", "linear"], help="ablate the noise schedule sigma(t)")
     p.add_argument("--scaling", choices=["vp", "none"], help="ablate the signal scaling s(t)")
-    p.add_argument("--fp16", type=parse_bool, default=False, metavar="BOOL", help="network in float16 autocast (False)")
-    p.add_argument("--bf16", type=parse_bool, default=False, metavar="BOOL", help="network in bfloat16 autocast (False)")
-    p.add_argument("--writers", type=at_least(0), default=4, metavar="INT", help="PNG writer threads (4; 0: none)")
+    p.add_argument("--fp16", type=parse_bool, default=False, metavar="BOOL",
+                   help="network in float16 autocast (False)")
+    p.add_argument("--bf16", type=parse_bool, default=False, metavar="BOOL",
+                   help="network in bfloat16 autocast (False)")
+    p.add_argument("--writers", type=at_least(0), default=4, metavar="INT",
+                   help="PNG writer threads (4; 0: write in the sampling thread)")
     p.set_defaults(func=run_generate_command)
     return p
 
@@ -1639,10 +1678,11 @@ def run_generate_command(args):
         print(f"edm-lit generate: error: {e}", file=sys.stderr)
         return 1
     except (MemoryError, torch.cuda.OutOfMemoryError):
-        print(f"edm-lit generate: error: out of memory at --batch={args.max_batch_size}; use a smaller --batch",
-              file=sys.stderr)
+        print(f"edm-lit generate: error: out of memory at --batch={args.max_batch_size}; use a smaller "
+              f"--batch", file=sys.stderr)
         return 1
-    print(f"wrote {n} images to {args.outdir}" + ("" if args.npz is None else f" and {npz_path(args.npz)}"))
+    also = "" if args.npz is None else f" and {npz_path(args.npz)}"
+    print(f"wrote {n} image{'s' * (n != 1)} to {args.outdir}{also}")
     return 0
 
 
@@ -1661,13 +1701,15 @@ def add_fid_command(subparsers):
     calc = sub.add_parser("calc", help="FID of a set of images against reference statistics")
     calc.add_argument("--images", required=True, metavar="PATH|ZIP", help="folder, .zip or .npz of images")
     calc.add_argument("--ref", required=True, metavar="NPZ|URL", help="reference statistics (mu, sigma)")
-    calc.add_argument("--num", type=at_least(2), default=50000, metavar="INT", help="number of images to use (50000)")
+    calc.add_argument("--num", type=at_least(2), default=50000, metavar="INT",
+                      help="number of images to use (50000)")
     calc.add_argument("--seed", type=int, default=0, metavar="INT", help="seed for choosing the images (0)")
     calc.add_argument("--allow-detector-mismatch", action="store_true",
                       help="compare even if the reference was made by another feature network (warns)")
     ref = sub.add_parser("ref", help="reference statistics of a data set, saved as .npz (mu, sigma)")
     ref.add_argument("--data", required=True, metavar="PATH|ZIP", help="folder or .zip of the data set's images")
-    ref.add_argument("--dest", required=True, metavar="NPZ", help="where to write the statistics ('.npz' appended)")
+    ref.add_argument("--dest", required=True, metavar="NPZ",
+                     help="where to write the statistics ('.npz' appended if missing)")
     for q in (calc, ref):
         q.add_argument("--batch", type=at_least(1), default=64, metavar="INT", help="maximum batch size (64)")
         q.add_argument("--detector", choices=DETECTORS, default="inception",
@@ -2089,11 +2131,11 @@ assert written[0] == written[4]
 # on the digits.
 
 # %% tags=["export:fid"]
-def measure_fid(network, ref, workdir, num_images=50000, runs=1, max_batch_size=64, device=None, progress=True,
-                detector="inception", weights=None, extractor=None, **sampler_kwargs):
+def measure_fid(network, ref, workdir, num_images=50000, runs=1, max_batch_size=64, device=None,
+                progress=True, detector="inception", weights=None, extractor=None, **sampler_kwargs):
     """The paper's protocol through the commands' functions: run k generates seeds [k N, (k + 1) N) into
-    WORKDIR/run{k} (one folder per thousand) and computes their FID against `ref`; returns the `runs` FIDs (the
-    paper reports the minimum of three). The network is loaded once. Chapter 8.8."""
+    WORKDIR/run{k} (one folder per thousand) and computes their FID against `ref`; returns the `runs` FIDs
+    (the paper reports the minimum of three). The network is loaded once. Chapter 8.8."""
     from edm_lit.generate import generate, place_network
 
     net, device = place_network(network, device, distributed_setup()[2])

@@ -26,7 +26,7 @@ SYMMETRY_TOLERANCE = 1e-6  # |sigma - sigma^T| above SYMMETRY_TOLERANCE * max |s
 def _as_stats(mu, sigma, which):
     mu, sigma = np.asarray(mu), np.asarray(sigma)
     for name, array in (("mu", mu), ("sigma", sigma)):
-        if array.dtype.kind not in "iuf":  # not bool, complex, object or text: those would be coerced silently
+        if array.dtype.kind not in "iuf":  # not bool, complex, object or text: coerced silently otherwise
             raise ValueError(f"{name}{which} must hold real numbers, got dtype {array.dtype}")
     mu, sigma = mu.astype(np.float64), sigma.astype(np.float64)
     if mu.ndim != 1:
@@ -36,8 +36,10 @@ def _as_stats(mu, sigma, which):
     if not (np.isfinite(mu).all() and np.isfinite(sigma).all()):
         raise ValueError(f"mu{which} and sigma{which} must be finite (no NaN or inf)")
     asymmetry = float(np.abs(sigma - sigma.T).max(initial=0.0))
-    if asymmetry > SYMMETRY_TOLERANCE * max(float(np.abs(sigma).max(initial=0.0)), np.finfo(np.float64).tiny):
-        raise ValueError(f"sigma{which} is not symmetric (largest |sigma - sigma^T| is {asymmetry:.3g}): not a covariance")
+    scale = max(float(np.abs(sigma).max(initial=0.0)), np.finfo(np.float64).tiny)
+    if asymmetry > SYMMETRY_TOLERANCE * scale:
+        raise ValueError(f"sigma{which} is not symmetric (largest |sigma - sigma^T| is {asymmetry:.3g}): "
+                         f"not a covariance")
     return mu, (sigma + sigma.T) / 2
 
 
@@ -65,11 +67,12 @@ def frechet_distance(mu1, sigma1, mu2, sigma2, names=("1", "2")):
     mu1, sigma1 = _as_stats(mu1, sigma1, names[0])
     mu2, sigma2 = _as_stats(mu2, sigma2, names[1])
     if mu1.shape != mu2.shape:
-        raise ValueError(f"feature dimensions differ: {mu1.shape[0]} (mu{names[0]}) vs {mu2.shape[0]} (mu{names[1]}); "
-                         f"were they computed with the same feature network?")
+        raise ValueError(f"feature dimensions differ: {mu1.shape[0]} (mu{names[0]}) vs {mu2.shape[0]} "
+                         f"(mu{names[1]}); were they computed with the same feature network?")
     _psd_eigh(sigma2, f"sigma{names[1]}")
     mean_term = float(np.sum((mu1 - mu2) ** 2))
-    return mean_term + float(np.trace(sigma1) + np.trace(sigma2)) - 2.0 * trace_sqrt_product(sigma1, sigma2, names)
+    traces = float(np.trace(sigma1) + np.trace(sigma2))
+    return mean_term + traces - 2.0 * trace_sqrt_product(sigma1, sigma2, names)
 
 
 # ── 08_evaluation.py § 8.3 Statistics in one streaming pass ──
@@ -141,19 +144,21 @@ def feature_statistics_of(features):
     return stats.mean(), stats.cov()
 
 
-NVIDIA_DETECTOR = "nvidia:inception-2015-12-05.pkl"  # a reference without a record: NVIDIA's published fid-refs
+NVIDIA_DETECTOR = "nvidia:inception-2015-12-05.pkl"  # what a reference without a record counts as
 MAX_DEFLATE_RATIO = 1032  # deflate shrinks data at most ~1032:1; an array claiming more than that is not real
 _NPY_HEADERS = {(1, 0): np.lib.format.read_array_header_1_0, (2, 0): np.lib.format.read_array_header_2_0}
 
 
 def save_reference(path, mu, sigma, detector=None):
-    """Write reference statistics in the official fid-refs layout: an .npz with float64 `mu` [d] and `sigma` [d, d],
-    plus a string `detector` naming the feature network that made them; all-or-nothing, to `path` exactly. Chapter 8.3."""
+    """Write reference statistics in the official fid-refs layout: an .npz with float64 `mu` [d] and
+    `sigma` [d, d], plus a string `detector` naming the feature network that made them; all or nothing, to
+    `path` exactly. Chapter 8.3."""
     from edm_lit.checkpoints import write_atomic
 
     mu, sigma = _as_stats(mu, sigma, "")
     buffer = io.BytesIO()
-    np.savez(buffer, mu=mu, sigma=sigma, **({} if detector is None else {"detector": np.array(str(detector))}))
+    record = {} if detector is None else {"detector": np.array(str(detector))}
+    np.savez(buffer, mu=mu, sigma=sigma, **record)
     write_atomic(path, buffer.getvalue())
 
 
@@ -162,26 +167,28 @@ def _declared(z, info, path, size):
     with z.open(info) as f:
         version = np.lib.format.read_magic(f)
         if version not in _NPY_HEADERS:
-            raise ValueError(f"{path}: {info.filename} has .npy format version {version}, which this reader refuses")
+            raise ValueError(f"{path}: {info.filename} has .npy format version {version}, not read here")
         shape, _, dtype = _NPY_HEADERS[version](f)
     need = dtype.itemsize * math.prod(shape)
     room = min(info.file_size, size * (1 if info.compress_type == zipfile.ZIP_STORED else MAX_DEFLATE_RATIO))
     if dtype.hasobject or need > room:
-        raise ValueError(f"{path}: {info.filename} declares {list(shape)} {dtype} ({need / 2**30:.3g} GiB), but the "
-                         f"file can hold at most {room:,} bytes of it: damaged, or not what it claims")
+        raise ValueError(f"{path}: {info.filename} declares {list(shape)} {dtype} ({need / 2**30:.3g} GiB), "
+                         f"but the file can hold at most {room:,} bytes of it: damaged, or not what it claims")
     return shape, dtype
 
 
 def read_npz(path, keys, optional=(), what="an .npz"):
-    """{key: array} of an .npz; one clear error for a file that is not a complete .npz (truncated, an .npy renamed),
-    lacks a key, or whose arrays declare more bytes than the file holds (checked before loading). Chapter 8.3."""
+    """{key: array} of an .npz; one clear error for a file that is not a complete .npz (truncated, an .npy
+    renamed), lacks a key, or whose arrays declare more bytes than the file holds (checked before loading).
+    Chapter 8.3."""
     size = os.path.getsize(path)
     try:
         with zipfile.ZipFile(path) as z:
             members = {i.filename[:-4]: i for i in z.infolist() if i.filename.endswith(".npy")}
             missing = [k for k in keys if k not in members]
             if missing:
-                raise KeyError(f"{path} is not {what}: it lacks {' and '.join(missing)} (has {sorted(members)})")
+                has = sorted(members)
+                raise KeyError(f"{path} is not {what}: it lacks {' and '.join(missing)} (has {has})")
             wanted = [*keys, *(k for k in optional if k in members)]
             declared = {k: _declared(z, members[k], path, size) for k in wanted}
             arrays = {}
@@ -215,8 +222,8 @@ def _read_reference(path_or_url, cache=None):
     _psd_eigh(sigma, f"sigma in {path}")
     detector = data.get("detector", np.array(NVIDIA_DETECTOR))
     if detector.dtype.kind != "U" or detector.ndim != 0:
-        raise ValueError(f"{path}: 'detector' must be a string naming a feature network, got {detector.dtype} "
-                         f"{list(detector.shape)}")
+        raise ValueError(f"{path}: 'detector' must be a string naming a feature network, got "
+                         f"{detector.dtype} {list(detector.shape)}")
     return mu, sigma, str(detector)
 
 
@@ -226,7 +233,7 @@ def load_reference(path_or_url, cache=None):
 
 
 def reference_detector(path_or_url, cache=None):
-    """The feature network recorded in a reference .npz; NVIDIA_DETECTOR when none is (the published fid-refs). Chapter 8.3."""
+    """The feature network recorded in a reference .npz; NVIDIA_DETECTOR when none is. Chapter 8.3."""
     return _read_reference(path_or_url, cache)[2]
 
 
@@ -383,13 +390,15 @@ def inception_weights_path(weights=None, allow_download=True):
 
 
 def load_inception(weights=None, device="cpu", allow_download=True):
-    """The FID Inception-v3 with the published pytorch-fid weights, checked (size, whole SHA-256), loaded weights_only. Chapter 8.4."""
+    """The FID Inception-v3 with the published pytorch-fid weights, checked (size and whole SHA-256), loaded
+    weights_only. Chapter 8.4."""
     path = inception_weights_path(weights, allow_download)
     size = os.path.getsize(path)
     digest = _sha256(path) if size == INCEPTION_BYTES else None
     if digest != INCEPTION_SHA256:
-        raise ValueError(f"{path} is not {INCEPTION_FILE}: " + (f"{size} bytes, expected {INCEPTION_BYTES}" if digest is None
-                         else f"its SHA-256 is {digest}, expected {INCEPTION_SHA256}"))
+        why = (f"{size} bytes, expected {INCEPTION_BYTES}" if digest is None
+               else f"its SHA-256 is {digest}, expected {INCEPTION_SHA256}")
+        raise ValueError(f"{path} is not {INCEPTION_FILE}: {why}")
     net = InceptionV3Features()
     net.load_state_dict(torch.load(path, map_location="cpu", weights_only=True), strict=True)
     return net.to(device).eval().requires_grad_(False)
@@ -442,10 +451,11 @@ def image_batches(images, batch_size=64, rank=0, world_size=1):
         yield torch.from_numpy(np.stack(batch))
 
 
-def feature_statistics(path, extractor, batch_size=64, num=None, seed=0, device=None, progress=False, dim=None):
-    """(mu, sigma) of extractor features over the images at `path`, streamed, summed over processes. Batches go to
-    `device` (default: the extractor's parameters' device, else the CPU); features of another size than `dim`
-    are refused at the first batch. Chapter 8.5."""
+def feature_statistics(path, extractor, batch_size=64, num=None, seed=0, device=None, progress=False,
+                       dim=None):
+    """(mu, sigma) of extractor features over the images at `path`, streamed, summed over processes. Batches
+    go to `device` (default: the extractor's parameters' device, else the CPU); features of another size than
+    `dim` are refused at the first batch. Chapter 8.5."""
     from tqdm import tqdm  # a text bar on stderr, as the official scripts; no notebook widget state
 
     device = torch.device(device) if device is not None else module_device(extractor, torch.device("cpu"))
@@ -459,8 +469,9 @@ def feature_statistics(path, extractor, batch_size=64, num=None, seed=0, device=
                           total=-(-len(images) // batch_size) // world_size):
             features = extractor(batch.to(device))
             if dim is not None and features.shape[-1] != dim:
-                raise ValueError(f"the feature network gives {features.shape[-1]}-d features, but {dim}-d are "
-                                 f"expected (the reference's); use a reference made with the same feature network")
+                raise ValueError(f"the feature network gives {features.shape[-1]}-d features, but {dim}-d "
+                                 f"are expected (the reference's); use a reference made with the same "
+                                 f"feature network")
             stats.update(features)
     return stats.all_reduce().mean(), stats.cov()
 
@@ -470,8 +481,9 @@ DETECTORS = ("inception", "digits")
 
 
 def feature_network(detector="inception", weights=None, device="cpu"):
-    """(extractor, name) for `--detector`: the paper's Inception-v3 (§8.4; `weights`, see load_inception), or the
-    quick-mode digits classifier (§8.7). `name`, with the weights' SHA-256, is what a reference records. Chapter 8.5."""
+    """(extractor, name) for `--detector`: the paper's Inception-v3 (§8.4; `weights`, see load_inception), or
+    the quick-mode digits classifier (§8.7). `name`, with the weights' SHA-256, is what a reference records.
+    Chapter 8.5."""
     if detector == "inception":
         return load_inception(weights, device=device), INCEPTION_DETECTOR
     _check_detector(detector)
@@ -485,7 +497,9 @@ def _check_detector(detector):
 
 
 def _described(name):
-    return "NVIDIA's detector (no record in the file, as in NVIDIA's fid-refs)" if name == NVIDIA_DETECTOR else repr(name)
+    if name == NVIDIA_DETECTOR:
+        return "NVIDIA's detector (no record in the file, as in NVIDIA's fid-refs)"
+    return repr(name)
 
 
 def compare_detectors(ref, recorded, ours, allow=False, warn=None):
@@ -493,21 +507,22 @@ def compare_detectors(ref, recorded, ours, allow=False, warn=None):
     (default warnings.warn) with one line instead. Chapter 8.5."""
     if recorded == ours:
         return
-    message = (f"the reference {ref} was made with {_described(recorded)} but this FID uses {_described(ours)}; "
-               f"FIDs of different feature networks are different quantities (Chapter 8.4)")
+    message = (f"the reference {ref} was made with {_described(recorded)} but this FID uses "
+               f"{_described(ours)}; FIDs of different feature networks are different quantities (Chapter 8.4)")
     if not allow:
-        raise ValueError(f"{message}: remake the reference with `edm-lit fid ref` and the same --detector, or pass "
-                         f"--allow-detector-mismatch to compare anyway")
+        raise ValueError(f"{message}: remake the reference with `edm-lit fid ref` and the same --detector, or "
+                         f"pass --allow-detector-mismatch to compare anyway")
     (warn or warnings.warn)(f"{message}; compared anyway (--allow-detector-mismatch)")
 
 
-def fid_ref(data, dest, batch_size=64, extractor=None, device=None, progress=True, weights=None, detector="inception",
-            extractor_name=None):
-    """`edm-lit fid ref`: reference statistics of all images at `data`, saved to `dest` (official layout, '.npz'
-    appended as np.savez does; checked before the work). Chapter 8.5.
+def fid_ref(data, dest, batch_size=64, extractor=None, device=None, progress=True, weights=None,
+            detector="inception", extractor_name=None):
+    """`edm-lit fid ref`: reference statistics of all images at `data`, saved to `dest` (official layout,
+    '.npz' appended as np.savez does; checked before the work). Chapter 8.5.
 
-    The feature network is `detector` ("inception" or "digits", see feature_network), recorded with its weights'
-    hash; or `extractor`, any callable uint8 [N, C, H, W] -> [N, d], recorded as `extractor_name` (or "custom:...").
+    The feature network is `detector` ("inception" or "digits", see feature_network), recorded with its
+    weights' hash; or `extractor`, any callable uint8 [N, C, H, W] -> [N, d], recorded as `extractor_name`
+    (or "custom:...").
     """
     dest = npz_output(dest, "--dest")
     rank, _, auto_device = distributed_setup()
@@ -527,7 +542,7 @@ def fid_calc(images, ref, num=50000, seed=0, batch_size=64, extractor=None, devi
     """`edm-lit fid calc`: FID of `num` images at `images` against reference statistics (.npz path or URL). Chapter 8.5.
 
     The feature network is `detector`, refused if the reference records another one unless
-    `allow_detector_mismatch` (then `warn` is called); or `extractor` (as in fid_ref; then nothing is compared).
+    `allow_detector_mismatch` (then `warn` is called); or `extractor` (as in fid_ref; nothing is compared).
     """
     _, _, auto_device = distributed_setup()
     mu_ref, sigma_ref, recorded = _read_reference(ref)  # first: a bad reference fails before the long part
@@ -539,7 +554,8 @@ def fid_calc(images, ref, num=50000, seed=0, batch_size=64, extractor=None, devi
             compare_detectors(ref, recorded, kind)  # refused before a network we do not need is built
         extractor, name = feature_network(detector, weights, device)
         compare_detectors(ref, recorded, name, allow_detector_mismatch, warn)
-    mu, sigma = feature_statistics(images, extractor, batch_size, num, seed, device, progress, dim=mu_ref.shape[0])
+    mu, sigma = feature_statistics(images, extractor, batch_size, num, seed, device, progress,
+                                   dim=mu_ref.shape[0])
     return frechet_distance(mu, sigma, mu_ref, sigma_ref, names=(f" of the images at {images}", f" in {ref}"))
 
 
@@ -559,13 +575,15 @@ def add_fid_command(subparsers):
     calc = sub.add_parser("calc", help="FID of a set of images against reference statistics")
     calc.add_argument("--images", required=True, metavar="PATH|ZIP", help="folder, .zip or .npz of images")
     calc.add_argument("--ref", required=True, metavar="NPZ|URL", help="reference statistics (mu, sigma)")
-    calc.add_argument("--num", type=at_least(2), default=50000, metavar="INT", help="number of images to use (50000)")
+    calc.add_argument("--num", type=at_least(2), default=50000, metavar="INT",
+                      help="number of images to use (50000)")
     calc.add_argument("--seed", type=int, default=0, metavar="INT", help="seed for choosing the images (0)")
     calc.add_argument("--allow-detector-mismatch", action="store_true",
                       help="compare even if the reference was made by another feature network (warns)")
     ref = sub.add_parser("ref", help="reference statistics of a data set, saved as .npz (mu, sigma)")
     ref.add_argument("--data", required=True, metavar="PATH|ZIP", help="folder or .zip of the data set's images")
-    ref.add_argument("--dest", required=True, metavar="NPZ", help="where to write the statistics ('.npz' appended)")
+    ref.add_argument("--dest", required=True, metavar="NPZ",
+                     help="where to write the statistics ('.npz' appended if missing)")
     for q in (calc, ref):
         q.add_argument("--batch", type=at_least(1), default=64, metavar="INT", help="maximum batch size (64)")
         q.add_argument("--detector", choices=DETECTORS, default="inception",
@@ -699,11 +717,11 @@ class DigitsExtractor:
 
 # ── 08_evaluation.py § 8.8 At the paper's scale ──
 
-def measure_fid(network, ref, workdir, num_images=50000, runs=1, max_batch_size=64, device=None, progress=True,
-                detector="inception", weights=None, extractor=None, **sampler_kwargs):
+def measure_fid(network, ref, workdir, num_images=50000, runs=1, max_batch_size=64, device=None,
+                progress=True, detector="inception", weights=None, extractor=None, **sampler_kwargs):
     """The paper's protocol through the commands' functions: run k generates seeds [k N, (k + 1) N) into
-    WORKDIR/run{k} (one folder per thousand) and computes their FID against `ref`; returns the `runs` FIDs (the
-    paper reports the minimum of three). The network is loaded once. Chapter 8.8."""
+    WORKDIR/run{k} (one folder per thousand) and computes their FID against `ref`; returns the `runs` FIDs
+    (the paper reports the minimum of three). The network is loaded once. Chapter 8.8."""
     from edm_lit.generate import generate, place_network
 
     net, device = place_network(network, device, distributed_setup()[2])

@@ -38,11 +38,11 @@ class PerSeedRandom:
             raise ValueError(f"the first dimension must be the batch size {len(self)}, got shape {list(size)}")
 
     def randn(self, size, dtype=torch.float32, device=None):
-        """Normal draws of shape `size`; row k from generator k."""
+        """Normal draws of shape `size`; row k from generator k, drawn on its device, then moved to `device`."""
         self._check_rows(size)
-        device = self.device if device is None else device
-        rows = [torch.randn(list(size[1:]), generator=g, dtype=dtype, device=device) for g in self.generators]
-        return torch.stack(rows)
+        shape = list(size[1:])
+        rows = [torch.randn(shape, generator=g, dtype=dtype, device=self.device) for g in self.generators]
+        return torch.stack(rows).to(self.device if device is None else device)
 
     def randn_like(self, x):
         """`torch.randn_like` with per-row generators: what the samplers call at every step."""
@@ -51,8 +51,8 @@ class PerSeedRandom:
     def randint(self, high, size, device=None):
         """Integers in [0, high) of shape `size`; row k from generator k."""
         self._check_rows(size)
-        device = self.device if device is None else device
-        return torch.stack([torch.randint(high, list(size[1:]), generator=g, device=device) for g in self.generators])
+        rows = [torch.randint(high, list(size[1:]), generator=g, device=self.device) for g in self.generators]
+        return torch.stack(rows).to(self.device if device is None else device)
 
 
 # ── 08_evaluation.py § Seeds, batches and processes ──
@@ -73,7 +73,8 @@ class Seeds(collections.abc.Sequence):
         self.parts = [p if isinstance(p, range) else tuple(int(s) for s in p) for p in parts]
         self.parts = [p for p in self.parts if len(p)]
         for p in self.parts:
-            low, high = (p[0], p[-1]) if isinstance(p, range) and p.step > 0 else (min(p), max(p))  # O(1) for ranges
+            ascending = isinstance(p, range) and p.step > 0
+            low, high = (p[0], p[-1]) if ascending else (min(p), max(p))  # min() of a range would iterate it
             if low not in INT64_RANGE or high not in INT64_RANGE:
                 raise ValueError(f"seeds must lie in [-2**63, 2**63) (int64, as the official parser), "
                                  f"got {high if high not in INT64_RANGE else low}")
@@ -110,8 +111,9 @@ class Seeds(collections.abc.Sequence):
 
 
 def parse_seeds(text):
-    """'0-3,7' -> Seeds 0, 1, 2, 3, 7: the official --seeds syntax (comma-separated ints, which may be negative, and
-    inclusive ranges of non-negative ints), each within int64. A list, tuple or range is taken as is. Chapter 8.1."""
+    """'0-3,7' -> Seeds 0, 1, 2, 3, 7: the official --seeds syntax (comma-separated ints, which may be
+    negative, and inclusive ranges of non-negative ints), each within int64. A list, tuple or range is taken
+    as is. Chapter 8.1."""
     if isinstance(text, Seeds):
         return text
     if isinstance(text, (list, tuple, range)):
@@ -126,7 +128,7 @@ def parse_seeds(text):
                 raise ValueError(f"seeds: the range {part!r} is empty (its end is below its start)")
             parts.append(range(lo, hi + 1))
         elif _INT.match(part):
-            parts.append((int(part),))  # negative too, as the official int(p); the generator takes it modulo 2**32
+            parts.append((int(part),))  # negative too, as the official int(p); drawn modulo 2**32
         else:
             what = "an empty entry" if not part else f"{part!r} is neither an integer nor a range A-B of " \
                                                      f"non-negative integers"
@@ -135,7 +137,7 @@ def parse_seeds(text):
 
 
 class SeedBatches(collections.abc.Sequence):
-    """Batch i of process `rank`: a list of seeds, computed on demand (as numpy's array_split cuts). Chapter 8.1."""
+    """Batch i of process `rank`: a list of seeds, computed on demand, cut as numpy's array_split. Chapter 8.1."""
 
     def __init__(self, seeds, num_batches, world_size, rank):
         self.seeds, self.ids = seeds, range(rank, num_batches, world_size)
@@ -189,29 +191,31 @@ def to_uint8(images):
 
 
 def module_device(net, default=None):
-    """The device of a module's first parameter (or buffer); `default` for anything without tensors. Chapter 8.1."""
-    tensors = itertools.chain(net.parameters(), net.buffers()) if isinstance(net, torch.nn.Module) else iter(())
+    """The device of a module's first parameter (or buffer); `default` without tensors. Chapter 8.1."""
+    is_module = isinstance(net, torch.nn.Module)
+    tensors = itertools.chain(net.parameters(), net.buffers()) if is_module else iter(())
     first = next(tensors, None)
     return default if first is None else first.device
 
 
 def check_denoiser(net, name="network"):
-    """Refuse, in one line, an object that lacks the denoiser interface (e.g. an inner network saved alone). Chapter 8.1."""
+    """Refuse in one line an object without the denoiser interface (an inner network saved alone). Chapter 8.1."""
     missing = [a for a in DENOISER_ATTRIBUTES if not hasattr(net, a)]
     if missing or not callable(net):
-        raise ValueError(f"{name}: a {type(net).__name__} is not a denoiser D(x, sigma, class_labels): it lacks "
-                         f"{', '.join(missing) or '__call__'}; load or save the preconditioner around it (e.g. "
-                         f"EDMPrecond, what `edm-lit train` saves), not the inner network")
+        raise ValueError(f"{name}: a {type(net).__name__} is not a denoiser D(x, sigma, class_labels): it "
+                         f"lacks {', '.join(missing) or '__call__'}; load or save the preconditioner around "
+                         f"it (e.g. EDMPrecond, what `edm-lit train` saves), not the inner network")
     return net
 
 
-def sample_seeds(net, seeds, class_idx=None, device=None, **sampler_kwargs):
-    """Images (uint8 [N, H, W, C]) for `seeds`, each a function of its seed only, drawn on `device` (default: the
-    network's). Refuses a network output that is not finite. Chapter 8.1."""
+def sample_seeds(net, seeds, class_idx=None, device=None, generator_device=None, **sampler_kwargs):
+    """Images (uint8 [N, H, W, C]) for `seeds`, each a function of its seed only, sampled on `device`
+    (default: the network's) with random numbers drawn on `generator_device` (default: `device`, as the
+    official script). Refuses a network output that is not finite. Chapter 8.1."""
     check_denoiser(net)
     device = torch.device(device) if device is not None else module_device(net, torch.device("cpu"))
     sampler_kwargs = {k: v for k, v in sampler_kwargs.items() if v is not None}
-    rnd = PerSeedRandom(seeds, device)
+    rnd = PerSeedRandom(seeds, device if generator_device is None else generator_device)
     shape = [len(rnd), net.img_channels, net.img_resolution, net.img_resolution]
     latents = rnd.randn(shape, device=device)
     labels = class_labels_for(net, rnd, class_idx, device)
@@ -219,11 +223,12 @@ def sample_seeds(net, seeds, class_idx=None, device=None, **sampler_kwargs):
     sampler = ablation_sampler if ablate else edm_sampler
     with torch.no_grad():
         images = sampler(net, latents, labels, randn_like=rnd.randn_like, **sampler_kwargs)
-    if not torch.isfinite(images).all():
-        bad = sorted({int(s) for s, ok in zip(rnd.seeds, torch.isfinite(images).flatten(1).all(1).tolist()) if not ok})
-        raise ValueError(f"the network's output is not finite (NaN or inf) for {len(bad)} of {len(rnd)} seeds "
-                         f"(first: {bad[0]}); no images written from this batch: is the checkpoint damaged, or "
-                         f"does half precision overflow (--fp16)?")
+    finite = torch.isfinite(images).flatten(1).all(1).tolist()
+    if not all(finite):
+        bad = [s for s, ok in zip(rnd.seeds, finite) if not ok]
+        raise ValueError(f"the network's output is not finite (NaN or inf) for {len(bad)} of {len(rnd)} "
+                         f"seeds (first: {bad[0]}); no images written from this batch: is the checkpoint "
+                         f"damaged, or does half precision overflow (--fp16)?")
     return to_uint8(images).cpu()
 
 
@@ -242,7 +247,7 @@ def image_path(outdir, seed, subdirs=False):
 
 
 def save_png(image, path):
-    """Write one uint8 [H, W, C] image (C = 1 or 3) as PNG, under a temporary name first, then renamed. Chapter 8.1."""
+    """Write one uint8 [H, W, C] image (C = 1 or 3) as PNG: a temporary name, then renamed. Chapter 8.1."""
     import PIL.Image
 
     array = image.numpy() if isinstance(image, torch.Tensor) else np.asarray(image)
@@ -259,8 +264,8 @@ def save_png(image, path):
 
 
 class PngWriter:
-    """save_png on `threads` background threads (0: in the caller's thread); at most `max_pending` images wait, and
-    the first error is raised in the caller's thread. Use as a context manager. Chapter 8.1."""
+    """save_png on `threads` background threads (0: in the caller's thread); at most `max_pending` images
+    wait, and the first error is raised in the caller's thread. A context manager. Chapter 8.1."""
 
     def __init__(self, threads=4, max_pending=1024):
         self.pool = concurrent.futures.ThreadPoolExecutor(threads) if threads > 0 else None
@@ -292,14 +297,17 @@ def npz_path(path):
 
 
 def npz_output(path, flag):
-    """The .npz file an output flag names (`npz_path`), refused now if it is a folder or cannot be written. Chapter 8.1."""
-    if os.path.isdir(path):
-        raise ValueError(f"{flag}={os.fspath(path)} is a folder; give the name of an .npz file to write")
+    """The .npz file an output flag names (`npz_path`), refused now if a folder or unwritable. Chapter 8.1."""
+    if not os.fspath(path) or os.path.isdir(path):
+        what = "a folder" if os.fspath(path) else "empty"
+        raise ValueError(f"{flag}={os.fspath(path)} is {what}; give the name of an .npz file to write")
     return check_writable(npz_path(path), flag)
 
 
 def check_writable(path, flag, folder=False):
-    """Refuse now, in one line naming `flag`, an output file (or folder) that could not be written later. Chapter 8.1."""
+    """Refuse now, in one line naming `flag`, an output file (or folder) that could not be written. Chapter 8.1."""
+    if not os.fspath(path):
+        raise ValueError(f"{flag} is empty: name the {'folder' if folder else 'file'} to write")
     path = os.path.abspath(os.fspath(path))
     if folder and os.path.exists(path) and not os.path.isdir(path):
         raise ValueError(f"{flag}={path} is a file, not a folder")
@@ -329,13 +337,15 @@ PRECISIONS = {"fp16": torch.float16, "bf16": torch.bfloat16}
 
 
 def place_network(network, device=None, default_device="cpu"):
-    """(net, device) ready to sample. A path or URL is loaded onto `device` (default: `default_device`); a module
-    is used where it is, or a copy is moved (and put in eval mode) when it must run elsewhere or is training:
-    the caller's module is never changed. Chapter 8.1."""
+    """(net, device) ready to sample. A path or URL is loaded onto `device` (default: `default_device`); a
+    module is used where it is, or a copy is moved (and put in eval mode) when it must run elsewhere or is
+    training: the caller's module is never changed. Chapter 8.1."""
     if isinstance(network, (str, os.PathLike)):
         device = torch.device(default_device if device is None else device)
         net = check_denoiser(load_network(network), str(network))
-        return (net.to(device).eval().requires_grad_(False) if isinstance(net, torch.nn.Module) else net), device
+        if isinstance(net, torch.nn.Module):
+            net = net.to(device).eval().requires_grad_(False)
+        return net, device
     check_denoiser(network)
     here = module_device(network)
     device = torch.device(device) if device is not None else (here or torch.device(default_device))
@@ -347,7 +357,7 @@ def place_network(network, device=None, default_device="cpu"):
 
 
 class Autocast:
-    """A denoiser called under torch.autocast(dtype): the network in half precision, the sampler untouched. Chapter 8.1."""
+    """A denoiser called under torch.autocast(dtype): the network in half precision. Chapter 8.1."""
 
     def __init__(self, net, dtype):
         self.net, self.dtype = net, dtype
@@ -387,8 +397,8 @@ def _npy_header(f, dtype, shape):
 
 
 def write_images_npz(path, outdir, seeds, subdirs=False):
-    """The PNGs of `seeds`, in order, streamed into an .npz laid out as np.savez does ('images' uint8 [N, H, W, C],
-    'seeds' int64 [N]): never all in memory, written under a temporary name, then renamed. Chapter 8.1."""
+    """The PNGs of `seeds`, in order, streamed into an .npz laid out as np.savez does ('images' uint8
+    [N, H, W, C], 'seeds' int64 [N]): never all in memory; a temporary name, then renamed. Chapter 8.1."""
     import PIL.Image
 
     def read(seed):
@@ -405,7 +415,8 @@ def write_images_npz(path, outdir, seeds, subdirs=False):
                 for seed in seeds:
                     image = read(seed)
                     if image.shape != shape:
-                        raise ValueError(f"{image_path(outdir, seed, subdirs)}: shape {image.shape} differs from {shape}")
+                        where = image_path(outdir, seed, subdirs)
+                        raise ValueError(f"{where}: shape {image.shape} differs from {shape}")
                     f.write(image.tobytes())
             with z.open("seeds.npy", "w", force_zip64=True) as f:
                 _npy_header(f, np.int64, (len(seeds),))
@@ -424,8 +435,8 @@ def generate(network, outdir, seeds="0-63", subdirs=False, class_idx=None, max_b
     """Generate one PNG per seed into `outdir` (and optionally an .npz); returns the number written. Chapter 8.1.
 
     `network`: a denoiser (used where it is, never changed; see place_network), or a path / URL for
-    `load_network`. Outputs are checked first. `fp16`/`bf16`: autocast precision of the network; `writers`: PNG
-    writer threads. `sampler_kwargs`: those of `edm_sampler`, or of `ablation_sampler` when
+    `load_network`. Outputs are checked first. `fp16`/`bf16`: autocast precision of the network;
+    `writers`: PNG writer threads. `sampler_kwargs`: those of `edm_sampler`, or of `ablation_sampler` when
     solver/discretization/schedule/scaling is given.
     """
     from tqdm import tqdm  # a text bar on stderr, as the official scripts; no notebook widget state
@@ -441,9 +452,10 @@ def generate(network, outdir, seeds="0-63", subdirs=False, class_idx=None, max_b
     rank, world_size, auto_device = distributed_setup()
     net, device = place_network(network, device, auto_device)
     label_dim = int(net.label_dim or 0)
-    if class_idx is not None and not 0 <= int(class_idx) < max(label_dim, 1):
-        raise ValueError(f"class_idx={class_idx} (--class) was given but the network is unconditional (label_dim=0)"
-                         if not label_dim else f"class_idx (--class) must be in [0, {label_dim}), got {class_idx}")
+    if class_idx is not None and not label_dim:
+        raise ValueError(f"class_idx={class_idx} (--class) was given but the network is unconditional")
+    if class_idx is not None and not 0 <= int(class_idx) < label_dim:
+        raise ValueError(f"class_idx (--class) must be in [0, {label_dim}), got {class_idx}")
     net = with_precision(net, fp16, bf16)
     written = 0
     with PngWriter(writers) as writer:
@@ -510,12 +522,16 @@ def add_generate_command(subparsers):
                               description="Generate images with the EDM sampler; an image depends only on its seed.")
     p.add_argument("--network", required=True, metavar="PATH|URL", help="official .pkl, our .json/.safetensors, or a URL")
     p.add_argument("--outdir", required=True, metavar="DIR", help="where to write {seed:06d}.png")
-    p.add_argument("--seeds", type=_seeds_argument, default="0-63", metavar="LIST", help="e.g. 1,2,5-10 (default 0-63)")
+    p.add_argument("--seeds", type=_seeds_argument, default="0-63", metavar="LIST",
+                   help="e.g. 1,2,5-10 (default 0-63)")
     p.add_argument("--subdirs", action="store_true", help="one subdirectory per 1000 seeds")
-    p.add_argument("--class", dest="class_idx", type=at_least(0), default=None, metavar="INT", help="class label (default: random)")
-    p.add_argument("--batch", dest="max_batch_size", type=at_least(1), default=64, metavar="INT", help="maximum batch size (64)")
+    p.add_argument("--class", dest="class_idx", type=at_least(0), default=None, metavar="INT",
+                   help="class label (default: random)")
+    p.add_argument("--batch", dest="max_batch_size", type=at_least(1), default=64, metavar="INT",
+                   help="maximum batch size (64)")
     p.add_argument("--npz", default=None, metavar="FILE", help="also write all images, in seed order, to this .npz")
-    p.add_argument("--steps", dest="num_steps", type=at_least(1), default=18, metavar="INT", help="sampling steps (18)")
+    p.add_argument("--steps", dest="num_steps", type=at_least(1), default=18, metavar="INT",
+                   help="sampling steps (18)")
     p.add_argument("--sigma_min", type=_positive, metavar="FLOAT", help="lowest noise level (default: varies)")
     p.add_argument("--sigma_max", type=_positive, metavar="FLOAT", help="highest noise level (default: varies)")
     p.add_argument("--rho", type=_positive, default=7.0, metavar="FLOAT", help="time step exponent (7)")
@@ -527,9 +543,12 @@ def add_generate_command(subparsers):
     p.add_argument("--disc", dest="discretization", choices=["vp", "ve", "iddpm", "edm"], help="ablate the time steps")
     p.add_argument("--schedule", choices=["vp", "ve", "linear"], help="ablate the noise schedule sigma(t)")
     p.add_argument("--scaling", choices=["vp", "none"], help="ablate the signal scaling s(t)")
-    p.add_argument("--fp16", type=parse_bool, default=False, metavar="BOOL", help="network in float16 autocast (False)")
-    p.add_argument("--bf16", type=parse_bool, default=False, metavar="BOOL", help="network in bfloat16 autocast (False)")
-    p.add_argument("--writers", type=at_least(0), default=4, metavar="INT", help="PNG writer threads (4; 0: none)")
+    p.add_argument("--fp16", type=parse_bool, default=False, metavar="BOOL",
+                   help="network in float16 autocast (False)")
+    p.add_argument("--bf16", type=parse_bool, default=False, metavar="BOOL",
+                   help="network in bfloat16 autocast (False)")
+    p.add_argument("--writers", type=at_least(0), default=4, metavar="INT",
+                   help="PNG writer threads (4; 0: write in the sampling thread)")
     p.set_defaults(func=run_generate_command)
     return p
 
@@ -547,8 +566,9 @@ def run_generate_command(args):
         print(f"edm-lit generate: error: {e}", file=sys.stderr)
         return 1
     except (MemoryError, torch.cuda.OutOfMemoryError):
-        print(f"edm-lit generate: error: out of memory at --batch={args.max_batch_size}; use a smaller --batch",
-              file=sys.stderr)
+        print(f"edm-lit generate: error: out of memory at --batch={args.max_batch_size}; use a smaller "
+              f"--batch", file=sys.stderr)
         return 1
-    print(f"wrote {n} images to {args.outdir}" + ("" if args.npz is None else f" and {npz_path(args.npz)}"))
+    also = "" if args.npz is None else f" and {npz_path(args.npz)}"
+    print(f"wrote {n} image{'s' * (n != 1)} to {args.outdir}{also}")
     return 0

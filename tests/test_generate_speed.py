@@ -8,7 +8,8 @@ import pytest
 import torch
 
 from edm_lit.checkpoints import load_network
-from edm_lit.generate import PngWriter, generate, image_path, sample_seeds, with_precision, write_images_npz
+from edm_lit.generate import (PerSeedRandom, PngWriter, generate, image_path, sample_seeds, with_precision,
+                              write_images_npz)
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -75,3 +76,11 @@ def test_writer_bounds_the_images_waiting(tmp_path):
             writer.submit(image, image_path(tmp_path, seed))
             assert len(writer.pending) <= 3
     assert len(list(tmp_path.glob("*.png"))) == 10
+
+
+def test_random_numbers_can_be_drawn_on_another_device_than_the_network(quick_net):
+    """Chapter 9 on a GPU draws the CPU's numbers (`generator_device="cpu"`) to see the noise of a CPU run."""
+    moved = PerSeedRandom([3, 4]).randn([2, 5], device="meta")  # drawn on the generators' device, then moved
+    assert moved.device.type == "meta" and moved.shape == (2, 5)
+    here = sample_seeds(quick_net, [7, 8], num_steps=3)
+    assert torch.equal(here, sample_seeds(quick_net, [7, 8], num_steps=3, generator_device="cpu"))
