@@ -2,8 +2,8 @@
 
     python benchmarks/bench_generate.py                       # CPU: a small smoke size; GPU: the sizes below
     python benchmarks/bench_generate.py --out book/results/bench_generate_gpu.json
-    python benchmarks/bench_generate.py --gap --network=URL   # + half precision vs float32 images (GPU, download)
-    python benchmarks/bench_generate.py --fid --network=URL --data=cifar10-32x32.zip   # + the FID (GPU, downloads)
+    python benchmarks/bench_generate.py --gap --network=URL   # + half precision vs float32 images
+    python benchmarks/bench_generate.py --fid --network=URL --data=cifar10-32x32.zip   # + the FID (GPU)
 
 Rows, each timed in this one process on the same random-weight network (speed does not depend on the weights):
 - `fp32_naive`: `edm_lit.samplers.edm_sampler` on the float32 network, batch as given: the official loop;
@@ -126,11 +126,12 @@ def time_generate(net, device, batch, steps, rounds, warmup, **flags):
     except Exception as e:
         return dict(error=f"{type(e).__name__}: {e}"[:300])
     sec = statistics.median(times)
-    return dict(seconds_per_batch=sec, images_per_second=batch / sec, seconds_for_50k=50000 / (batch / sec), **flags)
+    return dict(seconds_per_batch=sec, images_per_second=batch / sec, seconds_for_50k=50000 / (batch / sec),
+                **flags)
 
 
 def precision_gap(network, device, seeds, batch, precisions):
-    """Mean and max |difference| in 8-bit levels between the float32 images of `seeds` and each half precision's."""
+    """Mean and max |difference| in 8-bit levels between the float32 images of `seeds` and each precision's."""
     from edm_lit.generate import place_network, sample_seeds, seed_batches, with_precision
 
     net, device = place_network(network, device, device)
@@ -141,7 +142,8 @@ def precision_gap(network, device, seeds, batch, precisions):
             exact = sample_seeds(net, part, device=device).int()
             half = sample_seeds(with_precision(net, **{name: True}), part, device=device).int()
             diff = (half - exact).abs()
-            total, largest, count = total + diff.sum().item(), max(largest, int(diff.max())), count + diff.numel()
+            total, count = total + diff.sum().item(), count + diff.numel()
+            largest = max(largest, int(diff.max()))
         gaps[name] = dict(mean_levels=total / count, max_levels=largest, images=seeds)
     return gaps
 
@@ -173,11 +175,12 @@ def main(argv=None):
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--gap", action="store_true", help="also compare --network's images in half precision")
     parser.add_argument("--gap-seeds", type=int, default=1024, help="images for --gap (1024)")
-    parser.add_argument("--fid", action="store_true", help="also measure the FID of --network (needs --data or --ref)")
+    parser.add_argument("--fid", action="store_true", help="also the FID of --network (needs --data or --ref)")
     parser.add_argument("--network", default="https://nvlabs-fi-cdn.nvidia.com/edm/pretrained/edm-cifar10-32x32-cond-vp.pkl")
-    parser.add_argument("--data", default=None, help="data set for the reference (our detector), e.g. cifar10-32x32.zip")
+    parser.add_argument("--data", default=None, help="data set for our reference, e.g. cifar10-32x32.zip")
     parser.add_argument("--ref", default=None, help="a reference made by `edm-lit fid ref` (instead of --data)")
-    parser.add_argument("--allow-detector-mismatch", action="store_true", help="accept a reference of another detector")
+    parser.add_argument("--allow-detector-mismatch", action="store_true",
+                        help="accept a reference made by another detector")
     parser.add_argument("--out", default=None)
     args = parser.parse_args(argv)
     if args.threads:

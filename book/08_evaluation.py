@@ -305,6 +305,8 @@ def to_uint8(images):
 
 def module_device(net, default=None):
     """The device of a module's first parameter (or buffer); `default` without tensors. Chapter 8.1."""
+    while isinstance(getattr(net, "__dict__", {}).get("net"), torch.nn.Module):  # a wrapper such as Autocast
+        net = net.net
     is_module = isinstance(net, torch.nn.Module)
     tensors = itertools.chain(net.parameters(), net.buffers()) if is_module else iter(())
     first = next(tensors, None)
@@ -455,7 +457,8 @@ def save_png(image, path):
 
 class PngWriter:
     """save_png on `threads` background threads (0: in the caller's thread); at most `max_pending` images
-    wait, and the first error is raised in the caller's thread. A context manager. Chapter 8.1."""
+    wait, the first error is raised in the caller's thread, and on leaving (also after an error) every
+    image handed over is written. A context manager. Chapter 8.1."""
 
     def __init__(self, threads=4, max_pending=1024):
         self.pool = concurrent.futures.ThreadPoolExecutor(threads) if threads > 0 else None
@@ -471,13 +474,13 @@ class PngWriter:
     def __enter__(self):
         return self
 
-    def __exit__(self, kind, error, trace):
-        try:
-            while kind is None and self.pending:
-                self.pending.popleft().result()
-        finally:
-            if self.pool is not None:
-                self.pool.shutdown(wait=True, cancel_futures=True)
+    def __exit__(self, kind, error, trace):  # finish every image already sampled, even after an error
+        if self.pool is not None:
+            self.pool.shutdown(wait=True)
+        failed = [f.exception() for f in self.pending if f.exception() is not None]
+        self.pending.clear()
+        if failed and kind is None:
+            raise failed[0]
 
 
 def npz_path(path):

@@ -1,5 +1,6 @@
-"""The paper's FID protocol at small size (issue 13): `measure_fid` runs `generate` + `fid_calc` per seed set, as the
-full-mode chapters do with 50,000 images; and a chapter without what full mode needs says so in one line."""
+"""The paper's FID protocol at small size (issue 13): `measure_fid` runs `generate` + `fid_calc` per seed
+set, as the full-mode chapters do with 50,000 images; and a chapter without what full mode needs says so in
+one line."""
 import numpy as np
 import pytest
 import torch
@@ -17,15 +18,17 @@ def test_measure_fid_runs_disjoint_seed_sets_through_the_commands_functions(pari
     from edm_lit.generate import generate
 
     generate(parity_net, tmp_path / "data", seeds="1000-1011", progress=False, num_steps=2)
-    fid_ref(tmp_path / "data", tmp_path / "ref", extractor=pixel_features, extractor_name="pixels", progress=False)
+    fid_ref(tmp_path / "data", tmp_path / "ref", extractor=pixel_features, extractor_name="pixels",
+            progress=False)
     assert reference_detector(tmp_path / "ref.npz") == "pixels"
-    fids = measure_fid(parity_net, tmp_path / "ref.npz", tmp_path / "work", num_images=5, runs=2, progress=False,
-                       extractor=pixel_features, num_steps=2)
+    fids = measure_fid(parity_net, tmp_path / "ref.npz", tmp_path / "work", num_images=5, runs=2,
+                       progress=False, extractor=pixel_features, num_steps=2)
     assert len(fids) == 2 and all(np.isfinite(f) and f > 0 for f in fids)
     runs = [sorted(p.name for p in (tmp_path / "work" / f"run{k}" / "000000").glob("*.png")) for k in range(2)]
-    assert runs == [[f"{s:06d}.png" for s in range(5)], [f"{s:06d}.png" for s in range(5, 10)]]  # the official layout
+    assert runs == [[f"{s:06d}.png" for s in seeds] for seeds in (range(5), range(5, 10))]  # official layout
     # the same number through the two functions by hand
-    again = fid_calc(tmp_path / "work" / "run1", tmp_path / "ref.npz", num=5, extractor=pixel_features, progress=False)
+    again = fid_calc(tmp_path / "work" / "run1", tmp_path / "ref.npz", num=5, extractor=pixel_features,
+                     progress=False)
     assert again == pytest.approx(fids[1], rel=1e-12)
 
 

@@ -27,7 +27,7 @@ def run(capsys, *argv):
 
 
 def one_line_error(err, *words):
-    lines = [line for line in err.strip().splitlines() if "batch/s" not in line]  # the progress bar is not an error
+    lines = [line for line in err.strip().splitlines() if "batch/s" not in line]  # not the progress bar
     assert len(lines) == 1 and lines[0].startswith("edm-lit generate: error:"), err
     for word in words:
         assert word in lines[0], (word, lines[0])
@@ -40,8 +40,8 @@ def pngs(folder):
 
 def test_outdir_that_is_a_file_is_refused_before_work(net_file, tmp_path, capsys):
     (tmp_path / "out").write_text("not a folder")
-    code, _, err = run(capsys, "generate", f"--network={net_file}", f"--outdir={tmp_path / 'out'}", "--seeds=0-3",
-                       "--steps=2")
+    code, _, err = run(capsys, "generate", f"--network={net_file}", f"--outdir={tmp_path / 'out'}",
+                       "--seeds=0-3", "--steps=2")
     assert code == 1
     one_line_error(err, "--outdir", "is a file")
     assert (tmp_path / "out").read_text() == "not a folder"
@@ -49,8 +49,8 @@ def test_outdir_that_is_a_file_is_refused_before_work(net_file, tmp_path, capsys
 
 def test_unwritable_npz_is_refused_before_any_image(net_file, tmp_path, capsys):
     (tmp_path / "blocker").write_text("a file where a folder would have to be")
-    code, _, err = run(capsys, "generate", f"--network={net_file}", f"--outdir={tmp_path / 'out'}", "--seeds=0-3",
-                       "--steps=2", f"--npz={tmp_path / 'blocker' / 'all.npz'}")
+    code, _, err = run(capsys, "generate", f"--network={net_file}", f"--outdir={tmp_path / 'out'}",
+                       "--seeds=0-3", "--steps=2", f"--npz={tmp_path / 'blocker' / 'all.npz'}")
     assert code == 1
     one_line_error(err, "--npz", "blocker")
     assert pngs(tmp_path / "out") == []  # found before the work, not after every image was written
@@ -60,8 +60,8 @@ def test_unwritable_npz_is_refused_before_any_image(net_file, tmp_path, capsys):
 def test_read_only_npz_is_refused_before_any_image(net_file, tmp_path, capsys):
     (tmp_path / "all.npz").write_bytes(b"keep me")
     (tmp_path / "all.npz").chmod(0o444)
-    code, _, err = run(capsys, "generate", f"--network={net_file}", f"--outdir={tmp_path / 'out'}", "--seeds=0-3",
-                       "--steps=2", f"--npz={tmp_path / 'all.npz'}")
+    code, _, err = run(capsys, "generate", f"--network={net_file}", f"--outdir={tmp_path / 'out'}",
+                       "--seeds=0-3", "--steps=2", f"--npz={tmp_path / 'all.npz'}")
     assert code == 1 and "read-only" in one_line_error(err, "--npz")
     assert pngs(tmp_path / "out") == [] and (tmp_path / "all.npz").read_bytes() == b"keep me"
 
@@ -147,8 +147,8 @@ def test_network_with_nan_output_writes_nothing(parity_net, tmp_path, capsys):
 
 
 def test_sigma_min_above_sigma_max_is_refused_before_loading(tmp_path, capsys):
-    code, _, err = run(capsys, "generate", f"--network={tmp_path / 'not-there.pkl'}", f"--outdir={tmp_path / 'o'}",
-                       "--sigma_min=5", "--sigma_max=1")
+    code, _, err = run(capsys, "generate", f"--network={tmp_path / 'not-there.pkl'}",
+                       f"--outdir={tmp_path / 'o'}", "--sigma_min=5", "--sigma_max=1")
     assert code == 1 and "not-there" not in one_line_error(err, "--sigma_min", "--sigma_max")
 
 

@@ -1,5 +1,6 @@
-"""Generation at the paper's scale (issues 13 and 14): the caller's network is never changed, half precision stays
-within a measured bound of float32, PNG writing overlaps sampling without changing a byte, the .npz is streamed."""
+"""Generation at the paper's scale (issues 13 and 14): the caller's network is never changed, half
+precision stays within a measured bound of float32, PNG writing overlaps sampling without changing a byte,
+the .npz is streamed."""
 import copy
 from pathlib import Path
 
@@ -8,8 +9,8 @@ import pytest
 import torch
 
 from edm_lit.checkpoints import load_network
-from edm_lit.generate import (PerSeedRandom, PngWriter, generate, image_path, sample_seeds, with_precision,
-                              write_images_npz)
+from edm_lit.generate import (PerSeedRandom, PngWriter, generate, image_path, module_device, sample_seeds,
+                              with_precision, write_images_npz)
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -21,7 +22,7 @@ def quick_net():
 
 
 def test_generate_leaves_the_callers_module_untouched(parity_net, tmp_path):
-    """c97c66b moved the caller's module to the sampling device and set eval()/requires_grad_(False) in place."""
+    """c97c66b moved the caller's module to the sampling device, set eval() and requires_grad_(False)."""
     caller = copy.deepcopy(parity_net).train().requires_grad_(True)
     before = {k: v.clone() for k, v in caller.state_dict().items()}
     generate(caller, tmp_path / "a", seeds="0-2", progress=False, num_steps=2, device="cpu")
@@ -44,22 +45,24 @@ def test_half_precision_images_stay_within_the_stated_bound(quick_net, precision
     half = sample_seeds(with_precision(quick_net, **{precision: True}), range(seeds)).int()
     gap = (half - exact).abs().float()
     print(precision, gap.mean().item(), gap.max().item())
-    assert 0 < gap.mean() < mean_bound and gap.max() <= max_bound  # > 0: the network really ran in half precision
+    assert 0 < gap.mean() < mean_bound and gap.max() <= max_bound  # > 0: it really ran in half precision
     assert quick_net.model.enc["8x8_conv"].weight.dtype == torch.float32  # the wrapper changed nothing
+    assert module_device(with_precision(quick_net, **{precision: True})) == module_device(quick_net)
 
 
 def test_png_bytes_do_not_depend_on_writer_threads(quick_net, tmp_path):
     for writers in (0, 3):
-        generate(quick_net, tmp_path / str(writers), seeds="0-19", max_batch_size=7, progress=False, num_steps=3,
-                 writers=writers)
+        generate(quick_net, tmp_path / str(writers), seeds="0-19", max_batch_size=7, progress=False,
+                 num_steps=3, writers=writers)
     for seed in range(20):
-        assert Path(image_path(tmp_path / "0", seed)).read_bytes() == Path(image_path(tmp_path / "3", seed)).read_bytes()
+        one, three = (Path(image_path(tmp_path / w, seed)).read_bytes() for w in ("0", "3"))
+        assert one == three
     assert not list(tmp_path.rglob("*.tmp"))
 
 
 def test_npz_is_streamed_in_the_savez_layout_and_written_all_or_nothing(quick_net, tmp_path):
-    generate(quick_net, tmp_path / "out", seeds=[5, -1, 1000], subdirs=True, npz=tmp_path / "all", progress=False,
-             num_steps=2)
+    generate(quick_net, tmp_path / "out", seeds=[5, -1, 1000], subdirs=True, npz=tmp_path / "all",
+             progress=False, num_steps=2)
     with np.load(tmp_path / "all.npz") as z:
         assert sorted(z.files) == ["images", "seeds"] and z["seeds"].tolist() == [5, -1, 1000]
         assert np.array_equal(z["images"], sample_seeds(quick_net, [5, -1, 1000], num_steps=2).numpy())
