@@ -2076,7 +2076,7 @@ plt.show()
 # %%
 from edm_lit.generate import with_precision
 
-prec_seeds = range(200)
+prec_seeds = range(100)
 exact = sample_seeds(quick_net, prec_seeds).int()
 precision_gap = {}
 for name in ["bf16"] + (["fp16"] if MODE.device.type == "cuda" else []):  # float16 on a CPU is slow
