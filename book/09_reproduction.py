@@ -558,22 +558,25 @@ def status(network):
     if network in measured:
         best, runs, detector = measured[network]
         return f"**{best:.3g}** (seed sets: {', '.join(f'{f:.3g}' for f in runs)}; {detector.split(':')[0]})"
+    if network is None:
+        return "not measured here: no such sampler in this package"
     if not MODE.full:
         return "not measured here: quick mode (full mode needs a GPU, EDM_LIT_DATA and EDM_LIT_INCEPTION)"
-    return "not measured here: this run measures $EDM_LIT_PRETRAINED only" if network else \
-        "not measured here: no such sampler in this package"
+    return "not measured here: this run measures $EDM_LIT_PRETRAINED only"
 
 
 rows = ["| result | paper FID | NFE | measured here | how to measure it |", "|---|---|---|---|---|"]
 for what, fid_paper, nfe, network, how in PAPER_ROWS:
     rows.append(f"| {what} | {fid_paper} | {nfe or '—'} | {status(network and os.path.basename(network))} | {how} |")
+for network in set(measured) - {os.path.basename(row[3] or "") for row in PAPER_ROWS}:  # a network of your own
+    rows.append(f"| {MODE.pretrained} on {MODE.data} | — | 35 | {status(network)} | this chapter, §9.4 |")
 rows.append(f"| quick digits model, EDM sampler (digits FID, N = {N}; not comparable with the above) | — | 35 | "
             f"{edm[i35]:.3g} (real digits: {real_floor:.3g}) | this chapter, §9.1 |")
 rows.append(f"| quick digits model, original VP sampler (Euler) | — | 35 | {orig[i35]:.3g} | this chapter, §9.1 |")
 rows.append(f"| quick digits model, EDM sampler, S_churn from 0 to {CHURNS[-1]} | — | 35 | {min(fig4):.3g} to "
             f"{max(fig4):.3g} (within the seed-to-seed spread) | this chapter, §9.2 |")
 display(Markdown("\n".join(rows)))
-assert sum("**" in r for r in rows[2:2 + len(PAPER_ROWS)]) == len(measured) <= 1
+assert sum("**" in r for r in rows) == len(measured) <= 1  # only what this run measured
 assert not any(re.search(r"edm_lit\.cli fid calc [^`]*fid-refs", r) for r in rows)  # never with NVIDIA's refs
 headline = (f"measured in this run for {MODE.pretrained}: {min(next(iter(measured.values()))[1]):.3g} with our "
             f"detector" if measured else "not measured in this run (quick mode: no GPU, data set or Inception "
