@@ -19,7 +19,11 @@ __all__ = ['PSD_TOLERANCE', 'trace_sqrt_product', 'frechet_distance', 'FeatureSt
 # ── 08_evaluation.py § 8.2 The Fréchet distance ──
 
 import hashlib
+import io
+import math
 import os
+import zipfile
+import zlib
 
 import numpy as np
 import torch
@@ -28,17 +32,26 @@ from edm_lit.checkpoints import CheckpointError, cache_dir, download, is_url
 from edm_lit.data import DatasetError
 
 PSD_TOLERANCE = 1e-6  # eigenvalues below -PSD_TOLERANCE * (largest |eigenvalue|) mean "not a covariance"
+SYMMETRY_TOLERANCE = 1e-6  # |sigma - sigma^T| above SYMMETRY_TOLERANCE * max |sigma| means "not a covariance"
 
 
 def _as_stats(mu, sigma, which):
-    mu = np.asarray(mu, dtype=np.float64)
-    sigma = np.asarray(sigma, dtype=np.float64)
+    mu, sigma = np.asarray(mu), np.asarray(sigma)
+    for name, array in (("mu", mu), ("sigma", sigma)):
+        if array.dtype.kind not in "iuf":  # not bool, complex, object or text: coerced silently otherwise
+            raise ValueError(f"{name}{which} must hold real numbers, got dtype {array.dtype}")
+    mu, sigma = mu.astype(np.float64), sigma.astype(np.float64)
     if mu.ndim != 1:
         raise ValueError(f"mu{which} must be a vector [d], got shape {list(mu.shape)}")
     if sigma.shape != (mu.shape[0], mu.shape[0]):
         raise ValueError(f"sigma{which} must be [d, d] = {[mu.shape[0]] * 2} to match mu{which}, got {list(sigma.shape)}")
     if not (np.isfinite(mu).all() and np.isfinite(sigma).all()):
         raise ValueError(f"mu{which} and sigma{which} must be finite (no NaN or inf)")
+    asymmetry = float(np.abs(sigma - sigma.T).max(initial=0.0))
+    scale = max(float(np.abs(sigma).max(initial=0.0)), np.finfo(np.float64).tiny)
+    if asymmetry > SYMMETRY_TOLERANCE * scale:
+        raise ValueError(f"sigma{which} is not symmetric (largest |sigma - sigma^T| is {asymmetry:.3g}): "
+                         f"not a covariance")
     return mu, (sigma + sigma.T) / 2
 
 
@@ -51,25 +64,27 @@ def _psd_eigh(matrix, name):
     return np.clip(values, 0.0, None), vectors
 
 
-def trace_sqrt_product(sigma1, sigma2):
+def trace_sqrt_product(sigma1, sigma2, names=("1", "2")):
     """tr((Sigma1 Sigma2)^(1/2)) = sum of sqrt(eigenvalues of Sigma1^(1/2) Sigma2 Sigma1^(1/2)), in float64. Chapter 8.2."""
-    values, vectors = _psd_eigh(sigma1, "sigma1")
+    values, vectors = _psd_eigh(sigma1, f"sigma{names[0]}")
     root1 = (vectors * np.sqrt(values)) @ vectors.T
     middle = root1 @ sigma2 @ root1
     middle_values, _ = _psd_eigh((middle + middle.T) / 2, "sigma1^(1/2) sigma2 sigma1^(1/2)")
     return float(np.sqrt(middle_values).sum())
 
 
-def frechet_distance(mu1, sigma1, mu2, sigma2):
-    """Fréchet distance between N(mu1, sigma1) and N(mu2, sigma2); FID when these are Inception statistics. Chapter 8.2."""
-    mu1, sigma1 = _as_stats(mu1, sigma1, 1)
-    mu2, sigma2 = _as_stats(mu2, sigma2, 2)
+def frechet_distance(mu1, sigma1, mu2, sigma2, names=("1", "2")):
+    """Fréchet distance between N(mu1, sigma1) and N(mu2, sigma2); FID when these are Inception statistics.
+    `names` label the two in error messages (e.g. " in ref.npz"). Chapter 8.2."""
+    mu1, sigma1 = _as_stats(mu1, sigma1, names[0])
+    mu2, sigma2 = _as_stats(mu2, sigma2, names[1])
     if mu1.shape != mu2.shape:
-        raise ValueError(f"feature dimensions differ: {mu1.shape[0]} (statistics 1) vs {mu2.shape[0]} (statistics 2); "
-                         f"were they computed with the same feature network?")
-    _psd_eigh(sigma2, "sigma2")
+        raise ValueError(f"feature dimensions differ: {mu1.shape[0]} (mu{names[0]}) vs {mu2.shape[0]} "
+                         f"(mu{names[1]}); were they computed with the same feature network?")
+    _psd_eigh(sigma2, f"sigma{names[1]}")
     mean_term = float(np.sum((mu1 - mu2) ** 2))
-    return mean_term + float(np.trace(sigma1) + np.trace(sigma2)) - 2.0 * trace_sqrt_product(sigma1, sigma2)
+    traces = float(np.trace(sigma1) + np.trace(sigma2))
+    return mean_term + traces - 2.0 * trace_sqrt_product(sigma1, sigma2, names)
 
 
 # ── 08_evaluation.py § 8.3 Statistics in one streaming pass ──
@@ -141,13 +156,67 @@ def feature_statistics_of(features):
     return stats.mean(), stats.cov()
 
 
+NVIDIA_DETECTOR = "nvidia:inception-2015-12-05.pkl"  # what a reference without a record counts as
+MAX_DEFLATE_RATIO = 1032  # deflate shrinks data at most ~1032:1; an array claiming more than that is not real
+_NPY_HEADERS = {(1, 0): np.lib.format.read_array_header_1_0, (2, 0): np.lib.format.read_array_header_2_0}
+
+
 def save_reference(path, mu, sigma, detector=None):
-    """Write reference statistics in the official fid-refs layout: an .npz with float64 `mu` [d] and `sigma` [d, d],
-    plus a string `detector` naming the feature network when it is not the paper's Inception. Chapter 8.3."""
+    """Write reference statistics in the official fid-refs layout: an .npz with float64 `mu` [d] and
+    `sigma` [d, d], plus a string `detector` naming the feature network that made them; all or nothing, to
+    `path` exactly. Chapter 8.3."""
+    from edm_lit.checkpoints import write_atomic
+
     mu, sigma = _as_stats(mu, sigma, "")
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    extra = {} if detector is None else {"detector": np.array(str(detector))}
-    np.savez(path, mu=mu, sigma=sigma, **extra)
+    buffer = io.BytesIO()
+    record = {} if detector is None else {"detector": np.array(str(detector))}
+    np.savez(buffer, mu=mu, sigma=sigma, **record)
+    write_atomic(path, buffer.getvalue())
+
+
+def _declared(z, info, path, size):
+    """Shape and dtype an .npy member declares, refused if it claims more bytes than the file can hold."""
+    with z.open(info) as f:
+        version = np.lib.format.read_magic(f)
+        if version not in _NPY_HEADERS:
+            raise ValueError(f"{path}: {info.filename} has .npy format version {version}, not read here")
+        shape, _, dtype = _NPY_HEADERS[version](f)
+    need = dtype.itemsize * math.prod(shape)
+    room = min(info.file_size, size * (1 if info.compress_type == zipfile.ZIP_STORED else MAX_DEFLATE_RATIO))
+    if dtype.hasobject or need > room:
+        raise ValueError(f"{path}: {info.filename} declares {list(shape)} {dtype} ({need / 2**30:.3g} GiB), "
+                         f"but the file can hold at most {room:,} bytes of it: damaged, or not what it claims")
+    return shape, dtype
+
+
+def read_npz(path, keys, optional=(), what="an .npz"):
+    """{key: array} of an .npz; one clear error for a file that is not a complete .npz (truncated, an .npy
+    renamed), lacks a key, or whose arrays declare more bytes than the file holds (checked before loading).
+    Chapter 8.3."""
+    size = os.path.getsize(path)
+    try:
+        with zipfile.ZipFile(path) as z:
+            members = {i.filename[:-4]: i for i in z.infolist() if i.filename.endswith(".npy")}
+            missing = [k for k in keys if k not in members]
+            if missing:
+                has = sorted(members)
+                raise KeyError(f"{path} is not {what}: it lacks {' and '.join(missing)} (has {has})")
+            wanted = [*keys, *(k for k in optional if k in members)]
+            declared = {k: _declared(z, members[k], path, size) for k in wanted}
+            arrays = {}
+            for k in wanted:
+                with z.open(members[k]) as f:
+                    arrays[k] = np.lib.format.read_array(f, allow_pickle=False)
+                if arrays[k].shape != declared[k][0]:
+                    raise ValueError(f"{path}: {k} is shorter than it declares")
+            return arrays
+    except KeyError as e:
+        raise ValueError(e.args[0]) from None
+    except (zipfile.BadZipFile, EOFError, OSError, ValueError, zlib.error) as e:
+        if isinstance(e, ValueError) and str(e).startswith(str(path)):
+            raise
+        raise ValueError(f"{path} is not a readable .npz file ({type(e).__name__}: {e}); truncated, damaged, "
+                         f"or not an .npz (e.g. an .npy renamed)") from None
 
 
 def _reference_file(path_or_url, cache=None):
@@ -157,21 +226,27 @@ def _reference_file(path_or_url, cache=None):
     return path
 
 
+def _read_reference(path_or_url, cache=None):
+    """(mu, sigma, detector) of a reference, each checked (sigma symmetric and PSD) with the file's name."""
+    path = _reference_file(path_or_url, cache)
+    data = read_npz(path, ("mu", "sigma"), ("detector",), "FID reference statistics (mu [d], sigma [d, d])")
+    mu, sigma = _as_stats(data["mu"], data["sigma"], f" in {path}")
+    _psd_eigh(sigma, f"sigma in {path}")
+    detector = data.get("detector", np.array(NVIDIA_DETECTOR))
+    if detector.dtype.kind != "U" or detector.ndim != 0:
+        raise ValueError(f"{path}: 'detector' must be a string naming a feature network, got "
+                         f"{detector.dtype} {list(detector.shape)}")
+    return mu, sigma, str(detector)
+
+
 def load_reference(path_or_url, cache=None):
     """(mu, sigma) from an official-layout .npz (a path or a URL, e.g. the published fid-refs). Chapter 8.3."""
-    path = _reference_file(path_or_url, cache)
-    with np.load(path) as data:
-        missing = [k for k in ("mu", "sigma") if k not in data.files]
-        if missing:
-            raise ValueError(f"{path} is not FID reference statistics: it lacks {' and '.join(missing)} "
-                             f"(has {data.files}); expected an .npz with 'mu' [d] and 'sigma' [d, d]")
-        return _as_stats(data["mu"], data["sigma"], f" in {path}")
+    return _read_reference(path_or_url, cache)[:2]
 
 
 def reference_detector(path_or_url, cache=None):
-    """The feature network recorded in a reference .npz; "inception" when none is (the published fid-refs). Chapter 8.3."""
-    with np.load(_reference_file(path_or_url, cache)) as data:
-        return str(data["detector"]) if "detector" in data.files else "inception"
+    """The feature network recorded in a reference .npz; NVIDIA_DETECTOR when none is. Chapter 8.3."""
+    return _read_reference(path_or_url, cache)[2]
 
 
 # ── 08_evaluation.py § 8.4 The feature network: Inception-v3 of 2015-12-05 ──
@@ -180,7 +255,9 @@ import torch.nn.functional as F
 
 INCEPTION_FILE = "pt_inception-2015-12-05-6726825d.pth"
 INCEPTION_URL = "https://github.com/mseitzer/pytorch-fid/releases/download/fid_weights/" + INCEPTION_FILE
-INCEPTION_SHA256_PREFIX = "6726825d"
+INCEPTION_SHA256 = "6726825d0af5f729cebd5821db510b11b1cfad8faad88a03f1befd49fb9129b2"  # the whole file
+INCEPTION_BYTES = 95_628_359
+INCEPTION_DETECTOR = "inception-pytorch-fid:" + INCEPTION_SHA256  # what our references record
 INCEPTION_ENV = "EDM_LIT_INCEPTION"
 INCEPTION_RESOLUTION = 299
 INCEPTION_FEATURES = 2048
@@ -325,10 +402,15 @@ def inception_weights_path(weights=None, allow_download=True):
 
 
 def load_inception(weights=None, device="cpu", allow_download=True):
-    """The FID Inception-v3 with the published pytorch-fid weights, checked by SHA-256 and loaded weights_only. Chapter 8.4."""
+    """The FID Inception-v3 with the published pytorch-fid weights, checked (size and whole SHA-256), loaded
+    weights_only. Chapter 8.4."""
     path = inception_weights_path(weights, allow_download)
-    if not _sha256(path).startswith(INCEPTION_SHA256_PREFIX):
-        raise ValueError(f"{path} is not {INCEPTION_FILE}: its SHA-256 does not start with {INCEPTION_SHA256_PREFIX}")
+    size = os.path.getsize(path)
+    digest = _sha256(path) if size == INCEPTION_BYTES else None
+    if digest != INCEPTION_SHA256:
+        why = (f"{size} bytes, expected {INCEPTION_BYTES}" if digest is None
+               else f"its SHA-256 is {digest}, expected {INCEPTION_SHA256}")
+        raise ValueError(f"{path} is not {INCEPTION_FILE}: {why}")
     net = InceptionV3Features()
     net.load_state_dict(torch.load(path, map_location="cpu", weights_only=True), strict=True)
     return net.to(device).eval().requires_grad_(False)
@@ -337,17 +419,14 @@ def load_inception(weights=None, device="cpu", allow_download=True):
 # ── 08_evaluation.py § 8.5 From a folder of images to a number ──
 
 from edm_lit.data import ImageFolderDataset, subset_indices
-from edm_lit.generate import distributed_setup
+from edm_lit.generate import distributed_setup, module_device, npz_output, npz_path
 
 
 class NpzImages(torch.utils.data.Dataset):
     """The `images` [N, H, W, C] uint8 of an .npz written by `edm-lit generate --npz`, as [C, H, W] items. Chapter 8.5."""
 
     def __init__(self, path, max_size=None, random_seed=0):
-        with np.load(path) as data:
-            if "images" not in data.files:
-                raise ValueError(f"{path} has no 'images' array (has {data.files})")
-            images = data["images"]
+        images = read_npz(path, ("images",), what="an .npz of images (`edm-lit generate --npz`)")["images"]
         if images.ndim != 4 or images.dtype != np.uint8:
             raise ValueError(f"{path}: 'images' must be uint8 [N, H, W, C], got {images.dtype} {list(images.shape)}")
         self.images = images[subset_indices(len(images), max_size, random_seed)]
@@ -379,16 +458,19 @@ def image_batches(images, batch_size=64, rank=0, world_size=1):
     """uint8 [N, C, H, W] batches of a data set, the share of process `rank` of `world_size`. Chapter 8.5."""
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-    starts = range(0, len(images), batch_size)
-    for start in list(starts)[rank::world_size]:
+    for start in range(0, len(images), batch_size)[rank::world_size]:
         batch = [images[i][0] for i in range(start, min(start + batch_size, len(images)))]
         yield torch.from_numpy(np.stack(batch))
 
 
-def feature_statistics(path, extractor, batch_size=64, num=None, seed=0, device="cpu", progress=False):
-    """(mu, sigma) of extractor features over the images at `path`, streamed, summed over processes. Chapter 8.5."""
+def feature_statistics(path, extractor, batch_size=64, num=None, seed=0, device=None, progress=False,
+                       dim=None):
+    """(mu, sigma) of extractor features over the images at `path`, streamed, summed over processes. Batches
+    go to `device` (default: the extractor's parameters' device, else the CPU); features of another size than
+    `dim` are refused at the first batch. Chapter 8.5."""
     from tqdm import tqdm  # a text bar on stderr, as the official scripts; no notebook widget state
 
+    device = torch.device(device) if device is not None else module_device(extractor, torch.device("cpu"))
     images = open_images(path, num, seed)
     rank = torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
     world_size = torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1
@@ -397,18 +479,25 @@ def feature_statistics(path, extractor, batch_size=64, num=None, seed=0, device=
     with torch.no_grad():
         for batch in tqdm(batches, unit="batch", disable=not progress or rank != 0,
                           total=-(-len(images) // batch_size) // world_size):
-            stats.update(extractor(batch.to(device)))
+            features = extractor(batch.to(device))
+            if dim is not None and features.shape[-1] != dim:
+                raise ValueError(f"the feature network gives {features.shape[-1]}-d features, but {dim}-d "
+                                 f"are expected (the reference's); use a reference made with the same "
+                                 f"feature network")
+            stats.update(features)
     return stats.all_reduce().mean(), stats.cov()
 
+import warnings
 
 DETECTORS = ("inception", "digits")
 
 
 def feature_network(detector="inception", weights=None, device="cpu"):
-    """(extractor, name) for `--detector`: the paper's Inception-v3 (§8.4; `weights`, see load_inception), or the
-    quick-mode digits classifier (§8.7). `name` is what a reference records. Chapter 8.5."""
+    """(extractor, name) for `--detector`: the paper's Inception-v3 (§8.4; `weights`, see load_inception), or
+    the quick-mode digits classifier (§8.7). `name`, with the weights' SHA-256, is what a reference records.
+    Chapter 8.5."""
     if detector == "inception":
-        return load_inception(weights, device=device), "inception"
+        return load_inception(weights, device=device), INCEPTION_DETECTOR
     _check_detector(detector)
     net = digits_detector().to(device)
     return DigitsExtractor(net), digits_detector_name(net)
@@ -419,51 +508,67 @@ def _check_detector(detector):
         raise ValueError(f"detector must be one of {', '.join(DETECTORS)}, got {detector!r}")
 
 
-def _check_same_detector(ref, recorded, ours):
-    if recorded != ours:
-        raise ValueError(f"the reference {ref} was made with the {recorded!r} feature network but this FID uses "
-                         f"{ours!r}: FIDs from different feature networks are different quantities; remake the "
-                         f"reference with the same --detector, or pass the --detector it was made with")
+def _described(name):
+    if name == NVIDIA_DETECTOR:
+        return "NVIDIA's detector (no record in the file, as in NVIDIA's fid-refs)"
+    return repr(name)
 
 
-def fid_ref(data, dest, batch_size=64, extractor=None, device=None, progress=True, weights=None, detector="inception"):
-    """`edm-lit fid ref`: reference statistics of all images at `data`, saved to `dest` (official layout). Chapter 8.5.
+def compare_detectors(ref, recorded, ours, allow=False, warn=None):
+    """Refuse an FID across feature networks (`recorded` by the reference, `ours`); with `allow`, call `warn`
+    (default warnings.warn) with one line instead. Chapter 8.5."""
+    if recorded == ours:
+        return
+    message = (f"the reference {ref} was made with {_described(recorded)} but this FID uses "
+               f"{_described(ours)}; FIDs of different feature networks are different quantities (Chapter 8.4)")
+    if not allow:
+        raise ValueError(f"{message}: remake the reference with `edm-lit fid ref` and the same --detector, or "
+                         f"pass --allow-detector-mismatch to compare anyway")
+    (warn or warnings.warn)(f"{message}; compared anyway (--allow-detector-mismatch)")
 
-    The feature network is `detector` ("inception" or "digits", see feature_network), or `extractor`, any callable
-    uint8 [N, C, H, W] -> [N, d] (then nothing is recorded in `dest`). A non-Inception detector is recorded in `dest`.
+
+def fid_ref(data, dest, batch_size=64, extractor=None, device=None, progress=True, weights=None,
+            detector="inception", extractor_name=None):
+    """`edm-lit fid ref`: reference statistics of all images at `data`, saved to `dest` (official layout,
+    '.npz' appended as np.savez does; checked before the work). Chapter 8.5.
+
+    The feature network is `detector` ("inception" or "digits", see feature_network), recorded with its
+    weights' hash; or `extractor`, any callable uint8 [N, C, H, W] -> [N, d], recorded as `extractor_name`
+    (or "custom:...").
     """
+    dest = npz_output(dest, "--dest")
     rank, _, auto_device = distributed_setup()
-    device = auto_device if device is None else torch.device(device)
-    name = None
     if extractor is None:
+        device = auto_device if device is None else torch.device(device)
         extractor, name = feature_network(detector, weights, device)
+    else:
+        name = extractor_name or f"custom:{getattr(extractor, '__qualname__', type(extractor).__name__)}"
     mu, sigma = feature_statistics(data, extractor, batch_size, None, 0, device, progress)
     if rank == 0:
-        save_reference(dest, mu, sigma, detector=None if name in (None, "inception") else name)
+        save_reference(dest, mu, sigma, detector=name)
     return mu, sigma
 
 
 def fid_calc(images, ref, num=50000, seed=0, batch_size=64, extractor=None, device=None, progress=True, weights=None,
-             detector="inception"):
+             detector="inception", allow_detector_mismatch=False, warn=None):
     """`edm-lit fid calc`: FID of `num` images at `images` against reference statistics (.npz path or URL). Chapter 8.5.
 
-    The feature network is `detector` (refused if the reference records another one) or `extractor` (as in fid_ref).
+    The feature network is `detector`, refused if the reference records another one unless
+    `allow_detector_mismatch` (then `warn` is called); or `extractor` (as in fid_ref; nothing is compared).
     """
     _, _, auto_device = distributed_setup()
-    device = auto_device if device is None else torch.device(device)
-    mu_ref, sigma_ref = load_reference(ref)  # first: a bad reference fails before the long part
+    mu_ref, sigma_ref, recorded = _read_reference(ref)  # first: a bad reference fails before the long part
     if extractor is None:
         _check_detector(detector)
-        recorded = reference_detector(ref)
-        if recorded.split(":")[0] != detector:  # before building a network we do not need
-            _check_same_detector(ref, recorded, detector)
+        device = auto_device if device is None else torch.device(device)
+        kind = INCEPTION_DETECTOR if detector == "inception" else "digits"
+        if recorded.split(":")[0] != kind.split(":")[0] and not allow_detector_mismatch:
+            compare_detectors(ref, recorded, kind)  # refused before a network we do not need is built
         extractor, name = feature_network(detector, weights, device)
-        _check_same_detector(ref, recorded, name)
-    mu, sigma = feature_statistics(images, extractor, batch_size, num, seed, device, progress)
-    if mu.shape != mu_ref.shape:
-        raise ValueError(f"the reference {ref} has {mu_ref.shape[0]}-d features but the feature network gives "
-                         f"{mu.shape[0]}-d; use a reference made with the same network")
-    return frechet_distance(mu, sigma, mu_ref, sigma_ref)
+        compare_detectors(ref, recorded, name, allow_detector_mismatch, warn)
+    mu, sigma = feature_statistics(images, extractor, batch_size, num, seed, device, progress,
+                                   dim=mu_ref.shape[0])
+    return frechet_distance(mu, sigma, mu_ref, sigma_ref, names=(f" of the images at {images}", f" in {ref}"))
 
 
 # ── 08_evaluation.py § 8.6 The commands ──
@@ -473,6 +578,8 @@ import sys
 
 def add_fid_command(subparsers):
     """Register `edm-lit fid ref|calc` (the official fid.py flags) on an argparse subparsers object. Chapter 8.6."""
+    from edm_lit.generate import at_least
+
     p = subparsers.add_parser("fid", help="FID: reference statistics (ref) or the FID of generated images (calc)",
                               description="Frechet Inception Distance with the 2015-12-05 Inception-v3 "
                                           "(or, with --detector=digits, the quick-mode digits FID).")
@@ -480,13 +587,17 @@ def add_fid_command(subparsers):
     calc = sub.add_parser("calc", help="FID of a set of images against reference statistics")
     calc.add_argument("--images", required=True, metavar="PATH|ZIP", help="folder, .zip or .npz of images")
     calc.add_argument("--ref", required=True, metavar="NPZ|URL", help="reference statistics (mu, sigma)")
-    calc.add_argument("--num", type=int, default=50000, metavar="INT", help="number of images to use (50000)")
+    calc.add_argument("--num", type=at_least(2), default=50000, metavar="INT",
+                      help="number of images to use (50000)")
     calc.add_argument("--seed", type=int, default=0, metavar="INT", help="seed for choosing the images (0)")
+    calc.add_argument("--allow-detector-mismatch", action="store_true",
+                      help="compare even if the reference was made by another feature network (warns)")
     ref = sub.add_parser("ref", help="reference statistics of a data set, saved as .npz (mu, sigma)")
     ref.add_argument("--data", required=True, metavar="PATH|ZIP", help="folder or .zip of the data set's images")
-    ref.add_argument("--dest", required=True, metavar="NPZ", help="where to write the statistics")
+    ref.add_argument("--dest", required=True, metavar="NPZ",
+                     help="where to write the statistics ('.npz' appended if missing)")
     for q in (calc, ref):
-        q.add_argument("--batch", type=int, default=64, metavar="INT", help="maximum batch size (64)")
+        q.add_argument("--batch", type=at_least(1), default=64, metavar="INT", help="maximum batch size (64)")
         q.add_argument("--detector", choices=DETECTORS, default="inception",
                        help="feature network: inception (the paper's FID, default) or digits (Chapter 8.7: a small "
                             "classifier of the 8x8 digits, built and cached on first use; not comparable with Inception)")
@@ -498,16 +609,18 @@ def add_fid_command(subparsers):
 
 def run_fid_command(args):
     """Run `edm-lit fid ref|calc` from parsed arguments; exit status 0, or 1 with a one-line error. Chapter 8.6."""
+    where = f"edm-lit fid {args.fid_command}"
     try:
         if args.fid_command == "ref":
             fid_ref(args.data, args.dest, args.batch, weights=args.weights, detector=args.detector)
-            print(f"wrote {args.dest}")
+            print(f"wrote {npz_path(args.dest)}")
         else:
             value = fid_calc(args.images, args.ref, args.num, args.seed, args.batch, weights=args.weights,
-                             detector=args.detector)
+                             detector=args.detector, allow_detector_mismatch=args.allow_detector_mismatch,
+                             warn=lambda message: print(f"{where}: warning: {message}", file=sys.stderr))
             print(f"{value:g}")
-    except (CheckpointError, DatasetError, ValueError, FileNotFoundError) as e:
-        print(f"edm-lit fid {args.fid_command}: error: {e}", file=sys.stderr)
+    except (CheckpointError, DatasetError, ValueError, OSError) as e:
+        print(f"{where}: error: {e}", file=sys.stderr)
         return 1
     return 0
 
@@ -612,3 +725,23 @@ class DigitsExtractor:
             raise ValueError(f"the digits detector takes grey 8x8 images [N, 1, 8, 8] (the quick data set), got "
                              f"{list(images.shape)}; use --detector=inception for other images")
         return self.net.features(images)
+
+
+# ── 08_evaluation.py § 8.8 At the paper's scale ──
+
+def measure_fid(network, ref, workdir, num_images=50000, runs=1, max_batch_size=64, device=None,
+                progress=True, detector="inception", weights=None, extractor=None, **sampler_kwargs):
+    """The paper's protocol through the commands' functions: run k generates seeds [k N, (k + 1) N) into
+    WORKDIR/run{k} (one folder per thousand) and computes their FID against `ref`; returns the `runs` FIDs
+    (the paper reports the minimum of three). The network is loaded once. Chapter 8.8."""
+    from edm_lit.generate import generate, place_network
+
+    net, device = place_network(network, device, distributed_setup()[2])
+    fids = []
+    for k in range(runs):
+        out = os.path.join(workdir, f"run{k}")
+        generate(net, out, seeds=range(k * num_images, (k + 1) * num_images), subdirs=True, device=device,
+                 max_batch_size=max_batch_size, progress=progress, **sampler_kwargs)
+        fids.append(fid_calc(out, ref, num=num_images, extractor=extractor, device=device, progress=progress,
+                             weights=weights, detector=detector))
+    return fids

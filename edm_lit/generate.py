@@ -43,11 +43,11 @@ class PerSeedRandom:
             raise ValueError(f"the first dimension must be the batch size {len(self)}, got shape {list(size)}")
 
     def randn(self, size, dtype=torch.float32, device=None):
-        """Normal draws of shape `size`; row k from generator k."""
+        """Normal draws of shape `size`; row k from generator k, drawn on its device, then moved to `device`."""
         self._check_rows(size)
-        device = self.device if device is None else device
-        rows = [torch.randn(list(size[1:]), generator=g, dtype=dtype, device=device) for g in self.generators]
-        return torch.stack(rows)
+        shape = list(size[1:])
+        rows = [torch.randn(shape, generator=g, dtype=dtype, device=self.device) for g in self.generators]
+        return torch.stack(rows).to(self.device if device is None else device)
 
     def randn_like(self, x):
         """`torch.randn_like` with per-row generators: what the samplers call at every step."""
@@ -56,35 +56,107 @@ class PerSeedRandom:
     def randint(self, high, size, device=None):
         """Integers in [0, high) of shape `size`; row k from generator k."""
         self._check_rows(size)
-        device = self.device if device is None else device
-        return torch.stack([torch.randint(high, list(size[1:]), generator=g, device=device) for g in self.generators])
+        rows = [torch.randint(high, list(size[1:]), generator=g, device=self.device) for g in self.generators]
+        return torch.stack(rows).to(self.device if device is None else device)
 
 
 # ── 08_evaluation.py § Seeds, batches and processes ──
 
+import bisect
+import collections.abc
+import itertools
+
 _RANGE = re.compile(r"^(\d+)-(\d+)$")
 _INT = re.compile(r"^[+-]?\d+$")
+INT64_RANGE = range(-(1 << 63), 1 << 63)  # the official parser's seeds become an int64 tensor
+
+
+class Seeds(collections.abc.Sequence):
+    """An ordered list of seeds held as ranges, never expanded; a slice is a Seeds too. Chapter 8.1."""
+
+    def __init__(self, parts=()):
+        self.parts = [p if isinstance(p, range) else tuple(int(s) for s in p) for p in parts]
+        self.parts = [p for p in self.parts if len(p)]
+        for p in self.parts:
+            ascending = isinstance(p, range) and p.step > 0
+            low, high = (p[0], p[-1]) if ascending else (min(p), max(p))  # min() of a range would iterate it
+            if low not in INT64_RANGE or high not in INT64_RANGE:
+                raise ValueError(f"seeds must lie in [-2**63, 2**63) (int64, as the official parser), "
+                                 f"got {high if high not in INT64_RANGE else low}")
+        self.starts = list(itertools.accumulate((len(p) for p in self.parts), initial=0))
+
+    def __len__(self):
+        return self.starts[-1]
+
+    def __iter__(self):
+        return itertools.chain.from_iterable(self.parts)
+
+    def __getitem__(self, index):
+        if isinstance(index, slice):
+            lo, hi, step = index.indices(len(self))
+            if step != 1:
+                return Seeds([[self[i] for i in range(lo, hi, step)]])
+            return Seeds(p[max(lo - s, 0):max(hi - s, 0)] for p, s in zip(self.parts, self.starts))
+        index = index + len(self) if index < 0 else index
+        if not 0 <= index < len(self):
+            raise IndexError(f"seed index {index} out of range for {len(self)} seeds")
+        k = bisect.bisect_right(self.starts, index) - 1
+        return self.parts[k][index - self.starts[k]]
+
+    def __eq__(self, other):
+        if not isinstance(other, (collections.abc.Sequence, range)) or isinstance(other, str):
+            return NotImplemented
+        return len(self) == len(other) and all(a == b for a, b in zip(self, other))
+
+    __hash__ = None
+
+    def __repr__(self):
+        return "Seeds(" + ",".join(f"{p.start}-{p.stop - 1}" if isinstance(p, range) else
+                                   ",".join(map(str, p)) for p in self.parts) + ")"
 
 
 def parse_seeds(text):
-    """'0-3,7' -> [0, 1, 2, 3, 7]: the official --seeds syntax (comma-separated ints, which may be negative, and
-    inclusive ranges of non-negative ints). Chapter 8.1."""
+    """'0-3,7' -> Seeds 0, 1, 2, 3, 7: the official --seeds syntax (comma-separated ints, which may be
+    negative, and inclusive ranges of non-negative ints), each within int64. A list, tuple or range is taken
+    as is. Chapter 8.1."""
+    if isinstance(text, Seeds):
+        return text
     if isinstance(text, (list, tuple, range)):
-        return [int(s) for s in text]
-    seeds = []
+        return Seeds([text])
+    parts = []
     for part in str(text).split(","):
         part = part.strip()
         match = _RANGE.match(part)
         if match:
             lo, hi = int(match.group(1)), int(match.group(2))
             if hi < lo:
-                raise ValueError(f"seeds: range {part!r} is empty (end < start)")
-            seeds.extend(range(lo, hi + 1))
+                raise ValueError(f"seeds: the range {part!r} is empty (its end is below its start)")
+            parts.append(range(lo, hi + 1))
         elif _INT.match(part):
-            seeds.append(int(part))  # negative too, as the official int(p); the generator takes it modulo 2**32
+            parts.append((int(part),))  # negative too, as the official int(p); drawn modulo 2**32
         else:
-            raise ValueError(f"seeds must look like '0-49999' or '1,2,5-10', got {text!r}")
-    return seeds
+            what = "an empty entry" if not part else f"{part!r} is neither an integer nor a range A-B of " \
+                                                     f"non-negative integers"
+            raise ValueError(f"seeds: {what} in {str(text)!r}; write e.g. 0-49999 or 1,2,5-10")
+    return Seeds(parts)
+
+
+class SeedBatches(collections.abc.Sequence):
+    """Batch i of process `rank`: a list of seeds, computed on demand, cut as numpy's array_split. Chapter 8.1."""
+
+    def __init__(self, seeds, num_batches, world_size, rank):
+        self.seeds, self.ids = seeds, range(rank, num_batches, world_size)
+        self.size, self.longer = divmod(len(seeds), num_batches)  # the first `longer` batches hold one more
+
+    def __len__(self):
+        return len(self.ids)
+
+    def __getitem__(self, i):
+        if isinstance(i, slice):
+            return [self[k] for k in range(*i.indices(len(self)))]
+        b = self.ids[i]
+        start = b * self.size + min(b, self.longer)
+        return list(self.seeds[start:start + self.size + (b < self.longer)])
 
 
 def seed_batches(seeds, max_batch_size=64, world_size=1, rank=0):
@@ -95,11 +167,13 @@ def seed_batches(seeds, max_batch_size=64, world_size=1, rank=0):
         raise ValueError(f"rank must be in [0, {world_size}), got {rank}")
     per_round = max_batch_size * world_size
     num_batches = max(1, -(-len(seeds) // per_round)) * world_size
-    chunks = np.array_split(np.asarray(seeds, dtype=np.int64), num_batches)
-    return [c.tolist() for c in chunks[rank::world_size]]
+    return SeedBatches(seeds, num_batches, world_size, rank)
 
 
 # ── 08_evaluation.py § From latents to pixels ──
+
+DENOISER_ATTRIBUTES = ("img_resolution", "img_channels", "label_dim", "sigma_min", "sigma_max", "round_sigma")
+
 
 def class_labels_for(net, rnd, class_idx=None, device="cpu"):
     """One-hot labels [N, label_dim] for a conditional network (random per seed, or `class_idx`); None if unconditional. Chapter 8.1."""
@@ -121,10 +195,34 @@ def to_uint8(images):
     return (images * 127.5 + 128).clip(0, 255).to(torch.uint8).permute(0, 2, 3, 1)
 
 
-def sample_seeds(net, seeds, class_idx=None, device="cpu", **sampler_kwargs):
-    """Images (uint8 [N, H, W, C]) for `seeds`, each a function of its seed only. Chapter 8.1."""
+def module_device(net, default=None):
+    """The device of a module's first parameter (or buffer); `default` without tensors. Chapter 8.1."""
+    while isinstance(getattr(net, "__dict__", {}).get("net"), torch.nn.Module):  # a wrapper such as Autocast
+        net = net.net
+    is_module = isinstance(net, torch.nn.Module)
+    tensors = itertools.chain(net.parameters(), net.buffers()) if is_module else iter(())
+    first = next(tensors, None)
+    return default if first is None else first.device
+
+
+def check_denoiser(net, name="network"):
+    """Refuse in one line an object without the denoiser interface (an inner network saved alone). Chapter 8.1."""
+    missing = [a for a in DENOISER_ATTRIBUTES if not hasattr(net, a)]
+    if missing or not callable(net):
+        raise ValueError(f"{name}: a {type(net).__name__} is not a denoiser D(x, sigma, class_labels): it "
+                         f"lacks {', '.join(missing) or '__call__'}; load or save the preconditioner around "
+                         f"it (e.g. EDMPrecond, what `edm-lit train` saves), not the inner network")
+    return net
+
+
+def sample_seeds(net, seeds, class_idx=None, device=None, generator_device=None, **sampler_kwargs):
+    """Images (uint8 [N, H, W, C]) for `seeds`, each a function of its seed only, sampled on `device`
+    (default: the network's) with random numbers drawn on `generator_device` (default: `device`, as the
+    official script). Refuses a network output that is not finite. Chapter 8.1."""
+    check_denoiser(net)
+    device = torch.device(device) if device is not None else module_device(net, torch.device("cpu"))
     sampler_kwargs = {k: v for k, v in sampler_kwargs.items() if v is not None}
-    rnd = PerSeedRandom(seeds, device)
+    rnd = PerSeedRandom(seeds, device if generator_device is None else generator_device)
     shape = [len(rnd), net.img_channels, net.img_resolution, net.img_resolution]
     latents = rnd.randn(shape, device=device)
     labels = class_labels_for(net, rnd, class_idx, device)
@@ -132,10 +230,22 @@ def sample_seeds(net, seeds, class_idx=None, device="cpu", **sampler_kwargs):
     sampler = ablation_sampler if ablate else edm_sampler
     with torch.no_grad():
         images = sampler(net, latents, labels, randn_like=rnd.randn_like, **sampler_kwargs)
+    finite = torch.isfinite(images).flatten(1).all(1).tolist()
+    if not all(finite):
+        bad = [s for s, ok in zip(rnd.seeds, finite) if not ok]
+        raise ValueError(f"the network's output is not finite (NaN or inf) for {len(bad)} of {len(rnd)} "
+                         f"seeds (first: {bad[0]}); no images written from this batch: is the checkpoint "
+                         f"damaged, or does half precision overflow (--fp16)?")
     return to_uint8(images).cpu()
 
 
 # ── 08_evaluation.py § Writing files, one process or many ──
+
+import concurrent.futures
+import secrets
+import tempfile
+import zipfile
+
 
 def image_path(outdir, seed, subdirs=False):
     """Where the image of `seed` goes: OUTDIR/{seed:06d}.png, or OUTDIR/{thousand:06d}/{seed:06d}.png. Chapter 8.1."""
@@ -144,13 +254,137 @@ def image_path(outdir, seed, subdirs=False):
 
 
 def save_png(image, path):
-    """Write one uint8 [H, W, C] image (C = 1 or 3) as PNG."""
+    """Write one uint8 [H, W, C] image (C = 1 or 3) as PNG: a temporary name, then renamed. Chapter 8.1."""
     import PIL.Image
 
     array = image.numpy() if isinstance(image, torch.Tensor) else np.asarray(image)
-    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-    PIL.Image.fromarray(array[:, :, 0] if array.shape[2] == 1 else array).save(path)
+    folder, name = os.path.split(os.fspath(path))
+    os.makedirs(folder or ".", exist_ok=True)
+    tmp = os.path.join(folder, f".{name}.{secrets.token_hex(4)}.tmp")
+    try:
+        PIL.Image.fromarray(array[:, :, 0] if array.shape[2] == 1 else array).save(tmp, format="PNG")
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
 
+
+class PngWriter:
+    """save_png on `threads` background threads (0: in the caller's thread); at most `max_pending` images
+    wait, the first error is raised in the caller's thread, and on leaving (also after an error) every
+    image handed over is written. A context manager. Chapter 8.1."""
+
+    def __init__(self, threads=4, max_pending=1024):
+        self.pool = concurrent.futures.ThreadPoolExecutor(threads) if threads > 0 else None
+        self.pending, self.max_pending = collections.deque(), max_pending
+
+    def submit(self, image, path):
+        if self.pool is None:
+            return save_png(image, path)
+        self.pending.append(self.pool.submit(save_png, image, path))
+        while self.pending and (len(self.pending) > self.max_pending or self.pending[0].done()):
+            self.pending.popleft().result()  # raises a writer's error here
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, kind, error, trace):  # finish every image already sampled, even after an error
+        if self.pool is not None:
+            self.pool.shutdown(wait=True)
+        failed = [f.exception() for f in self.pending if f.exception() is not None]
+        self.pending.clear()
+        if failed and kind is None:
+            raise failed[0]
+
+
+def npz_path(path):
+    """The file np.savez writes for `path`: `.npz` appended unless the name ends with it. Chapter 8.1."""
+    path = os.fspath(path)
+    return path if path.endswith(".npz") else path + ".npz"
+
+
+def npz_output(path, flag):
+    """The .npz file an output flag names (`npz_path`), refused now if a folder or unwritable. Chapter 8.1."""
+    if not os.fspath(path) or os.path.isdir(path):
+        what = "a folder" if os.fspath(path) else "empty"
+        raise ValueError(f"{flag}={os.fspath(path)} is {what}; give the name of an .npz file to write")
+    return check_writable(npz_path(path), flag)
+
+
+def check_writable(path, flag, folder=False):
+    """Refuse now, in one line naming `flag`, an output file (or folder) that could not be written. Chapter 8.1."""
+    if not os.fspath(path):
+        raise ValueError(f"{flag} is empty: name the {'folder' if folder else 'file'} to write")
+    path = os.path.abspath(os.fspath(path))
+    if folder and os.path.exists(path) and not os.path.isdir(path):
+        raise ValueError(f"{flag}={path} is a file, not a folder")
+    if not folder and os.path.isdir(path):
+        raise ValueError(f"{flag}={path} is a folder; give the name of a file to write")
+    if not folder and os.path.exists(path) and not os.access(path, os.W_OK):
+        raise ValueError(f"{flag}={path} exists and is read-only")
+    parent = path if folder else os.path.dirname(path)
+    while not os.path.exists(parent):
+        parent = os.path.dirname(parent)
+    if not os.path.isdir(parent):
+        raise ValueError(f"{flag}={path} cannot be created: {parent} is a file, not a folder")
+    try:
+        fd, probe = tempfile.mkstemp(dir=parent, prefix=".edm_lit-probe-")
+        os.close(fd)
+        os.remove(probe)
+    except OSError as e:
+        raise ValueError(f"{flag}={path} cannot be written: {parent}: {e.strerror or e}") from None
+    return path
+
+
+# ── 08_evaluation.py § The caller's network, and half precision ──
+
+import copy
+
+PRECISIONS = {"fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+def place_network(network, device=None, default_device="cpu"):
+    """(net, device) ready to sample. A path or URL is loaded onto `device` (default: `default_device`); a
+    module is used where it is, or a copy is moved (and put in eval mode) when it must run elsewhere or is
+    training: the caller's module is never changed. Chapter 8.1."""
+    if isinstance(network, (str, os.PathLike)):
+        device = torch.device(default_device if device is None else device)
+        net = check_denoiser(load_network(network), str(network))
+        if isinstance(net, torch.nn.Module):
+            net = net.to(device).eval().requires_grad_(False)
+        return net, device
+    check_denoiser(network)
+    here = module_device(network)
+    device = torch.device(device) if device is not None else (here or torch.device(default_device))
+    if device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", torch.cuda.current_device())
+    if isinstance(network, torch.nn.Module) and ((here is not None and here != device) or network.training):
+        network = copy.deepcopy(network).to(device).eval().requires_grad_(False)
+    return network, device
+
+
+class Autocast:
+    """A denoiser called under torch.autocast(dtype): the network in half precision. Chapter 8.1."""
+
+    def __init__(self, net, dtype):
+        self.net, self.dtype = net, dtype
+
+    def __getattr__(self, name):  # img_resolution, sigma_min, round_sigma, ... of the wrapped denoiser
+        if name == "net":
+            raise AttributeError(name)
+        return getattr(self.net, name)
+
+    def __call__(self, x, sigma, class_labels=None, **kwargs):
+        with torch.autocast(x.device.type, dtype=self.dtype):
+            return self.net(x, sigma, class_labels, **kwargs)
+
+
+def with_precision(net, fp16=False, bf16=False):
+    """`net`, or net under float16 / bfloat16 autocast (--fp16 / --bf16). Chapter 8.1."""
+    if fp16 and bf16:
+        raise ValueError("--fp16 and --bf16 cannot both be set")
+    return Autocast(net, PRECISIONS["fp16" if fp16 else "bf16"]) if fp16 or bf16 else net
 
 def distributed_setup():
     """(rank, world_size, device) from torchrun's environment; initialises the process group when WORLD_SIZE > 1."""
@@ -165,41 +399,85 @@ def distributed_setup():
     return rank, world_size, device
 
 
+def _npy_header(f, dtype, shape):
+    np.lib.format.write_array_header_1_0(f, {"descr": np.lib.format.dtype_to_descr(np.dtype(dtype)),
+                                             "fortran_order": False, "shape": tuple(shape)})
+
+
+def write_images_npz(path, outdir, seeds, subdirs=False):
+    """The PNGs of `seeds`, in order, streamed into an .npz laid out as np.savez does ('images' uint8
+    [N, H, W, C], 'seeds' int64 [N]): never all in memory; a temporary name, then renamed. Chapter 8.1."""
+    import PIL.Image
+
+    def read(seed):
+        image = np.asarray(PIL.Image.open(image_path(outdir, seed, subdirs)))
+        return image[:, :, None] if image.ndim == 2 else image
+
+    shape = read(seeds[0]).shape
+    folder, name = os.path.split(os.path.abspath(path))
+    tmp = os.path.join(folder, f".{name}.{secrets.token_hex(4)}.tmp")
+    try:
+        with zipfile.ZipFile(tmp, "w", zipfile.ZIP_STORED, allowZip64=True) as z:
+            with z.open("images.npy", "w", force_zip64=True) as f:
+                _npy_header(f, np.uint8, (len(seeds), *shape))
+                for seed in seeds:
+                    image = read(seed)
+                    if image.shape != shape:
+                        where = image_path(outdir, seed, subdirs)
+                        raise ValueError(f"{where}: shape {image.shape} differs from {shape}")
+                    f.write(image.tobytes())
+            with z.open("seeds.npy", "w", force_zip64=True) as f:
+                _npy_header(f, np.int64, (len(seeds),))
+                for start in range(0, len(seeds), 1 << 20):
+                    f.write(np.asarray(list(seeds[start:start + (1 << 20)]), dtype=np.int64).tobytes())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+    return path
+
+
 def generate(network, outdir, seeds="0-63", subdirs=False, class_idx=None, max_batch_size=64, npz=None,
-             device=None, progress=True, **sampler_kwargs):
+             device=None, progress=True, fp16=False, bf16=False, writers=4, **sampler_kwargs):
     """Generate one PNG per seed into `outdir` (and optionally an .npz); returns the number written. Chapter 8.1.
 
-    `network`: a loaded denoiser, or a path / URL for `load_network`. `sampler_kwargs`: those of
-    `edm_sampler`, or of `ablation_sampler` when solver/discretization/schedule/scaling is given.
+    `network`: a denoiser (used where it is, never changed; see place_network), or a path / URL for
+    `load_network`. Outputs are checked first. `fp16`/`bf16`: autocast precision of the network;
+    `writers`: PNG writer threads. `sampler_kwargs`: those of `edm_sampler`, or of `ablation_sampler` when
+    solver/discretization/schedule/scaling is given.
     """
     from tqdm import tqdm  # a text bar on stderr, as the official scripts; no notebook widget state
 
     seeds = parse_seeds(seeds)
-    if not seeds:
+    if not len(seeds):
         raise ValueError("seeds must name at least one seed")
+    lo, hi = sampler_kwargs.get("sigma_min"), sampler_kwargs.get("sigma_max")
+    if lo is not None and hi is not None and not lo < hi:
+        raise ValueError(f"--sigma_min ({lo}) must be below --sigma_max ({hi})")
+    check_writable(outdir, "--outdir", folder=True)
+    npz = None if npz is None else npz_output(npz, "--npz")
     rank, world_size, auto_device = distributed_setup()
-    device = torch.device(device) if device is not None else auto_device
-    net = load_network(network) if isinstance(network, (str, os.PathLike)) else network
-    if isinstance(net, torch.nn.Module):
-        net = net.to(device).eval().requires_grad_(False)
-    if class_idx is not None and not int(getattr(net, "label_dim", 0) or 0):
-        raise ValueError(f"class_idx={class_idx} was given but the network is unconditional (label_dim=0)")
+    net, device = place_network(network, device, auto_device)
+    label_dim = int(net.label_dim or 0)
+    if class_idx is not None and not label_dim:
+        raise ValueError(f"class_idx={class_idx} (--class) was given but the network is unconditional")
+    if class_idx is not None and not 0 <= int(class_idx) < label_dim:
+        raise ValueError(f"class_idx (--class) must be in [0, {label_dim}), got {class_idx}")
+    net = with_precision(net, fp16, bf16)
     written = 0
-    for batch in tqdm(seed_batches(seeds, max_batch_size, world_size, rank), unit="batch", disable=not progress or rank != 0):
-        if not batch:
-            continue
-        for seed, image in zip(batch, sample_seeds(net, batch, class_idx, device, **sampler_kwargs)):
-            save_png(image, image_path(outdir, seed, subdirs))
-            written += 1
+    with PngWriter(writers) as writer:
+        for batch in tqdm(seed_batches(seeds, max_batch_size, world_size, rank), unit="batch",
+                          disable=not progress or rank != 0):
+            if not batch:
+                continue
+            for seed, image in zip(batch, sample_seeds(net, batch, class_idx, device, **sampler_kwargs)):
+                writer.submit(image, image_path(outdir, seed, subdirs))
+            written += len(batch)
     if world_size > 1:
         torch.distributed.barrier()
     if npz is not None and rank == 0:
-        import PIL.Image
-
-        images = [np.asarray(PIL.Image.open(image_path(outdir, s, subdirs))) for s in seeds]
-        images = np.stack([im[:, :, None] if im.ndim == 2 else im for im in images])
-        os.makedirs(os.path.dirname(os.path.abspath(npz)), exist_ok=True)
-        np.savez(npz, images=images, seeds=np.asarray(seeds, dtype=np.int64))
+        write_images_npz(npz, outdir, seeds, subdirs)
     return written
 
 
@@ -224,25 +502,44 @@ def _nonnegative(text):
     return value
 
 
-def _at_least_one(text):
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be >= 1, got {text}")
-    return value
+def at_least(low):
+    """An argparse type: an integer >= `low`, with a message that says so. Chapter 8.6."""
+    def integer(text):
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"must be an integer, got {text!r}") from None
+        if value < low:
+            raise argparse.ArgumentTypeError(f"must be >= {low}, got {text}")
+        return value
+    return integer
+
+
+def _seeds_argument(text):
+    try:
+        return parse_seeds(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
 
 
 def add_generate_command(subparsers):
     """Register `edm-lit generate` (the official generate.py flags) on an argparse subparsers object. Chapter 8.6."""
+    from edm_lit.train import parse_bool
+
     p = subparsers.add_parser("generate", help="generate images, one PNG per seed (official generate.py flags)",
                               description="Generate images with the EDM sampler; an image depends only on its seed.")
     p.add_argument("--network", required=True, metavar="PATH|URL", help="official .pkl, our .json/.safetensors, or a URL")
     p.add_argument("--outdir", required=True, metavar="DIR", help="where to write {seed:06d}.png")
-    p.add_argument("--seeds", type=parse_seeds, default="0-63", metavar="LIST", help="e.g. 1,2,5-10 (default 0-63)")
+    p.add_argument("--seeds", type=_seeds_argument, default="0-63", metavar="LIST",
+                   help="e.g. 1,2,5-10 (default 0-63)")
     p.add_argument("--subdirs", action="store_true", help="one subdirectory per 1000 seeds")
-    p.add_argument("--class", dest="class_idx", type=int, default=None, metavar="INT", help="class label (default: random)")
-    p.add_argument("--batch", dest="max_batch_size", type=_at_least_one, default=64, metavar="INT", help="maximum batch size (64)")
+    p.add_argument("--class", dest="class_idx", type=at_least(0), default=None, metavar="INT",
+                   help="class label (default: random)")
+    p.add_argument("--batch", dest="max_batch_size", type=at_least(1), default=64, metavar="INT",
+                   help="maximum batch size (64)")
     p.add_argument("--npz", default=None, metavar="FILE", help="also write all images, in seed order, to this .npz")
-    p.add_argument("--steps", dest="num_steps", type=_at_least_one, default=18, metavar="INT", help="sampling steps (18)")
+    p.add_argument("--steps", dest="num_steps", type=at_least(1), default=18, metavar="INT",
+                   help="sampling steps (18)")
     p.add_argument("--sigma_min", type=_positive, metavar="FLOAT", help="lowest noise level (default: varies)")
     p.add_argument("--sigma_max", type=_positive, metavar="FLOAT", help="highest noise level (default: varies)")
     p.add_argument("--rho", type=_positive, default=7.0, metavar="FLOAT", help="time step exponent (7)")
@@ -254,6 +551,12 @@ def add_generate_command(subparsers):
     p.add_argument("--disc", dest="discretization", choices=["vp", "ve", "iddpm", "edm"], help="ablate the time steps")
     p.add_argument("--schedule", choices=["vp", "ve", "linear"], help="ablate the noise schedule sigma(t)")
     p.add_argument("--scaling", choices=["vp", "none"], help="ablate the signal scaling s(t)")
+    p.add_argument("--fp16", type=parse_bool, default=False, metavar="BOOL",
+                   help="network in float16 autocast (False)")
+    p.add_argument("--bf16", type=parse_bool, default=False, metavar="BOOL",
+                   help="network in bfloat16 autocast (False)")
+    p.add_argument("--writers", type=at_least(0), default=4, metavar="INT",
+                   help="PNG writer threads (4; 0: write in the sampling thread)")
     p.set_defaults(func=run_generate_command)
     return p
 
@@ -266,9 +569,14 @@ def run_generate_command(args):
                                                     "S_max", "S_noise", "solver", "discretization", "schedule", "scaling")}
     try:
         n = generate(args.network, args.outdir, args.seeds, args.subdirs, args.class_idx, args.max_batch_size,
-                     args.npz, **sampler_kwargs)
-    except (CheckpointError, ValueError, FileNotFoundError) as e:
+                     args.npz, fp16=args.fp16, bf16=args.bf16, writers=args.writers, **sampler_kwargs)
+    except (CheckpointError, ValueError, OSError) as e:  # OSError: e.g. the disk filled up while writing
         print(f"edm-lit generate: error: {e}", file=sys.stderr)
         return 1
-    print(f"wrote {n} images to {args.outdir}")
+    except (MemoryError, torch.cuda.OutOfMemoryError):
+        print(f"edm-lit generate: error: out of memory at --batch={args.max_batch_size}; use a smaller "
+              f"--batch", file=sys.stderr)
+        return 1
+    also = "" if args.npz is None else f" and {npz_path(args.npz)}"
+    print(f"wrote {n} image{'s' * (n != 1)} to {args.outdir}{also}")
     return 0

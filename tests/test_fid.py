@@ -127,9 +127,10 @@ def test_inception_weights_loading(tmp_path, monkeypatch):
     weights = tmp_path / "w.pth"
     torch.manual_seed(0)
     torch.save(InceptionV3Features().state_dict(), weights)
-    with pytest.raises(ValueError, match="SHA-256"):
+    with pytest.raises(ValueError, match="is not pt_inception-2015-12-05-6726825d.pth"):
         load_inception(weights)
-    monkeypatch.setattr(fid, "INCEPTION_SHA256_PREFIX", hashlib.sha256(weights.read_bytes()).hexdigest()[:8])
+    monkeypatch.setattr(fid, "INCEPTION_SHA256", hashlib.sha256(weights.read_bytes()).hexdigest())
+    monkeypatch.setattr(fid, "INCEPTION_BYTES", weights.stat().st_size)
     monkeypatch.setenv("EDM_LIT_INCEPTION", str(weights))
     net = load_inception()
     assert torch.equal(net.state_dict()["Mixed_5b.branch_pool.conv.weight"],
@@ -172,7 +173,7 @@ def test_fid_bad_input(tiny_net, tmp_path, monkeypatch, capsys):
     generate(tiny_net, tmp_path / "imgs", seeds="0-3", progress=False, num_steps=2)
     fid_ref(tmp_path / "imgs", tmp_path / "ref.npz", extractor=pixel_features, progress=False)
     np.savez(tmp_path / "d64.npz", mu=np.zeros(64), sigma=np.eye(64))
-    with pytest.raises(ValueError, match="64-d features"):
+    with pytest.raises(ValueError, match="64-d are expected"):
         fid_calc(tmp_path / "imgs", tmp_path / "d64.npz", num=4, extractor=pixel_features)
     with pytest.raises(ValueError, match="found 4 images"):
         fid_calc(tmp_path / "imgs", tmp_path / "ref.npz", extractor=pixel_features)  # default num = 50,000
@@ -275,7 +276,7 @@ def test_cli_digits_fid_end_to_end_on_the_quick_model(detector_cache, tmp_path, 
     # the default detector against a digits reference: refused before any Inception weights are looked for
     assert cli(["fid", "calc", f"--images={tmp_path / 'out'}", f"--ref={tmp_path / 'ref.npz'}", "--num=24"]) == 1
     err = capsys.readouterr().err
-    assert "'digits:" in err and "'inception'" in err and len(err.strip().splitlines()) == 1
+    assert "'digits:" in err and "'inception-pytorch-fid:" in err and len(err.strip().splitlines()) == 1
 
 
 def test_digits_detector_is_cached_and_mismatches_are_refused(detector_cache, tmp_path):
@@ -288,7 +289,7 @@ def test_digits_detector_is_cached_and_mismatches_are_refused(detector_cache, tm
         save_png(image.permute(1, 2, 0), tmp_path / "imgs" / f"{i:06d}.png")
     mu, sigma = fid.feature_statistics_of(a.features(images))
     save_reference(tmp_path / "other.npz", mu, sigma, detector="digits:000000000000")  # another digits network
-    save_reference(tmp_path / "plain.npz", mu, sigma)  # no record: counts as Inception's
+    save_reference(tmp_path / "plain.npz", mu, sigma)  # no record: counts as NVIDIA's detector
     for ref in ("other.npz", "plain.npz"):
         with pytest.raises(ValueError, match="feature network"):
             fid_calc(tmp_path / "imgs", tmp_path / ref, num=6, detector="digits", progress=False)
