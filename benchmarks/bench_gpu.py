@@ -45,9 +45,11 @@ OURS = [
     ("fp32", [], []),
     ("fp16", [], ["--fp16=1"]),
     ("bf16", [], ["--bf16=1"]),
-    ("bf16", ["channels_last"], ["--bf16=1", "--channels-last=1"]),
-    ("fp16", ["channels_last"], ["--fp16=1", "--channels-last=1"]),
-    ("bf16", ["channels_last", "compile"], ["--bf16=1", "--channels-last=1", "--compile=1"]),
+    ("fp16", ["fused_adam", "channels_last"], ["--fp16=1", "--fused-adam=1", "--channels-last=1"]),
+    ("bf16", ["fused_adam", "channels_last"], ["--bf16=1", "--fused-adam=1", "--channels-last=1"]),
+    ("fp32", ["fused_adam"], ["--fused-adam=1"]),
+    ("bf16", ["fused_adam", "channels_last", "compile"],
+     ["--bf16=1", "--fused-adam=1", "--channels-last=1", "--compile=1"]),
 ]
 OFFICIAL = [("fp32", [], []), ("fp16", [], ["--fp16=1"])]
 GENERATE = [("fp32", []), ("fp16", ["--fp16=1"]), ("bf16", ["--bf16=1"])]

@@ -3,17 +3,18 @@
 
 """fid: exported from 8. Evaluation: generating at scale and measuring FID (book/08_evaluation.py)."""
 
-__all__ = ['PSD_TOLERANCE', 'trace_sqrt_product', 'frechet_distance', 'FeatureStats',
-           'feature_statistics_of', 'save_reference', 'load_reference',
-           'reference_detector', 'INCEPTION_FILE', 'INCEPTION_URL',
-           'INCEPTION_SHA256_PREFIX', 'INCEPTION_ENV', 'INCEPTION_RESOLUTION',
-           'INCEPTION_FEATURES', 'ConvBN', 'Mixed', 'InceptionV3Features',
-           'inception_cache_path', 'inception_weights_path', 'load_inception',
-           'NpzImages', 'open_images', 'image_batches', 'feature_statistics',
-           'DETECTORS', 'feature_network', 'fid_ref', 'fid_calc', 'add_fid_command',
-           'run_fid_command', 'DigitFeatures', 'train_digit_features',
-           'DIGITS_DETECTOR_RECIPE', 'digits_detector_name', 'digits_detector',
-           'DigitsExtractor']
+__all__ = ['PSD_TOLERANCE', 'SYMMETRY_TOLERANCE', 'trace_sqrt_product',
+           'frechet_distance', 'FeatureStats', 'feature_statistics_of',
+           'NVIDIA_DETECTOR', 'MAX_DEFLATE_RATIO', 'save_reference', 'read_npz',
+           'load_reference', 'reference_detector', 'INCEPTION_FILE', 'INCEPTION_URL',
+           'INCEPTION_SHA256', 'INCEPTION_BYTES', 'INCEPTION_DETECTOR', 'INCEPTION_ENV',
+           'INCEPTION_RESOLUTION', 'INCEPTION_FEATURES', 'ConvBN', 'Mixed',
+           'InceptionV3Features', 'inception_cache_path', 'inception_weights_path',
+           'load_inception', 'NpzImages', 'open_images', 'image_batches',
+           'feature_statistics', 'DETECTORS', 'feature_network', 'compare_detectors',
+           'fid_ref', 'fid_calc', 'add_fid_command', 'run_fid_command', 'DigitFeatures',
+           'train_digit_features', 'DIGITS_DETECTOR_RECIPE', 'digits_detector_name',
+           'digits_detector', 'DigitsExtractor', 'measure_fid']
 
 
 # ── 08_evaluation.py § 8.2 The Fréchet distance ──

@@ -3,10 +3,13 @@
 
 """generate: exported from 8. Evaluation: generating at scale and measuring FID (book/08_evaluation.py)."""
 
-__all__ = ['SEED_MODULUS', 'ABLATION_OPTIONS', 'PerSeedRandom', 'parse_seeds',
-           'seed_batches', 'class_labels_for', 'to_uint8', 'sample_seeds', 'image_path',
-           'save_png', 'distributed_setup', 'generate', 'add_generate_command',
-           'run_generate_command']
+__all__ = ['SEED_MODULUS', 'ABLATION_OPTIONS', 'PerSeedRandom', 'INT64_RANGE', 'Seeds',
+           'parse_seeds', 'SeedBatches', 'seed_batches', 'DENOISER_ATTRIBUTES',
+           'class_labels_for', 'to_uint8', 'module_device', 'check_denoiser',
+           'sample_seeds', 'image_path', 'save_png', 'PngWriter', 'npz_path',
+           'npz_output', 'check_writable', 'PRECISIONS', 'place_network', 'Autocast',
+           'with_precision', 'distributed_setup', 'write_images_npz', 'generate',
+           'at_least', 'add_generate_command', 'run_generate_command']
 
 
 # ── 08_evaluation.py § 8.1 One seed, one image ──
