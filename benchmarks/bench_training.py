@@ -37,7 +37,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from edm_lit.checkpoints import write_atomic
+from edm_lit.files import write_atomic
 from edm_lit.training import ARCH_PRESETS, TrainingRun
 
 GFLOP_PER_IMAGE = 127.0  # DDPM++ CIFAR-10, forward + backward per trained image (issue 9)

@@ -72,6 +72,8 @@
 # | 9 reproduction | the paper's tables beside ours | (reads `book/results/`) |
 # | A1 command line | `edm-lit` and its subcommands | `edm_lit.cli` |
 # | A2 checkpoints | official snapshots loaded without running their code; our safetensors format | `edm_lit.checkpoints` |
+# | A3 files | files that survive `kill -9`; outputs checked before the work; the one PNG writer | `edm_lit.files` |
+# | A5 several processes | `torchrun`: a process's place, shared errors, gathering | `edm_lit.distributed` |
 #
 # Chapters are added in this order; the table of contents lists those written so far. The
 # cell below lists the modules the package has *now* (it reads the package, so the list is as
@@ -84,7 +86,7 @@ import re
 import edm_lit
 
 MAP = {"mode", "framework", "samplers", "precond", "loss", "networks", "checkpoints", "augment",
-       "data", "training", "train", "generate", "fid", "cli"}
+       "data", "training", "train", "generate", "fid", "cli", "files", "distributed"}
 present = {m.name for m in pkgutil.iter_modules(edm_lit.__path__)}
 print(f"modules exported so far ({len(present)} of {len(MAP)}):", ", ".join(sorted(present)))
 assert present <= MAP, f"modules missing from the map: {present - MAP}"

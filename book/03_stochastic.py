@@ -609,7 +609,7 @@ glue("window_gain", f"{100 * window_gain:.0f}", display=False)
 #
 # Everything above used exact ground truth; the samplers are meant for networks. In full mode this
 # section samples the paper's pretrained CIFAR-10 network (`EDM_LIT_PRETRAINED`, by default NVIDIA's
-# class-conditional VP snapshot, read by `edm_lit.checkpoints.load_network`, Appendix B) from 16 latents with
+# class-conditional VP snapshot, read by `edm_lit.checkpoints.load_network`, Appendix A2) from 16 latents with
 # the paper's settings: 18 Heun steps (35 NFE), deterministic, the setting of its CIFAR-10 results; and
 # the stochastic setting of its ImageNet-64 results (S_churn = 40, S_tmin = 0.05, S_tmax = 50,
 # S_noise = 1.003). In quick mode it samples Chapter 7's committed quick model of the 8×8 digits the same
@@ -621,7 +621,7 @@ glue("window_gain", f"{100 * window_gain:.0f}", display=False)
 # %%
 from pathlib import Path
 
-from edm_lit.checkpoints import load_network  # Appendix B
+from edm_lit.checkpoints import load_network  # Appendix A2
 
 REAL = get_mode().require("sampling the official pretrained CIFAR-10 network")
 real_net = load_network(REAL.pick(quick=Path("results") / "quick_digits.json", full=REAL.pretrained))

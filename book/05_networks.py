@@ -30,7 +30,7 @@
 #
 # This chapter builds both from a handful of layers, block by block, with **the same
 # constructor arguments and the same `state_dict()` key names as the official implementation**,
-# so its pretrained weights load unchanged (Appendix B loads the official `.pkl` snapshots
+# so its pretrained weights load unchanged (Appendix A2 loads the official `.pkl` snapshots
 # *safely*, without running the code those files carry). The last two sections train small
 # networks: one against a loss floor we know exactly, one on real (if tiny) images, the
 # handwritten digits that ship with scikit-learn.
@@ -1271,7 +1271,7 @@ for name, value in [("digit_clf_train", clf_train), ("digit_clf_acc", clf_acc), 
 # Trained with `EDMLoss` (Chapter 4), a small DDPM++ gets close to the exact loss floor of a
 # Gaussian mixture, and a class-conditional one draws recognisable handwritten digits.
 #
-# Loading official snapshots and our own checkpoint format: Appendix B (`edm_lit.checkpoints`).
+# Loading official snapshots and our own checkpoint format: Appendix A2 (`edm_lit.checkpoints`).
 #
 # %% tags=["hide-cell"]
 # numbers for the answers to the exercises, computed: 20 fresh blocks in a row, and p_train's median σ

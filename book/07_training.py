@@ -55,14 +55,14 @@ import numbers
 import os
 import random
 import re
-import struct
 import time
 import warnings
-import zlib
 from pathlib import Path
 
 import numpy as np
 import torch
+
+from edm_lit.distributed import agree_on_error, gather, init_distributed, local_rank  # Appendix A5
 
 # %%
 import math
@@ -289,22 +289,6 @@ def build_options(flags: dict, world_size: int = 1, device=None) -> dict:
         desc += f"-{f['desc']}"
     c["run_dir"] = _pick_run_dir(f["outdir"], desc, f["nosubdir"]) if f["outdir"] is not None else None
     return c
-
-
-def local_rank() -> int:
-    """This process's rank on its node (torchrun's LOCAL_RANK; the global rank, else 0)."""
-    if "LOCAL_RANK" in os.environ:
-        return int(os.environ["LOCAL_RANK"])
-    return torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
-
-
-def agree_on_error(error):
-    """Every rank's error message (or None) -> the first one of any rank, on all ranks (a collective). Chapter 7."""
-    if not torch.distributed.is_initialized():
-        return error
-    errors = [None] * torch.distributed.get_world_size()
-    torch.distributed.all_gather_object(errors, error)
-    return next((e for e in errors if e is not None), None)
 
 
 def random_seed(device) -> int:
@@ -806,43 +790,17 @@ assert p.grad.tolist() == [0.0, 1e5, -1e5, 2.0]
 # The state is a `training-state-NNNNNN.safetensors` file with every tensor (no pickle: loading it
 # runs no code) and a `training-state-NNNNNN.json` with the rest and the SHA-256 of the tensors,
 # written second: a state is complete when its JSON exists and the hash matches. Network
-# snapshots use the format of Appendix B (`network-snapshot-NNNNNN.json` + `.safetensors`, loaded by
+# snapshots use the format of Appendix A2 (`network-snapshot-NNNNNN.json` + `.safetensors`, loaded by
 # `edm_lit.checkpoints.load_network`); `NNNNNN` is the progress in kimg, as in the official names.
 # Each snapshot comes with a grid of samples from the EMA (`samples-NNNNNN.png`, 18 Heun steps of
 # Chapter 3), drawn from a fixed noise with a private generator, so that making it does not change
 # the training's random stream.
 
 # %% tags=["export"]
-from edm_lit.checkpoints import fsync_dir, write_atomic  # rule 1, the primitive Appendix B's snapshots use too
+from edm_lit.files import fsync_dir, png_bytes, remove_stale_temp_files, write_atomic  # Appendix A3
 
 STATE_FORMAT = "edm_lit-training-state"
 STATE_VERSION = 1
-TEMP_FILE = re.compile(r"\..+\.[0-9a-f]{8}\.tmp")  # write_atomic's temporary names: .NAME.HEX.tmp
-
-
-def remove_stale_temp_files(run_dir) -> list:
-    """Delete the temporary files of write_atomic that a killed run left in run_dir; returns their paths. Chapter 7."""
-    stale = [p for p in Path(run_dir).iterdir() if p.is_file() and TEMP_FILE.fullmatch(p.name)]
-    for path in stale:
-        path.unlink(missing_ok=True)
-    return stale
-
-
-def png_bytes(image: np.ndarray) -> bytes:
-    """An 8-bit greyscale ([H, W] or [H, W, 1]) or RGB ([H, W, 3]) PNG file, without an imaging library. Chapter 7."""
-    image = np.asarray(image)
-    if image.dtype != np.uint8 or image.ndim not in (2, 3) or (image.ndim == 3 and image.shape[2] not in (1, 3)):
-        raise ValueError(f"image must be uint8 [H, W], [H, W, 1] or [H, W, 3], got {image.dtype} {image.shape}")
-    height, width = image.shape[:2]
-    colour = 2 if image.ndim == 3 and image.shape[2] == 3 else 0
-
-    def chunk(kind: bytes, body: bytes) -> bytes:
-        return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body) & 0xFFFFFFFF)
-
-    rows = image.reshape(height, -1)
-    raw = b"".join(b"\x00" + rows[y].tobytes() for y in range(height))  # filter type 0 on every row
-    header = struct.pack(">IIBBBBB", width, height, 8, colour, 0, 0, 0)
-    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(raw, 6)) + chunk(b"IEND", b"")
 
 
 def image_grid(images: torch.Tensor, columns: int) -> np.ndarray:
@@ -860,7 +818,7 @@ def image_grid(images: torch.Tensor, columns: int) -> np.ndarray:
 # The training state is a flat dictionary of tensors — `net.*`, `ema.*`, Adam's `optimizer.I.NAME`
 # and each rank's generator states `rng.R.torch` / `rng.R.cuda` — and a JSON header for everything
 # that is not a tensor. `load_training_state` checks, before touching the network, that the state was
-# made by the same architecture (the `network_config` of Appendix B) and raises a `ValueError` that
+# made by the same architecture (the `network_config` of Appendix A2) and raises a `ValueError` that
 # names the difference otherwise.
 
 # %% tags=["export"]
@@ -1201,21 +1159,6 @@ class TrainingDiverged(RuntimeError):
     """The weights became non-finite: the run stopped before writing the tick (exit 1). Chapter 7."""
 
 
-def init_distributed() -> tuple:
-    """(rank, world size, device): join torchrun's process group (nccl on CUDA, gloo on CPU), else a single process."""
-    world_size = int(os.environ.get("WORLD_SIZE", "1"))
-    cuda = torch.cuda.is_available()
-    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-    device = torch.device("cuda", local_rank) if cuda else torch.device("cpu")
-    if cuda:
-        torch.cuda.set_device(device)
-    if world_size > 1 and not torch.distributed.is_initialized():
-        torch.distributed.init_process_group(backend="nccl" if cuda else "gloo")
-    if torch.distributed.is_initialized():
-        return torch.distributed.get_rank(), torch.distributed.get_world_size(), device
-    return 0, 1, device
-
-
 def seed_rank(seed: int, rank: int, world_size: int) -> None:
     """numpy from (seed * world_size + rank) mod 2^31, torch from numpy's first draw (official per-rank seeds).
 
@@ -1224,14 +1167,6 @@ def seed_rank(seed: int, rank: int, world_size: int) -> None:
     np.random.seed((seed * world_size + rank) % (1 << 31))
     random.seed((seed * world_size + rank) % (1 << 31))
     torch.manual_seed(np.random.randint(1 << 31))
-
-
-def _gather(obj, world_size: int) -> list:
-    if world_size == 1:
-        return [obj]
-    out = [None] * world_size
-    torch.distributed.all_gather_object(out, obj)
-    return out
 
 
 def _memory_gb():
@@ -1513,7 +1448,7 @@ class TrainingRun:
                 self._snapshot(kimg)
         dump = self.state_dump_ticks and (done or self.cur_tick % self.state_dump_ticks == 0) and self.cur_tick != 0
         if dump:
-            rng = _gather(capture_rng(self.device), self.world_size)  # every rank takes part
+            rng = gather(capture_rng(self.device), self.world_size)  # every rank takes part
             if self.run_dir is not None:
                 save_training_state(state_path(self.run_dir, kimg), net=self.net, ema=self.ema,
                                     optimizer=self.optimizer, options=self.options, rng=rng,
@@ -1631,7 +1566,7 @@ assert [p.name for p in (scratch / "diverging").glob("*.json")] == ["network-sna
 # %% [markdown]
 # ## 7.8 The command line
 #
-# `python -m edm_lit.train` (and `edm-lit train`, Appendix A) takes the official flags — the same
+# `python -m edm_lit.train` (and `edm-lit train`, Appendix A1) takes the official flags — the same
 # names, meanings and defaults, booleans written `--cond=1` as there — plus four of ours: `--bf16`
 # (bfloat16 autocast), `--lr-rampup` (the ramp-up in Mimg, officially fixed at 10), `--grid` (images
 # in each snapshot's sample grid, 0 for none), and `--data=digits` for the quick data set of
@@ -1664,7 +1599,7 @@ import re
 import sys
 from pathlib import Path
 
-from edm_lit import training
+from edm_lit import distributed, training
 
 
 def parse_bool(text: str) -> bool:
@@ -1751,7 +1686,7 @@ def run_train(args: argparse.Namespace, out=None) -> int:
     """Resolve, print, and (unless --dry-run) train. Returns an exit status, the same on every rank. Chapter 7."""
     out = sys.stdout if out is None else out
     flags = {k: v for k, v in vars(args).items() if k in training.TRAIN_DEFAULTS}
-    rank, world_size, device = training.init_distributed()
+    rank, world_size, device = distributed.init_distributed()
     try:
         return _train(args, flags, out, rank, world_size, device)
     finally:
@@ -1762,7 +1697,7 @@ def run_train(args: argparse.Namespace, out=None) -> int:
 
 def _train(args, flags: dict, out, rank: int, world_size: int, device) -> int:
     def failed(error) -> bool:  # every rank learns every rank's error: all stop together, none waits
-        error = training.agree_on_error(error)
+        error = distributed.agree_on_error(error)
         if error is not None and rank == 0:
             print(f"edm-lit train: error: {error}", file=sys.stderr)
         return error is not None

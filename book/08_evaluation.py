@@ -428,8 +428,10 @@ assert flips.max() <= 1 and (flips > 0).float().mean() < 0.01
 # %% tags=["export"]
 import concurrent.futures
 import secrets
-import tempfile
 import zipfile
+
+from edm_lit.distributed import init_distributed  # Appendix A5
+from edm_lit.files import check_writable, write_png  # Appendix A3
 
 
 def image_path(outdir, seed, subdirs=False):
@@ -438,25 +440,8 @@ def image_path(outdir, seed, subdirs=False):
     return os.path.join(folder, f"{seed:06d}.png")
 
 
-def save_png(image, path):
-    """Write one uint8 [H, W, C] image (C = 1 or 3) as PNG: a temporary name, then renamed. Chapter 8.1."""
-    import PIL.Image
-
-    array = image.numpy() if isinstance(image, torch.Tensor) else np.asarray(image)
-    folder, name = os.path.split(os.fspath(path))
-    os.makedirs(folder or ".", exist_ok=True)
-    tmp = os.path.join(folder, f".{name}.{secrets.token_hex(4)}.tmp")
-    try:
-        PIL.Image.fromarray(array[:, :, 0] if array.shape[2] == 1 else array).save(tmp, format="PNG")
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
-
-
 class PngWriter:
-    """save_png on `threads` background threads (0: in the caller's thread); at most `max_pending` images
+    """write_png on `threads` background threads (0: in the caller's thread); at most `max_pending` images
     wait, the first error is raised in the caller's thread, and on leaving (also after an error) every
     image handed over is written. A context manager. Chapter 8.1."""
 
@@ -466,8 +451,8 @@ class PngWriter:
 
     def submit(self, image, path):
         if self.pool is None:
-            return save_png(image, path)
-        self.pending.append(self.pool.submit(save_png, image, path))
+            return write_png(path, image)
+        self.pending.append(self.pool.submit(write_png, path, image))
         while self.pending and (len(self.pending) > self.max_pending or self.pending[0].done()):
             self.pending.popleft().result()  # raises a writer's error here
 
@@ -497,29 +482,6 @@ def npz_output(path, flag):
     return check_writable(npz_path(path), flag)
 
 
-def check_writable(path, flag, folder=False):
-    """Refuse now, in one line naming `flag`, an output file (or folder) that could not be written. Chapter 8.1."""
-    if not os.fspath(path):
-        raise ValueError(f"{flag} is empty: name the {'folder' if folder else 'file'} to write")
-    path = os.path.abspath(os.fspath(path))
-    if folder and os.path.exists(path) and not os.path.isdir(path):
-        raise ValueError(f"{flag}={path} is a file, not a folder")
-    if not folder and os.path.isdir(path):
-        raise ValueError(f"{flag}={path} is a folder; give the name of a file to write")
-    if not folder and os.path.exists(path) and not os.access(path, os.W_OK):
-        raise ValueError(f"{flag}={path} exists and is read-only")
-    parent = path if folder else os.path.dirname(path)
-    while not os.path.exists(parent):
-        parent = os.path.dirname(parent)
-    if not os.path.isdir(parent):
-        raise ValueError(f"{flag}={path} cannot be created: {parent} is a file, not a folder")
-    try:
-        fd, probe = tempfile.mkstemp(dir=parent, prefix=".edm_lit-probe-")
-        os.close(fd)
-        os.remove(probe)
-    except OSError as e:
-        raise ValueError(f"{flag}={path} cannot be written: {parent}: {e.strerror or e}") from None
-    return path
 
 
 # %% [markdown]
@@ -585,19 +547,6 @@ def with_precision(net, fp16=False, bf16=False):
 
 
 # %% tags=["export"]
-def distributed_setup():
-    """(rank, world_size, device) from torchrun's environment; initialises the process group when WORLD_SIZE > 1."""
-    world_size = int(os.environ.get("WORLD_SIZE", "1"))
-    rank = int(os.environ.get("RANK", "0"))
-    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-    device = torch.device("cuda", local_rank) if torch.cuda.is_available() else torch.device("cpu")
-    if world_size > 1 and not torch.distributed.is_initialized():
-        if device.type == "cuda":
-            torch.cuda.set_device(device)
-        torch.distributed.init_process_group("nccl" if device.type == "cuda" else "gloo")
-    return rank, world_size, device
-
-
 def _npy_header(f, dtype, shape):
     np.lib.format.write_array_header_1_0(f, {"descr": np.lib.format.dtype_to_descr(np.dtype(dtype)),
                                              "fortran_order": False, "shape": tuple(shape)})
@@ -656,7 +605,7 @@ def generate(network, outdir, seeds="0-63", subdirs=False, class_idx=None, max_b
         raise ValueError(f"--sigma_min ({lo}) must be below --sigma_max ({hi})")
     check_writable(outdir, "--outdir", folder=True)
     npz = None if npz is None else npz_output(npz, "--npz")
-    rank, world_size, auto_device = distributed_setup()
+    rank, world_size, auto_device = init_distributed()
     net, device = place_network(network, device, auto_device)
     label_dim = int(net.label_dim or 0)
     if class_idx is not None and not label_dim:
@@ -982,7 +931,7 @@ def save_reference(path, mu, sigma, detector=None):
     """Write reference statistics in the official fid-refs layout: an .npz with float64 `mu` [d] and
     `sigma` [d, d], plus a string `detector` naming the feature network that made them; all or nothing, to
     `path` exactly. Chapter 8.3."""
-    from edm_lit.checkpoints import write_atomic
+    from edm_lit.files import write_atomic
 
     mu, sigma = _as_stats(mu, sigma, "")
     buffer = io.BytesIO()
@@ -1128,7 +1077,7 @@ with tempfile.TemporaryDirectory() as tmp:
 # extractor is part of the metric.
 #
 # **Which path we take, and why.** The official `fid.py` downloads a pickled PyTorch port of that
-# graph and loads it with plain `pickle.load`, which runs whatever the file says (Appendix B). The
+# graph and loads it with plain `pickle.load`, which runs whatever the file says (Appendix A2). The
 # two maintained PyTorch ports, `pytorch-fid` and `torch-fidelity`, both need `torchvision`, which
 # does not import beside the CPU build of torch this book pins. So we write the network ourselves
 # — it is a fixed, documented architecture — with the parameter names of the `pytorch-fid` port,
@@ -1411,7 +1360,8 @@ with tempfile.TemporaryDirectory() as tmp:
 
 # %% tags=["export:fid"]
 from edm_lit.data import ImageFolderDataset, subset_indices
-from edm_lit.generate import distributed_setup, module_device, npz_output, npz_path
+from edm_lit.distributed import init_distributed
+from edm_lit.generate import module_device, npz_output, npz_path
 
 
 class NpzImages(torch.utils.data.Dataset):
@@ -1493,7 +1443,7 @@ def feature_network(detector="inception", weights=None, device="cpu"):
     if detector == "inception":
         return load_inception(weights, device=device), INCEPTION_DETECTOR
     _check_detector(detector)
-    net = digits_detector().to(device)
+    net = digit_classifier().to(device)
     return DigitsExtractor(net), digits_detector_name(net)
 
 
@@ -1531,7 +1481,7 @@ def fid_ref(data, dest, batch_size=64, extractor=None, device=None, progress=Tru
     (or "custom:...").
     """
     dest = npz_output(dest, "--dest")
-    rank, _, auto_device = distributed_setup()
+    rank, _, auto_device = init_distributed()
     if extractor is None:
         device = auto_device if device is None else torch.device(device)
         extractor, name = feature_network(detector, weights, device)
@@ -1550,7 +1500,7 @@ def fid_calc(images, ref, num=50000, seed=0, batch_size=64, extractor=None, devi
     The feature network is `detector`, refused if the reference records another one unless
     `allow_detector_mismatch` (then `warn` is called); or `extractor` (as in fid_ref; nothing is compared).
     """
-    _, _, auto_device = distributed_setup()
+    _, _, auto_device = init_distributed()
     mu_ref, sigma_ref, recorded = _read_reference(ref)  # first: a bad reference fails before the long part
     if extractor is None:
         _check_detector(detector)
@@ -1568,7 +1518,7 @@ def fid_calc(images, ref, num=50000, seed=0, batch_size=64, extractor=None, devi
 # ## 8.6 The commands
 #
 # `edm-lit generate` and `edm-lit fid ref|calc` take the official flags with the official meanings
-# (Appendix A lists every command), plus `--fp16`/`--bf16` and `--writers` for generation (§8.1) and
+# (Appendix A1 lists every command), plus `--fp16`/`--bf16` and `--writers` for generation (§8.1) and
 # `--allow-detector-mismatch` for `fid calc` (§8.4). Errors a user can make — a network or reference file
 # that is not there or not what it claims, a URL that cannot be reached, an output that cannot be
 # written, images of mixed shapes, statistics of another feature size or another feature network —
@@ -1791,7 +1741,7 @@ with tempfile.TemporaryDirectory() as tmp:
           f"(the size of the rounding here: {rounding:.1e}); of seeds 100-119 against seeds 0-19: {fid_folder:.4f}")
     assert abs(self_fid) < rounding and abs(fid_npz) < rounding
 
-    save_png(np.zeros((8, 8, 3), np.uint8), tmp / "other" / "small.png")
+    write_png(tmp / "other" / "small.png", np.zeros((8, 8, 3), np.uint8))
     np.savez(tmp / "nosigma.npz", mu=np.zeros(24))
     np.savez(tmp / "dim64.npz", mu=np.zeros(64), sigma=np.eye(64))
     quiet = dict(extractor=pixel_features, progress=False)
@@ -1818,103 +1768,25 @@ with tempfile.TemporaryDirectory() as tmp:
 # Inception features of 8×8 digits upsampled to 299×299 would measure mostly the upsampling, and
 # running Inception on a CPU costs {glue:text}`inception_ms:.0f` ms per image (§8.4). The practice for small grey
 # images ("MNIST FID") is to take the features of a classifier trained on the data set itself. Ours
-# is a three-layer CNN trained briefly on the digits (Chapter 6's quick data set); its 64
-# penultimate activations are the features. Everything else — streaming statistics, reference `.npz`,
+# is the digits judge of Chapter 6 (`edm_lit.data.digit_classifier`, a three-layer CNN trained
+# briefly on the quick data set); its 64 penultimate activations are the features. Everything else — streaming statistics, reference `.npz`,
 # `fid_calc`, the Fréchet distance — is the code above, unchanged. The numbers are *not* comparable
 # with Inception FIDs; they are comparable with each other, which is all Chapter 9 needs.
 #
-# The commands offer it as `--detector=digits`: `digits_detector` trains the classifier on all 1,797
+# The commands offer it as `--detector=digits`: `digit_classifier` trains the classifier on all 1,797
 # digits with a fixed recipe and seed, in one thread (so that a rerun on the same machine gives the same
 # weights), and keeps the weights in the download cache; a reference made with it records
 # `digits:` and a hash of those weights, and `fid calc` refuses a reference whose detector is not the
 # one it is using.
 
 # %% tags=["export:fid"]
-import io
-from pathlib import Path
-
-
-class DigitFeatures(torch.nn.Module):
-    """A small CNN classifier for small images; `features` (its penultimate layer) is a quick-mode FID extractor. Chapter 8.7."""
-
-    def __init__(self, channels=1, num_classes=10, width=32, dim=64):
-        super().__init__()
-        self.conv1 = torch.nn.Conv2d(channels, width, 3, padding=1)
-        self.conv2 = torch.nn.Conv2d(width, 2 * width, 3, stride=2, padding=1)
-        self.conv3 = torch.nn.Conv2d(2 * width, dim, 3, stride=2, padding=1)
-        self.head = torch.nn.Linear(dim, num_classes)
-
-    def features(self, images):
-        """uint8 [N, C, H, W] -> [N, dim] non-negative features."""
-        x = images.to(self.head.weight.dtype) / 127.5 - 1
-        for conv in (self.conv1, self.conv2, self.conv3):
-            x = F.relu(conv(x))
-        return x.mean(dim=(2, 3))
-
-    def forward(self, images):
-        return self.head(self.features(images))
-
-
-def train_digit_features(images, labels, steps=400, batch_size=128, lr=3e-3, seed=0):
-    """Train DigitFeatures on uint8 [N, C, H, W] images with integer labels (cross-entropy, Adam); eval mode. Chapter 8.7."""
-    images, labels = torch.as_tensor(images), torch.as_tensor(labels, dtype=torch.int64)
-    if images.ndim != 4 or len(images) != len(labels):
-        raise ValueError(f"images must be [N, C, H, W] with one label each, got {list(images.shape)} and {len(labels)} labels")
-    gen = torch.Generator().manual_seed(seed)
-    with torch.random.fork_rng():
-        torch.manual_seed(seed)
-        model = DigitFeatures(images.shape[1], int(labels.max()) + 1)
-    opt = torch.optim.Adam(model.parameters(), lr=lr)
-    for _ in range(steps):
-        idx = torch.randint(len(images), [batch_size], generator=gen)
-        loss = F.cross_entropy(model(images[idx]), labels[idx])
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-    return model.eval().requires_grad_(False)
-
-
-DIGITS_DETECTOR_RECIPE = dict(steps=400, batch_size=128, lr=3e-3, seed=0)  # train_digit_features' defaults
-
-
-def _state_bytes(net):
-    return b"".join(k.encode() + v.detach().cpu().contiguous().numpy().tobytes() for k, v in net.state_dict().items())
+from edm_lit.data import digit_classifier  # the one digits judge (Chapter 6)
 
 
 def digits_detector_name(net):
     """'digits:<first 12 hex digits of the SHA-256 of the weights>': what a digits reference records. Chapter 8.7."""
-    return "digits:" + hashlib.sha256(_state_bytes(net)).hexdigest()[:12]
-
-
-def digits_detector(cache=None):
-    """The `--detector=digits` network: DigitFeatures trained on all 1,797 scikit-learn digits with
-    DIGITS_DETECTOR_RECIPE in one thread (so a rerun on one machine gives the same weights), cached. Chapter 8.7."""
-    from edm_lit.checkpoints import write_atomic
-    from edm_lit.data import digits_source
-
-    items = list(digits_source().items)
-    images = torch.from_numpy(np.stack([np.asarray(image) for _, image, _ in items]))[:, None]
-    labels = torch.tensor([label for _, _, label in items])
-    key = hashlib.sha256(repr((sorted(DIGITS_DETECTOR_RECIPE.items()), torch.__version__)).encode()
-                         + images.numpy().tobytes() + labels.numpy().tobytes()).hexdigest()[:12]
-    path = (cache_dir() if cache is None else Path(cache)) / f"digits-detector-{key}.pt"
-    net = DigitFeatures(1, 10)
-    if path.is_file():
-        try:
-            net.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
-            return net.eval().requires_grad_(False)
-        except (RuntimeError, ValueError, EOFError, OSError):
-            pass  # a damaged cache file: train again and replace it
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        net = train_digit_features(images, labels, **DIGITS_DETECTOR_RECIPE)
-    finally:
-        torch.set_num_threads(threads)
-    buffer = io.BytesIO()
-    torch.save(net.state_dict(), buffer)
-    write_atomic(path, buffer.getvalue())
-    return net
+    return "digits:" + hashlib.sha256(b"".join(k.encode() + v.detach().cpu().contiguous().numpy().tobytes()
+                                               for k, v in net.state_dict().items())).hexdigest()[:12]
 
 
 class DigitsExtractor:
@@ -1932,12 +1804,13 @@ class DigitsExtractor:
 # %% [markdown]
 # **Check** — the recipe gives a classifier good enough for its features to mean something: trained
 # on 1,500 digits, it labels the other 297 correctly at the rate printed below (asserted above 90 %).
-# The feature network from here on is the same recipe trained on all 1,797 digits: `digits_detector()`,
+# The feature network from here on is the same recipe trained on all 1,797 digits: `digit_classifier()`,
 # the network of `--detector=digits`.
 
 # %%
 from edm_lit.data import ImageFolderDataset, quick_dataset
-from edm_lit.fid import DigitsExtractor, digits_detector, digits_detector_name, train_digit_features
+from edm_lit.data import digit_classifier, train_digit_classifier
+from edm_lit.fid import DigitsExtractor, digits_detector_name
 
 work = Path(tempfile.mkdtemp(prefix="edm_lit_ch8_"))
 digits_zip = quick_dataset(work / "digits-8x8.zip")
@@ -1947,14 +1820,14 @@ digit_labels = torch.tensor([int(np.argmax(digits[i][1])) for i in range(len(dig
 order = torch.randperm(len(digits), generator=torch.Generator().manual_seed(0))
 held_in, held_out = order[:1500], order[1500:]
 t0 = time.perf_counter()
-probe = train_digit_features(digit_images[held_in], digit_labels[held_in])
+probe = train_digit_classifier(digit_images[held_in], digit_labels[held_in])
 t_clf = time.perf_counter() - t0
 accuracy = (probe(digit_images[held_out]).argmax(1) == digit_labels[held_out]).float().mean().item()
 glue("clf_accuracy", 100 * accuracy, display=False)
 print(f"{len(digits)} digits {list(digit_images.shape[1:])}; classifier trained in {t_clf:.1f} s, "
       f"held-out accuracy {100 * accuracy:.1f} %")
 assert accuracy > 0.9
-detector = digits_detector()  # trained once on this machine, then read from the cache
+detector = digit_classifier()  # trained once on this machine, then read from the cache
 digit_features = DigitsExtractor(detector)
 
 # %% [markdown]
@@ -2141,7 +2014,7 @@ def measure_fid(network, ref, workdir, num_images=50000, runs=1, max_batch_size=
     (the paper reports the minimum of three). The network is loaded once. Chapter 8.8."""
     from edm_lit.generate import generate, place_network
 
-    net, device = place_network(network, device, distributed_setup()[2])
+    net, device = place_network(network, device, init_distributed()[2])
     fids = []
     for k in range(runs):
         out = os.path.join(workdir, f"run{k}")
@@ -2185,8 +2058,8 @@ else:
 # (the official `.npz`, read defensively, plus the feature network that made it, by weight hash),
 # `InceptionV3Features` and `load_inception` (the 2015-12-05 graph, published weights checked by their
 # whole SHA-256, `weights_only` loading), `fid_ref`, `fid_calc`, `measure_fid`, the `edm-lit fid` command
-# with `--detector=inception|digits` and `--allow-detector-mismatch`, and the quick-mode `DigitFeatures`
-# with `digits_detector`.
+# with `--detector=inception|digits` and `--allow-detector-mismatch`, and the quick-mode digits detector
+# (`DigitsExtractor` over Chapter 6's `digit_classifier`).
 #
 # What this chapter has **not** measured in quick mode: an Inception FID. That needs the Inception weights
 # (a download) and, to be comparable with the paper, 50,000 images from a full-size network — a GPU

@@ -47,7 +47,8 @@ from myst_nb import glue
 
 from edm_lit.checkpoints import load_network, network_config
 from edm_lit.data import digits_source
-from edm_lit.fid import digits_detector, feature_statistics_of, frechet_distance
+from edm_lit.data import digit_classifier
+from edm_lit.fid import feature_statistics_of, frechet_distance
 from edm_lit.generate import sample_seeds
 from edm_lit.loss import EDMLoss
 from edm_lit.mode import get_mode
@@ -62,7 +63,7 @@ net = load_network(RESULTS / "quick_digits.json").to(MODE.device)
 meta = json.loads((RESULTS / "quick_digits.meta.json").read_text())
 items = list(digits_source().items)
 digit_images = torch.from_numpy(np.stack([np.asarray(image) for _, image, _ in items]))[:, None]
-classifier = digits_detector()  # the digits-FID features of §8.7: the network of `edm-lit fid --detector=digits`
+classifier = digit_classifier()  # the digits-FID features of §8.7: the network of `edm-lit fid --detector=digits`
 mu_ref, sigma_ref = feature_statistics_of(classifier.features(digit_images))
 N = MODE.pick(quick=1000, full=10_000)  # images per FID
 BATCH = MODE.pick(quick=500, full=2_000)

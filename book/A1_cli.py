@@ -17,7 +17,7 @@
 # ---
 
 # %% [markdown]
-# # A. The command line
+# # A1. The command line
 #
 # Installing the package (`pip install .`) puts one command on your path, `edm-lit`. Each
 # chapter that builds something a user runs at scale — converting checkpoints, training,
@@ -29,7 +29,7 @@
 # |---|---|
 # | `edm-lit info` | prints the package version, the run mode and device (Chapter 0), and the modules |
 # | `edm-lit train --outdir=DIR --data=DATA ...` | trains a model with the official `train.py`'s flags, one CPU, one GPU or many under `torchrun` (Chapter 7, `edm_lit.train`) |
-# | `edm-lit convert IN OUT` | reads an official snapshot `IN` (a `.pkl` path or URL) *without running code stored in it* and writes its `ema` network in our format, `OUT.json` + `OUT-<hash>.safetensors` (Appendix B, `edm_lit.checkpoints.convert`); any failure is one line `edm-lit convert: error: ...` and exit status 1 |
+# | `edm-lit convert IN OUT` | reads an official snapshot `IN` (a `.pkl` path or URL) *without running code stored in it* and writes its `ema` network in our format, `OUT.json` + `OUT-<hash>.safetensors` (Appendix A2, `edm_lit.checkpoints.convert`); any failure is one line `edm-lit convert: error: ...` and exit status 1 |
 # | `edm-lit dataset --source=SRC --dest=DEST` | converts an image folder, a ZIP of images, `cifar-10-python.tar.gz` or `digits` into the official data-set layout (a ZIP or folder of PNGs + `dataset.json`), optionally resized or cropped (`--resolution=WxH`, `--transform`, `--max-images`), written atomically (Chapter 6, `edm_lit.data.convert_dataset`) |
 # | `edm-lit generate --network=… --outdir=… --seeds=…` | one PNG per seed with the official `generate.py` flags; an image depends only on its seed (Chapter 8, `edm_lit.generate.generate`) |
 # | `edm-lit fid ref --data=… --dest=…`, `edm-lit fid calc --images=… --ref=…` | Inception-v3 reference statistics and FID, official flags and `.npz` layout (Chapter 8, `edm_lit.fid`) |
@@ -92,7 +92,7 @@ def _dataset(args) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    """The `edm-lit` argument parser with one subparser per subcommand. Appendix A."""
+    """The `edm-lit` argument parser with one subparser per subcommand. Appendix A1."""
     parser = argparse.ArgumentParser(prog="edm-lit", description="EDM: build data sets, train, generate images, compute FID, convert official snapshots.")
     parser.add_argument("--version", action="version", version=f"edm_lit {edm_lit.__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -126,7 +126,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv=None) -> int:
-    """Entry point of the `edm-lit` console script. Appendix A."""
+    """Entry point of the `edm-lit` console script. Appendix A1."""
     args = build_parser().parse_args(sys.argv[1:] if argv is None else argv)
     return args.func(args)
 
@@ -139,7 +139,7 @@ if __name__ == "__main__" and sys.argv[0].endswith("cli.py"):  # `python -m edm_
 # **Check** — the commands run, and an unknown subcommand is refused with argparse's usage message
 # (exit status 2) rather than a traceback. `convert` on a file that is not an official snapshot
 # — here a pickle that would call `os.system`, and a missing file — fails with exit status 1, a
-# one-line reason and no output files. (Appendix B converts a snapshot in the official layout, and
+# one-line reason and no output files. (Appendix A2 converts a snapshot in the official layout, and
 # so do the tests.)
 
 # %%

@@ -17,7 +17,7 @@
 # ---
 
 # %% [markdown]
-# # B. Checkpoints: loading official snapshots without running their code
+# # A2. Checkpoints: loading official snapshots without running their code
 #
 # Chapter 5 builds the paper's networks with the official constructor arguments and
 # `state_dict()` names. This appendix reads the files those networks are shipped in — the official
@@ -37,7 +37,7 @@ MODE = get_mode()
 PARITY = torch.load(Path("..") / "tests" / "data" / "precond_edm.pt", weights_only=True)
 
 # %% [markdown]
-# ## B.1 Loading the official checkpoints — safely
+# ## A2.1 Loading the official checkpoints — safely
 #
 # The official snapshots (`network-snapshot-*.pkl` from training, and the released
 # `edm-cifar10-32x32-cond-vp.pkl` and friends) are Python **pickles** of a dictionary:
@@ -71,7 +71,7 @@ PARITY = torch.load(Path("..") / "tests" / "data" / "precond_edm.pt", weights_on
 # data into a plain record. Everything else raises `CheckpointError` before anything runs. The
 # network is then rebuilt from the recorded `_init_kwargs` with **our** classes — after checking
 # that the file holds every weight of it — and its tensors are copied in with a strict
-# `state_dict` check. §B.4 lists what a hostile file can and cannot do, and the test for each.
+# `state_dict` check. §A2.4 lists what a hostile file can and cannot do, and the test for each.
 
 # %% tags=["export:checkpoints"]
 import collections
@@ -86,7 +86,6 @@ import os
 import pickle
 import pickletools
 import re
-import secrets
 import stat
 import struct
 import sys
@@ -100,10 +99,11 @@ import numpy as np
 import torch
 
 from edm_lit import networks, precond
+from edm_lit.files import check_writable, write_atomic
 
 
 class CheckpointError(ValueError):
-    """A checkpoint that cannot be loaded: refused, corrupt, incompatible with our networks, or unreachable. Appendix B."""
+    """A checkpoint that cannot be loaded: refused, corrupt, incompatible with our networks, or unreachable. Appendix A2."""
 
 
 # classes an official pickle may contain, by the name it records; networks are rebuilt with our classes
@@ -132,7 +132,7 @@ KWARG_CAPS = {"num_blocks": 64, "M": 10_000}  # arguments that set a number of m
 
 # %% tags=["export:checkpoints"]
 def read_regular_file(path, max_bytes: int = MAX_FILE_BYTES) -> bytearray:
-    """The bytes of a regular file of at most max_bytes; FIFOs, devices and directories are refused without blocking. Appendix B."""
+    """The bytes of a regular file of at most max_bytes; FIFOs, devices and directories are refused without blocking. Appendix A2."""
     try:
         fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_BINARY", 0))
     except FileNotFoundError:
@@ -188,7 +188,7 @@ def _brief(value) -> str:
 
 
 class SnapshotUnpickler:
-    """A pure-Python pickle machine for the opcodes of the official snapshots only; see Appendix B for its rules.
+    """A pure-Python pickle machine for the opcodes of the official snapshots only; see Appendix A2 for its rules.
 
     `allowed` maps (module, name) to the object GLOBAL yields; `persistent_load` handles BINPERSID (or None).
     load() returns the value and sets `self.pos` to the byte after STOP.
@@ -487,7 +487,7 @@ SnapshotUnpickler.OPS = {ord(op.code): getattr(SnapshotUnpickler, "op_" + op.nam
 
 # %% tags=["export:checkpoints"]
 class PersistentObject:
-    """A persistent object of an official pickle, as data: its class name and saved state; its code is never run. Appendix B."""
+    """A persistent object of an official pickle, as data: its class name and saved state; its code is never run. Appendix A2."""
 
     def __init__(self, class_name: str, state: dict):
         self.class_name, self.state = class_name, state
@@ -675,7 +675,7 @@ _ALLOWED_GLOBALS = {
 
 
 def read_official_pickle(path):
-    """Unpickle an official .pkl with SnapshotUnpickler: dicts, tensors and PersistentObject records. Appendix B."""
+    """Unpickle an official .pkl with SnapshotUnpickler: dicts, tensors and PersistentObject records. Appendix A2."""
     data = read_regular_file(path)
     try:
         machine = SnapshotUnpickler(data, _ALLOWED_GLOBALS)
@@ -733,7 +733,7 @@ def _check_value(name, value, source):
 
 
 def check_init_kwargs(class_name: str, kwargs, source="the checkpoint") -> dict:
-    """The constructor arguments a file gives for network `class_name`, checked against our class and the limits. Appendix B."""
+    """The constructor arguments a file gives for network `class_name`, checked against our class and the limits. Appendix A2."""
     cls = NETWORK_CLASSES.get(class_name) if type(class_name) is str else None
     if cls is None:
         raise CheckpointError(f"{source}: unknown network class {_brief(class_name)}, expected one of {sorted(NETWORK_CLASSES)}")
@@ -763,7 +763,7 @@ def _on_meta(cls):
 
 
 def build_meta_network(class_name: str, kwargs: dict, source="the checkpoint") -> torch.nn.Module:
-    """The network with checked `kwargs`, its parameters on the meta device (shapes, no memory). Appendix B."""
+    """The network with checked `kwargs`, its parameters on the meta device (shapes, no memory). Appendix A2."""
     cls = NETWORK_CLASSES[class_name]
     try:
         if issubclass(cls, precond.Precond):  # the preconditioner's own small tables on the CPU, the network on meta
@@ -775,7 +775,7 @@ def build_meta_network(class_name: str, kwargs: dict, source="the checkpoint") -
 
 
 def check_shapes(expected: dict, found: dict, source) -> None:
-    """Same names and shapes in the network (expected) and the file (found), else a CheckpointError naming them. Appendix B."""
+    """Same names and shapes in the network (expected) and the file (found), else a CheckpointError naming them. Appendix A2."""
     missing = [k for k in expected if k not in found]
     unexpected = [k for k in found if k not in expected]
     misshaped = [f"{k} (checkpoint {tuple(found[k])}, network {tuple(v)})"
@@ -824,7 +824,7 @@ def _collect(record, module, prefix, out, owner=None):
 
 
 def materialize(meta: torch.nn.Module, state: dict, class_name: str, kwargs: dict) -> torch.nn.Module:
-    """The real network holding `state`: memory for the meta network, filled by a strict load (no random init). Appendix B."""
+    """The real network holding `state`: memory for the meta network, filled by a strict load (no random init). Appendix A2."""
     names = set(meta.state_dict())
     left_on_meta = [k for m in meta.modules() for k, v in vars(m).items() if isinstance(v, torch.Tensor) and v.is_meta]
     if left_on_meta or any(name not in names for name, _ in meta.named_buffers()):
@@ -836,7 +836,7 @@ def materialize(meta: torch.nn.Module, state: dict, class_name: str, kwargs: dic
 
 
 def build_network(record: PersistentObject, source="the checkpoint") -> torch.nn.Module:
-    """Our network (EDMPrecond, SongUNet, ...) with the weights of an official record, in eval mode. Appendix B."""
+    """Our network (EDMPrecond, SongUNet, ...) with the weights of an official record, in eval mode. Appendix A2."""
     if not isinstance(record, PersistentObject) or record.class_name not in NETWORK_CLASSES:
         found = record.class_name if isinstance(record, PersistentObject) else type(record).__name__
         raise CheckpointError(f"{source} holds {found}, not one of the networks {sorted(NETWORK_CLASSES)}")
@@ -853,7 +853,7 @@ def build_network(record: PersistentObject, source="the checkpoint") -> torch.nn
 
 
 def load_official_snapshot(path) -> dict:
-    """All entries of an official snapshot .pkl: networks built with our classes, other records as PersistentObject. Appendix B."""
+    """All entries of an official snapshot .pkl: networks built with our classes, other records as PersistentObject. Appendix A2."""
     data = read_official_pickle(path)
     if isinstance(data, PersistentObject):
         return {"ema": build_network(data, str(path))}
@@ -863,7 +863,7 @@ def load_official_snapshot(path) -> dict:
             else v for k, v in data.items()}
 
 # %% [markdown]
-# ## B.2 Our own format
+# ## A2.2 Our own format
 #
 # For our own checkpoints we use a format that is data only: the weights in a
 # [safetensors](https://huggingface.co/docs/safetensors) file (a JSON header of names, dtypes and
@@ -925,7 +925,7 @@ def _from_json(value, depth=0):
 
 
 def network_config(net) -> dict:
-    """{'class_name', 'init_kwargs'} that rebuild `net` (an EDMPrecond/VP/VE/iDDPM or SongUNet/DhariwalUNet). Appendix B."""
+    """{'class_name', 'init_kwargs'} that rebuild `net` (an EDMPrecond/VP/VE/iDDPM or SongUNet/DhariwalUNet). Appendix A2."""
     cls = type(net)
     if NETWORK_CLASSES.get(cls.__name__) is not cls:
         raise ValueError(f"net must be one of {sorted(NETWORK_CLASSES)} of edm_lit, got {cls.__module__}.{cls.__name__}")
@@ -949,52 +949,6 @@ def _config_path(path) -> Path:
         hashed = _HASHED_WEIGHTS.fullmatch(path.name)
         return path.with_name((hashed.group(1) if hashed else path.stem) + ".json")
     return path.with_name(path.name + ".json")
-
-
-def fsync_dir(directory) -> None:
-    """Make the renames inside `directory` durable (POSIX; a no-op where directories cannot be opened). Appendix B."""
-    if hasattr(os, "O_DIRECTORY"):
-        fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-
-
-def write_atomic(path, data: bytes) -> Path:
-    """Write bytes to `path` all-or-nothing: a temporary name (mode 0o666 minus the umask), fsync, rename, fsync
-    of the directory. Every file the package writes goes through here (snapshots, training states, stats). Appendix B."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{secrets.token_hex(4)}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0), 0o666)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    fsync_dir(path.parent)
-    return path
-
-
-def probe_writable(path) -> Path:
-    """Check, before long work, that a file can be created at `path`: create and remove a temporary file in
-    the nearest existing folder above it (permission bits alone do not tell, e.g. for root or on /proc).
-    Returns that folder; raises OSError naming what is wrong. Appendix B."""
-    path = Path(path)
-    folder = next((p for p in path.parents if os.path.lexists(p)), Path("."))
-    if not folder.is_dir():
-        raise NotADirectoryError(f"{folder} is not a directory")
-    if path.is_dir():
-        raise IsADirectoryError(f"{path} is a directory")
-    probe = folder / f".{path.name}.{secrets.token_hex(4)}.tmp"
-    os.close(os.open(probe, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
-    probe.unlink()
-    return folder
 
 
 def _weights_name(header: dict, config_path) -> str:
@@ -1044,7 +998,7 @@ def _safetensors_shapes(data: bytes, source) -> dict:
 
 
 def save_network(net, path) -> tuple:
-    """Write `net` as PATH.json + PATH-<hash>.safetensors, atomically as a pair; returns both paths. Appendix B."""
+    """Write `net` as PATH.json + PATH-<hash>.safetensors, atomically as a pair; returns both paths. Appendix A2."""
     from safetensors.torch import save
 
     config_path = _config_path(path)
@@ -1093,7 +1047,7 @@ def _load_ours(path, weights_path=None) -> torch.nn.Module:
     return materialize(meta, state, name, kwargs)
 
 # %% [markdown]
-# ## B.3 URLs, one entry point, and conversion
+# ## A2.3 URLs, one entry point, and conversion
 #
 # `load_network` takes a path or an `http(s)` URL. A URL is downloaded once into a cache
 # directory (`$EDM_LIT_CACHE`, else `~/.cache/edm_lit`) under a name derived from the URL. The
@@ -1120,7 +1074,7 @@ DOWNLOAD_ATTEMPTS = 3
 
 
 def cache_dir() -> Path:
-    """Where downloaded checkpoints are kept: $EDM_LIT_CACHE, else ~/.cache/edm_lit. Appendix B."""
+    """Where downloaded checkpoints are kept: $EDM_LIT_CACHE, else ~/.cache/edm_lit. Appendix A2."""
     return Path(os.environ.get("EDM_LIT_CACHE") or Path.home() / ".cache" / "edm_lit")
 
 
@@ -1213,7 +1167,7 @@ def _exclusive(lock: Path):
 
 def download(url: str, cache=None, timeout: float = 60.0) -> Path:
     """Download `url` into the cache (resumable, verified, atomic rename when complete; one process at a time per
-    URL, the others wait and use the cached file) and return the local path. Appendix B."""
+    URL, the others wait and use the cached file) and return the local path. Appendix A2."""
     cache = Path(cache) if cache is not None else cache_dir()
     name = Path(urllib.parse.urlparse(url).path).name or "download"
     dest = cache / f"{hashlib.sha256(url.encode()).hexdigest()[:12]}-{name}"
@@ -1275,7 +1229,7 @@ def _load_network(path_or_url, cache) -> torch.nn.Module:
 
 
 def load_network(path_or_url, cache=None) -> torch.nn.Module:
-    """The ready network (eval mode, no grad) from an official .pkl (its 'ema'), our format, or a URL. Appendix B."""
+    """The ready network (eval mode, no grad) from an official .pkl (its 'ema'), our format, or a URL. Appendix A2."""
     try:
         return _load_network(path_or_url, cache)
     except CheckpointError:
@@ -1286,20 +1240,20 @@ def load_network(path_or_url, cache=None) -> torch.nn.Module:
 
 def convert_destination(src, dst) -> Path:
     """Where `convert` writes: DST itself, or DST/<name of SRC> when DST is an existing directory. The folder
-    must be writable; checked before anything is loaded (a download can be large). Appendix B."""
+    must be writable; checked before anything is loaded (a download can be large). Appendix A2."""
     dst = Path(dst)
     if dst.is_dir():
         stem = Path(urllib.parse.urlparse(src).path if is_url(src) else str(src)).stem
         dst = dst / (stem or "network")
     try:
-        probe_writable(dst)
-    except OSError as e:
-        raise CheckpointError(f"cannot write {dst}: {e}") from None
+        check_writable(dst, "OUT")
+    except ValueError as e:
+        raise CheckpointError(str(e)) from None
     return dst
 
 
 def convert(src, dst) -> tuple:
-    """Official snapshot (path or URL) -> our format at `dst` (.json + .safetensors); returns both paths. Appendix B.
+    """Official snapshot (path or URL) -> our format at `dst` (.json + .safetensors); returns both paths. Appendix A2.
 
     `dst` names the pair (DST.json + DST-<hash>.safetensors), or is an existing directory to write it into."""
     dst = convert_destination(src, dst)
@@ -1325,7 +1279,7 @@ def official_layout_pickle(obj, module_src="# source code of the defining module
                            version=6) -> bytes:
     """Pickle `obj` in the layout torch_utils.persistence writes: each of our persistent objects becomes
     _reconstruct_persistent_obj(meta). For tests and demonstrations of the reader; `module_src` is stored as
-    given, and `edit_state(class_name, state) -> state` may alter what is written. Appendix B."""
+    given, and `edit_state(class_name, state) -> state` may alter what is written. Appendix A2."""
     def _reconstruct_persistent_obj(meta):
         raise AssertionError("only used to write")
     _reconstruct_persistent_obj.__module__ = "torch_utils.persistence"
@@ -1439,7 +1393,7 @@ for bad in [workdir / "truncated.pkl", workdir / "converted" / "wrong.json"]:
         raise AssertionError(f"{bad} must be refused")
 
 # %% [markdown]
-# ## B.4 What a hostile file can and cannot do
+# ## A2.4 What a hostile file can and cannot do
 #
 # `load_network` (and `edm-lit convert`) may be given any file or URL. For **any** content of
 # the `.pkl`, the `.json`, the `.safetensors` file or the server's answers, it guarantees:
@@ -1552,7 +1506,7 @@ glue("rss_growth_mib", rss_growth, display=False)
 # process by {glue:text}`rss_growth_mib:.0f` MiB.
 
 # %% [markdown]
-# ## B.5 Sampling from an official pretrained network
+# ## A2.5 Sampling from an official pretrained network
 #
 # Everything above comes together in four lines. To generate CIFAR-10 images with the paper's
 # best conditional model (FID 1.79, 35 network evaluations), on a machine with internet access
@@ -1581,7 +1535,7 @@ glue("rss_growth_mib", rss_growth, display=False)
 # `edm-afhqv2-64x64-uncond-*.pkl`, `edm-imagenet-64x64-cond-adm.pkl`, and the `baseline-*.pkl`
 # networks with VP, VE and iDDPM preconditioning) load the same way.
 #
-# **Check** — the same lines on the snapshot of §B.1 (the small official-layout network): the
+# **Check** — the same lines on the snapshot of §A2.1 (the small official-layout network): the
 # deterministic 18-step sampler on the official latents and labels reproduces the images the
 # official `edm_sampler` made with the official network (`tests/data/sampler_edm.pt`).
 

@@ -8,10 +8,12 @@
 its top which chapter derives it:
 
     edm_lit.augment      6b. Non-leaking augmentation
-    edm_lit.checkpoints  B. Checkpoints: loading official snapshots without running their code
-    edm_lit.cli          A. The command line
+    edm_lit.checkpoints  A2. Checkpoints: loading official snapshots without running their code
+    edm_lit.cli          A1. The command line
     edm_lit.data         6. Data sets
+    edm_lit.distributed  A5. Several processes: `torchrun` plumbing
     edm_lit.fid          8. Evaluation: generating at scale and measuring FID
+    edm_lit.files        A3. Files that survive `kill -9`
     edm_lit.framework    1. The unified framework
     edm_lit.generate     8. Evaluation: generating at scale and measuring FID
     edm_lit.loss         4. Preconditioning and the training objective
@@ -27,8 +29,9 @@ import importlib
 
 __version__ = "0.1.0"
 
-_MODULES = ['augment', 'checkpoints', 'cli', 'data', 'fid', 'framework', 'generate',
-            'loss', 'mode', 'networks', 'precond', 'samplers', 'train', 'training']
+_MODULES = ['augment', 'checkpoints', 'cli', 'data', 'distributed', 'fid', 'files',
+            'framework', 'generate', 'loss', 'mode', 'networks', 'precond', 'samplers',
+            'train', 'training']
 
 # public name -> the module that defines it
 _API = {
@@ -40,7 +43,7 @@ _API = {
     'DatasetError': 'data',
     'DenoisingLoss': 'loss',
     'DhariwalUNet': 'networks',
-    'DigitFeatures': 'fid',
+    'DigitClassifier': 'data',
     'DigitsExtractor': 'fid',
     'EDMLoss': 'loss',
     'EDMPrecond': 'precond',
@@ -84,7 +87,7 @@ _API = {
     'add_fid_command': 'fid',
     'add_generate_command': 'generate',
     'affine_2d': 'augment',
-    'agree_on_error': 'training',
+    'agree_on_error': 'distributed',
     'apply_color': 'augment',
     'archive_name': 'data',
     'at_least': 'generate',
@@ -103,7 +106,7 @@ _API = {
     'check_sampler_inputs': 'samplers',
     'check_shapes': 'checkpoints',
     'check_t_steps': 'samplers',
-    'check_writable': 'generate',
+    'check_writable': 'files',
     'churn': 'samplers',
     'claim_run_dir': 'training',
     'class_labels_for': 'generate',
@@ -116,11 +119,10 @@ _API = {
     'dataset_for_mode': 'data',
     'decoder_roles': 'networks',
     'device_warning': 'training',
-    'digits_detector': 'fid',
+    'digit_classifier': 'data',
     'digits_detector_name': 'fid',
     'digits_path': 'training',
     'digits_source': 'data',
-    'distributed_setup': 'generate',
     'download': 'checkpoints',
     'edm_sampler': 'samplers',
     'edm_sigma_steps': 'framework',
@@ -133,8 +135,9 @@ _API = {
     'fid_ref': 'fid',
     'find_training_state': 'training',
     'frechet_distance': 'fid',
-    'fsync_dir': 'checkpoints',
+    'fsync_dir': 'files',
     'full_size_flags': 'training',
+    'gather': 'distributed',
     'iDDPMPrecond': 'precond',
     'iddpm_u': 'framework',
     'image_batches': 'fid',
@@ -143,7 +146,7 @@ _API = {
     'image_path': 'generate',
     'inception_cache_path': 'fid',
     'inception_weights_path': 'fid',
-    'init_distributed': 'training',
+    'init_distributed': 'distributed',
     'is_safe_member_name': 'data',
     'is_url': 'checkpoints',
     'learning_rate': 'training',
@@ -153,7 +156,7 @@ _API = {
     'load_official_snapshot': 'checkpoints',
     'load_reference': 'fid',
     'load_training_state': 'training',
-    'local_rank': 'training',
+    'local_rank': 'distributed',
     'loss_per_bucket': 'training',
     'make_loader': 'training',
     'materialize': 'checkpoints',
@@ -172,8 +175,7 @@ _API = {
     'parse_resolution': 'data',
     'parse_seeds': 'generate',
     'place_network': 'generate',
-    'png_bytes': 'training',
-    'probe_writable': 'checkpoints',
+    'png_bytes': 'files',
     'quick_dataset': 'data',
     'random_seed': 'training',
     'read_npz': 'fid',
@@ -182,7 +184,7 @@ _API = {
     'read_training_state': 'training',
     'reference_detector': 'fid',
     'release_run_dir': 'training',
-    'remove_stale_temp_files': 'training',
+    'remove_stale_temp_files': 'files',
     'restore_rng': 'training',
     'rotation_2d': 'augment',
     'run_fid_command': 'fid',
@@ -192,7 +194,6 @@ _API = {
     'sample_seeds': 'generate',
     'sanitize_gradients': 'training',
     'save_network': 'checkpoints',
-    'save_png': 'generate',
     'save_reference': 'fid',
     'save_training_state': 'training',
     'scalar_stat': 'training',
@@ -208,7 +209,7 @@ _API = {
     'to_uint8': 'generate',
     'toy_image_mixture': 'framework',
     'trace_sqrt_product': 'fid',
-    'train_digit_features': 'fid',
+    'train_digit_classifier': 'data',
     'train_quick': 'training',
     'training_loop': 'training',
     'transform_image': 'data',
@@ -221,9 +222,10 @@ _API = {
     'warp_affine': 'augment',
     'weight_init': 'networks',
     'with_precision': 'generate',
-    'write_atomic': 'checkpoints',
+    'write_atomic': 'files',
     'write_dataset': 'data',
     'write_images_npz': 'generate',
+    'write_png': 'files',
 }
 
 __all__ = sorted(_MODULES) + sorted(_API)

@@ -9,7 +9,8 @@ __all__ = ['LABEL_FILE', 'IMAGES_PER_FOLDER', 'PNG_SIGNATURE', 'PNG_TRAILER',
            'ImageFolderDataset', 'Source', 'CIFAR10_BATCHES', 'CIFAR10_CLASSES',
            'TRANSFORMS', 'parse_resolution', 'transform_image', 'write_dataset',
            'open_source', 'convert_dataset', 'QUICK_SOURCE', 'QUICK_RESOLUTION',
-           'digits_source', 'quick_dataset', 'dataset_for_mode']
+           'digits_source', 'quick_dataset', 'dataset_for_mode', 'DigitClassifier',
+           'train_digit_classifier', 'DIGIT_CLASSIFIER_RECIPE', 'digit_classifier']
 
 
 # ── 06_data.py § 6. Data sets ──
@@ -32,6 +33,8 @@ from pathlib import Path, PurePosixPath
 import numpy as np
 import PIL.Image
 import torch
+
+from edm_lit.files import png_bytes  # the one PNG writer (Appendix A3)
 
 try:
     import fcntl  # file locks (POSIX), for the temporary files of `edm-lit dataset`
@@ -646,13 +649,6 @@ def _check_written_shape(image: np.ndarray, first, where: str, first_where: str)
     return shape
 
 
-def _png_bytes(image: np.ndarray) -> bytes:
-    buffer = io.BytesIO()
-    PIL.Image.fromarray(image.squeeze(-1) if image.ndim == 3 and image.shape[2] == 1 else image).save(
-        buffer, format="png", compress_level=0)
-    return buffer.getvalue()
-
-
 def _remove(path: Path):
     if path.is_dir() and not path.is_symlink():
         shutil.rmtree(path, ignore_errors=True)
@@ -801,7 +797,7 @@ def _write(open_items, dest, resolution, transform, progress) -> Path:
             first, first_where = _check_written_shape(image, first, where, first_where), first_where or where
             if source.labelled and label is None:
                 raise DatasetError(f"{where}: no label, in a source whose other images are labelled")
-            out.put(name, _png_bytes(image))
+            out.put(name, png_bytes(image, compress_level=0))  # as dataset_tool.py
             labels.append([name, label])
         if first is None:
             raise DatasetError(f"{dest}: no images to write (empty source, or all skipped by the transform)")
@@ -890,3 +886,86 @@ def dataset_for_mode(mode, workdir) -> Path:
         raise ValueError("full mode reads your data set: set EDM_LIT_DATA=/path/to/cifar10-32x32.zip "
                          "(made with `edm-lit dataset`)")
     return Path(mode.data)
+
+
+# ── 06_data.py § A judge for digits ──
+
+import hashlib
+
+import torch.nn.functional as F
+
+
+class DigitClassifier(torch.nn.Module):
+    """A small CNN classifier for small uint8 images; `features` is its penultimate layer. Chapter 6."""
+
+    def __init__(self, channels=1, num_classes=10, width=32, dim=64):
+        super().__init__()
+        self.conv1 = torch.nn.Conv2d(channels, width, 3, padding=1)
+        self.conv2 = torch.nn.Conv2d(width, 2 * width, 3, stride=2, padding=1)
+        self.conv3 = torch.nn.Conv2d(2 * width, dim, 3, stride=2, padding=1)
+        self.head = torch.nn.Linear(dim, num_classes)
+
+    def features(self, images):
+        """uint8 [N, C, H, W] -> [N, dim] non-negative features."""
+        x = images.to(self.head.weight.dtype) / 127.5 - 1
+        for conv in (self.conv1, self.conv2, self.conv3):
+            x = F.relu(conv(x))
+        return x.mean(dim=(2, 3))
+
+    def forward(self, images):
+        return self.head(self.features(images))
+
+
+def train_digit_classifier(images, labels, steps=400, batch_size=128, lr=3e-3, seed=0):
+    """DigitClassifier trained on uint8 [N, C, H, W] images with integer labels (cross-entropy, Adam),
+    in eval mode. Chapter 6."""
+    images, labels = torch.as_tensor(images), torch.as_tensor(labels, dtype=torch.int64)
+    if images.ndim != 4 or len(images) != len(labels):
+        raise ValueError(f"images must be [N, C, H, W] with one label each, got {list(images.shape)} "
+                         f"and {len(labels)} labels")
+    gen = torch.Generator().manual_seed(seed)
+    with torch.random.fork_rng():
+        torch.manual_seed(seed)
+        model = DigitClassifier(images.shape[1], int(labels.max()) + 1)
+    opt = torch.optim.Adam(model.parameters(), lr=lr)
+    for _ in range(steps):
+        idx = torch.randint(len(images), [batch_size], generator=gen)
+        loss = F.cross_entropy(model(images[idx]), labels[idx])
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+    return model.eval().requires_grad_(False)
+
+
+DIGIT_CLASSIFIER_RECIPE = dict(steps=400, batch_size=128, lr=3e-3, seed=0)  # the defaults above
+
+
+def digit_classifier(cache=None) -> DigitClassifier:
+    """The digits judge: DigitClassifier trained on all 1,797 digits with DIGIT_CLASSIFIER_RECIPE in
+    one thread, kept in the download cache (`cache`, else $EDM_LIT_CACHE). Chapter 6."""
+    from edm_lit.checkpoints import cache_dir
+    from edm_lit.files import write_atomic
+
+    items = list(digits_source().items)
+    images = torch.from_numpy(np.stack([np.asarray(image) for _, image, _ in items]))[:, None]
+    labels = torch.tensor([label for _, _, label in items])
+    key = hashlib.sha256(repr((sorted(DIGIT_CLASSIFIER_RECIPE.items()), torch.__version__)).encode()
+                         + images.numpy().tobytes() + labels.numpy().tobytes()).hexdigest()[:12]
+    path = (cache_dir() if cache is None else Path(cache)) / f"digits-detector-{key}.pt"
+    net = DigitClassifier(1, 10)
+    if path.is_file():
+        try:
+            net.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
+            return net.eval().requires_grad_(False)
+        except (RuntimeError, ValueError, EOFError, OSError):
+            pass  # a damaged cache file: train again and replace it
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        net = train_digit_classifier(images, labels, **DIGIT_CLASSIFIER_RECIPE)
+    finally:
+        torch.set_num_threads(threads)
+    buffer = io.BytesIO()
+    torch.save(net.state_dict(), buffer)
+    write_atomic(path, buffer.getvalue())
+    return net

@@ -12,9 +12,8 @@ __all__ = ['PSD_TOLERANCE', 'SYMMETRY_TOLERANCE', 'trace_sqrt_product',
            'InceptionV3Features', 'inception_cache_path', 'inception_weights_path',
            'load_inception', 'NpzImages', 'open_images', 'image_batches',
            'feature_statistics', 'DETECTORS', 'feature_network', 'compare_detectors',
-           'fid_ref', 'fid_calc', 'add_fid_command', 'run_fid_command', 'DigitFeatures',
-           'train_digit_features', 'DIGITS_DETECTOR_RECIPE', 'digits_detector_name',
-           'digits_detector', 'DigitsExtractor', 'measure_fid']
+           'fid_ref', 'fid_calc', 'add_fid_command', 'run_fid_command',
+           'digits_detector_name', 'DigitsExtractor', 'measure_fid']
 
 
 # ── 08_evaluation.py § 8.2 The Fréchet distance ──
@@ -166,7 +165,7 @@ def save_reference(path, mu, sigma, detector=None):
     """Write reference statistics in the official fid-refs layout: an .npz with float64 `mu` [d] and
     `sigma` [d, d], plus a string `detector` naming the feature network that made them; all or nothing, to
     `path` exactly. Chapter 8.3."""
-    from edm_lit.checkpoints import write_atomic
+    from edm_lit.files import write_atomic
 
     mu, sigma = _as_stats(mu, sigma, "")
     buffer = io.BytesIO()
@@ -420,7 +419,8 @@ def load_inception(weights=None, device="cpu", allow_download=True):
 # ── 08_evaluation.py § 8.5 From a folder of images to a number ──
 
 from edm_lit.data import ImageFolderDataset, subset_indices
-from edm_lit.generate import distributed_setup, module_device, npz_output, npz_path
+from edm_lit.distributed import init_distributed
+from edm_lit.generate import module_device, npz_output, npz_path
 
 
 class NpzImages(torch.utils.data.Dataset):
@@ -500,7 +500,7 @@ def feature_network(detector="inception", weights=None, device="cpu"):
     if detector == "inception":
         return load_inception(weights, device=device), INCEPTION_DETECTOR
     _check_detector(detector)
-    net = digits_detector().to(device)
+    net = digit_classifier().to(device)
     return DigitsExtractor(net), digits_detector_name(net)
 
 
@@ -538,7 +538,7 @@ def fid_ref(data, dest, batch_size=64, extractor=None, device=None, progress=Tru
     (or "custom:...").
     """
     dest = npz_output(dest, "--dest")
-    rank, _, auto_device = distributed_setup()
+    rank, _, auto_device = init_distributed()
     if extractor is None:
         device = auto_device if device is None else torch.device(device)
         extractor, name = feature_network(detector, weights, device)
@@ -557,7 +557,7 @@ def fid_calc(images, ref, num=50000, seed=0, batch_size=64, extractor=None, devi
     The feature network is `detector`, refused if the reference records another one unless
     `allow_detector_mismatch` (then `warn` is called); or `extractor` (as in fid_ref; nothing is compared).
     """
-    _, _, auto_device = distributed_setup()
+    _, _, auto_device = init_distributed()
     mu_ref, sigma_ref, recorded = _read_reference(ref)  # first: a bad reference fails before the long part
     if extractor is None:
         _check_detector(detector)
@@ -628,91 +628,13 @@ def run_fid_command(args):
 
 # ── 08_evaluation.py § 8.7 A digits FID for quick mode ──
 
-import io
-from pathlib import Path
-
-
-class DigitFeatures(torch.nn.Module):
-    """A small CNN classifier for small images; `features` (its penultimate layer) is a quick-mode FID extractor. Chapter 8.7."""
-
-    def __init__(self, channels=1, num_classes=10, width=32, dim=64):
-        super().__init__()
-        self.conv1 = torch.nn.Conv2d(channels, width, 3, padding=1)
-        self.conv2 = torch.nn.Conv2d(width, 2 * width, 3, stride=2, padding=1)
-        self.conv3 = torch.nn.Conv2d(2 * width, dim, 3, stride=2, padding=1)
-        self.head = torch.nn.Linear(dim, num_classes)
-
-    def features(self, images):
-        """uint8 [N, C, H, W] -> [N, dim] non-negative features."""
-        x = images.to(self.head.weight.dtype) / 127.5 - 1
-        for conv in (self.conv1, self.conv2, self.conv3):
-            x = F.relu(conv(x))
-        return x.mean(dim=(2, 3))
-
-    def forward(self, images):
-        return self.head(self.features(images))
-
-
-def train_digit_features(images, labels, steps=400, batch_size=128, lr=3e-3, seed=0):
-    """Train DigitFeatures on uint8 [N, C, H, W] images with integer labels (cross-entropy, Adam); eval mode. Chapter 8.7."""
-    images, labels = torch.as_tensor(images), torch.as_tensor(labels, dtype=torch.int64)
-    if images.ndim != 4 or len(images) != len(labels):
-        raise ValueError(f"images must be [N, C, H, W] with one label each, got {list(images.shape)} and {len(labels)} labels")
-    gen = torch.Generator().manual_seed(seed)
-    with torch.random.fork_rng():
-        torch.manual_seed(seed)
-        model = DigitFeatures(images.shape[1], int(labels.max()) + 1)
-    opt = torch.optim.Adam(model.parameters(), lr=lr)
-    for _ in range(steps):
-        idx = torch.randint(len(images), [batch_size], generator=gen)
-        loss = F.cross_entropy(model(images[idx]), labels[idx])
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-    return model.eval().requires_grad_(False)
-
-
-DIGITS_DETECTOR_RECIPE = dict(steps=400, batch_size=128, lr=3e-3, seed=0)  # train_digit_features' defaults
-
-
-def _state_bytes(net):
-    return b"".join(k.encode() + v.detach().cpu().contiguous().numpy().tobytes() for k, v in net.state_dict().items())
+from edm_lit.data import digit_classifier  # the one digits judge (Chapter 6)
 
 
 def digits_detector_name(net):
     """'digits:<first 12 hex digits of the SHA-256 of the weights>': what a digits reference records. Chapter 8.7."""
-    return "digits:" + hashlib.sha256(_state_bytes(net)).hexdigest()[:12]
-
-
-def digits_detector(cache=None):
-    """The `--detector=digits` network: DigitFeatures trained on all 1,797 scikit-learn digits with
-    DIGITS_DETECTOR_RECIPE in one thread (so a rerun on one machine gives the same weights), cached. Chapter 8.7."""
-    from edm_lit.checkpoints import write_atomic
-    from edm_lit.data import digits_source
-
-    items = list(digits_source().items)
-    images = torch.from_numpy(np.stack([np.asarray(image) for _, image, _ in items]))[:, None]
-    labels = torch.tensor([label for _, _, label in items])
-    key = hashlib.sha256(repr((sorted(DIGITS_DETECTOR_RECIPE.items()), torch.__version__)).encode()
-                         + images.numpy().tobytes() + labels.numpy().tobytes()).hexdigest()[:12]
-    path = (cache_dir() if cache is None else Path(cache)) / f"digits-detector-{key}.pt"
-    net = DigitFeatures(1, 10)
-    if path.is_file():
-        try:
-            net.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
-            return net.eval().requires_grad_(False)
-        except (RuntimeError, ValueError, EOFError, OSError):
-            pass  # a damaged cache file: train again and replace it
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        net = train_digit_features(images, labels, **DIGITS_DETECTOR_RECIPE)
-    finally:
-        torch.set_num_threads(threads)
-    buffer = io.BytesIO()
-    torch.save(net.state_dict(), buffer)
-    write_atomic(path, buffer.getvalue())
-    return net
+    return "digits:" + hashlib.sha256(b"".join(k.encode() + v.detach().cpu().contiguous().numpy().tobytes()
+                                               for k, v in net.state_dict().items())).hexdigest()[:12]
 
 
 class DigitsExtractor:
@@ -737,7 +659,7 @@ def measure_fid(network, ref, workdir, num_images=50000, runs=1, max_batch_size=
     (the paper reports the minimum of three). The network is loaded once. Chapter 8.8."""
     from edm_lit.generate import generate, place_network
 
-    net, device = place_network(network, device, distributed_setup()[2])
+    net, device = place_network(network, device, init_distributed()[2])
     fids = []
     for k in range(runs):
         out = os.path.join(workdir, f"run{k}")

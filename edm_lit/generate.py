@@ -6,10 +6,10 @@
 __all__ = ['SEED_MODULUS', 'ABLATION_OPTIONS', 'PerSeedRandom', 'INT64_RANGE', 'Seeds',
            'parse_seeds', 'SeedBatches', 'seed_batches', 'DENOISER_ATTRIBUTES',
            'class_labels_for', 'to_uint8', 'module_device', 'check_denoiser',
-           'sample_seeds', 'image_path', 'save_png', 'PngWriter', 'npz_path',
-           'npz_output', 'check_writable', 'PRECISIONS', 'place_network', 'Autocast',
-           'with_precision', 'distributed_setup', 'write_images_npz', 'generate',
-           'at_least', 'add_generate_command', 'run_generate_command']
+           'sample_seeds', 'image_path', 'PngWriter', 'npz_path', 'npz_output',
+           'PRECISIONS', 'place_network', 'Autocast', 'with_precision',
+           'write_images_npz', 'generate', 'at_least', 'add_generate_command',
+           'run_generate_command']
 
 
 # ── 08_evaluation.py § 8.1 One seed, one image ──
@@ -246,8 +246,10 @@ def sample_seeds(net, seeds, class_idx=None, device=None, generator_device=None,
 
 import concurrent.futures
 import secrets
-import tempfile
 import zipfile
+
+from edm_lit.distributed import init_distributed  # Appendix A5
+from edm_lit.files import check_writable, write_png  # Appendix A3
 
 
 def image_path(outdir, seed, subdirs=False):
@@ -256,25 +258,8 @@ def image_path(outdir, seed, subdirs=False):
     return os.path.join(folder, f"{seed:06d}.png")
 
 
-def save_png(image, path):
-    """Write one uint8 [H, W, C] image (C = 1 or 3) as PNG: a temporary name, then renamed. Chapter 8.1."""
-    import PIL.Image
-
-    array = image.numpy() if isinstance(image, torch.Tensor) else np.asarray(image)
-    folder, name = os.path.split(os.fspath(path))
-    os.makedirs(folder or ".", exist_ok=True)
-    tmp = os.path.join(folder, f".{name}.{secrets.token_hex(4)}.tmp")
-    try:
-        PIL.Image.fromarray(array[:, :, 0] if array.shape[2] == 1 else array).save(tmp, format="PNG")
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
-
-
 class PngWriter:
-    """save_png on `threads` background threads (0: in the caller's thread); at most `max_pending` images
+    """write_png on `threads` background threads (0: in the caller's thread); at most `max_pending` images
     wait, the first error is raised in the caller's thread, and on leaving (also after an error) every
     image handed over is written. A context manager. Chapter 8.1."""
 
@@ -284,8 +269,8 @@ class PngWriter:
 
     def submit(self, image, path):
         if self.pool is None:
-            return save_png(image, path)
-        self.pending.append(self.pool.submit(save_png, image, path))
+            return write_png(path, image)
+        self.pending.append(self.pool.submit(write_png, path, image))
         while self.pending and (len(self.pending) > self.max_pending or self.pending[0].done()):
             self.pending.popleft().result()  # raises a writer's error here
 
@@ -313,31 +298,6 @@ def npz_output(path, flag):
         what = "a folder" if os.fspath(path) else "empty"
         raise ValueError(f"{flag}={os.fspath(path)} is {what}; give the name of an .npz file to write")
     return check_writable(npz_path(path), flag)
-
-
-def check_writable(path, flag, folder=False):
-    """Refuse now, in one line naming `flag`, an output file (or folder) that could not be written. Chapter 8.1."""
-    if not os.fspath(path):
-        raise ValueError(f"{flag} is empty: name the {'folder' if folder else 'file'} to write")
-    path = os.path.abspath(os.fspath(path))
-    if folder and os.path.exists(path) and not os.path.isdir(path):
-        raise ValueError(f"{flag}={path} is a file, not a folder")
-    if not folder and os.path.isdir(path):
-        raise ValueError(f"{flag}={path} is a folder; give the name of a file to write")
-    if not folder and os.path.exists(path) and not os.access(path, os.W_OK):
-        raise ValueError(f"{flag}={path} exists and is read-only")
-    parent = path if folder else os.path.dirname(path)
-    while not os.path.exists(parent):
-        parent = os.path.dirname(parent)
-    if not os.path.isdir(parent):
-        raise ValueError(f"{flag}={path} cannot be created: {parent} is a file, not a folder")
-    try:
-        fd, probe = tempfile.mkstemp(dir=parent, prefix=".edm_lit-probe-")
-        os.close(fd)
-        os.remove(probe)
-    except OSError as e:
-        raise ValueError(f"{flag}={path} cannot be written: {parent}: {e.strerror or e}") from None
-    return path
 
 
 # ── 08_evaluation.py § The caller's network, and half precision ──
@@ -388,19 +348,6 @@ def with_precision(net, fp16=False, bf16=False):
     if fp16 and bf16:
         raise ValueError("--fp16 and --bf16 cannot both be set")
     return Autocast(net, PRECISIONS["fp16" if fp16 else "bf16"]) if fp16 or bf16 else net
-
-def distributed_setup():
-    """(rank, world_size, device) from torchrun's environment; initialises the process group when WORLD_SIZE > 1."""
-    world_size = int(os.environ.get("WORLD_SIZE", "1"))
-    rank = int(os.environ.get("RANK", "0"))
-    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-    device = torch.device("cuda", local_rank) if torch.cuda.is_available() else torch.device("cpu")
-    if world_size > 1 and not torch.distributed.is_initialized():
-        if device.type == "cuda":
-            torch.cuda.set_device(device)
-        torch.distributed.init_process_group("nccl" if device.type == "cuda" else "gloo")
-    return rank, world_size, device
-
 
 def _npy_header(f, dtype, shape):
     np.lib.format.write_array_header_1_0(f, {"descr": np.lib.format.dtype_to_descr(np.dtype(dtype)),
@@ -460,7 +407,7 @@ def generate(network, outdir, seeds="0-63", subdirs=False, class_idx=None, max_b
         raise ValueError(f"--sigma_min ({lo}) must be below --sigma_max ({hi})")
     check_writable(outdir, "--outdir", folder=True)
     npz = None if npz is None else npz_output(npz, "--npz")
-    rank, world_size, auto_device = distributed_setup()
+    rank, world_size, auto_device = init_distributed()
     net, device = place_network(network, device, auto_device)
     label_dim = int(net.label_dim or 0)
     if class_idx is not None and not label_dim:

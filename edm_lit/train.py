@@ -16,7 +16,7 @@ import re
 import sys
 from pathlib import Path
 
-from edm_lit import training
+from edm_lit import distributed, training
 
 
 def parse_bool(text: str) -> bool:
@@ -103,7 +103,7 @@ def run_train(args: argparse.Namespace, out=None) -> int:
     """Resolve, print, and (unless --dry-run) train. Returns an exit status, the same on every rank. Chapter 7."""
     out = sys.stdout if out is None else out
     flags = {k: v for k, v in vars(args).items() if k in training.TRAIN_DEFAULTS}
-    rank, world_size, device = training.init_distributed()
+    rank, world_size, device = distributed.init_distributed()
     try:
         return _train(args, flags, out, rank, world_size, device)
     finally:
@@ -114,7 +114,7 @@ def run_train(args: argparse.Namespace, out=None) -> int:
 
 def _train(args, flags: dict, out, rank: int, world_size: int, device) -> int:
     def failed(error) -> bool:  # every rank learns every rank's error: all stop together, none waits
-        error = training.agree_on_error(error)
+        error = distributed.agree_on_error(error)
         if error is not None and rank == 0:
             print(f"edm-lit train: error: {error}", file=sys.stderr)
         return error is not None

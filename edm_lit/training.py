@@ -5,18 +5,16 @@
 
 __all__ = ['ARCH_PRESETS', 'PRECOND_CLASSES', 'TRAIN_DEFAULTS', 'FLOAT_RANGES',
            'INT_RANGES', 'AUGMENT_SWITCHES', 'AUGMENT_DIM', 'construct', 'split_batch',
-           'digits_path', 'build_options', 'local_rank', 'agree_on_error',
-           'random_seed', 'check_flags', 'device_warning', 'claim_run_dir',
-           'release_run_dir', 'ShardedStream', 'make_loader', 'learning_rate',
-           'ema_beta', 'update_ema', 'SigmaProbe', 'accumulate_gradients',
-           'sanitize_gradients', 'STATE_FORMAT', 'STATE_VERSION', 'TEMP_FILE',
-           'remove_stale_temp_files', 'png_bytes', 'image_grid', 'capture_rng',
-           'restore_rng', 'state_path', 'save_training_state', 'read_training_state',
-           'STATE_HEADER', 'find_training_state', 'load_training_state',
-           'SIGMA_BUCKETS', 'Stats', 'stat_names', 'scalar_stat', 'TrainingDiverged',
-           'init_distributed', 'seed_rank', 'TrainingRun', 'training_loop',
-           'QUICK_FLAGS', 'train_quick', 'REPRODUCTION_TOLERANCE', 'compare_models',
-           'paper_recipe', 'full_size_flags', 'loss_per_bucket']
+           'digits_path', 'build_options', 'random_seed', 'check_flags',
+           'device_warning', 'claim_run_dir', 'release_run_dir', 'ShardedStream',
+           'make_loader', 'learning_rate', 'ema_beta', 'update_ema', 'SigmaProbe',
+           'accumulate_gradients', 'sanitize_gradients', 'STATE_FORMAT',
+           'STATE_VERSION', 'image_grid', 'capture_rng', 'restore_rng', 'state_path',
+           'save_training_state', 'read_training_state', 'STATE_HEADER',
+           'find_training_state', 'load_training_state', 'SIGMA_BUCKETS', 'Stats',
+           'stat_names', 'scalar_stat', 'TrainingDiverged', 'seed_rank', 'TrainingRun',
+           'training_loop', 'QUICK_FLAGS', 'train_quick', 'REPRODUCTION_TOLERANCE',
+           'compare_models', 'paper_recipe', 'full_size_flags', 'loss_per_bucket']
 
 
 # ── 07_training.py § 7. The training loop ──
@@ -31,14 +29,14 @@ import numbers
 import os
 import random
 import re
-import struct
 import time
 import warnings
-import zlib
 from pathlib import Path
 
 import numpy as np
 import torch
+
+from edm_lit.distributed import agree_on_error, gather, init_distributed, local_rank  # Appendix A5
 
 
 # ── 07_training.py § 7.1 From flags to one configuration ──
@@ -225,22 +223,6 @@ def build_options(flags: dict, world_size: int = 1, device=None) -> dict:
         desc += f"-{f['desc']}"
     c["run_dir"] = _pick_run_dir(f["outdir"], desc, f["nosubdir"]) if f["outdir"] is not None else None
     return c
-
-
-def local_rank() -> int:
-    """This process's rank on its node (torchrun's LOCAL_RANK; the global rank, else 0)."""
-    if "LOCAL_RANK" in os.environ:
-        return int(os.environ["LOCAL_RANK"])
-    return torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
-
-
-def agree_on_error(error):
-    """Every rank's error message (or None) -> the first one of any rank, on all ranks (a collective). Chapter 7."""
-    if not torch.distributed.is_initialized():
-        return error
-    errors = [None] * torch.distributed.get_world_size()
-    torch.distributed.all_gather_object(errors, error)
-    return next((e for e in errors if e is not None), None)
 
 
 def random_seed(device) -> int:
@@ -490,36 +472,10 @@ def sanitize_gradients(params) -> None:
 
 # ── 07_training.py § 7.5 Files that survive `kill -9` ──
 
-from edm_lit.checkpoints import fsync_dir, write_atomic  # rule 1, the primitive Appendix B's snapshots use too
+from edm_lit.files import fsync_dir, png_bytes, remove_stale_temp_files, write_atomic  # Appendix A3
 
 STATE_FORMAT = "edm_lit-training-state"
 STATE_VERSION = 1
-TEMP_FILE = re.compile(r"\..+\.[0-9a-f]{8}\.tmp")  # write_atomic's temporary names: .NAME.HEX.tmp
-
-
-def remove_stale_temp_files(run_dir) -> list:
-    """Delete the temporary files of write_atomic that a killed run left in run_dir; returns their paths. Chapter 7."""
-    stale = [p for p in Path(run_dir).iterdir() if p.is_file() and TEMP_FILE.fullmatch(p.name)]
-    for path in stale:
-        path.unlink(missing_ok=True)
-    return stale
-
-
-def png_bytes(image: np.ndarray) -> bytes:
-    """An 8-bit greyscale ([H, W] or [H, W, 1]) or RGB ([H, W, 3]) PNG file, without an imaging library. Chapter 7."""
-    image = np.asarray(image)
-    if image.dtype != np.uint8 or image.ndim not in (2, 3) or (image.ndim == 3 and image.shape[2] not in (1, 3)):
-        raise ValueError(f"image must be uint8 [H, W], [H, W, 1] or [H, W, 3], got {image.dtype} {image.shape}")
-    height, width = image.shape[:2]
-    colour = 2 if image.ndim == 3 and image.shape[2] == 3 else 0
-
-    def chunk(kind: bytes, body: bytes) -> bytes:
-        return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body) & 0xFFFFFFFF)
-
-    rows = image.reshape(height, -1)
-    raw = b"".join(b"\x00" + rows[y].tobytes() for y in range(height))  # filter type 0 on every row
-    header = struct.pack(">IIBBBBB", width, height, 8, colour, 0, 0, 0)
-    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(raw, 6)) + chunk(b"IEND", b"")
 
 
 def image_grid(images: torch.Tensor, columns: int) -> np.ndarray:
@@ -788,21 +744,6 @@ class TrainingDiverged(RuntimeError):
     """The weights became non-finite: the run stopped before writing the tick (exit 1). Chapter 7."""
 
 
-def init_distributed() -> tuple:
-    """(rank, world size, device): join torchrun's process group (nccl on CUDA, gloo on CPU), else a single process."""
-    world_size = int(os.environ.get("WORLD_SIZE", "1"))
-    cuda = torch.cuda.is_available()
-    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-    device = torch.device("cuda", local_rank) if cuda else torch.device("cpu")
-    if cuda:
-        torch.cuda.set_device(device)
-    if world_size > 1 and not torch.distributed.is_initialized():
-        torch.distributed.init_process_group(backend="nccl" if cuda else "gloo")
-    if torch.distributed.is_initialized():
-        return torch.distributed.get_rank(), torch.distributed.get_world_size(), device
-    return 0, 1, device
-
-
 def seed_rank(seed: int, rank: int, world_size: int) -> None:
     """numpy from (seed * world_size + rank) mod 2^31, torch from numpy's first draw (official per-rank seeds).
 
@@ -811,14 +752,6 @@ def seed_rank(seed: int, rank: int, world_size: int) -> None:
     np.random.seed((seed * world_size + rank) % (1 << 31))
     random.seed((seed * world_size + rank) % (1 << 31))
     torch.manual_seed(np.random.randint(1 << 31))
-
-
-def _gather(obj, world_size: int) -> list:
-    if world_size == 1:
-        return [obj]
-    out = [None] * world_size
-    torch.distributed.all_gather_object(out, obj)
-    return out
 
 
 def _memory_gb():
@@ -1098,7 +1031,7 @@ class TrainingRun:
                 self._snapshot(kimg)
         dump = self.state_dump_ticks and (done or self.cur_tick % self.state_dump_ticks == 0) and self.cur_tick != 0
         if dump:
-            rng = _gather(capture_rng(self.device), self.world_size)  # every rank takes part
+            rng = gather(capture_rng(self.device), self.world_size)  # every rank takes part
             if self.run_dir is not None:
                 save_training_state(state_path(self.run_dir, kimg), net=self.net, ema=self.ema,
                                     optimizer=self.optimizer, options=self.options, rng=rng,

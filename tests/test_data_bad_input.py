@@ -156,15 +156,15 @@ def test_later_run_removes_partial_files_of_dead_processes_only(tmp_path):
 def test_interrupted_command_line_is_one_line(tmp_path, monkeypatch):
     """Ctrl-C while writing: one line, and nothing left (the library already removes its file)."""
     src, calls = folder_of(tmp_path / "src", grey(4)), []
-    real_png_bytes = data._png_bytes
+    real_png_bytes = data.png_bytes
 
-    def interrupted(image):
+    def interrupted(image, **options):
         calls.append(1)
         if len(calls) == 3:
             raise KeyboardInterrupt
-        return real_png_bytes(image)
+        return real_png_bytes(image, **options)
 
-    monkeypatch.setattr(data, "_png_bytes", interrupted)
+    monkeypatch.setattr(data, "png_bytes", interrupted)
     code, out, lines = run_cli(["dataset", f"--source={src}", f"--dest={tmp_path / 'out.zip'}"])
     assert code != 0 and len(lines) == 1, (code, lines)
     assert lines[0].startswith("edm-lit dataset:") and "out.zip" in lines[0]
@@ -176,15 +176,15 @@ def test_second_of_two_runs_to_one_destination_refuses(tmp_path, monkeypatch, de
     """Run A writes; meanwhile run B writes the same destination and finishes first: A refuses."""
     first, second = folder_of(tmp_path / "a", grey(3)), folder_of(tmp_path / "b", grey(2, seed=9))
     dest = tmp_path / dest_name
-    real_png_bytes, started = data._png_bytes, []
+    real_png_bytes, started = data.png_bytes, []
 
-    def meanwhile(image):
+    def meanwhile(image, **options):
         if not started:
             started.append(1)
             convert_dataset(second, dest, progress=False)  # run B, complete
-        return real_png_bytes(image)
+        return real_png_bytes(image, **options)
 
-    monkeypatch.setattr(data, "_png_bytes", meanwhile)
+    monkeypatch.setattr(data, "png_bytes", meanwhile)
     code, out, lines = run_cli(["dataset", f"--source={first}", f"--dest={dest}"])
     assert code == 1 and out == "" and len(lines) == 1, (code, out, lines)
     assert lines[0] == (f"edm-lit dataset: error: {dest}: another process created the destination "

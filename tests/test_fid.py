@@ -12,8 +12,10 @@ from edm_lit.checkpoints import save_network
 from edm_lit.cli import main as cli
 from edm_lit.data import DatasetError
 from edm_lit.fid import (FeatureStats, InceptionV3Features, fid_calc, fid_ref, frechet_distance, load_inception,
-                         load_reference, save_reference, train_digit_features)
-from edm_lit.generate import generate, save_png
+                         load_reference, save_reference)
+from edm_lit.data import digit_classifier, train_digit_classifier
+from edm_lit.files import write_png
+from edm_lit.generate import generate
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -177,7 +179,7 @@ def test_fid_bad_input(tiny_net, tmp_path, monkeypatch, capsys):
         fid_calc(tmp_path / "imgs", tmp_path / "d64.npz", num=4, extractor=pixel_features)
     with pytest.raises(ValueError, match="found 4 images"):
         fid_calc(tmp_path / "imgs", tmp_path / "ref.npz", extractor=pixel_features)  # default num = 50,000
-    save_png(np.zeros((8, 8, 3), np.uint8), tmp_path / "imgs" / "odd.png")
+    write_png(tmp_path / "imgs" / "odd.png", np.zeros((8, 8, 3), np.uint8))
     with pytest.raises(DatasetError, match="differs"):
         fid_calc(tmp_path / "imgs", tmp_path / "ref.npz", num=4, extractor=pixel_features)
     capsys.readouterr()
@@ -197,12 +199,12 @@ def test_digit_features_learn_the_digits():
     d = load_digits()
     images = torch.from_numpy(np.round(d.images * 255 / 16).astype(np.uint8))[:, None]
     labels = torch.from_numpy(d.target)
-    model = train_digit_features(images[:1500], labels[:1500], steps=300)
+    model = train_digit_classifier(images[:1500], labels[:1500], steps=300)
     acc = (model(images[1500:]).argmax(1) == labels[1500:]).float().mean().item()
     assert acc > 0.85
     assert model.features(images[:3]).shape == (3, 64)
     with pytest.raises(ValueError, match="one label each"):
-        train_digit_features(images[:5], labels[:4])
+        train_digit_classifier(images[:5], labels[:4])
 
 
 def _reduce_worker(rank, store, features, out):
@@ -267,7 +269,7 @@ def test_cli_digits_fid_end_to_end_on_the_quick_model(detector_cache, tmp_path, 
                 "--detector=digits"]) == 0
     printed = float(capsys.readouterr().out.strip())
     api = fid_calc(tmp_path / "out", tmp_path / "ref.npz", num=24, detector="digits", progress=False)
-    net = fid.digits_detector()
+    net = digit_classifier()
     by_hand = fid_calc(tmp_path / "out", tmp_path / "ref.npz", num=24, extractor=net.features, progress=False)
     assert printed == pytest.approx(api, rel=5e-6) and api == pytest.approx(by_hand, rel=1e-9) and printed > 0
     with np.load(tmp_path / "ref.npz") as z:
@@ -281,12 +283,12 @@ def test_cli_digits_fid_end_to_end_on_the_quick_model(detector_cache, tmp_path, 
 
 def test_digits_detector_is_cached_and_mismatches_are_refused(detector_cache, tmp_path):
     pytest.importorskip("sklearn")
-    a, b = fid.digits_detector(), fid.digits_detector()
+    a, b = digit_classifier(), digit_classifier()
     assert fid.digits_detector_name(a) == fid.digits_detector_name(b)
     assert list((fid.cache_dir()).glob("digits-detector-*.pt"))
     images = torch.randint(0, 256, (6, 1, 8, 8), dtype=torch.uint8)
     for i, image in enumerate(images):
-        save_png(image.permute(1, 2, 0), tmp_path / "imgs" / f"{i:06d}.png")
+        write_png(tmp_path / "imgs" / f"{i:06d}.png", image.permute(1, 2, 0))
     mu, sigma = fid.feature_statistics_of(a.features(images))
     save_reference(tmp_path / "other.npz", mu, sigma, detector="digits:000000000000")  # another digits network
     save_reference(tmp_path / "plain.npz", mu, sigma)  # no record: counts as NVIDIA's detector

@@ -17,7 +17,7 @@ import torch
 import edm_lit.fid as fid
 from edm_lit.cli import main as cli
 from edm_lit.fid import InceptionV3Features, fid_calc, fid_ref, frechet_distance, load_inception, load_reference
-from edm_lit.generate import save_png
+from edm_lit.files import write_png
 
 DIM = 8
 
@@ -38,7 +38,7 @@ class CountingFeatures:
 def images(tmp_path):
     rng = np.random.default_rng(0)
     for i in range(6):
-        save_png(rng.integers(0, 256, (8, 8, 3), dtype=np.uint8), tmp_path / "imgs" / f"{i:06d}.png")
+        write_png(tmp_path / "imgs" / f"{i:06d}.png", rng.integers(0, 256, (8, 8, 3), dtype=np.uint8))
     return tmp_path / "imgs"
 
 

@@ -81,8 +81,9 @@ def collect() -> dict[str, list[tuple[Path, str, str, str]]]:
     return modules
 
 
-# Modules that are not library API: the command line, the book's mode switch, and the book's own helpers.
-NOT_API = {"cli", "train", "mode", "book"}
+# Not library API: the command line, the mode switch of the notebooks, and `course`, the helpers the
+# chapters share (quick-mode models, comparisons) that a user of the package does not need.
+NOT_API = {"cli", "train", "mode", "course"}
 
 
 def public_names(blocks) -> list[str]:
