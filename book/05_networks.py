@@ -787,7 +787,7 @@ class SongUNet(_LevelUNet):
 
 
 # %% [markdown]
-# **Check — parity with the official code.** `tests/data/precond_edm.pt` holds the weights of a
+# **Check — parity with the official code.** `book/data/precond_edm.pt` holds the weights of a
 # small DDPM++ network made by the official implementation (16×16, `model_channels=16`, two
 # levels, attention at 8×8, 10 classes, 9 augmentation labels) and what its inner network
 # returned for given inputs. We build ours with the same arguments, load the official
@@ -796,7 +796,7 @@ class SongUNet(_LevelUNet):
 # %%
 from pathlib import Path
 
-DATA = Path("..") / "tests" / "data"
+DATA = Path("data")
 PARITY = torch.load(DATA / "precond_edm.pt", weights_only=True)
 model_kwargs = {k: v for k, v in PARITY["kwargs"].items() if k not in ("img_channels", "model_type")}
 small = SongUNet(in_channels=3, out_channels=3, **model_kwargs).eval()
@@ -814,8 +814,8 @@ assert n_small == PARITY["num_params"] and len(small.state_dict()) == len(PARITY
 print(f"{len(small.state_dict())} state_dict keys, {n_small:,} parameters — as the official network")
 
 # %% [markdown]
-# The same for NCSN++ and the progressive variants. `tests/data/network_refs.pt` was made by
-# `tests/data/make_network_refs.py`, which runs the official networks on small configurations
+# The same for NCSN++ and the progressive variants. `book/data/network_refs.pt` was made by
+# `book/data/make_network_refs.py`, which runs the official networks on small configurations
 # (NCSN++ with the settings of the official `train.py`, 16×16, three levels) after setting
 # *every* parameter to seeded random values — the official initialisation makes the output
 # layer (almost) zero, and a zero output would prove nothing. The file keeps the parameter

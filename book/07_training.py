@@ -797,21 +797,11 @@ assert p.grad.tolist() == [0.0, 1e5, -1e5, 2.0]
 # the training's random stream.
 
 # %% tags=["export"]
-from edm_lit.files import fsync_dir, png_bytes, remove_stale_temp_files, write_atomic  # Appendix A3
+from edm_lit.files import (fsync_dir, image_grid, png_bytes,  # Appendix A3
+                           remove_stale_temp_files, write_atomic)
 
 STATE_FORMAT = "edm_lit-training-state"
 STATE_VERSION = 1
-
-
-def image_grid(images: torch.Tensor, columns: int) -> np.ndarray:
-    """Images in [-1, 1], [N, C, H, W] -> one uint8 [rows*H, columns*W, C] grid (empty cells black). Chapter 7."""
-    n, c, h, w = images.shape
-    rows = -(-n // columns)
-    pixels = (images.detach().float().cpu() * 127.5 + 128).clip(0, 255).to(torch.uint8)
-    grid = torch.zeros(rows * columns, c, h, w, dtype=torch.uint8)
-    grid[:n] = pixels
-    grid = grid.reshape(rows, columns, c, h, w).permute(0, 3, 1, 4, 2).reshape(rows * h, columns * w, c)
-    return grid.numpy()
 
 
 # %% [markdown]

@@ -54,8 +54,8 @@ from edm_lit.samplers import edm_sampler
 MODE = get_mode().require("the paper's FID (50,000 images of $EDM_LIT_PRETRAINED against a reference of "
                          "$EDM_LIT_DATA, §8.8)", needs=("data", "inception"))
 torch.set_num_threads(1)  # small tensors: one thread is fastest, and immune to a busy machine
-PARITY = torch.load(Path("..") / "tests" / "data" / "sampler_edm.pt", weights_only=True)
-PRECOND = torch.load(Path("..") / "tests" / "data" / "precond_edm.pt", weights_only=True)
+PARITY = torch.load(Path("data") / "sampler_edm.pt", weights_only=True)
+PRECOND = torch.load(Path("data") / "precond_edm.pt", weights_only=True)
 
 # %% [markdown]
 # ## 8.1 One seed, one image
@@ -126,7 +126,7 @@ class PerSeedRandom:
 
 # %% [markdown]
 # **Check** — the latents and class indices of seeds 0–3 equal those of the official `generate.py`,
-# recorded on the CPU in `tests/data/sampler_edm.pt` (on a GPU the official script seeds CUDA
+# recorded on the CPU in `book/data/sampler_edm.pt` (on a GPU the official script seeds CUDA
 # generators, whose streams differ from the CPU's, and so does ours on the same device). And a row
 # does not depend on its neighbours: seeds `[2, 3]` drawn alone equal rows 2–3 of the batch `[0, 1, 2, 3]`.
 

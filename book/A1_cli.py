@@ -33,6 +33,11 @@
 # | `edm-lit dataset --source=SRC --dest=DEST` | converts an image folder, a ZIP of images, `cifar-10-python.tar.gz` or `digits` into the official data-set layout (a ZIP or folder of PNGs + `dataset.json`), optionally resized or cropped (`--resolution=WxH`, `--transform`, `--max-images`), written atomically (Chapter 6, `edm_lit.data.convert_dataset`) |
 # | `edm-lit generate --network=… --outdir=… --seeds=…` | one PNG per seed with the official `generate.py` flags; an image depends only on its seed (Chapter 8, `edm_lit.generate.generate`) |
 # | `edm-lit fid ref --data=… --dest=…`, `edm-lit fid calc --images=… --ref=…` | Inception-v3 reference statistics and FID, official flags and `.npz` layout (Chapter 8, `edm_lit.fid`) |
+#
+# ## A1.1 `edm-lit`: one entry point
+#
+# The entry point builds one `argparse` parser with a subparser per command; the commands of
+# Chapters 7 and 8 register their own flags (§A1.2, §A1.3).
 
 # %% tags=["export"]
 import argparse
@@ -170,3 +175,14 @@ with tempfile.TemporaryDirectory() as tmp:
             assert main(["convert", str(source), str(Path(tmp) / "out")]) == 1
         print(err.getvalue().strip())
     assert not list(Path(tmp).glob("out*"))
+
+
+# %% [markdown]
+# ## A1.2 `edm-lit train`
+#
+# The flags of the official `train.py`, their checks, and the conversion back to a command line.
+
+# %% [markdown]
+# ## A1.3 `edm-lit generate` and `edm-lit fid`
+#
+# The flags of the official `generate.py` and `fid.py`, and the functions they call.

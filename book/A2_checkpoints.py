@@ -34,7 +34,7 @@ from edm_lit.mode import get_mode
 from edm_lit.precond import EDMPrecond
 
 MODE = get_mode()
-PARITY = torch.load(Path("..") / "tests" / "data" / "precond_edm.pt", weights_only=True)
+PARITY = torch.load(Path("data") / "precond_edm.pt", weights_only=True)
 
 # %% [markdown]
 # ## A2.1 Loading the official checkpoints — safely
@@ -1537,12 +1537,12 @@ glue("rss_growth_mib", rss_growth, display=False)
 #
 # **Check** — the same lines on the snapshot of §A2.1 (the small official-layout network): the
 # deterministic 18-step sampler on the official latents and labels reproduces the images the
-# official `edm_sampler` made with the official network (`tests/data/sampler_edm.pt`).
+# official `edm_sampler` made with the official network (`book/data/sampler_edm.pt`).
 
 # %%
 from edm_lit.samplers import edm_sampler
 
-SAMPLER = torch.load(Path("..") / "tests" / "data" / "sampler_edm.pt", weights_only=True)
+SAMPLER = torch.load(Path("data") / "sampler_edm.pt", weights_only=True)
 net = load_network(pkl)
 with torch.no_grad():
     images = edm_sampler(net, SAMPLER["latents"].double(), SAMPLER["class_labels"])

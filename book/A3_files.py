@@ -266,6 +266,29 @@ def write_png(path, image, durable: bool = False) -> Path:
 
 
 # %% [markdown]
+# Samples are shown and saved as one grid: `image_grid` lays out images in [-1, 1] row by
+# row, with `gap` pixels of `fill` between them so that each image reads as one (the
+# official snapshots' grids have no gaps; `gap=0` gives that layout).
+
+# %% tags=["export"]
+import torch
+
+
+def image_grid(images, columns: int, gap: int = 0, fill: int = 255) -> np.ndarray:
+    """Images in [-1, 1], [N, C, H, W] -> one uint8 [H', W', C] grid of `columns` columns,
+    `gap` pixels of value `fill` between neighbours; empty cells are `fill`. Appendix A3."""
+    n, c, h, w = images.shape
+    rows = -(-n // columns)
+    pixels = (images.detach().float().cpu() * 127.5 + 128).clip(0, 255).to(torch.uint8)
+    grid = torch.full((rows * (h + gap) - gap, columns * (w + gap) - gap, c), fill,
+                      dtype=torch.uint8)
+    for i in range(n):
+        top, left = (i // columns) * (h + gap), (i % columns) * (w + gap)
+        grid[top:top + h, left:left + w] = pixels[i].permute(1, 2, 0)
+    return grid.numpy()
+
+
+# %% [markdown]
 # **Check.** Grey and colour images come back from Pillow as they went in, and anything else
 # is refused.
 
@@ -279,6 +302,12 @@ for shape in [(8, 8), (8, 8, 1), (5, 7, 3)]:
     image = rng.integers(0, 256, shape, dtype=np.uint8)
     back = np.asarray(PIL.Image.open(write_png(WORK / "x.png", image)))
     assert np.array_equal(back, image.reshape(back.shape))
+from edm_lit.files import image_grid
+
+tiles = torch.linspace(-1, 1, 5 * 4 * 4).reshape(5, 1, 4, 4)
+grid = image_grid(tiles, columns=3, gap=1)
+assert grid.shape == (2 * 4 + 1, 3 * 4 + 2, 1) and (grid[4, :, 0] == 255).all()
+assert np.array_equal(grid[5:9, 5:9, 0], image_grid(tiles[4:5], 1)[:, :, 0])
 for bad in [np.zeros((4, 4), np.float32), np.zeros((4, 4, 2), np.uint8)]:
     try:
         png_bytes(bad)
@@ -322,4 +351,4 @@ print(f"rename only {times[False]:.2f} ms, with fsync {times[True]:.2f} ms per f
 # ## What this appendix exported
 #
 # `edm_lit.files`: `write_atomic`, `fsync_dir`, `TEMP_FILE` and `remove_stale_temp_files`,
-# `check_writable`, `png_bytes` and `write_png`.
+# `check_writable`, `png_bytes`, `write_png` and `image_grid`.

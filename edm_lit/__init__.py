@@ -142,7 +142,7 @@ _API = {
     'iddpm_u': 'framework',
     'image_batches': 'fid',
     'image_extensions': 'data',
-    'image_grid': 'training',
+    'image_grid': 'files',
     'image_path': 'generate',
     'inception_cache_path': 'fid',
     'inception_weights_path': 'fid',

@@ -6,7 +6,7 @@
 __all__ = ['build_parser', 'main']
 
 
-# ── A1_cli.py § A1. The command line ──
+# ── A1_cli.py § A1.1 `edm-lit`: one entry point ──
 
 import argparse
 import pkgutil

@@ -4,7 +4,7 @@
 """files: exported from A3. Files that survive `kill -9` (book/A3_files.py)."""
 
 __all__ = ['TEMP_FILE', 'fsync_dir', 'write_atomic', 'remove_stale_temp_files',
-           'check_writable', 'png_bytes', 'write_png']
+           'check_writable', 'png_bytes', 'write_png', 'image_grid']
 
 
 # ── A3_files.py § A3.1 All or nothing: a temporary name, then a rename ──
@@ -126,3 +126,19 @@ def write_png(path, image, durable: bool = False) -> Path:
     """`image` as a PNG at `path`, all or nothing (`write_atomic`; no fsync unless
     `durable`). Appendix A3."""
     return write_atomic(path, png_bytes(image), durable=durable)
+
+import torch
+
+
+def image_grid(images, columns: int, gap: int = 0, fill: int = 255) -> np.ndarray:
+    """Images in [-1, 1], [N, C, H, W] -> one uint8 [H', W', C] grid of `columns` columns,
+    `gap` pixels of value `fill` between neighbours; empty cells are `fill`. Appendix A3."""
+    n, c, h, w = images.shape
+    rows = -(-n // columns)
+    pixels = (images.detach().float().cpu() * 127.5 + 128).clip(0, 255).to(torch.uint8)
+    grid = torch.full((rows * (h + gap) - gap, columns * (w + gap) - gap, c), fill,
+                      dtype=torch.uint8)
+    for i in range(n):
+        top, left = (i // columns) * (h + gap), (i % columns) * (w + gap)
+        grid[top:top + h, left:left + w] = pixels[i].permute(1, 2, 0)
+    return grid.numpy()

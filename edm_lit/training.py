@@ -9,7 +9,7 @@ __all__ = ['ARCH_PRESETS', 'PRECOND_CLASSES', 'TRAIN_DEFAULTS', 'FLOAT_RANGES',
            'device_warning', 'claim_run_dir', 'release_run_dir', 'ShardedStream',
            'make_loader', 'learning_rate', 'ema_beta', 'update_ema', 'SigmaProbe',
            'accumulate_gradients', 'sanitize_gradients', 'STATE_FORMAT',
-           'STATE_VERSION', 'image_grid', 'capture_rng', 'restore_rng', 'state_path',
+           'STATE_VERSION', 'capture_rng', 'restore_rng', 'state_path',
            'save_training_state', 'read_training_state', 'STATE_HEADER',
            'find_training_state', 'load_training_state', 'SIGMA_BUCKETS', 'Stats',
            'stat_names', 'scalar_stat', 'TrainingDiverged', 'seed_rank', 'TrainingRun',
@@ -472,21 +472,11 @@ def sanitize_gradients(params) -> None:
 
 # ── 07_training.py § 7.5 Files that survive `kill -9` ──
 
-from edm_lit.files import fsync_dir, png_bytes, remove_stale_temp_files, write_atomic  # Appendix A3
+from edm_lit.files import (fsync_dir, image_grid, png_bytes,  # Appendix A3
+                           remove_stale_temp_files, write_atomic)
 
 STATE_FORMAT = "edm_lit-training-state"
 STATE_VERSION = 1
-
-
-def image_grid(images: torch.Tensor, columns: int) -> np.ndarray:
-    """Images in [-1, 1], [N, C, H, W] -> one uint8 [rows*H, columns*W, C] grid (empty cells black). Chapter 7."""
-    n, c, h, w = images.shape
-    rows = -(-n // columns)
-    pixels = (images.detach().float().cpu() * 127.5 + 128).clip(0, 255).to(torch.uint8)
-    grid = torch.zeros(rows * columns, c, h, w, dtype=torch.uint8)
-    grid[:n] = pixels
-    grid = grid.reshape(rows, columns, c, h, w).permute(0, 3, 1, 4, 2).reshape(rows * h, columns * w, c)
-    return grid.numpy()
 
 def _json_safe(value):
     if isinstance(value, dict):

@@ -4,6 +4,7 @@ import pytest
 import torch
 
 DATA = Path(__file__).parent / "data"
+BOOK_DATA = Path(__file__).parents[1] / "book" / "data"  # reference files the chapters read as well
 
 # The unit tests use small tensors: one thread is as fast and immune to OpenMP spinning on a busy machine.
 torch.set_num_threads(1)
@@ -13,7 +14,8 @@ torch.set_num_threads(1)
 def parity():
     """Load a reference file of the official implementation (plain tensors; never executes code)."""
     def load(name):
-        return torch.load(DATA / name, weights_only=True)
+        path = DATA / name if (DATA / name).exists() else BOOK_DATA / name
+        return torch.load(path, weights_only=True)
     return load
 
 

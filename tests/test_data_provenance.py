@@ -1,9 +1,11 @@
-"""tests/data/README.md lists every file of tests/data with its current MD5, so the provenance note cannot go stale."""
+"""tests/data/README.md lists every file of tests/data and book/data with its current MD5, so the provenance note
+cannot go stale."""
 import hashlib
 import re
 from pathlib import Path
 
 DATA = Path(__file__).parent / "data"
+BOOK_DATA = Path(__file__).parents[1] / "book" / "data"  # the reference files the chapters read too
 
 
 def readme_entries() -> dict:
@@ -23,8 +25,9 @@ def readme_entries() -> dict:
 
 def test_every_data_file_is_listed_with_its_md5():
     listed = readme_entries()
-    files = {p.name for p in DATA.iterdir() if p.is_file() and p.name != "README.md"}
-    assert files == set(listed), f"not in the README: {sorted(files - set(listed))}; " \
-                                 f"listed but absent: {sorted(set(listed) - files)}"
+    paths = {p.name: p for folder in (DATA, BOOK_DATA) for p in folder.iterdir()
+             if p.is_file() and p.name != "README.md"}
+    assert set(paths) == set(listed), f"not in the README: {sorted(set(paths) - set(listed))}; " \
+                                      f"listed but absent: {sorted(set(listed) - set(paths))}"
     for name, md5 in listed.items():
-        assert hashlib.md5((DATA / name).read_bytes()).hexdigest() == md5, f"{name}: the README's MD5 is stale"
+        assert hashlib.md5(paths[name].read_bytes()).hexdigest() == md5, f"{name}: the README's MD5 is stale"

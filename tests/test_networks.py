@@ -253,8 +253,8 @@ def test_fused_resampling_matches_official(parity):
 
 
 def _refs_script():
-    """tests/data/make_network_refs.py, the script that made the reference file (its helpers, not its main)."""
-    path = Path(__file__).parent / "data" / "make_network_refs.py"
+    """book/data/make_network_refs.py, the script that made the reference file (its helpers, not its main)."""
+    path = Path(__file__).parents[1] / "book" / "data" / "make_network_refs.py"
     spec = importlib.util.spec_from_file_location("make_network_refs", path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)

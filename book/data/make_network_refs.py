@@ -1,6 +1,6 @@
-"""Make tests/data/network_refs.pt: outputs of the official EDM networks for small configurations.
+"""Make book/data/network_refs.pt: outputs of the official EDM networks for small configurations.
 
-Usage: python tests/data/make_network_refs.py PATH_TO_OFFICIAL_EDM_CHECKOUT [OUTPUT_FILE]
+Usage: python book/data/make_network_refs.py PATH_TO_OFFICIAL_EDM_CHECKOUT [OUTPUT_FILE]
 
 The official code (NVlabs/edm, CC BY-NC-SA) is imported from the path given, never copied. The official
 initialisation zeroes the output layers, which would make a trivial reference, so every parameter is set by
