@@ -39,7 +39,8 @@ CASES = []
 
 
 def case(surface, expect="error"):
-    """Register a case: `fn(w, run) -> detail or None`; `expect` = 'error' (must be refused) or 'ok'."""
+    """Register a case `fn(w, run)`; `expect`: 'error' (must be refused), 'ok' (one right result) or
+    'either' (a right result, or a refusal in one line)."""
     def register(fn):
         CASES.append((surface, fn.__name__, expect, fn))
         return fn
@@ -285,6 +286,48 @@ def two_runs_one_dest(w, run):
         raise Wrong("data loss", f"{wrote} of 2 concurrent runs reported writing the same --dest")
 
 
+@case("dataset")
+def zip_with_a_duplicate_member(w, run):
+    import warnings
+    import zipfile
+
+    png(w / "one.png", np.zeros((8, 8), np.uint8))
+    with zipfile.ZipFile(w / "src.zip", "w") as z, warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # zipfile warns about the duplicate name it is asked to write
+        z.write(w / "one.png", "a.png")
+        z.writestr("a.png", (w / "one.png").read_bytes())
+    run(["dataset", f"--source={w / 'src.zip'}", f"--dest={w / 'out.zip'}"])
+
+
+@case("dataset")
+def labels_json_with_a_huge_class(w, run):
+    folder_of_digits(w / "src", n=2)
+    names = sorted(str(p.relative_to(w / "src")) for p in (w / "src").rglob("*.png"))
+    (w / "src" / "dataset.json").write_text(json.dumps({"labels": [[n, 10**30] for n in names]}))
+    run(["dataset", f"--source={w / 'src'}", f"--dest={w / 'out.zip'}"])
+
+
+@case("dataset")
+def labels_json_nested_deeply(w, run):
+    folder_of_digits(w / "src", n=2)
+    (w / "src" / "dataset.json").write_text("[" * 100_000 + "]" * 100_000)
+    run(["dataset", f"--source={w / 'src'}", f"--dest={w / 'out.zip'}"])
+
+
+@case("dataset")
+def broken_link_in_folder(w, run):
+    folder_of_digits(w / "src")
+    (w / "src" / "0" / "gone.png").symlink_to(w / "nowhere.png")
+    run(["dataset", f"--source={w / 'src'}", f"--dest={w / 'out.zip'}"])
+
+
+@case("dataset")
+def link_loop_in_folder(w, run):
+    folder_of_digits(w / "src")
+    (w / "src" / "0" / "loop").symlink_to(w / "src")
+    run(["dataset", f"--source={w / 'src'}", f"--dest={w / 'out.zip'}"])
+
+
 # ── edm-lit train ──
 
 @case("train", "ok")
@@ -386,11 +429,52 @@ def transfer_of_a_nan_network(w, run):
         raise Wrong("silent wrong", f"a NaN network was trained on and saved: {snapshots[0].name}")
 
 
+@case("train")
+def desc_leaving_outdir(w, run):
+    run(TRAIN + [f"--outdir={w / 'runs'}", f"--data={digits_zip(w, run)}", "--desc=../../escaped"])
+    if list(w.glob("escaped*")) or list(w.parent.glob("*escaped*")):
+        raise Wrong("silent wrong", "a run directory was created outside --outdir")
+
+
+@case("train")
+def grid_negative(w, run):
+    run(TRAIN + [f"--outdir={w / 'runs'}", f"--data={digits_zip(w, run)}", "--grid=-1"])
+
+
+@case("train")
+def cres_with_a_zero(w, run):
+    run(TRAIN + [f"--outdir={w / 'runs'}", f"--data={digits_zip(w, run)}", "--cres=1,0"])
+
+
+@case("train")
+def tick_zero(w, run):
+    run(TRAIN + [f"--outdir={w / 'runs'}", f"--data={digits_zip(w, run)}", "--tick=0"])
+
+
+@case("train", "ok")
+def batch_gpu_larger_than_batch(w, run):
+    run(TRAIN + [f"--outdir={w / 'runs'}", f"--data={digits_zip(w, run)}", "--batch-gpu=64"])
+    if not list((w / "runs").rglob("network-snapshot-*.json")):
+        raise Wrong("silent wrong", "no snapshot written")
+
+
 # ── edm-lit generate ──
 
-@case("generate")
+@case("generate", "ok")
 def seeds_0_to_10_to_12(w, run):
-    run(["generate", f"--network={quick_network()}", f"--outdir={w / 'out'}", "--seeds=0-999999999999"])
+    """A huge seed range is iterated lazily: the first images appear at once (then the run is stopped)."""
+    proc = run(["generate", f"--network={quick_network()}", f"--outdir={w / 'out'}",
+                "--seeds=0-999999999999"], start=True)
+    end = time.time() + 60
+    while time.time() < end and proc.poll() is None and not list(w.glob("out/**/*.png")):
+        time.sleep(0.1)
+    started = bool(list(w.glob("out/**/*.png")))
+    proc.kill()
+    _, err = proc.communicate()
+    if "Traceback" in err:
+        raise Wrong("traceback", err.strip().splitlines()[-1][:200])
+    if not started:
+        raise Wrong("hang", "no image within 60 s")
 
 
 @case("generate")
@@ -426,7 +510,7 @@ def nan_network(w, run):
         raise Wrong("silent wrong", "PNGs written from a NaN network")
 
 
-@case("generate", "ok")
+@case("generate", "either")
 def npz_named_as_a_folder(w, run):
     (w / "dir").mkdir()
     out = run(["generate", f"--network={quick_network()}", f"--outdir={w / 'out'}", "--seeds=0-1",
@@ -434,6 +518,25 @@ def npz_named_as_a_folder(w, run):
     written = [p for p in w.rglob("*.npz")]
     if written and not any(str(p) in out for p in written):
         raise Wrong("silent wrong", f"wrote {[str(p) for p in written]} but reported otherwise")
+
+
+@case("generate")
+def class_out_of_range(w, run):
+    run(["generate", f"--network={quick_network()}", f"--outdir={w / 'out'}", "--seeds=0-3", "--class=3"])
+
+
+@case("generate")
+def sigma_min_above_sigma_max(w, run):
+    run(["generate", f"--network={quick_network()}", f"--outdir={w / 'out'}", "--seeds=0-3",
+         "--sigma_min=10", "--sigma_max=1"])
+    if list(w.glob("out/*.png")):
+        raise Wrong("silent wrong", "images written")
+
+
+@case("generate")
+def fp16_and_bf16_together(w, run):
+    run(["generate", f"--network={quick_network()}", f"--outdir={w / 'out'}", "--seeds=0-3", "--fp16=1",
+         "--bf16=1"])
 
 
 # ── edm-lit fid ──
@@ -530,6 +633,17 @@ def calc_image_with_a_bomb_header(w, run):
     run(["fid", "calc", f"--images={w / 'imgs'}", f"--ref={ref}", "--detector=digits", "--num=20"])
 
 
+@case("fid")
+def ref_of_another_feature_size(w, run):
+    _calc(w, run, stats_npz(w, run, np.zeros(32), np.eye(32)))
+
+
+@case("fid")
+def calc_on_an_empty_folder(w, run):
+    (w / "empty").mkdir()
+    run(["fid", "calc", f"--images={w / 'empty'}", f"--ref={stats_npz(w, run)}", "--detector=digits"])
+
+
 # ── edm-lit convert ──
 
 @case("convert", "ok")
@@ -598,7 +712,8 @@ def classify(surface, name, expect, fn, tree: Path, timeout: float) -> dict:
                 return {"outcome": "silent wrong", "detail": "accepted (exit 0)"}
             return {"outcome": "correct", "detail": ""}
         if len(lines) == 1:
-            return {"outcome": "one-line error" if expect == "error" else "refused (one line)", "detail": lines[0][:200]}
+            refused = "one-line error" if expect in ("error", "either") else "refused (one line)"
+            return {"outcome": refused, "detail": lines[0][:200]}
         return {"outcome": "other", "detail": f"exit {run.last_rc}, {len(lines)} lines: {' | '.join(lines)[:200]}"}
 
 
