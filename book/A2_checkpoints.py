@@ -105,7 +105,7 @@ _PERSISTENCE_VERSION = 6
 
 # What a file may ask of us; each limit is far above what the released files need.
 MAX_FILE_BYTES = 8 << 30  # a checkpoint (the largest released one has about 1.2 GB)
-_MAX_DEPTH = 100  # nesting of containers in a pickle (an official one needs ~30)
+_MAX_DEPTH = 100  # nesting of containers in a pickle (§A2.4 measures a snapshot's)
 _MAX_ITEMS = 1 << 24  # entries of all the containers of a pickle together
 _MAX_LIST = 16  # entries of a list argument (channel_mult, attn_resolutions, ...)
 _MAX_INT = 1 << 16  # an integer constructor argument (channels, resolution, ...)
@@ -903,7 +903,8 @@ def load_official_snapshot(path) -> dict:
 # does (a stand-in `torch_utils.persistence` module exists only while pickling). It is a
 # helper of the book and the tests (`edm_lit.course`), not API. Its `ema` is the parity
 # network of Chapter 5 in `EDMPrecond`, and its `module_src` is code that would create a
-# marker file: the official loader would run it.
+# marker file: the official loader would run it. The caps of §A2.2 are far above what such
+# a snapshot needs.
 
 # %% tags=["export:course"]
 import io
@@ -984,4 +985,10 @@ assert type(net) is EDMPrecond and not net.training
 assert not any(p.requires_grad for p in net.parameters())
 assert loaded["loss_fn"].state["P_mean"] == -1.2  # records keep their settings
 assert not marker.exists()  # ... and it never ran
+machine = _SnapshotUnpickler(_read_regular_file(pkl), _ALLOWED_GLOBALS)
+machine.load()
+depth = max(machine.depth.values())
+print(f"nesting depth {depth} (cap {_MAX_DEPTH}), {machine.items:,} container entries "
+      f"(cap {_MAX_ITEMS:,})")
+assert 4 * depth < _MAX_DEPTH and 1000 * machine.items < _MAX_ITEMS  # far below caps
 print("loss_fn:", loaded["loss_fn"], loaded["loss_fn"].state)

@@ -279,6 +279,32 @@ def _load_ours(path, weights_path=None):
     return _materialize(meta, state, name, kwargs)
 
 # %% [markdown]
+# **Check.** Saving a second network under the same name replaces the pair and removes the
+# old weights; `sigma_max=inf` is stored as `{"float": "inf"}` and read back; a config whose
+# `weights` leaves its folder is refused with the same message whether the target exists.
+
+# %% tags=["hide-input"]
+first, second = copy.deepcopy(official), copy.deepcopy(official)
+with torch.no_grad():
+    second.model.map_label.weight.add_(1)
+save_network(first, workdir / "pair" / "net")
+config_path, weights_path = save_network(second, workdir / "pair" / "net")
+print(sorted(p.name for p in config_path.parent.iterdir()))
+assert sorted(config_path.parent.iterdir()) == sorted([config_path, weights_path])
+header = json.loads(config_path.read_text())
+assert header["init_kwargs"]["sigma_max"] == {"float": "inf"}
+again = _load_ours(config_path)
+assert again.sigma_max == math.inf
+assert torch.equal(again.model.map_label.weight, second.model.map_label.weight)
+(workdir / "secret.safetensors").write_bytes(weights_path.read_bytes())
+messages = []
+for target in ["../secret.safetensors", "../absent.safetensors"]:
+    config_path.write_text(json.dumps(dict(header, weights=target)))
+    messages.append(refusal(_load_ours, config_path))
+print(messages[0])
+assert messages[0].replace("secret", "?") == messages[1].replace("absent", "?")
+
+# %% [markdown]
 # ## A2b.2 URLs and the cache
 #
 # A URL is downloaded once into a cache directory (`$EDM_LIT_CACHE`, else
@@ -290,8 +316,9 @@ def _load_ours(path, weights_path=None):
 # cleanly *and* the file must parse as what its name says, else the part is deleted. Every
 # rank of a `torchrun` job may ask for the same URL at once, so a download holds an
 # exclusive `flock` on `<name>.lock` (released by the operating system if the process dies):
-# one process downloads, the others wait and then find the file in the cache. Offline, the
-# error names the URL and where to put a copy downloaded elsewhere.
+# one process downloads, the others wait and then find the file in the cache (a test runs
+# three at once). Offline, the error names the URL and where to put a copy downloaded
+# elsewhere.
 
 # %% tags=["export:checkpoints"]
 _DOWNLOAD_ATTEMPTS = 3
@@ -550,7 +577,8 @@ def convert(src, dst) -> tuple:
 # %% [markdown]
 # **Check.** The official-layout snapshot of §A2.4, converted to our format, loads as the
 # same network (equal outputs); a truncated snapshot and a config that does not fit its
-# weights fail with an error that says what is wrong.
+# weights fail with an error that says what is wrong; an output that cannot be written is
+# refused before the source is even downloaded.
 
 # %% tags=["hide-input"]
 config_path, weights_path = convert(pkl, workdir / "converted" / "cifar-mini")
@@ -565,6 +593,8 @@ cfg["init_kwargs"]["model_channels"] = 32
 (workdir / "converted" / "wrong.json").write_text(json.dumps(cfg))
 for bad in [workdir / "truncated.pkl", workdir / "converted" / "wrong.json"]:
     print(refusal(load_network, bad)[:150], "...")
+(workdir / "a-file").write_text("")  # OUT inside a file: cannot be written
+print(refusal(convert, "https://example.invalid/edm.pkl", workdir / "a-file" / "out"))
 
 # %% [markdown]
 # ## A2b.4 What a hostile file can and cannot do

@@ -42,7 +42,7 @@ _PERSISTENCE_VERSION = 6
 
 # What a file may ask of us; each limit is far above what the released files need.
 MAX_FILE_BYTES = 8 << 30  # a checkpoint (the largest released one has about 1.2 GB)
-_MAX_DEPTH = 100  # nesting of containers in a pickle (an official one needs ~30)
+_MAX_DEPTH = 100  # nesting of containers in a pickle (§A2.4 measures a snapshot's)
 _MAX_ITEMS = 1 << 24  # entries of all the containers of a pickle together
 _MAX_LIST = 16  # entries of a list argument (channel_mult, attn_resolutions, ...)
 _MAX_INT = 1 << 16  # an integer constructor argument (channels, resolution, ...)

@@ -1,4 +1,4 @@
-"""Appendix A2 (edm_lit.checkpoints): official pickles loaded safely, our format, downloads, `edm-lit convert`."""
+"""Appendices A2 and A2b (edm_lit.checkpoints): official pickles loaded safely, our format, downloads, `edm-lit convert`."""
 import hashlib
 import http.server
 import io
@@ -464,7 +464,7 @@ def test_loaded_snapshot_samples_like_official(snapshot_pkl, parity):
     assert ((images - ref["det_out"]).abs().max() / ref["det_out"].abs().max()).item() < 1e-6  # 1.6e-7 measured
 
 
-# ---- one test per class of attack (Appendix A2, section A2.4) ----
+# ---- one test per class of attack (Appendix A2b, section A2b.4) ----
 
 class _TensorView:
     """Pickles as _rebuild_tensor_v2 over `storage` with any size, stride and offset: what a crafted file can say."""
