@@ -8,8 +8,9 @@
 its top which chapter derives it:
 
     edm_lit.augment      6b. Non-leaking augmentation
-    edm_lit.checkpoints  A2. Checkpoints: loading official snapshots without running their code
+    edm_lit.checkpoints  A2. Checkpoints: loading official snapshots without running their code; A2b. `load_network`: our format, URLs, and what a hostile file can do
     edm_lit.cli          A1. The command line
+    edm_lit.course       A2. Checkpoints: loading official snapshots without running their code
     edm_lit.data         6. Data sets
     edm_lit.distributed  A5. Several processes: `torchrun` plumbing
     edm_lit.fid          8. Evaluation: generating at scale and measuring FID
@@ -29,9 +30,9 @@ import importlib
 
 __version__ = "0.1.0"
 
-_MODULES = ['augment', 'checkpoints', 'cli', 'data', 'distributed', 'fid', 'files',
-            'framework', 'generate', 'loss', 'mode', 'networks', 'precond', 'samplers',
-            'train', 'training']
+_MODULES = ['augment', 'checkpoints', 'cli', 'course', 'data', 'distributed', 'fid',
+            'files', 'framework', 'generate', 'loss', 'mode', 'networks', 'precond',
+            'samplers', 'train', 'training']
 
 # public name -> the module that defines it
 _API = {
@@ -69,7 +70,6 @@ _API = {
     'Seeds': 'generate',
     'ShardedStream': 'training',
     'SigmaProbe': 'training',
-    'SnapshotUnpickler': 'checkpoints',
     'SongUNet': 'networks',
     'Source': 'data',
     'Stats': 'training',
@@ -92,19 +92,15 @@ _API = {
     'archive_name': 'data',
     'at_least': 'generate',
     'attention': 'networks',
-    'build_meta_network': 'checkpoints',
-    'build_network': 'checkpoints',
     'build_options': 'training',
     'cache_dir': 'checkpoints',
     'capture_rng': 'training',
     'check_choice': 'samplers',
     'check_denoiser': 'generate',
     'check_flags': 'training',
-    'check_init_kwargs': 'checkpoints',
     'check_num_steps': 'samplers',
     'check_real': 'samplers',
     'check_sampler_inputs': 'samplers',
-    'check_shapes': 'checkpoints',
     'check_t_steps': 'samplers',
     'check_writable': 'files',
     'churn': 'samplers',
@@ -115,7 +111,6 @@ _API = {
     'construct': 'training',
     'convert': 'checkpoints',
     'convert_dataset': 'data',
-    'convert_destination': 'checkpoints',
     'dataset_for_mode': 'data',
     'decoder_roles': 'networks',
     'device_warning': 'training',
@@ -159,7 +154,6 @@ _API = {
     'local_rank': 'distributed',
     'loss_per_bucket': 'training',
     'make_loader': 'training',
-    'materialize': 'checkpoints',
     'measure_fid': 'fid',
     'mirror_index': 'augment',
     'module_device': 'generate',
@@ -168,7 +162,6 @@ _API = {
     'npz_path': 'generate',
     'ode_slope': 'framework',
     'ode_step': 'samplers',
-    'official_layout_pickle': 'checkpoints',
     'open_images': 'fid',
     'open_source': 'data',
     'paper_recipe': 'training',
@@ -180,7 +173,6 @@ _API = {
     'random_seed': 'training',
     'read_npz': 'fid',
     'read_official_pickle': 'checkpoints',
-    'read_regular_file': 'checkpoints',
     'read_training_state': 'training',
     'reference_detector': 'fid',
     'release_run_dir': 'training',

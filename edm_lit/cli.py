@@ -17,6 +17,45 @@ import torch
 import edm_lit
 from edm_lit.mode import FULL_ENV, get_mode
 
+_PACKAGE_MAP = [  # module, what it holds, chapter or appendix, library API?
+    ("framework", "sigma(t), s(t), the ODE; exact mixture denoisers", "1", True),
+    ("samplers", "edm_sampler (Algorithms 1, 2), ablation_sampler", "2, 3", True),
+    ("precond", "VP, VE, iDDPM and EDM preconditioning (Table 1)", "4", True),
+    ("loss", "VPLoss, VELoss, EDMLoss", "4", True),
+    ("networks", "SongUNet (DDPM++, NCSN++), DhariwalUNet (ADM)", "5", True),
+    ("data", "data sets (ZIP or folder), the digits, checks", "6, A4", True),
+    ("augment", "AugmentPipe: non-leaking augmentation", "6b", True),
+    ("training", "the training loop (training_loop, TrainingRun)", "7, 7b", True),
+    ("train", "the command edm-lit train and its flags", "7b, A1", False),
+    ("generate", "images at scale, one per seed", "8, A6", True),
+    ("fid", "Inception features, FID, reference statistics", "8, A6", True),
+    ("checkpoints", "official .pkl read as data; our safetensors format", "A2, A2b",
+     True),
+    ("files", "atomic files, the PNG writer, image grids", "A3", True),
+    ("distributed", "torchrun set-up, agreeing on errors", "A5", True),
+    ("cli", "the edm-lit command (the console script)", "A1", False),
+    ("mode", "the quick or full mode of the notebooks", "0", False),
+    ("course", "helpers the chapters share", "many", False),
+]
+_DESCRIPTION = """\
+EDM (Karras et al., NeurIPS 2022) from the literate book edm_lit: build data
+sets, train, generate images, compute FID, convert official snapshots. Each
+command wraps a function of the package; `edm-lit COMMAND --help` shows its
+flags."""
+_TRAIN_NOTE = """\
+`edm-lit train` is the module edm_lit.train (also `python -m edm_lit.train`,
+e.g. under torchrun): the command and its flags. The training loop it runs is
+the module edm_lit.training (Chapter 7)."""
+
+
+def _package_map() -> str:
+    """The package map of `edm-lit --help`, within 80 columns."""
+    rows = [f"  {m + ('' if api else '*'):<13} {what:<50}  {book}"
+            for m, what, book, api in _PACKAGE_MAP]
+    head = ("package map: import edm_lit.MODULE (* not library API: `import edm_lit`\n"
+            "does not offer its names); book: the chapter or appendix that derives it")
+    columns = f"  {'module':<13} {'what':<50}  book"
+    return "\n".join([head, "", columns, *rows, "", _TRAIN_NOTE])
 
 def _info(args) -> int:
     try:
@@ -29,66 +68,83 @@ def _info(args) -> int:
     print(f"mode: {mode.name}, device: {mode.device}")
     if mode.full:
         for field, var in FULL_ENV.items():
-            print(f"  {var}: {getattr(mode, field) if getattr(mode, field) is not None else '(not set)'}")
+            value = getattr(mode, field)
+            print(f"  {var}: {value if value is not None else '(not set)'}")
         if mode.missing(needs=()):
-            print("  no CUDA GPU is visible: chapters that need one run their quick version")
+            print("  no CUDA GPU is visible: chapters that need one run their quick "
+                  "version")
     print("modules: " + ", ".join(modules))
     return 0
 
 
 def _convert(args) -> int:
-    from edm_lit.checkpoints import CheckpointError, convert  # imported here: `edm-lit info` stays light
+    from edm_lit.checkpoints import CheckpointError, convert  # `info` stays light
 
     try:
         config_path, weights_path = convert(args.src, args.dst)
-    except (CheckpointError, OSError) as e:  # a refused or unreadable input, or an output that cannot be written
-        reason = " ".join(str(e).split()) if isinstance(e, CheckpointError) else f"cannot write {args.dst}: {e}"
-        print(f"edm-lit convert: error: {reason}", file=sys.stderr)  # one line, no traceback
+    except (CheckpointError, OSError) as e:  # a refused input, or an unwritable output
+        reason = " ".join(str(e).split()) if isinstance(e, CheckpointError) \
+            else f"cannot write {args.dst}: {e}"
+        print(f"edm-lit convert: error: {reason}", file=sys.stderr)  # one line
         return 1
     print(f"wrote {config_path} and {weights_path}")
     return 0
 
 
 def _dataset(args) -> int:
-    from edm_lit.data import DatasetError, convert_dataset  # imported here: `edm-lit info` stays light
+    from edm_lit.data import DatasetError, convert_dataset  # `info` stays light
 
     try:
-        dest = convert_dataset(args.source, args.dest, args.resolution, args.transform, args.max_images)
+        dest = convert_dataset(args.source, args.dest, args.resolution, args.transform,
+                               args.max_images)
     except (DatasetError, ValueError, ImportError, OSError) as e:
         print(f"edm-lit dataset: error: {e}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:  # Ctrl-C: convert_dataset has removed its temporary file
-        print(f"edm-lit dataset: interrupted; nothing was written to {args.dest}", file=sys.stderr)
+        print(f"edm-lit dataset: interrupted; nothing was written to {args.dest}",
+              file=sys.stderr)
         return 130
     print(f"wrote {dest}")
     return 0
 
-
 def build_parser() -> argparse.ArgumentParser:
     """The `edm-lit` argument parser with one subparser per subcommand. Appendix A1."""
-    parser = argparse.ArgumentParser(prog="edm-lit", description="EDM: build data sets, train, generate images, compute FID, convert official snapshots.")
-    parser.add_argument("--version", action="version", version=f"edm_lit {edm_lit.__version__}")
+    parser = argparse.ArgumentParser(
+        prog="edm-lit", description=_DESCRIPTION, epilog=_package_map(),
+        formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--version", action="version",
+                        version=f"edm_lit {edm_lit.__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    info = sub.add_parser("info", help="print version, run mode, device and modules")
-    info.set_defaults(func=_info)
-    conv = sub.add_parser("convert", help="convert an official .pkl snapshot (path or URL) to safetensors + JSON",
-                          description="Load the 'ema' network of an official EDM snapshot safely (no code stored in "
-                                      "the file is run) and write it as OUT.json + OUT-<hash>.safetensors.")
-    conv.add_argument("src", metavar="IN", help="official snapshot: a .pkl path or an http(s) URL")
-    conv.add_argument("dst", metavar="OUT", help="output name; OUT.json and OUT-<hash>.safetensors are written")
+    sub.add_parser("info", help="print version, run mode, device and modules"
+                   ).set_defaults(func=_info)
+    conv = sub.add_parser(
+        "convert", help="convert an official .pkl snapshot (path or URL) to our format",
+        description="Load the 'ema' network of an official EDM snapshot safely (no "
+                    "code stored in the file is run) and write it as OUT.json + "
+                    "OUT-<hash>.safetensors.")
+    conv.add_argument("src", metavar="IN", help="official snapshot: a .pkl path or URL")
+    conv.add_argument("dst", metavar="OUT", help="output name, or an existing folder")
     conv.set_defaults(func=_convert)
-    data = sub.add_parser("dataset", help="convert images to the official data-set layout (ZIP or folder of PNGs)",
-                          description="Convert SRC (an image folder, a ZIP of images, cifar-10-python.tar.gz, or "
-                                      "'digits') into DEST (.zip or folder), as the official dataset_tool.py does.")
-    data.add_argument("--source", required=True, metavar="PATH", help="input folder, .zip, .tar.gz, or 'digits'")
-    data.add_argument("--dest", required=True, metavar="PATH", help="output .zip or folder (must not exist)")
-    data.add_argument("--resolution", metavar="WxH", help="output resolution, e.g. 32x32")
-    data.add_argument("--transform", choices=["center-crop", "center-crop-wide"], help="crop mode")
-    data.add_argument("--max-images", type=int, metavar="N", help="convert at most N images")
+    data = sub.add_parser(
+        "dataset", help="convert images to the official data-set layout",
+        description="Convert SRC (an image folder, a ZIP of images, "
+                    "cifar-10-python.tar.gz, or 'digits') into DEST (.zip or folder), "
+                    "as the official dataset_tool.py does.")
+    data.add_argument("--source", required=True, metavar="PATH",
+                      help="input folder, .zip, .tar.gz, or 'digits'")
+    data.add_argument("--dest", required=True, metavar="PATH",
+                      help="output .zip or folder (must not exist)")
+    data.add_argument("--resolution", metavar="WxH", help="output size, e.g. 32x32")
+    data.add_argument("--transform", choices=["center-crop", "center-crop-wide"],
+                      help="crop mode")
+    data.add_argument("--max-images", type=int, metavar="N", help="at most N images")
     data.set_defaults(func=_dataset)
-    from edm_lit import train as train_module  # Chapter 7: the official train.py's flags
-    train = sub.add_parser("train", help="train a model (the official train.py's flags; torchrun for several GPUs)",
-                           description="Train an EDM diffusion model on one CPU, one GPU or, under torchrun, many.")
+    from edm_lit import train as train_module  # the official train.py's flags (§A1.2)
+    train = sub.add_parser(
+        "train", help="train a model (the official train.py's flags; torchrun for "
+                      "several GPUs)",
+        description="Train an EDM diffusion model on one CPU, one GPU or, under "
+                    "torchrun, many.")
     train_module.add_train_arguments(train).set_defaults(func=train_module.run_train)
     from edm_lit.fid import add_fid_command
     from edm_lit.generate import add_generate_command
@@ -104,5 +160,5 @@ def main(argv=None) -> int:
     return args.func(args)
 
 
-if __name__ == "__main__" and sys.argv[0].endswith("cli.py"):  # `python -m edm_lit.cli`, `torchrun -m edm_lit.cli`
+if __name__ == "__main__" and sys.argv[0].endswith("cli.py"):  # python -m edm_lit.cli
     sys.exit(main())

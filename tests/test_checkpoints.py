@@ -1,4 +1,4 @@
-"""Appendix A2 (edm_lit.checkpoints): official pickles loaded safely, our format, downloads, `edm-lit convert`."""
+"""Appendices A2 and A2b (edm_lit.checkpoints): official pickles loaded safely, our format, downloads, `edm-lit convert`."""
 import hashlib
 import http.server
 import io
@@ -23,8 +23,9 @@ import torch
 
 from edm_lit import checkpoints
 from edm_lit.checkpoints import (NETWORK_CLASSES, CheckpointError, download, load_network, load_official_snapshot,
-                                 network_config, official_layout_pickle, read_official_pickle, save_network)
+                                 network_config, read_official_pickle, save_network)
 from edm_lit.cli import main
+from edm_lit.course import official_layout_pickle
 from edm_lit.loss import EDMLoss
 from edm_lit.precond import EDMPrecond, VEPrecond, VPPrecond, iDDPMPrecond
 
@@ -181,7 +182,7 @@ def test_malicious_reduce_is_refused_without_effect(tmp_path):
 
 
 def test_malicious_storage_payload_is_refused(tmp_path):
-    """The legacy storage bytes are themselves pickles: they go through our SnapshotUnpickler too, whose only
+    """The legacy storage bytes are themselves pickles: they go through our _SnapshotUnpickler too, whose only
     globals there are the storage types, so a callable inside them is refused before anything runs."""
     marker = tmp_path / "marker"
 
@@ -463,7 +464,7 @@ def test_loaded_snapshot_samples_like_official(snapshot_pkl, parity):
     assert ((images - ref["det_out"]).abs().max() / ref["det_out"].abs().max()).item() < 1e-6  # 1.6e-7 measured
 
 
-# ---- one test per class of attack (Appendix A2, section A2.4) ----
+# ---- one test per class of attack (Appendix A2b, section A2b.4) ----
 
 class _TensorView:
     """Pickles as _rebuild_tensor_v2 over `storage` with any size, stride and offset: what a crafted file can say."""
@@ -560,15 +561,15 @@ def test_attack_one_tensor_fills_many_weights(tmp_path, official, marker, monkey
     """The memo lets one tensor object, or one module record, fill many entries of the state: a file of a few MiB
     could then ask for a network dozens of times its size. Each tensor may fill one entry only, so such a file is
     refused before any memory is allocated for the network (the official snapshots never share a tensor)."""
-    from edm_lit.checkpoints import build_meta_network, check_init_kwargs
+    from edm_lit.checkpoints import _build_meta_network, _check_init_kwargs
 
     def never(*args):
-        raise AssertionError("materialize must not be reached: the network would be allocated")
-    monkeypatch.setattr(checkpoints, "materialize", never)
-    kwargs = check_init_kwargs("EDMPrecond", dict(img_resolution=16, img_channels=3, model_type="SongUNet",
+        raise AssertionError("_materialize must not be reached: the network would be allocated")
+    monkeypatch.setattr(checkpoints, "_materialize", never)
+    kwargs = _check_init_kwargs("EDMPrecond", dict(img_resolution=16, img_channels=3, model_type="SongUNet",
                                                   model_channels=128, channel_mult=[1, 1], num_blocks=32,
                                                   attn_resolutions=[]))
-    meta = build_meta_network("EDMPrecond", kwargs)  # shapes only: the file will hold one tensor per shape
+    meta = _build_meta_network("EDMPrecond", kwargs)  # shapes only: the file will hold one tensor per shape
     shared = {}
 
     def one_per_shape(name, state):

@@ -1,4 +1,5 @@
 """The package as a user meets it: mode switch, command line, import without Jupyter, export and pairing checks."""
+import re
 import shutil
 import subprocess
 import sys
@@ -149,3 +150,46 @@ def test_public_api():
                           "print('edm_lit.networks' in sys.modules)"], capture_output=True, text=True, check=True)
     count, loaded = out.stdout.split()
     assert int(count) > 20 and loaded == "False"  # the API is listed without importing every module
+
+
+def _help(argv, capsys) -> str:
+    with pytest.raises(SystemExit) as e:
+        main(argv)
+    assert e.value.code == 0
+    return capsys.readouterr().out
+
+
+def test_help_shows_the_package_map_in_80_columns(monkeypatch, capsys):
+    """`edm-lit --help` fits 80 columns and ends with the package map: every module once, the ones that are not
+    library API marked `*` (exactly those whose names `import edm_lit` does not offer), the same table as
+    README.md's; and it says that `edm-lit train` is `python -m edm_lit.train` and the loop `edm_lit.training`."""
+    import edm_lit
+
+    monkeypatch.setenv("COLUMNS", "80")  # argparse wraps to the terminal's width
+    text = _help(["--help"], capsys)
+    assert max(len(line) for line in text.splitlines()) <= 80
+    assert text.index("positional arguments") < text.index("package map")  # commands first, then the map
+    rows = [r for r in re.findall(r"^  (\w+)(\*?) +(\S.*?)  +(\S.*)$", text, re.M) if r[0] != "module"]
+    in_help = {module: (what, book, not star) for module, star, what, book in rows}
+    assert len(in_help) == len(rows) and sorted(in_help) == sorted(edm_lit._MODULES)
+    assert {module for module, (_, _, api) in in_help.items() if api} == set(edm_lit._API.values())
+    assert {m for m, (_, _, api) in in_help.items() if not api} >= {"cli", "course"}
+    readme = (ROOT / "README.md").read_text()
+    in_readme = re.findall(r"^\| `edm_lit\.(\w+)`(\\\*)? \| (.+?) \| (.+?) \|$", readme, re.M)
+    assert {module: (what, book, not star) for module, star, what, book in in_readme} == in_help
+    flat = " ".join(text.split())
+    assert "`edm-lit train` is the module edm_lit.train (also `python -m edm_lit.train`" in flat
+    assert "The training loop it runs is the module edm_lit.training" in flat
+
+
+def test_edm_lit_train_is_python_m_edm_lit_train(capsys):
+    """What the help says: `edm-lit train` and `python -m edm_lit.train` take the same flags."""
+    from edm_lit import train
+
+    def flags(text):
+        return set(re.findall(r"(?<![\w-])--[a-z][\w-]*", text))
+    with pytest.raises(SystemExit):
+        train.main(["--help"])
+    module_help = capsys.readouterr().out
+    command_help = _help(["train", "--help"], capsys)
+    assert flags(module_help) == flags(command_help) and {"--data", "--outdir", "--fp16"} <= flags(command_help)
