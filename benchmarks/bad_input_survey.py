@@ -105,10 +105,16 @@ def quick_network():
     return str(ROOT / "book" / "results" / "quick_digits.json")
 
 
+# official_layout_pickle moved from edm_lit.checkpoints to edm_lit.course; the survey also runs older trees
+LAYOUT_PICKLE = ("try:\n    from edm_lit.course import official_layout_pickle\n"
+                 "except ImportError:\n    from edm_lit.checkpoints import official_layout_pickle")
+
+
 def altered_network(w: Path, tree: Path, how: str) -> str:
     """The quick model with NaN weights ('nan') or only its inner U-Net pickled ('inner')."""
     code = (f"import sys, torch; sys.path.insert(0, {str(tree)!r})\n"
-            "from edm_lit.checkpoints import load_network, save_network, official_layout_pickle\n"
+            "from edm_lit.checkpoints import load_network, save_network\n"
+            f"{LAYOUT_PICKLE}\n"
             f"net = load_network({quick_network()!r})\n"
             f"if {how!r} == 'nan':\n"
             "    [p.data.fill_(float('nan')) for p in net.parameters()]\n"
@@ -650,7 +656,8 @@ def calc_on_an_empty_folder(w, run):
 def convert_into_a_directory(w, run):
     (w / "dir").mkdir()
     code = (f"import sys; sys.path.insert(0, {str(run.tree)!r})\n"
-            "from edm_lit.checkpoints import load_network, official_layout_pickle\n"
+            "from edm_lit.checkpoints import load_network\n"
+            f"{LAYOUT_PICKLE}\n"
             f"net = load_network({quick_network()!r})\n"
             f"open({str(w / 'snap.pkl')!r}, 'wb').write(official_layout_pickle({{'ema': net}}))")
     subprocess.run([sys.executable, "-c", code], check=True, capture_output=True)

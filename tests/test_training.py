@@ -227,7 +227,7 @@ def test_transfer_starts_from_the_source_and_refuses_another_architecture(tmp_pa
     import io
 
     from edm_lit import train as train_cli
-    from edm_lit.checkpoints import official_layout_pickle
+    from edm_lit.course import official_layout_pickle
 
     data = image_folder(tmp_path / "data", n=32)
     source = _tiny_source(model_channels=8)
@@ -258,7 +258,7 @@ def test_transfer_starts_from_the_source_and_refuses_another_architecture(tmp_pa
 
 def test_torchrun_ranks_agree_on_an_error_and_build_digits_per_node(tmp_path):
     """Two ranks, --data=digits (built by local rank 0) and a --transfer that does not fit: both exit, none hangs."""
-    from edm_lit.checkpoints import official_layout_pickle
+    from edm_lit.course import official_layout_pickle
 
     (tmp_path / "wide.pkl").write_bytes(official_layout_pickle({"ema": _tiny_source(model_channels=16)}))
     env = {**ENV, "EDM_LIT_CACHE": str(tmp_path / "cache")}

@@ -213,7 +213,7 @@ def test_diverging_run_stops_with_the_last_good_snapshot(tmp_path, capsys, monke
 
 
 def test_transfer_of_a_non_finite_network_is_one_line(tmp_path, capsys):
-    from edm_lit.checkpoints import official_layout_pickle
+    from edm_lit.course import official_layout_pickle
     from edm_lit.precond import EDMPrecond
 
     source = EDMPrecond(8, 1, dropout=0.0, **{**training.ARCH_PRESETS["ddpmpp-tiny"], "model_channels": 8})
