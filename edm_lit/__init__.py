@@ -10,6 +10,7 @@ its top which chapter derives it:
     edm_lit.augment      6b. Non-leaking augmentation
     edm_lit.checkpoints  A2. Checkpoints: loading official snapshots without running their code
     edm_lit.cli          A1. The command line
+    edm_lit.course       4. Preconditioning and the training objective
     edm_lit.data         6. Data sets
     edm_lit.distributed  A5. Several processes: `torchrun` plumbing
     edm_lit.fid          8. Evaluation: generating at scale and measuring FID
@@ -29,9 +30,9 @@ import importlib
 
 __version__ = "0.1.0"
 
-_MODULES = ['augment', 'checkpoints', 'cli', 'data', 'distributed', 'fid', 'files',
-            'framework', 'generate', 'loss', 'mode', 'networks', 'precond', 'samplers',
-            'train', 'training']
+_MODULES = ['augment', 'checkpoints', 'cli', 'course', 'data', 'distributed', 'fid',
+            'files', 'framework', 'generate', 'loss', 'mode', 'networks', 'precond',
+            'samplers', 'train', 'training']
 
 # public name -> the module that defines it
 _API = {
@@ -54,7 +55,6 @@ _API = {
     'ImageFolderDataset': 'data',
     'InceptionV3Features': 'fid',
     'ItemDetails': 'data',
-    'Level': 'networks',
     'Linear': 'networks',
     'Mixed': 'fid',
     'NpzImages': 'fid',
@@ -117,7 +117,6 @@ _API = {
     'convert_dataset': 'data',
     'convert_destination': 'checkpoints',
     'dataset_for_mode': 'data',
-    'decoder_roles': 'networks',
     'device_warning': 'training',
     'digit_classifier': 'data',
     'digits_detector_name': 'fid',
@@ -150,7 +149,6 @@ _API = {
     'is_safe_member_name': 'data',
     'is_url': 'checkpoints',
     'learning_rate': 'training',
-    'level_key': 'networks',
     'load_inception': 'fid',
     'load_network': 'checkpoints',
     'load_official_snapshot': 'checkpoints',
@@ -214,7 +212,6 @@ _API = {
     'training_loop': 'training',
     'transform_image': 'data',
     'translation_2d': 'augment',
-    'unet_levels': 'networks',
     'update_ema': 'training',
     'vp_fitted': 'samplers',
     'vp_sigma': 'precond',
