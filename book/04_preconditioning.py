@@ -133,7 +133,7 @@ plt.rcParams.update({"figure.dpi": 80, "axes.grid": True, "grid.alpha": 0.3})
 # **Check** — minimise $c_\text{out}^2$ over a fine grid of $c_\text{skip}$ by brute force and
 # compare with the closed forms, for σ from 0.002 to 80.
 
-# %%
+# %% tags=["hide-input"]
 sigma_data = 0.5
 grid = torch.linspace(0, 1, 200_001, dtype=torch.float64)
 for sigma in [0.002, 0.1, 0.5, 2.0, 80.0]:
@@ -260,8 +260,8 @@ class Precond(torch.nn.Module):
         sigma = torch.as_tensor(sigma, device=x.device).to(torch.float32)
         sigma = sigma.reshape(-1, 1, 1, 1)
         if sigma.shape[0] not in (1, x.shape[0]):
-            raise ValueError(f"sigma must hold 1 or {x.shape[0]} values (one an image),"
-                             f" got {sigma.shape[0]}")
+            raise ValueError(f"sigma must hold 1 or {x.shape[0]} values (one per "
+                             f"image), got {sigma.shape[0]}")
         if self.label_dim == 0:
             class_labels = None
         elif class_labels is None:  # an unconditional call: the all-zero label

@@ -549,10 +549,8 @@ class _LevelUNet(torch.nn.Module):
         return x, out
 
 
-# %% [markdown]
-# **Look** — the level table of the paper's ImageNet-64 ADM (§5.5 draws a whole U-Net):
-
 # %%
+# the level table of the paper's ImageNet-64 ADM (§5.5 draws a whole U-Net)
 imagenet_levels = _unet_levels(64, 192, [1, 2, 3, 4], 3, [32, 16, 8])
 print(*imagenet_levels, sep="\n")
 assert [lv.attention for lv in imagenet_levels] == [False, True, True, True]
@@ -576,10 +574,10 @@ assert [lv.attention for lv in imagenet_levels] == [False, True, True, True]
 # | `encoder_type` | `standard` | `residual`: the *input image*, down-sampled, joins every level |
 #
 # NCSN++'s image path, a down-sampling 3×3 convolution per level, is averaged with the
-# features by the variance-keeping $1/\sqrt2$. The `'skip'` encoder and decoder are the
-# progressive variants of the original code (unused by the paper; here and checked). The
-# forward pass comes first, as a base class; then the constructor, which makes the modules in
-# the official order, so that a seeded constructor draws the official initial weights.
+# features by $1/\sqrt2$; the `'skip'` encoder and decoder are the original code's progressive
+# variants (unused by the paper; checked). The forward pass comes first, as a base class, then
+# the constructor: it makes the modules in the official order, so a seeded one draws the
+# official initial weights.
 
 # %% tags=["export"]
 def _init_kwargs(local_vars: dict) -> dict:
@@ -647,7 +645,6 @@ class SongUNet(_SongUNetForward):
 
     DDPM++: embedding_type='positional', channel_mult_noise=1, encoder_type='standard',
     resample_filter=[1, 1]; NCSN++: 'fourier', 2, 'residual', [1, 3, 3, 1].
-    forward(x, noise_labels, class_labels, augment_labels=None) returns F(x).
     """
 
     def __init__(self, img_resolution, in_channels, out_channels, label_dim=0,
@@ -798,10 +795,7 @@ assert all(src[1].split("_")[0] == dst[1].split("_")[0] for src, dst in pairs)
 
 # %% tags=["export"]
 class DhariwalUNet(_LevelUNet):
-    """ADM U-Net of Dhariwal & Nichol (2021), official arguments and keys. Chapter 5.
-
-    forward(x, noise_labels, class_labels, augment_labels=None) returns F(x).
-    """
+    """ADM U-Net of Dhariwal & Nichol (2021), official arguments and keys. Chapter 5."""
 
     def __init__(self, img_resolution, in_channels, out_channels, label_dim=0,
                  augment_dim=0, model_channels=192, channel_mult=(1, 2, 3, 4),
@@ -862,10 +856,10 @@ class DhariwalUNet(_LevelUNet):
 # %% [markdown]
 # **Check — parity with the official code.** `data/precond_edm.pt` holds a small DDPM++ of
 # the official code and what it returned: we load it with `strict=True` (every key present,
-# none extra, every shape equal) and compare. `data/network_refs.pt` does the same for
-# NCSN++, the progressive variants and a small ADM (0, 1 and 2 heads), with *every*
-# parameter seeded random (the official output layers start near zero: that would prove
-# nothing).
+# none extra, every shape equal) and compare. `data/network_refs.pt` does the same for NCSN++,
+# the progressive variants and a small ADM (0, 1, 2 heads) with *every* parameter seeded
+# random (near-zero output layers would prove nothing), and holds fingerprints of the official
+# initial weights.
 
 # %% tags=["hide-input"]
 import importlib.util
@@ -876,7 +870,6 @@ ref = torch.load(DATA / "precond_edm.pt", weights_only=True)
 wrapped = EDMPrecond(**ref["kwargs"]).eval()  # our SongUNet inside Chapter 4's wrapper
 wrapped.load_state_dict(ref["state_dict"], strict=True)
 assert list(wrapped.state_dict()) == list(ref["state_dict"])  # same keys, same order
-assert sum(p.numel() for p in wrapped.parameters()) == ref["num_params"]
 args = (ref["model_in_x"], ref["model_in_noise_labels"], ref["model_in_class_labels"])
 with torch.no_grad():
     out = wrapped.model(*args)
@@ -891,11 +884,13 @@ spec.loader.exec_module(make_network_refs)
 NET_REFS = torch.load(DATA / "network_refs.pt", weights_only=True)
 
 
+CLASSES = {"SongUNet": SongUNet, "DhariwalUNet": DhariwalUNet}
+
+
 def official_twin(name):
     """Ours with the parameters of the official run `name`; its parity error."""
     ref = NET_REFS[name]
-    net = {"SongUNet": SongUNet, "DhariwalUNet": DhariwalUNet}[ref["class_name"]]
-    net = net(**ref["kwargs"]).eval()
+    net = CLASSES[ref["class_name"]](**ref["kwargs"]).eval()
     params = make_network_refs.random_state(ref["param_shapes"], ref["seed"])
     net.load_state_dict({**params, **ref["buffers"]}, strict=True)
     assert list(net.state_dict()) == ref["state_dict_keys"]  # same keys, same order
@@ -916,6 +911,12 @@ for name, err in parity_errors.items():
 heads = {block.num_heads for block in net.enc.values() if isinstance(block, UNetBlock)}
 assert max(parity_errors.values()) <= 1e-5 and heads == {0, 1, 2}  # (net is the ADM)
 glue("parity_worst", max(parity_errors.values()), display=False)
+for name, ref in NET_REFS["init"].items():  # seeded constructors: the official weights
+    torch.manual_seed(ref["seed"])
+    state = CLASSES[ref["class_name"]](**ref["kwargs"]).state_dict()
+    ours = make_network_refs.init_fingerprint(state)
+    assert torch.allclose(ours["sums"], ref["sums"], rtol=1e-12, atol=1e-12), name
+print("seeded initial weights as the official ones:", *NET_REFS["init"])
 
 # %% [markdown]
 # ## 5.7 The paper's networks, counted
@@ -956,10 +957,9 @@ for name, (cls, kwargs, official) in paper.items():
 #
 # Exported to `edm_lit.networks`: layers with the official parameter names (`weight_init`,
 # `Linear`, `Conv2d`, `GroupNorm`, `attention`, `UNetBlock`, `PositionalEmbedding`,
-# `FourierEmbedding`) and `SongUNet` (DDPM++ / NCSN++) and `DhariwalUNet` (ADM), built from a
-# level table (`net.levels`) with the official arguments (in `init_kwargs`). Official weights
-# load with `strict=True`, outputs agree to {glue:text}`parity_worst:.1e`, and the paper's
-# networks have the official sizes. Chapter 5b trains one; Appendix A2 loads snapshots.
+# `FourierEmbedding`), and `SongUNet` (DDPM++, NCSN++) and `DhariwalUNet` (ADM), built from a
+# level table (`net.levels`) with the official arguments (`init_kwargs`) and weights (outputs
+# within {glue:text}`parity_worst:.1e`). Chapter 5b trains one; Appendix A2 loads snapshots.
 
 # %% tags=["hide-cell"]
 # the numbers the answers quote: the scale after 20 fresh blocks of DDPM++ and of ADM

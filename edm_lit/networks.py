@@ -413,7 +413,6 @@ class SongUNet(_SongUNetForward):
 
     DDPM++: embedding_type='positional', channel_mult_noise=1, encoder_type='standard',
     resample_filter=[1, 1]; NCSN++: 'fourier', 2, 'residual', [1, 3, 3, 1].
-    forward(x, noise_labels, class_labels, augment_labels=None) returns F(x).
     """
 
     def __init__(self, img_resolution, in_channels, out_channels, label_dim=0,
@@ -488,10 +487,7 @@ class SongUNet(_SongUNetForward):
 # ── 05_networks.py § 5.6 ADM: `DhariwalUNet` ──
 
 class DhariwalUNet(_LevelUNet):
-    """ADM U-Net of Dhariwal & Nichol (2021), official arguments and keys. Chapter 5.
-
-    forward(x, noise_labels, class_labels, augment_labels=None) returns F(x).
-    """
+    """ADM U-Net of Dhariwal & Nichol (2021), official arguments and keys. Chapter 5."""
 
     def __init__(self, img_resolution, in_channels, out_channels, label_dim=0,
                  augment_dim=0, model_channels=192, channel_mult=(1, 2, 3, 4),

@@ -90,8 +90,8 @@ class Precond(torch.nn.Module):
         sigma = torch.as_tensor(sigma, device=x.device).to(torch.float32)
         sigma = sigma.reshape(-1, 1, 1, 1)
         if sigma.shape[0] not in (1, x.shape[0]):
-            raise ValueError(f"sigma must hold 1 or {x.shape[0]} values (one an image),"
-                             f" got {sigma.shape[0]}")
+            raise ValueError(f"sigma must hold 1 or {x.shape[0]} values (one per "
+                             f"image), got {sigma.shape[0]}")
         if self.label_dim == 0:
             class_labels = None
         elif class_labels is None:  # an unconditional call: the all-zero label
