@@ -403,6 +403,8 @@ for name, value in [("init_lo", initial.min().item()),
 # the official `use_fp16` mechanism. The preconditioner (Chapter 4) casts the network input to
 # float16 when `use_fp16=True` on a GPU and the layers follow, while the embedding (computed
 # from float32 noise labels), the weights, their gradients and the optimiser stay in float32.
+# (Attention: the official code computes the product and softmax in float32; ours hands the
+# float16 q, k, v to `scaled_dot_product_attention`, whose GPU kernels accumulate in float32.)
 # The alternative, `torch.autocast(device_type, dtype=torch.bfloat16)` around the forward
 # pass, lets PyTorch choose the precision per operation. The speed-up is a GPU matter; here
 # we check that both paths run, on the small DDPM++ with the official weights of Chapter 5's
@@ -439,12 +441,14 @@ glue("err_bf16", err_bf16, display=False)
 # %% [markdown]
 # ## Summary
 #
-# A small DDPM++ (`EDMPrecond` around `SongUNet`, Chapters 4 and 5) trained with `EDMLoss`
-# starts at loss 1 at every σ, as App. B.6 derives, and ends close to the exact loss floor of
-# a Gaussian mixture, furthest from it at the intermediate noise levels where the paper says
-# training pays. The networks run in float16 (the official `use_fp16`) and under bfloat16
-# autocast, within {glue:text}`err_bf16:.0e` of float32. Chapter 6 trains a network on real
-# images; Chapter 7 is the paper's training loop at scale.
+# On a Gaussian mixture the loss of the ideal denoiser, the floor, is 1 at very small and
+# nearly 1 at very large σ, and only in between can training remove loss; EDM's log-normal
+# $p_\text{train}$ puts {glue:text}`share_edm` % of its draws in that range, VE and VP far
+# fewer. A small DDPM++ (`EDMPrecond` around `SongUNet`) trained with `EDMLoss` starts at
+# loss 1 at every σ, as App. B.6 derives, and ends close to the floor, furthest from it at
+# the intermediate noise levels. The networks run in float16 (the official `use_fp16`) and
+# under bfloat16 autocast, within {glue:text}`err_bf16:.0e` of float32. Chapter 6 trains a
+# network on real images; Chapter 7 is the paper's training loop.
 
 # %% tags=["hide-cell"]
 # the numbers the answers quote: the median training sigma, and the initial loss at
