@@ -86,7 +86,7 @@ import re
 import edm_lit
 
 MAP = {"mode", "framework", "samplers", "precond", "loss", "networks", "checkpoints", "augment",
-       "data", "training", "train", "generate", "fid", "cli", "files", "distributed"}
+       "data", "training", "train", "generate", "fid", "cli", "files", "distributed", "course"}
 present = {m.name for m in pkgutil.iter_modules(edm_lit.__path__)}
 print(f"modules exported so far ({len(present)} of {len(MAP)}):", ", ".join(sorted(present)))
 assert present <= MAP, f"modules missing from the map: {present - MAP}"

@@ -21,11 +21,12 @@
 #
 # Chapters 1–3 treated the denoiser $D(\mathbf{x}; \sigma)$ as given. Now we have to *learn* it,
 # with a neural network, over noise levels from $\sigma \approx 0.002$ to $\sigma = 80$. A raw
-# network is a poor fit for that job: its input $\mathbf{y} + \mathbf{n}$ has a standard
-# deviation that grows 160-fold over the range, and its output must be an image at every σ.
-# The paper (Sec. 5, App. B.6) wraps the network in **preconditioning** — scalings of its input
-# and output that depend on σ only — and chooses the **training objective** (which σ to train
-# on, and how much each σ weighs) to match. This chapter derives both and exports them:
+# network is a poor fit for that job: the standard deviation of its input
+# $\mathbf{y} + \mathbf{n}$ grows from about $\sigma_\text{data}$ to 80, and its output must be
+# an image at every σ. The paper (Sec. 5, App. B.6) wraps the network in **preconditioning**,
+# scalings of its input and output that depend on σ only, and chooses the **training
+# objective** (which σ to train on, how much each σ weighs) to match. This chapter derives both
+# and exports them:
 #
 # - `edm_lit.precond`: `VPPrecond`, `VEPrecond`, `iDDPMPrecond`, `EDMPrecond`, the four
 #   columns of the paper's Table 1, each a `torch.nn.Module` wrapping an inner network;
@@ -47,6 +48,9 @@ import torch
 
 from edm_lit.precond import vp_sigma
 
+# %% tags=["export:course"]
+import torch
+
 # %%
 import functools
 import math
@@ -56,7 +60,7 @@ import torch
 
 from myst_nb import glue
 
-from edm_lit.framework import VP, GaussianMixture, iddpm_u, toy_image_mixture
+from edm_lit.framework import VP, iddpm_u, toy_image_mixture
 from edm_lit.mode import get_mode
 
 MODE = get_mode()
@@ -65,6 +69,10 @@ plt.rcParams.update({"figure.dpi": 80, "axes.grid": True, "grid.alpha": 0.3})
 
 # %% [markdown]
 # ## 4.1 The preconditioned denoiser (Eq. 7, 8)
+#
+# > "we propose to precondition the neural network with a σ-dependent skip connection that
+# > allows it to estimate either $\mathbf{y}$ or $\mathbf{n}$, or something in between."
+# > (Sec. 5)
 #
 # The paper does not ask the network $F_\theta$ for $D$ directly. It writes
 #
@@ -84,9 +92,14 @@ plt.rcParams.update({"figure.dpi": 80, "axes.grid": True, "grid.alpha": 0.3})
 # decide how big both are at each σ. The paper's design principle: make the network's input
 # and its target have **unit variance** at every σ (networks train best on unit-scale signals),
 # and, among the choices that achieve it, **amplify the network's errors as little as
-# possible** — any error $\Delta F$ reaches the denoiser as $c_\text{out}\,\Delta F$.
-#
+# possible**: any error $\Delta F$ reaches the denoiser as $c_\text{out}\,\Delta F$.
+
+# %% [markdown]
 # ## 4.2 Deriving the EDM coefficients (App. B.6)
+#
+# > "we derive our choices shown in Table 1 by requiring network inputs and training targets
+# > to have unit variance ($c_\text{in}$, $c_\text{out}$), and amplifying errors in
+# > $F_\theta$ as little as possible ($c_\text{skip}$)." (Sec. 5)
 #
 # Let $\mathbf{y}$ have per-element variance $\sigma_\text{data}^2$ and $\mathbf{n} \sim \mathcal{N}(\mathbf{0}, \sigma^2\mathbf{I})$
 # be independent of it.
@@ -120,20 +133,26 @@ plt.rcParams.update({"figure.dpi": 80, "axes.grid": True, "grid.alpha": 0.3})
 # **Check** — minimise $c_\text{out}^2$ over a fine grid of $c_\text{skip}$ by brute force and
 # compare with the closed forms, for σ from 0.002 to 80.
 
-# %%
+# %% tags=["hide-input"]
 sigma_data = 0.5
 grid = torch.linspace(0, 1, 200_001, dtype=torch.float64)
 for sigma in [0.002, 0.1, 0.5, 2.0, 80.0]:
-    c_out_sq = (1 - grid) ** 2 * sigma_data**2 + grid**2 * sigma**2  # unit-variance target for each c_skip
+    # c_out^2 that gives a unit-variance target, for each c_skip of the grid
+    c_out_sq = (1 - grid) ** 2 * sigma_data**2 + grid**2 * sigma**2
     best = c_out_sq.argmin()
     c_skip_closed = sigma_data**2 / (sigma**2 + sigma_data**2)
     c_out_closed = sigma * sigma_data / math.sqrt(sigma**2 + sigma_data**2)
-    print(f"sigma={sigma:<6} c_skip: grid {grid[best]:.5f} closed {c_skip_closed:.5f}   "
-          f"c_out: grid {c_out_sq[best].sqrt():.5f} closed {c_out_closed:.5f}")
-    assert abs(grid[best] - c_skip_closed) < 1e-5 and abs(c_out_sq[best].sqrt() - c_out_closed) < 1e-6
+    print(f"sigma={sigma:<6} c_skip: grid {grid[best]:.5f} closed {c_skip_closed:.5f}"
+          f"   c_out: grid {c_out_sq[best].sqrt():.5f} closed {c_out_closed:.5f}")
+    assert abs(grid[best] - c_skip_closed) < 1e-5
+    assert abs(c_out_sq[best].sqrt() - c_out_closed) < 1e-6
 
 # %% [markdown]
 # ## 4.3 Table 1 as code: the preconditioners
+#
+# > "Previous methods […] address the input scaling via a σ-dependent normalization factor and
+# > attempt to precondition the output by training $F_\theta$ to predict $\mathbf{n}$ scaled
+# > to unit variance" (Sec. 5)
 #
 # The paper's Table 1 gives the four functions for each of the models it compares:
 #
@@ -168,22 +187,23 @@ for sigma in [0.002, 0.1, 0.5, 2.0, 80.0]:
 
 # %% tags=["export"]
 def _resolve_model_type(model_type):
-    """The inner network's constructor: a class or callable as given, or a name in edm_lit.networks (Chapter 5)."""
+    """The inner network's class (or callable), or its name in edm_lit.networks."""
     if not isinstance(model_type, str):
         if not callable(model_type):
-            raise ValueError(f"model_type must be a class, a callable or a network name, got {model_type!r}")
+            raise ValueError("model_type must be a class, a callable or a network "
+                             f"name, got {model_type!r}")
         return model_type
     try:
         networks = importlib.import_module("edm_lit.networks")
     except ModuleNotFoundError as e:
         if e.name != "edm_lit.networks":
             raise
-        raise ValueError(f"model_type {model_type!r} needs edm_lit.networks (Chapter 5), which is not available; "
-                         "pass the network class instead") from None
+        raise ValueError(f"model_type {model_type!r} needs edm_lit.networks (Chapter "
+                         "5), which is not available; pass the network class") from None
     cls = getattr(networks, model_type, None)
     if not (isinstance(cls, type) and issubclass(cls, torch.nn.Module)):
-        raise ValueError(f"unknown model_type {model_type!r}: expected a network of edm_lit.networks such as "
-                         "'SongUNet' or 'DhariwalUNet', or a network class")
+        raise ValueError(f"unknown model_type {model_type!r}: expected a network of "
+                         "edm_lit.networks ('SongUNet', 'DhariwalUNet') or a class")
     return cls
 
 
@@ -195,64 +215,76 @@ def _check_count(value, name: str, minimum: int):
 
 def _check_sigma_range(sigma_min, sigma_max):
     if not 0 <= sigma_min < sigma_max:
-        raise ValueError(f"need 0 <= sigma_min < sigma_max, got sigma_min={sigma_min}, sigma_max={sigma_max}")
+        raise ValueError("need 0 <= sigma_min < sigma_max, got "
+                         f"sigma_min={sigma_min}, sigma_max={sigma_max}")
     return float(sigma_min), float(sigma_max)
 
 
+# %% tags=["export"]
 class Precond(torch.nn.Module):
-    """D(x; sigma) = c_skip x + c_out F(c_in x; c_noise) around an inner network F (Eq. 7). Chapter 4.
+    """D(x; sigma) = c_skip x + c_out F(c_in x; c_noise), Eq. 7, around F. Chapter 4.
 
-    The base of the four columns of Table 1: a subclass sets `sigma_min`, `sigma_max` and gives
-    `coefficients(sigma) -> (c_skip, c_out, c_in, c_noise)`. The inner network is `self.model`.
+    The base of the four columns of Table 1: a subclass sets `sigma_min`, `sigma_max`
+    and gives `coefficients(sigma) -> (c_skip, c_out, c_in, c_noise)`. F: `self.model`.
     """
 
-    def __init__(self, img_resolution, img_channels, label_dim=0, use_fp16=False, model_type=None,
-                 model_out_channels=None, **model_kwargs):
+    def __init__(self, img_resolution, img_channels, label_dim=0, use_fp16=False,
+                 model_type=None, model_out_channels=None, **model_kwargs):
         super().__init__()
         self.img_resolution = _check_count(img_resolution, "img_resolution", 1)
         self.img_channels = _check_count(img_channels, "img_channels", 1)
         self.label_dim = _check_count(label_dim, "label_dim", 0)
         self.use_fp16 = bool(use_fp16)
-        out_channels = self.img_channels if model_out_channels is None else model_out_channels
+        out_channels = model_out_channels
+        if out_channels is None:
+            out_channels = self.img_channels
         self.model = _resolve_model_type(model_type)(
-            img_resolution=self.img_resolution, in_channels=self.img_channels, out_channels=out_channels,
-            label_dim=self.label_dim, **model_kwargs)
+            img_resolution=self.img_resolution, in_channels=self.img_channels,
+            out_channels=out_channels, label_dim=self.label_dim, **model_kwargs)
 
     def coefficients(self, sigma):
-        """(c_skip, c_out, c_in, c_noise) at sigma, Table 1; broadcastable against sigma."""
+        """(c_skip, c_out, c_in, c_noise) at sigma (Table 1), broadcastable."""
         raise NotImplementedError
 
     def round_sigma(self, sigma):
-        """The noise level the network supports nearest to sigma: any sigma for a continuous model."""
+        """The supported noise level nearest to sigma: sigma, for a continuous model."""
         return torch.as_tensor(sigma)
 
     def _prepare(self, x, sigma, class_labels):
-        """Check shapes (no device syncs) and cast x, sigma [N,1,1,1] and the labels to float32."""
+        """Check shapes (no device syncs); x, sigma [N,1,1,1] and labels in float32."""
         C, R = self.img_channels, self.img_resolution
         if x.ndim != 4 or tuple(x.shape[1:]) != (C, R, R):
-            raise ValueError(f"x must have shape [N, {C}, {R}, {R}], got {tuple(x.shape)}")
+            raise ValueError(f"x must have shape [N, {C}, {R}, {R}], "
+                             f"got {tuple(x.shape)}")
         x = x.to(torch.float32)
-        sigma = torch.as_tensor(sigma, device=x.device).to(torch.float32).reshape(-1, 1, 1, 1)
+        sigma = torch.as_tensor(sigma, device=x.device).to(torch.float32)
+        sigma = sigma.reshape(-1, 1, 1, 1)
         if sigma.shape[0] not in (1, x.shape[0]):
-            raise ValueError(f"sigma must hold 1 or {x.shape[0]} values (one per image), got {sigma.shape[0]}")
+            raise ValueError(f"sigma must hold 1 or {x.shape[0]} values (one per "
+                             f"image), got {sigma.shape[0]}")
         if self.label_dim == 0:
             class_labels = None
-        elif class_labels is None:
-            class_labels = torch.zeros([1, self.label_dim], device=x.device)  # unconditional call: all-zero label
+        elif class_labels is None:  # an unconditional call: the all-zero label
+            class_labels = torch.zeros([1, self.label_dim], device=x.device)
         elif class_labels.ndim == 0 or class_labels.shape[-1] != self.label_dim:
-            raise ValueError(f"class_labels must have shape [N, {self.label_dim}], got {tuple(class_labels.shape)}")
+            raise ValueError(f"class_labels must have shape [N, {self.label_dim}], "
+                             f"got {tuple(class_labels.shape)}")
         else:
             class_labels = class_labels.to(torch.float32).reshape(-1, self.label_dim)
         return x, sigma, class_labels
 
     def forward(self, x, sigma, class_labels=None, force_fp32=False, **model_kwargs):
-        """D(x; sigma) by Eq. 7, float32 [N, C, H, W]; `model_kwargs` (e.g. augment_labels) go to the inner network."""
+        """D(x; sigma) by Eq. 7 in float32; model_kwargs (augment_labels) go to F."""
         x, sigma, class_labels = self._prepare(x, sigma, class_labels)
-        dtype = torch.float16 if (self.use_fp16 and not force_fp32 and x.device.type == "cuda") else torch.float32
+        fp16 = self.use_fp16 and not force_fp32 and x.device.type == "cuda"
+        dtype = torch.float16 if fp16 else torch.float32
         c_skip, c_out, c_in, c_noise = self.coefficients(sigma)
-        F_x = self.model((c_in * x).to(dtype), c_noise.flatten(), class_labels=class_labels, **model_kwargs)
-        if F_x.dtype != dtype and not torch.is_autocast_enabled(x.device.type):  # autocast may pick bf16/fp16
-            raise RuntimeError(f"the inner network returned {F_x.dtype}, expected {dtype}")
+        F_x = self.model((c_in * x).to(dtype), c_noise.flatten(),
+                         class_labels=class_labels, **model_kwargs)
+        # (under autocast the network may return bfloat16 or float16)
+        if F_x.dtype != dtype and not torch.is_autocast_enabled(x.device.type):
+            raise RuntimeError(f"the inner network returned {F_x.dtype}, "
+                               f"expected {dtype}")
         return c_skip * x + c_out * F_x[:, :self.img_channels].to(torch.float32)
 
 
@@ -267,26 +299,33 @@ class Precond(torch.nn.Module):
 
 # %% tags=["export"]
 def vp_sigma(t, beta_d=19.9, beta_min=0.1):
-    """sigma(t) of the VP schedule (Table 1), as the official code computes it, in t's dtype. Chapter 4."""
+    """sigma(t) of VP (Table 1), in the official arithmetic, in t's dtype. Chapter 4."""
     t = torch.as_tensor(t)
     return ((0.5 * beta_d * t**2 + beta_min * t).exp() - 1).sqrt()
 
 
 def vp_sigma_inv(sigma, beta_d=19.9, beta_min=0.1):
-    """t = sigma^-1(sigma) of the VP schedule (Table 1), as the official code computes it, in sigma's dtype. Chapter 4."""
+    """t = sigma^-1(sigma) of VP (Table 1), in the official arithmetic. Chapter 4."""
     sigma = torch.as_tensor(sigma)
-    return ((beta_min**2 + 2 * beta_d * (1 + sigma**2).log()).sqrt() - beta_min) / beta_d
+    root = (beta_min**2 + 2 * beta_d * (1 + sigma**2).log()).sqrt()
+    return (root - beta_min) / beta_d
+
+
+def _check_vp(beta_d, beta_min, epsilon_t):
+    if not (beta_d > 0 and beta_min >= 0 and 0 < epsilon_t < 1):
+        raise ValueError("need beta_d > 0, beta_min >= 0, 0 < epsilon_t < 1; got "
+                         f"beta_d={beta_d}, beta_min={beta_min}, epsilon_t={epsilon_t}")
 
 
 class VPPrecond(Precond):
-    """Variance-preserving preconditioning (Table 1, column VP): predicts the noise, c_noise = (M-1) t. Chapter 4."""
+    """VP preconditioning (Table 1): noise prediction, c_noise = (M-1) t. Chapter 4."""
 
-    def __init__(self, img_resolution, img_channels, label_dim=0, use_fp16=False, beta_d=19.9, beta_min=0.1,
-                 M=1000, epsilon_t=1e-5, model_type="SongUNet", **model_kwargs):
-        if not (beta_d > 0 and beta_min >= 0 and 0 < epsilon_t < 1):
-            raise ValueError(f"need beta_d > 0, beta_min >= 0, 0 < epsilon_t < 1; got beta_d={beta_d}, "
-                             f"beta_min={beta_min}, epsilon_t={epsilon_t}")
-        super().__init__(img_resolution, img_channels, label_dim, use_fp16, model_type, **model_kwargs)
+    def __init__(self, img_resolution, img_channels, label_dim=0, use_fp16=False,
+                 beta_d=19.9, beta_min=0.1, M=1000, epsilon_t=1e-5,
+                 model_type="SongUNet", **model_kwargs):
+        _check_vp(beta_d, beta_min, epsilon_t)
+        super().__init__(img_resolution, img_channels, label_dim, use_fp16, model_type,
+                         **model_kwargs)
         self.beta_d, self.beta_min, self.epsilon_t = beta_d, beta_min, epsilon_t
         self.M = _check_count(M, "M", 2)
         self.sigma_min = float(self.sigma(epsilon_t))
@@ -301,16 +340,19 @@ class VPPrecond(Precond):
         return vp_sigma_inv(sigma, self.beta_d, self.beta_min)
 
     def coefficients(self, sigma):
-        return 1, -sigma, 1 / (sigma**2 + 1).sqrt(), (self.M - 1) * self.sigma_inv(sigma)
+        c_noise = (self.M - 1) * self.sigma_inv(sigma)
+        return 1, -sigma, 1 / (sigma**2 + 1).sqrt(), c_noise
 
 
 class VEPrecond(Precond):
-    """Variance-exploding preconditioning (Table 1, column VE): predicts the noise, c_noise = ln(sigma / 2). Chapter 4."""
+    """VE preconditioning (Table 1): predicts the noise, c_noise = ln(sigma / 2).
+    Chapter 4."""
 
-    def __init__(self, img_resolution, img_channels, label_dim=0, use_fp16=False, sigma_min=0.02, sigma_max=100,
-                 model_type="SongUNet", **model_kwargs):
+    def __init__(self, img_resolution, img_channels, label_dim=0, use_fp16=False,
+                 sigma_min=0.02, sigma_max=100, model_type="SongUNet", **model_kwargs):
         sigma_min, sigma_max = _check_sigma_range(sigma_min, sigma_max)
-        super().__init__(img_resolution, img_channels, label_dim, use_fp16, model_type, **model_kwargs)
+        super().__init__(img_resolution, img_channels, label_dim, use_fp16, model_type,
+                         **model_kwargs)
         self.sigma_min, self.sigma_max = sigma_min, sigma_max
 
     def coefficients(self, sigma):
@@ -327,31 +369,36 @@ class VEPrecond(Precond):
 
 # %% tags=["export"]
 class iDDPMPrecond(Precond):
-    """Improved-DDPM preconditioning (Table 1, column iDDPM): sigma snaps to the table u, c_noise = its index. Chapter 4."""
+    """iDDPM preconditioning (Table 1): sigma snaps to the table u, c_noise = its index.
+    Chapter 4."""
 
-    def __init__(self, img_resolution, img_channels, label_dim=0, use_fp16=False, C_1=0.001, C_2=0.008, M=1000,
-                 model_type="DhariwalUNet", **model_kwargs):
+    def __init__(self, img_resolution, img_channels, label_dim=0, use_fp16=False,
+                 C_1=0.001, C_2=0.008, M=1000, model_type="DhariwalUNet",
+                 **model_kwargs):
         M = _check_count(M, "M", 2)
         if not (0 < C_1 <= 1 and C_2 >= 0):
-            raise ValueError(f"need 0 < C_1 <= 1 and C_2 >= 0, got C_1={C_1}, C_2={C_2}")
+            raise ValueError(f"need 0 < C_1 <= 1, C_2 >= 0; got C_1={C_1}, C_2={C_2}")
+        out_channels = 2 * _check_count(img_channels, "img_channels", 1)  # + variances
         super().__init__(img_resolution, img_channels, label_dim, use_fp16, model_type,
-                         model_out_channels=2 * _check_count(img_channels, "img_channels", 1), **model_kwargs)
+                         model_out_channels=out_channels, **model_kwargs)
         self.C_1, self.C_2, self.M = C_1, C_2, M
         self.register_buffer("u", iddpm_u(M, C_1, C_2, dtype=torch.float32))
         self.sigma_min = float(self.u[M - 1])
         self.sigma_max = float(self.u[0])
 
     def round_sigma(self, sigma, return_index=False):
-        """The entry of u nearest to each sigma (sigma's dtype), or its index j (int64); sigma's shape and device."""
+        """The entry of u nearest to each sigma (in sigma's dtype), or its index j
+        (int64), in sigma's shape and on its device."""
         sigma = torch.as_tensor(sigma)
         flat = sigma.to(self.u.device).to(torch.float32).reshape(1, -1, 1)
-        index = torch.cdist(flat, self.u.reshape(1, -1, 1)).argmin(dim=2).reshape(sigma.shape)
+        distance = torch.cdist(flat, self.u.reshape(1, -1, 1))
+        index = distance.argmin(dim=2).reshape(sigma.shape)
         result = index if return_index else self.u[index].to(sigma.dtype)
         return result.to(sigma.device)
 
     def coefficients(self, sigma):
-        c_noise = self.M - 1 - self.round_sigma(sigma, return_index=True).to(torch.float32)
-        return 1, -sigma, 1 / (sigma**2 + 1).sqrt(), c_noise
+        j = self.round_sigma(sigma, return_index=True).to(torch.float32)
+        return 1, -sigma, 1 / (sigma**2 + 1).sqrt(), self.M - 1 - j
 
 
 # %% [markdown]
@@ -360,15 +407,18 @@ class iDDPMPrecond(Precond):
 
 # %% tags=["export"]
 class EDMPrecond(Precond):
-    """EDM preconditioning (Table 1, column EDM; App. B.6): unit-variance input and target. Chapter 4."""
+    """EDM preconditioning (Table 1; B.6): unit-variance input, target. Chapter 4."""
 
-    def __init__(self, img_resolution, img_channels, label_dim=0, use_fp16=False, sigma_min=0, sigma_max=float("inf"),
-                 sigma_data=0.5, model_type="DhariwalUNet", **model_kwargs):
+    def __init__(self, img_resolution, img_channels, label_dim=0, use_fp16=False,
+                 sigma_min=0, sigma_max=float("inf"), sigma_data=0.5,
+                 model_type="DhariwalUNet", **model_kwargs):
         sigma_min, sigma_max = _check_sigma_range(sigma_min, sigma_max)
         if not sigma_data > 0:
             raise ValueError(f"sigma_data must be > 0, got {sigma_data}")
-        super().__init__(img_resolution, img_channels, label_dim, use_fp16, model_type, **model_kwargs)
-        self.sigma_min, self.sigma_max, self.sigma_data = sigma_min, sigma_max, sigma_data
+        super().__init__(img_resolution, img_channels, label_dim, use_fp16, model_type,
+                         **model_kwargs)
+        self.sigma_min, self.sigma_max = sigma_min, sigma_max
+        self.sigma_data = sigma_data
 
     def coefficients(self, sigma):
         sd = self.sigma_data
@@ -380,39 +430,48 @@ class EDMPrecond(Precond):
 
 # %% [markdown]
 # To run a forward pass we need an inner network. Chapter 5 brings the real ones; a tiny
-# stand-in with the same calling convention — `F(x, noise_labels, class_labels=None, **kwargs)` —
+# stand-in with the same calling convention, `F(x, noise_labels, class_labels=None, **kw)`,
 # shows the wrapper at work: two convolutions, with the noise condition and the class label
 # added in between.
 
 # %%
 class TinyNet(torch.nn.Module):
-    """A stand-in inner network with the interface of Chapter 5's networks (not a real architecture)."""
+    """A stand-in inner network with the interface of Chapter 5's networks."""
 
-    def __init__(self, img_resolution, in_channels, out_channels, label_dim=0, hidden=16, **unused):
+    def __init__(self, img_resolution, in_channels, out_channels, label_dim=0,
+                 hidden=16):
         super().__init__()
         self.conv_in = torch.nn.Conv2d(in_channels, hidden, 3, padding=1)
         self.map_noise = torch.nn.Linear(1, hidden)
-        self.map_label = torch.nn.Linear(label_dim, hidden, bias=False) if label_dim else None
+        self.map_label = None
+        if label_dim:
+            self.map_label = torch.nn.Linear(label_dim, hidden, bias=False)
         self.conv_out = torch.nn.Conv2d(hidden, out_channels, 3, padding=1)
 
     def forward(self, x, noise_labels, class_labels=None, augment_labels=None):
         emb = self.map_noise(noise_labels.reshape(-1, 1).to(x.dtype))
         if self.map_label is not None:
             emb = emb + self.map_label(class_labels.to(x.dtype))
-        return self.conv_out(torch.nn.functional.silu(self.conv_in(x) + emb[:, :, None, None]))
+        h = torch.nn.functional.silu(self.conv_in(x) + emb[:, :, None, None])
+        return self.conv_out(h)
 
 
-nets = {"vp": VPPrecond(8, 3, model_type=TinyNet), "ve": VEPrecond(8, 3, model_type=TinyNet),
-        "iddpm": iDDPMPrecond(8, 3, model_type=TinyNet), "edm": EDMPrecond(8, 3, label_dim=10, model_type=TinyNet)}
+# %% tags=["hide-input"]
+nets = {"vp": VPPrecond(8, 3, model_type=TinyNet),
+        "ve": VEPrecond(8, 3, model_type=TinyNet),
+        "iddpm": iDDPMPrecond(8, 3, model_type=TinyNet),
+        "edm": EDMPrecond(8, 3, label_dim=10, model_type=TinyNet)}
 x = torch.randn(4, 3, 8, 8, dtype=torch.float64)
 for name, net in nets.items():
-    D = net(x, torch.tensor(2.5, dtype=torch.float64))  # the samplers' call: float64 x, a 0-dim float64 sigma
+    D = net(x, torch.tensor(2.5, dtype=torch.float64))  # as the samplers call: float64
     keys = list(net.state_dict())
-    print(f"{type(net).__name__:13s} sigma in [{net.sigma_min:.4g}, {net.sigma_max:.4g}]  out {tuple(D.shape)} "
-          f"{D.dtype}  state_dict: {keys[:2]} ... ({len(keys)} keys)")
+    print(f"{type(net).__name__:13s} sigma in [{net.sigma_min:.4g}, "
+          f"{net.sigma_max:.4g}]  out {tuple(D.shape)} {D.dtype}  "
+          f"state_dict: {keys[:2]} ... ({len(keys)} keys)")
     assert D.dtype == torch.float32 and D.shape == x.shape
-    assert all(k.startswith("model.") for k in keys if k != "u") and ("u" in keys) == (name == "iddpm")
-assert nets["iddpm"].model.conv_out.out_channels == 6 and nets["iddpm"].u.dtype == torch.float32
+    assert all(k.startswith("model.") for k in keys if k != "u")
+    assert ("u" in keys) == (name == "iddpm")
+assert nets["iddpm"].model.conv_out.out_channels == 6  # F predicts variances too
 assert torch.equal(nets["iddpm"].u, iddpm_u(dtype=torch.float32))
 
 # %% [markdown]
@@ -422,54 +481,67 @@ assert torch.equal(nets["iddpm"].u, iddpm_u(dtype=torch.float32))
 # comes out as $2^{-10} \approx$ {glue:text}`vp_smin_f32` instead of {glue:text}`vp_smin_f64` — a
 # {glue:text}`vp_smin_gap` % difference we keep for compatibility with pretrained VP networks.
 
-# %%
+# %% tags=["hide-input"]
 vp64 = VP(epsilon_s=1e-5)
 t = torch.linspace(1e-3, 1, 200, dtype=torch.float64)
 err = ((vp_sigma(t) - vp64.sigma(t)).abs() / vp64.sigma(t)).max().item()
 err_inv = ((vp_sigma_inv(vp64.sigma(t)) - t).abs() / t).max().item()
 vp_net = nets["vp"]
-print(f"float64: |vp_sigma - VP.sigma| {err:.1e}, |vp_sigma_inv(sigma(t)) - t| {err_inv:.1e} (relative)")
-print(f"sigma_min: official float32 arithmetic {vp_net.sigma_min:.7f}, exact {vp64.sigma_min:.7f}; "
-      f"sigma_max {vp_net.sigma_max:.4f} vs {vp64.sigma_max:.4f}")
+gap = vp64.sigma_min / vp_net.sigma_min - 1
+print(f"float64: |vp_sigma - VP.sigma| {err:.1e}, |vp_sigma_inv(sigma(t)) - t| "
+      f"{err_inv:.1e} (relative)")
+print(f"sigma_min: official float32 arithmetic {vp_net.sigma_min:.7f}, exact "
+      f"{vp64.sigma_min:.7f}; sigma_max {vp_net.sigma_max:.4f} vs {vp64.sigma_max:.4f}")
 assert err < 1e-12 and err_inv < 2e-12
-assert vp_net.sigma_min == 2**-10 and 0.02 < vp64.sigma_min / vp_net.sigma_min - 1 < 0.03
+assert vp_net.sigma_min == 2**-10 and 0.02 < gap < 0.03
+assert abs(vp_net.sigma_max / vp64.sigma_max - 1) < 1e-7
 glue("vp_smin_f32", f"{vp_net.sigma_min:.6f}", display=False)
 glue("vp_smin_f64", f"{vp64.sigma_min:.7f}", display=False)
-glue("vp_smin_gap", f"{100 * (vp64.sigma_min / vp_net.sigma_min - 1):.1f}", display=False)
-assert abs(vp_net.sigma_max / vp64.sigma_max - 1) < 1e-7
+glue("vp_smin_gap", f"{100 * gap:.1f}", display=False)
 
 # %% [markdown]
 # **Check** — iDDPM's rounding: every σ maps to its nearest table entry, and the noise
 # condition is $M - 1 - j$. A σ exactly on the table is left alone, and one below
-# $u_{M-1}/2 \approx 0.003$ rounds to $u_M = 0$ (the samplers clamp σ to `sigma_min` first).
+# $u_{M-1}/2 \approx$ {glue:text}`u_half` rounds to $u_M = 0$ (the samplers clamp σ to
+# `sigma_min` first).
 
-# %%
+# %% tags=["hide-input"]
 idd = nets["iddpm"]
-sig = torch.tensor([0.002, 0.05, 1.0, 30.0, 80.0, float(idd.u[500])], dtype=torch.float64)
-j = idd.round_sigma(sig, return_index=True)
+sig = torch.tensor([0.002, 0.05, 1.0, 30.0, 80.0, idd.u[500]], dtype=torch.float64)
+j, rounded = idd.round_sigma(sig, return_index=True), idd.round_sigma(sig)
 nearest = (sig[:, None] - idd.u[None, :].double()).abs().argmin(1)
-print("sigma", sig.tolist(), "\n  -> u_j", [f"{v:.4g}" for v in idd.round_sigma(sig).tolist()], "j", j.tolist())
-assert torch.equal(j, nearest) and idd.round_sigma(sig).dtype == torch.float64
-assert idd.round_sigma(sig)[-1] == sig[-1] and idd.round_sigma(torch.tensor(80.0)).shape == ()
-assert torch.equal(idd.coefficients(sig.float().reshape(-1, 1, 1, 1))[3].flatten(), (999 - nearest).float())
+print("sigma", sig.tolist(), "\n  -> u_j", [f"{v:.4g}" for v in rounded.tolist()],
+      "j", j.tolist())
+assert torch.equal(j, nearest) and rounded.dtype == torch.float64
+assert rounded[-1] == sig[-1]  # a sigma on the table stays
+assert idd.round_sigma(torch.tensor(80.0)).shape == ()
+c_noise = idd.coefficients(sig.float().reshape(-1, 1, 1, 1))[3].flatten()
+assert torch.equal(c_noise, (999 - nearest).float())
+u_half = idd.u[999].item() / 2  # below it, sigma rounds to u_M = 0
+assert idd.round_sigma(u_half * 0.99) == 0
+assert idd.round_sigma(u_half * 1.01) == idd.u[999]
+glue("u_half", f"{u_half:.4f}", display=False)
 
 # %% [markdown]
 # **Check** — the coefficients against the table, written out independently in double precision.
 
-# %%
-sig64 = torch.logspace(-3, 2, 41, dtype=torch.float64)
-sd = 0.5
+# %% tags=["hide-input"]
+s64 = torch.logspace(-3, 2, 41, dtype=torch.float64)
+sd, one = 0.5, torch.ones_like(s64)
 table = {
-    "vp": (torch.ones_like(sig64), -sig64, 1 / torch.sqrt(sig64**2 + 1), 999 * vp64.sigma_inv(sig64)),
-    "ve": (torch.ones_like(sig64), sig64, torch.ones_like(sig64), torch.log(sig64 / 2)),
-    "edm": (sd**2 / (sig64**2 + sd**2), sig64 * sd / torch.sqrt(sig64**2 + sd**2), 1 / torch.sqrt(sig64**2 + sd**2),
-            torch.log(sig64) / 4),
+    "vp": (one, -s64, 1 / torch.sqrt(s64**2 + 1), 999 * vp64.sigma_inv(s64)),
+    "ve": (one, s64, one, torch.log(s64 / 2)),
+    "edm": (sd**2 / (s64**2 + sd**2), s64 * sd / torch.sqrt(s64**2 + sd**2),
+            1 / torch.sqrt(s64**2 + sd**2), torch.log(s64) / 4),
 }
 for name, expected in table.items():
-    got = [torch.as_tensor(c, dtype=torch.float64).expand_as(sig64) for c in nets[name].coefficients(sig64)]
-    worst = max(((g - e).abs() / e.abs().clamp_min(1e-300)).max().item() for g, e in zip(got, expected))
+    got = [torch.as_tensor(c, dtype=torch.float64).expand_as(s64)
+           for c in nets[name].coefficients(s64)]
+    worst = max(((g - e).abs() / e.abs().clamp_min(1e-300)).max().item()
+                for g, e in zip(got, expected))
     print(f"{name:4s}: largest relative difference from Table 1: {worst:.1e}")
-    assert worst < (3e-10 if name == "vp" else 1e-15)  # VP: ln(1 + sigma^2) loses ~1e-10 against log1p at sigma = 0.001
+    # VP: ln(1 + sigma^2) loses ~1e-10 against log1p at sigma = 0.001
+    assert worst < (3e-10 if name == "vp" else 1e-15)
 
 # %% [markdown]
 # **Look** — the four functions of each column against σ, computed by the exported
@@ -486,10 +558,12 @@ for name, expected in table.items():
 sig_plot = torch.logspace(-3, 2, 301, dtype=torch.float64)
 coef = {}  # name -> [c_skip, |c_out|, c_in, c_noise], each [301]
 for name, net in nets.items():
-    coef[name] = [torch.as_tensor(c, dtype=torch.float64).expand_as(sig_plot) for c in net.coefficients(sig_plot)]
+    coef[name] = [torch.as_tensor(c, dtype=torch.float64).expand_as(sig_plot)
+                  for c in net.coefficients(sig_plot)]
     coef[name][1] = coef[name][1].abs()
 fig, axes = plt.subplots(1, 4, figsize=(16, 3.6))
-styles = {"vp": dict(ls="-"), "ve": dict(ls="--"), "iddpm": dict(ls=":", lw=2.5), "edm": dict(ls="-", lw=2.5)}
+styles = {"vp": dict(ls="-"), "ve": dict(ls="--"), "iddpm": dict(ls=":", lw=2.5),
+          "edm": dict(ls="-", lw=2.5)}
 labels = ["c_skip(σ)", "|c_out(σ)|", "c_in(σ)", "c_noise(σ)"]
 for k, (ax, label) in enumerate(zip(axes, labels)):
     for name, cs in coef.items():
@@ -498,15 +572,21 @@ for k, (ax, label) in enumerate(zip(axes, labels)):
 axes[3].set_yscale("symlog", linthresh=1)
 _ = axes[0].legend()
 plt.tight_layout()
-# what the figure shows: EDM hands over around sigma_data, the others never do; every c_noise grows with sigma
+# what the figure shows: EDM hands over around sigma_data, the others never do; every
+# c_noise grows with sigma
 edm_c = coef["edm"]
 handover = sig_plot[(edm_c[0] - 0.5).abs().argmin()].item()
-assert abs(handover / 0.5 - 1) < 0.025 and (edm_c[1] <= 0.5).all() and abs(edm_c[1][-1] / 0.5 - 1) < 2e-5
-assert all((coef[n][0] == 1).all() and torch.allclose(coef[n][1], sig_plot, rtol=1e-6) for n in ["vp", "ve", "iddpm"])
+assert abs(handover / 0.5 - 1) < 0.025 and (edm_c[1] <= 0.5).all()
+assert abs(edm_c[1][-1] / 0.5 - 1) < 2e-5
+for n in ["vp", "ve", "iddpm"]:
+    assert (coef[n][0] == 1).all() and torch.allclose(coef[n][1], sig_plot, rtol=1e-6)
 assert all((cs[3][1:] >= cs[3][:-1]).all() for cs in coef.values())
 
 # %% [markdown]
 # ## 4.4 What the network sees
+#
+# > "note that any errors made by the network are amplified by a factor of σ" (Sec. 5, on
+# > noise prediction)
 #
 # Now the numbers behind the design. We take the image-shaped mixture of Chapter 1 as data
 # (its $\sigma_\text{data}$ is {glue:text}`sd_toy`, so we pass that to EDM), noise it at σ from 0.002 to
@@ -529,10 +609,12 @@ for sigma in sigmas:
         stats[name]["input"].append((c_in * xn).std().item())
         stats[name]["target"].append(((y - c_skip * xn) / c_out).std().item())
         stats[name]["c_out"].append(abs(float(c_out)))
-stats = {n: {k: torch.tensor(v, dtype=torch.float64) for k, v in s.items()} for n, s in stats.items()}
+stats = {n: {k: torch.tensor(v, dtype=torch.float64) for k, v in s.items()}
+         for n, s in stats.items()}
 for name, s in stats.items():
     print(f"{name:5s} input std in [{s['input'].min():.3f}, {s['input'].max():7.3f}]   "
-          f"target std in [{s['target'].min():.3f}, {s['target'].max():.3f}]   |c_out| up to {s['c_out'].max():.3g}")
+          f"target std in [{s['target'].min():.3f}, {s['target'].max():.3f}]   "
+          f"|c_out| up to {s['c_out'].max():.3g}")
 
 # %% [markdown]
 # **Check** — with EDM both the input and the target have unit variance at every σ (up to
@@ -544,24 +626,28 @@ for name, s in stats.items():
 # 100-fold at σ = 100: at large σ a noise predictor must be extremely precise, because
 # $D = \mathbf{x} - \sigma F$ is the difference of two large quantities.
 
-# %%
+# %% tags=["hide-input"]
 edm_s = stats["edm"]
-assert ((edm_s["input"] - 1).abs() < 0.015).all() and ((edm_s["target"] - 1).abs() < 0.015).all()
+assert ((edm_s["input"] - 1).abs() < 0.015).all()
+assert ((edm_s["target"] - 1).abs() < 0.015).all()
 assert (edm_s["c_out"] <= sd_toy).all() and (edm_s["c_out"] < sigmas).all()
 for name in ["vp", "ve", "iddpm"]:
-    assert ((stats[name]["target"] - 1).abs() < 0.015).all()  # noise prediction: unit-variance target
-    assert torch.allclose(stats[name]["c_out"], sigmas, rtol=1e-6)  # ... but errors amplified by sigma
-assert stats["ve"]["input"].max() > 90 and stats["vp"]["input"].min() < 1.05 * sd_toy and stats["iddpm"]["input"].min() < 1.05 * sd_toy
+    assert ((stats[name]["target"] - 1).abs() < 0.015).all()  # unit-variance noise
+    assert torch.allclose(stats[name]["c_out"], sigmas, rtol=1e-6)  # errors times sigma
+assert abs(stats["ve"]["input"].max() / 100 - 1) < 0.02  # VE's input grows like sigma
+for name in ["vp", "iddpm"]:  # VP, iDDPM: small-sigma inputs shrink to sigma_data
+    assert abs(stats[name]["input"].min() / sd_toy - 1) < 0.02
 
 # %%
 fig, axes = plt.subplots(1, 3, figsize=(14, 3.8))
-titles = {"input": "std of the network input c_in(y+n)", "target": "std of the effective target (Eq. 8)",
+titles = {"input": "std of the network input c_in(y+n)",
+          "target": "std of the effective target (Eq. 8)",
           "c_out": "error amplification |c_out|"}
 for ax, key in zip(axes, ["input", "target", "c_out"]):
-    for i, (name, s) in enumerate(stats.items()):
-        ax.plot(sigmas, s[key], ["-", "--", ":", "-"][i], lw=[1.5, 1.5, 2.5, 2.5][i], label=name)
-    ax.set(xscale="log", yscale="log", xlabel="σ", ylabel="standard deviation" if key != "c_out" else "|c_out(σ)|",
-           title=titles[key])
+    for name, s in stats.items():
+        ax.plot(sigmas, s[key], label=name, **styles[name])
+    ylabel = "standard deviation" if key != "c_out" else "|c_out(σ)|"
+    ax.set(xscale="log", yscale="log", xlabel="σ", ylabel=ylabel, title=titles[key])
 axes[1].set_ylim(0.5, 2)
 _ = axes[0].legend()
 plt.tight_layout()
@@ -569,20 +655,24 @@ plt.tight_layout()
 # %% [markdown]
 # ## 4.5 The ideal network
 #
-# For data whose ideal denoiser $D^*$ we know (Chapter 1), Eq. 7 tells us the network a perfect
-# training run would produce: $F^* = (D^* - c_\text{skip}\mathbf{x}) / c_\text{out}$, evaluated
-# at the input $c_\text{in}\mathbf{x}$ and condition $c_\text{noise}$ it receives. For EDM we can
+# For data whose ideal denoiser $D^*$ we know (Chapter 1), Eq. 7 solved for $F$ gives the
+# network a perfect training run would produce,
+#
+# $$F^*\big(c_\text{in}(\sigma)\,\mathbf{x};\ c_\text{noise}(\sigma)\big) = \frac{D^*(\mathbf{x}; \sigma) - c_\text{skip}(\sigma)\,\mathbf{x}}{c_\text{out}(\sigma)} ,$$
+#
+# evaluated at the input and condition it receives. For EDM we can
 # undo both, $\sigma = e^{4 c_\text{noise}}$ and $\mathbf{x} = (c_\text{in}\mathbf{x}) / c_\text{in}(\sigma)$,
 # so $F^*$ is an inner network like any other and `EDMPrecond` can wrap it through `model_type`.
 #
 # **Check** — wrapped in the preconditioner, $F^*$ gives back $D^*$ to single precision (a few
 # units of float32 rounding, the dtype the preconditioner computes in).
 
-# %%
+# %% tags=["export:course"]
 class IdealF(torch.nn.Module):
-    """F* = (D* - c_skip x) / c_out for EDM preconditioning, from a ground-truth mixture (Chapter 1)."""
+    """F* = (D* - c_skip x) / c_out of EDM preconditioning for a mixture. Chapter 4."""
 
-    def __init__(self, mixture, sigma_data, img_resolution, in_channels, out_channels, label_dim=0):
+    def __init__(self, mixture, sigma_data, img_resolution, in_channels, out_channels,
+                 label_dim=0):
         super().__init__()
         self.mixture, self.sigma_data = mixture, sigma_data
 
@@ -590,21 +680,29 @@ class IdealF(torch.nn.Module):
         sigma = (4 * noise_labels.to(torch.float64)).exp().reshape(-1, 1, 1, 1)
         sd = self.sigma_data
         x = x_in.to(torch.float64) * (sigma**2 + sd**2).sqrt()  # undo c_in
-        c_skip, c_out = sd**2 / (sigma**2 + sd**2), sigma * sd / (sigma**2 + sd**2).sqrt()
+        c_skip = sd**2 / (sigma**2 + sd**2)
+        c_out = sigma * sd / (sigma**2 + sd**2).sqrt()
         D = self.mixture.denoise(x, sigma.flatten().expand(len(x)))
         return ((D - c_skip * x) / c_out).to(x_in.dtype)
 
 
-ideal_net = EDMPrecond(8, 3, sigma_data=sd_toy, model_type=functools.partial(IdealF, gm, sd_toy))
+# %% tags=["hide-input"]
+ideal_net = EDMPrecond(8, 3, sigma_data=sd_toy,
+                       model_type=functools.partial(IdealF, gm, sd_toy))
 for sigma in [0.002, 0.1, 1.0, 10.0, 80.0]:
-    xn = (gm.sample(64) + sigma * torch.randn(64, *gm.shape, dtype=torch.float64)).float()
+    noise = sigma * torch.randn(64, *gm.shape, dtype=torch.float64)
+    xn = (gm.sample(64) + noise).float()
     D_ref = gm.denoise(xn.double(), sigma)
-    err = ((ideal_net(xn, torch.tensor(sigma)) - D_ref).abs().max() / D_ref.abs().max()).item()
+    D = ideal_net(xn, torch.tensor(sigma))
+    err = ((D - D_ref).abs().max() / D_ref.abs().max()).item()
     print(f"sigma={sigma:<6}: |D(c_skip x + c_out F*) - D*| / |D*| = {err:.1e}")
     assert err < 5e-7
 
 # %% [markdown]
 # ## 4.6 The training losses
+#
+# > "The probability of sampling a given noise level σ is given by $p_\text{train}(\sigma)$ and
+# > the corresponding weight is given by $\lambda(\sigma)$." (Sec. 5)
 #
 # A loss call draws one σ per image from the training distribution $p_\text{train}$ of Table 1,
 # noises the images, and returns the weighted squared error $\lambda(\sigma)\,\|D(\mathbf{y}+\mathbf{n}; \sigma) - \mathbf{y}\|^2$
@@ -618,7 +716,7 @@ for sigma in [0.002, 0.1, 1.0, 10.0, 80.0]:
 # | constants | $\beta_d = 19.9$, $\beta_\text{min} = 0.1$, $\epsilon_t = 10^{-5}$ | $\sigma_\text{min} = 0.02$, $\sigma_\text{max} = 100$ | $P_\text{mean} = -1.2$, $P_\text{std} = 1.2$, $\sigma_\text{data} = 0.5$ |
 #
 # With λ = 1/σ², the VP and VE effective weight $\lambda c_\text{out}^2$ is 1 too; what EDM
-# changes is the preconditioning (§4.4) and *where* it trains (§4.7).
+# changes is the preconditioning (§4.4) and *where* it trains (Chapter 5b).
 #
 # The order of the random draws is part of the interface: first σ (one number per image,
 # `[N, 1, 1, 1]`), then the augmentation (Chapter 6; it returns the augmented images and their
@@ -629,15 +727,17 @@ for sigma in [0.002, 0.1, 1.0, 10.0, 80.0]:
 
 # %% tags=["export:loss"]
 def _one_per_image(images):
-    """The shape of a per-image quantity such as the training sigma: [N, 1, 1, 1], broadcast over C, H, W."""
+    """The shape [N, 1, 1, 1] of a per-image quantity such as the training sigma."""
     return (images.shape[0], 1, 1, 1)
 
 
 class DenoisingLoss:
-    """lambda(sigma) ||D(y + n; sigma) - y||^2 per element, sigma ~ p_train (Eq. 2 weighted, Table 1). Chapter 4.
+    """lambda(sigma) ||D(y + n; sigma) - y||^2 per element, sigma ~ p_train (Eq. 2
+    weighted, Table 1). Chapter 4.
 
-    A subclass states its column of Table 1 with two methods: `draw_sigma(images)`, the training sigma of each
-    image ([N, 1, 1, 1], the first random draw), and `weight(sigma)`, lambda(sigma).
+    A subclass states its column of Table 1 with two methods: `draw_sigma(images)`, the
+    training sigma of each image ([N, 1, 1, 1], the first random draw), and
+    `weight(sigma)`, lambda(sigma).
     """
 
     def draw_sigma(self, images):
@@ -647,31 +747,34 @@ class DenoisingLoss:
         raise NotImplementedError
 
     def __call__(self, net, images, labels=None, augment_pipe=None):
-        """The unreduced loss [N, C, H, W]. Draws: sigma, then the augmentation, then the noise (randn_like)."""
+        """The unreduced loss [N, C, H, W]; draws sigma, the augmentation, the noise."""
         if images.ndim != 4:
-            raise ValueError(f"images must have shape [N, C, H, W], got {tuple(images.shape)}")
+            raise ValueError("images must have shape [N, C, H, W], "
+                             f"got {tuple(images.shape)}")
         sigma = self.draw_sigma(images)  # p_train: the first draw
         if augment_pipe is None:
             clean, augment_labels = images, None
         else:  # the augmentation draws next, and tells the network what it did
             clean, augment_labels = augment_pipe(images)
-        noisy = clean + sigma * torch.randn_like(clean)  # y + n, n ~ N(0, sigma^2 I): the last draw
+        noisy = clean + sigma * torch.randn_like(clean)  # y + n, the last draw
         error = net(noisy, sigma, labels, augment_labels=augment_labels) - clean
         return self.weight(sigma) * error.square()
 
 
 def _inverse_square(sigma):
-    """lambda(sigma) = 1 / sigma^2, the weight of the noise-predicting columns VP and VE (Table 1)."""
+    """lambda(sigma) = 1 / sigma^2, the weight of the noise predictors VP and VE."""
     return sigma.square().reciprocal()
 
 
 class VPLoss(DenoisingLoss):
-    """The VP training loss (Table 1): sigma = sigma(t), t ~ U(epsilon_t, 1), lambda = 1/sigma^2. Chapter 4."""
+    """VP training loss (Table 1): sigma(t), t ~ U(epsilon_t, 1); lambda = 1/sigma^2.
+    Chapter 4."""
 
     def __init__(self, beta_d=19.9, beta_min=0.1, epsilon_t=1e-5):
         if not (beta_d > 0 and beta_min >= 0 and 0 < epsilon_t < 1):
-            raise ValueError(f"need beta_d > 0, beta_min >= 0, 0 < epsilon_t < 1; got beta_d={beta_d}, "
-                             f"beta_min={beta_min}, epsilon_t={epsilon_t}")
+            raise ValueError("need beta_d > 0, beta_min >= 0, 0 < epsilon_t < 1; got "
+                             f"beta_d={beta_d}, beta_min={beta_min}, "
+                             f"epsilon_t={epsilon_t}")
         self.beta_d, self.beta_min, self.epsilon_t = beta_d, beta_min, epsilon_t
 
     def sigma(self, t):
@@ -679,7 +782,7 @@ class VPLoss(DenoisingLoss):
         return vp_sigma(t, self.beta_d, self.beta_min)
 
     def draw_sigma(self, images):
-        # t runs from 1 down to epsilon_t as the uniform draw u runs from 0 to 1: t = 1 - (1 - epsilon_t) u
+        # t = 1 - (1 - epsilon_t) u runs from 1 down to epsilon_t as u runs from 0 to 1
         u = torch.rand(_one_per_image(images), device=images.device)
         return self.sigma(1 - (1 - self.epsilon_t) * u)
 
@@ -688,15 +791,17 @@ class VPLoss(DenoisingLoss):
 
 
 class VELoss(DenoisingLoss):
-    """The VE training loss (Table 1): ln sigma ~ U(ln sigma_min, ln sigma_max), lambda = 1/sigma^2. Chapter 4."""
+    """VE training loss (Table 1): ln sigma ~ U(ln sigma_min, ln sigma_max);
+    lambda = 1/sigma^2. Chapter 4."""
 
     def __init__(self, sigma_min=0.02, sigma_max=100):
         if not 0 < sigma_min < sigma_max:
-            raise ValueError(f"need 0 < sigma_min < sigma_max, got sigma_min={sigma_min}, sigma_max={sigma_max}")
+            raise ValueError("need 0 < sigma_min < sigma_max, got "
+                             f"sigma_min={sigma_min}, sigma_max={sigma_max}")
         self.sigma_min, self.sigma_max = sigma_min, sigma_max
 
     def draw_sigma(self, images):
-        # log-uniform: sigma = sigma_min (sigma_max / sigma_min)^u with u uniform on [0, 1)
+        # log-uniform: sigma = sigma_min (sigma_max / sigma_min)^u, u uniform on [0, 1)
         u = torch.rand(_one_per_image(images), device=images.device)
         return self.sigma_min * torch.pow(self.sigma_max / self.sigma_min, u)
 
@@ -705,11 +810,13 @@ class VELoss(DenoisingLoss):
 
 
 class EDMLoss(DenoisingLoss):
-    """The EDM training loss (Sec. 5): ln sigma ~ N(P_mean, P_std^2), lambda = 1/c_out^2. Chapter 4."""
+    """EDM training loss (Sec. 5): ln sigma ~ N(P_mean, P_std^2); lambda = 1/c_out^2.
+    Chapter 4."""
 
     def __init__(self, P_mean=-1.2, P_std=1.2, sigma_data=0.5):
         if not (P_std >= 0 and sigma_data > 0):
-            raise ValueError(f"need P_std >= 0 and sigma_data > 0, got P_std={P_std}, sigma_data={sigma_data}")
+            raise ValueError("need P_std >= 0 and sigma_data > 0, got "
+                             f"P_std={P_std}, sigma_data={sigma_data}")
         self.P_mean, self.P_std, self.sigma_data = P_mean, P_std, sigma_data
 
     def draw_sigma(self, images):
@@ -718,8 +825,9 @@ class EDMLoss(DenoisingLoss):
         return torch.exp(self.P_mean + self.P_std * z)
 
     def weight(self, sigma):
-        # 1 / c_out(sigma)^2 with c_out = sigma sigma_data / sqrt(sigma^2 + sigma_data^2) (Sec. 4.2, App. B.6)
-        return (sigma.square() + self.sigma_data**2) / (self.sigma_data * sigma).square()
+        # 1 / c_out(sigma)^2, c_out = sigma sigma_data / sqrt(sigma^2 + sigma_data^2)
+        sd = self.sigma_data
+        return (sigma.square() + sd**2) / (sd * sigma).square()
 
 
 # %% [markdown]
@@ -727,9 +835,9 @@ class EDMLoss(DenoisingLoss):
 # random stream by hand: the first draw makes σ, the next one (after an augmentation that
 # draws numbers of its own) makes the noise.
 
-# %%
+# %% tags=["hide-input"]
 class Recorder(torch.nn.Module):
-    """Returns its input unchanged and remembers the call (a stand-in 'network' for checks)."""
+    """Returns its input unchanged and remembers the call: a stand-in 'network'."""
 
     def forward(self, x, sigma, class_labels=None, **kwargs):
         self.calls = getattr(self, "calls", []) + [(x, sigma, class_labels, kwargs)]
@@ -737,13 +845,14 @@ class Recorder(torch.nn.Module):
 
 
 def flip_augment(images):
-    """A toy augmentation pipe: mirrors each image with probability 1/2, returns (images, augment labels)."""
-    flip = (torch.rand([images.shape[0], 1, 1, 1], device=images.device) < 0.5).to(images.dtype)
+    """A toy augmentation: mirror each image with probability 1/2; (images, labels)."""
+    flip = torch.rand([images.shape[0], 1, 1, 1], device=images.device) < 0.5
+    flip = flip.to(images.dtype)
     return images * (1 - flip) + images.flip(3) * flip, flip.reshape(-1, 1)
 
 
 images = gm.sample(8).float()
-sigma_from_first_draw = {  # how each loss turns its first draw into sigma (Table 1, training sigma)
+sigma_from_first_draw = {  # how each loss turns its first draw into sigma (Table 1)
     VPLoss: lambda r: vp_sigma(1 + r * (1e-5 - 1)),
     VELoss: lambda r: 0.02 * (100 / 0.02) ** r,
     EDMLoss: lambda r: (r * 1.2 - 1.2).exp(),
@@ -757,161 +866,30 @@ for cls, to_sigma in sigma_from_first_draw.items():
     y_aug, aug_labels = flip_augment(images)
     noise_unit = torch.randn_like(y_aug)
     x_in, sigma, _, kwargs = rec.calls[0]
-    assert torch.equal(sigma, to_sigma(first)) and torch.equal(kwargs["augment_labels"], aug_labels)
+    assert torch.equal(sigma, to_sigma(first))
+    assert torch.equal(kwargs["augment_labels"], aug_labels)
     assert torch.equal(x_in, y_aug + noise_unit * sigma)
-    assert loss.shape == images.shape and torch.equal(loss, loss_fn.weight(sigma) * (x_in - y_aug) ** 2)
-    print(f"{cls.__name__}: sigma = {[f'{s:.3g}' for s in sigma.flatten()[:4].tolist()]} ... from the first draw; "
+    assert torch.equal(loss, loss_fn.weight(sigma) * (x_in - y_aug) ** 2)
+    first4 = [f"{s:.3g}" for s in sigma.flatten()[:4].tolist()]
+    print(f"{cls.__name__}: sigma = {first4} ... from the first draw; "
           "noise drawn after the augmentation")
 
 # %% [markdown]
-# ## 4.7 Where to train: the loss floor and $p_\text{train}$
+# ## Summary
 #
-# Even a perfect network cannot bring the loss to zero: the ideal denoiser $D^*$ still errs by
-# the posterior spread of $\mathbf{y}$ given $\mathbf{y} + \mathbf{n}$. For a single Gaussian,
-# $p_\text{data} = \mathcal{N}(\mathbf{0}, s^2\mathbf{I})$, that spread is known: $D^*(\mathbf{x}) = \frac{s^2}{s^2+\sigma^2}\mathbf{x}$
-# and $\mathbb{E}\|D^* - \mathbf{y}\|^2 = \frac{s^2\sigma^2}{s^2+\sigma^2}$ per element, so the
-# loss floor is $\lambda(\sigma)\frac{s^2\sigma^2}{s^2+\sigma^2}$.
-#
-# We measure it with the exported `EDMLoss` itself: with $P_\text{std} = 0$ the loss trains at
-# the single level $\sigma = e^{P_\text{mean}}$, so averaging it over many images is a Monte
-# Carlo estimate of the floor at that σ.
-#
-# **Check** — Monte Carlo against the closed form, for $s = 1$ and $\sigma_\text{data} = 0.5$
-# (a deliberately mismatched $\sigma_\text{data}$). When $s = \sigma_\text{data}$ the floor is
-# exactly 1 at every σ and $F^* = 0$: the skip connection alone is the ideal denoiser of a
-# Gaussian with the assumed variance, and the network only has to learn what the data adds to it.
+# Exported to `edm_lit.precond`: `Precond`, the forward pass of Eq. 7 shared by the four
+# columns of Table 1, `VPPrecond`, `VEPrecond`, `iDDPMPrecond` (its table buffer `u`,
+# `round_sigma(sigma, return_index)`) and `EDMPrecond`, with the official constructor
+# arguments and defaults and the inner network as `self.model` (a class or the name of a
+# Chapter 5 network); and `vp_sigma`, `vp_sigma_inv`, the VP schedule in the official
+# single-precision arithmetic. Exported to `edm_lit.loss`: `DenoisingLoss` and `VPLoss`,
+# `VELoss`, `EDMLoss` (`loss(net, images, labels=None, augment_pipe=None)` → the per-element
+# loss `[N, C, H, W]`; σ drawn first, then the augmentation, then the noise). The ideal
+# network `IdealF` of §4.5 goes to `edm_lit.course` (a book helper, not library API). Chapter 5
+# puts real networks inside the preconditioners; Chapter 5b measures where training pays.
 
-# %%
-def loss_floor(net, mixture, sigma, n, sigma_data):
-    """Monte Carlo mean of EDMLoss at a single sigma (P_std = 0) for the ideal network of `mixture`."""
-    loss_fn = EDMLoss(P_mean=math.log(sigma), P_std=0.0, sigma_data=sigma_data)
-    return loss_fn(net, mixture.sample(n).float()).mean().item()
-
-
-n_mc = MODE.pick(quick=4096, full=32768)
-for s in [1.0, 0.5]:
-    gauss = GaussianMixture(torch.zeros(1, 3, 8, 8, dtype=torch.float64), stds=s)
-    net_g = EDMPrecond(8, 3, sigma_data=0.5, model_type=functools.partial(IdealF, gauss, 0.5))
-    for sigma in [0.01, 0.3, 3.0, 50.0]:
-        sigma32 = float(torch.tensor(math.log(sigma)).exp())  # the sigma EDMLoss actually draws, in float32
-        lam = (sigma32**2 + 0.25) / (sigma32 * 0.5) ** 2
-        closed = lam * s**2 * sigma32**2 / (s**2 + sigma32**2)
-        mc = loss_floor(net_g, gauss, sigma, n_mc, 0.5)
-        print(f"s={s}, sigma={sigma:<5}: Monte Carlo {mc:.4f}   closed form {closed:.4f}")
-        assert abs(mc / closed - 1) < 0.01
-    if s == 0.5:
-        F_star = net_g.model(torch.randn(4, 3, 8, 8), torch.tensor([-1.0, 0.0, 0.5, 1.0]))
-        assert F_star.abs().max() < 1e-5
-
-# %% [markdown]
-# On the image mixture the floor tells us where training can make progress at all (paper
-# Fig. 5a). At very small σ it is 1: the noise is far smaller than the data's own spread, the
-# target is essentially the unit noise, and nothing about it can be predicted. At very large σ
-# it is nearly 1 again: the input is almost pure noise and the best guess of the image is close
-# to the data mean. Only in between can a network reduce the loss below 1 — and that middle range
-# is where the paper's log-normal $p_\text{train}$ puts its samples (Fig. 5b; the paper tuned
-# $P_\text{mean}$ and $P_\text{std}$ on real images, whose floor has its own shape). VE spreads its training
-# uniformly in $\ln\sigma$ over a much wider range, and VP spends most of it at large σ.
-
-# %%
-floor_sigmas = torch.logspace(math.log10(0.002), math.log10(80), MODE.pick(quick=25, full=60), dtype=torch.float64)
-floor = torch.tensor([loss_floor(ideal_net, gm, float(s), n_mc // 4, sd_toy) for s in floor_sigmas])
-print(f"loss floor on the image mixture: {floor[0]:.3f} at sigma={floor_sigmas[0]:.3g}, "
-      f"minimum {floor.min():.3f} at sigma={floor_sigmas[floor.argmin()]:.3g}, {floor[-1]:.3f} at sigma=80")
-assert abs(floor[0] - 1) < 0.02 and floor[-1] > 0.85 and floor.min() < 0.2
-
-# %% [markdown]
-# The densities of $\ln\sigma$ under each training distribution: EDM's is a normal density by
-# construction; VE's is uniform; VP's follows from $t \sim \mathcal{U}(\epsilon_t, 1)$ by a change of
-# variables, $p(\ln\sigma) = \frac{\sigma}{(1 - \epsilon_t)\,\dot\sigma(t)}$ with $\dot\sigma$ from
-# `framework.VP`; iDDPM trains on its $M$ table entries with equal probability.
-#
-# **Check** — histograms of σ drawn by the exported losses' `draw_sigma` match those densities.
-
-# %%
-n_draw = MODE.pick(quick=200_000, full=2_000_000)
-dummy = torch.empty(n_draw, 1, 1, 1)
-ln_edges = torch.linspace(math.log(0.002), math.log(200), 61, dtype=torch.float64)
-ln_mid = 0.5 * (ln_edges[1:] + ln_edges[:-1])
-vp_sched = VP()  # sigma(t) and its derivative in float64
-
-
-def density_vp(ln_sigma):
-    t = vp_sched.sigma_inv(ln_sigma.exp())
-    inside = (t >= 1e-5) & (t <= 1)
-    return torch.where(inside, ln_sigma.exp() / ((1 - 1e-5) * vp_sched.sigma_deriv(t.clamp(1e-5, 1))), 0.0)
-
-
-densities = {
-    "edm": (EDMLoss(), lambda l: torch.exp(-0.5 * ((l + 1.2) / 1.2) ** 2) / (1.2 * math.sqrt(2 * math.pi))),
-    "ve": (VELoss(), lambda l: ((l >= math.log(0.02)) & (l <= math.log(100))).double() / math.log(100 / 0.02)),
-    "vp": (VPLoss(), density_vp),
-}
-hists = {}
-for name, (loss_fn, pdf) in densities.items():
-    ln_s = loss_fn.draw_sigma(dummy).double().log().flatten()
-    hist = torch.histogram(ln_s, ln_edges).hist / (n_draw * (ln_edges[1] - ln_edges[0]))
-    hists[name] = hist
-    inside = (pdf(ln_edges[:-1]) > 0) & (pdf(ln_edges[1:]) > 0)  # bins wholly inside the support
-    gap = (hist - pdf(ln_mid))[inside].abs().max().item()
-    print(f"{name:4s}: max |histogram - density| = {gap:.3f} over {int(inside.sum())} bins "
-          f"(peak density {pdf(ln_mid).max():.3f})")
-    assert gap < 0.03 * pdf(ln_mid).max() + 0.01
-
-# %% [markdown]
-# **Check** — where each $p_\text{train}$ puts its mass relative to the floor. We call the σ where
-# the floor is below the midpoint between its minimum and 1 the *useful range* (on the grid of
-# the figure): there, a perfect network would remove at least half of the loss that can be
-# removed at all. With the same σ draws as the histograms, the share of each distribution that
-# falls inside it, below it and above it:
-
-# %%
-half = 1 - (1 - floor.min()) / 2
-useful = floor_sigmas[floor <= half]
-lo, hi = useful.min().item(), useful.max().item()
-share = {}
-for name, (loss_fn, _) in densities.items():
-    sig_draw = loss_fn.draw_sigma(dummy).double().flatten()
-    share[name] = [((sig_draw >= lo) & (sig_draw <= hi)).double().mean().item(), (sig_draw < lo).double().mean().item(),
-                   (sig_draw > hi).double().mean().item()]
-    print(f"{name:4s}: {100 * share[name][0]:5.1f} % inside [{lo:.3g}, {hi:.3g}], {100 * share[name][1]:5.1f} % below, "
-          f"{100 * share[name][2]:5.1f} % above")
-sigma_at_min = floor_sigmas[floor.argmin()].item()
-print(f"floor minimum at sigma = {sigma_at_min:.3g}; EDM's median training sigma exp(P_mean) = {math.exp(-1.2):.3g}")
-assert lo <= math.exp(-1.2) <= hi  # EDM's median training sigma lies inside the useful range
-assert share["edm"][0] > 1.5 * max(share["ve"][0], share["vp"][0])  # EDM trains most where training pays
-assert share["vp"][2] > 0.5 and share["vp"][2] > share["ve"][2]  # VP spends most of its draws above it
-glue("useful_lo", f"{lo:.2g}", display=False)
-glue("useful_hi", f"{hi:.2g}", display=False)
-glue("floor_argmin", f"{sigma_at_min:.2g}", display=False)
-for name in share:
-    glue(f"share_{name}", f"{100 * share[name][0]:.0f}", display=False)
-glue("share_vp_above", f"{100 * share['vp'][2]:.0f}", display=False)
-
-# %% [markdown]
-# On this mixture the useful range is σ ∈ [{glue:text}`useful_lo`, {glue:text}`useful_hi`]
-# (floor minimum at σ ≈ {glue:text}`floor_argmin`). EDM's $p_\text{train}$ puts
-# {glue:text}`share_edm` % of its draws there, against {glue:text}`share_ve` % for VE and
-# {glue:text}`share_vp` % for VP, which spends {glue:text}`share_vp_above` % above it.
-
-# %%
-fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(12, 4))
-ax1.plot(floor_sigmas, floor, "o-", ms=3, color="C3")
-ax1.axhline(1, color="gray", lw=0.8)
-ax1.set(xscale="log", xlabel="σ", ylabel="λ(σ) E‖D*(y+n; σ) − y‖² per element",
-        title="(a) EDM loss of the ideal denoiser, image mixture", ylim=(0, 1.1))
-for name, (loss_fn, pdf) in densities.items():
-    ax2.plot(ln_mid.exp(), pdf(ln_mid), label=f"{name} (formula)")
-    ax2.step(ln_mid.exp(), hists[name], where="mid", lw=0.6, color="gray")
-u_ln = iddpm_u().double()[:-1].log()
-ax2.hist(u_ln.exp().numpy(), bins=ln_edges.exp().numpy(), weights=torch.full_like(u_ln, 1 / (len(u_ln) * (ln_edges[1] - ln_edges[0]))).numpy(),
-         histtype="step", label="iddpm (table u; reaches 2·10⁴)")
-ax2.set(xscale="log", xlabel="σ", ylabel="density of ln σ", title="(b) training distributions p_train (gray: sampled)")
-_ = ax2.legend()
-plt.tight_layout()
-
-# %% tags=["hide-input"]
-# the numbers that the answer to exercise 2 below quotes: §4.4 with sigma_data = 0.5 on the mixture
+# %% tags=["hide-cell"]
+# the numbers the answer to exercise 2 quotes: §4.4 with sigma_data = 0.5 on the mixture
 ex_net, ex2 = EDMPrecond(8, 3, sigma_data=0.5, model_type=TinyNet), {}
 for where, sigma in [("small", sigmas[0]), ("large", sigmas[-1])]:
     xn = y + sigma * torch.randn_like(y)
@@ -919,49 +897,32 @@ for where, sigma in [("small", sigmas[0]), ("large", sigmas[-1])]:
     ex2[where] = ((c_in * xn).std().item(), ((y - c_skip * xn) / c_out).std().item())
     glue(f"ex2_{where}_in", f"{ex2[where][0]:.2f}", display=False)
     glue(f"ex2_{where}_target", f"{ex2[where][1]:.2f}", display=False)
-print(f"exercise 2: input/target std {ex2['small'][0]:.3f}/{ex2['small'][1]:.3f} at sigma = {sigmas[0]:.3g}, "
-      f"{ex2['large'][0]:.3f}/{ex2['large'][1]:.3f} at sigma = {sigmas[-1]:.3g}; sigma_data / 0.5 = {sd_toy / 0.5:.3f}")
-assert abs(ex2["small"][0] / (sd_toy / 0.5) - 1) < 0.015 and abs(ex2["small"][1] - 1) < 0.015
-assert abs(ex2["large"][0] - 1) < 0.015 and abs(ex2["large"][1] / (sd_toy / 0.5) - 1) < 0.015
-glue("sd_ratio", f"{sd_toy / 0.5:.2f}", display=False)
+ratio = sd_toy / 0.5
+print(f"input/target std {ex2['small'][0]:.3f}/{ex2['small'][1]:.3f} at sigma = "
+      f"{sigmas[0]:.3g}, {ex2['large'][0]:.3f}/{ex2['large'][1]:.3f} at sigma = "
+      f"{sigmas[-1]:.3g}; sigma_data / 0.5 = {ratio:.3f}")
+assert abs(ex2["small"][0] / ratio - 1) < 0.015 and abs(ex2["small"][1] - 1) < 0.015
+assert abs(ex2["large"][0] - 1) < 0.015 and abs(ex2["large"][1] / ratio - 1) < 0.015
+glue("sd_ratio", f"{ratio:.2f}", display=False)
+glue("ex1_gain", f"{1 / nets['edm'].coefficients(torch.tensor(0.002))[1].item():.0f}",
+     display=False)
 
 # %% [markdown]
-# ## Summary
-#
-# Exported to `edm_lit.precond`:
-#
-# - `Precond`, the shared forward pass of Eq. 7 (`forward(x, sigma, class_labels=None, force_fp32=False, **model_kwargs)`,
-#   `round_sigma`, `coefficients(sigma)`), and the four columns of Table 1: `VPPrecond`,
-#   `VEPrecond`, `iDDPMPrecond` (with its table buffer `u` and `round_sigma(sigma, return_index)`),
-#   `EDMPrecond` — the official constructor arguments and defaults, the inner network as
-#   `self.model`, given as a class or as the name of a Chapter 5 network;
-# - `vp_sigma`, `vp_sigma_inv`: the VP schedule in the official single-precision arithmetic.
-#
-# Exported to `edm_lit.loss`: `DenoisingLoss` and `VPLoss`, `VELoss`, `EDMLoss`
-# (`loss(net, images, labels=None, augment_pipe=None)` → per-element loss `[N, C, H, W]`;
-# σ drawn first by `draw_sigma`, then the augmentation, then the noise).
-#
-# Chapter 5 puts real networks inside the preconditioners and trains one.
-#
 # ## Exercises
 #
-# 1. Which $c_\text{skip}$, $c_\text{out}$ would make the network predict the clean image $\mathbf{y}$
-#    directly? What would its effective target variance be at σ = 0.002?
-# 2. Run §4.4 with `EDMPrecond(sigma_data=0.5)` on the mixture (true $\sigma_\text{data} \approx$ {glue:text}`sd_toy`).
-#    How far from 1 do the input and target standard deviations get?
-# 3. What happens to the loss floor of §4.7 if the data set is finite (`GaussianMixture.from_data`)?
+# 1. Which $c_\text{skip}$, $c_\text{out}$ would make the network predict the clean image
+#    $\mathbf{y}$ directly? What would its effective target variance be at σ = 0.002?
+# 2. Run §4.4 with `EDMPrecond(sigma_data=0.5)` on the mixture (true $\sigma_\text{data}
+#    \approx$ {glue:text}`sd_toy`). How far from 1 do the input and target deviations get?
 #
 # :::{dropdown} Answers
 # 1. $c_\text{skip} = 0$, $c_\text{out} = 1$: the target is $\mathbf{y}$ itself, with variance
 #    $\sigma_\text{data}^2$ at every σ, but at σ = 0.002 the network must reproduce its input
-#    almost exactly, and every error reaches $D$ unscaled — EDM's $c_\text{out} \approx \sigma$ there
-#    shrinks it 500-fold instead.
+#    almost exactly, and every error reaches $D$ unscaled; EDM's $c_\text{out} \approx \sigma$
+#    there shrinks it {glue:text}`ex1_gain`-fold instead.
 # 2. At small σ the input std drops to {glue:text}`ex2_small_in` (≈ $\sigma_\text{data}/0.5$ =
-#    {glue:text}`sd_ratio`) while the target (the noise) stays at {glue:text}`ex2_small_target`; at
-#    large σ the input returns to {glue:text}`ex2_large_in` and the target, now essentially
-#    $\mathbf{y}/\sigma_\text{data}$, drops to {glue:text}`ex2_large_target`. Neither strays far from 1:
-#    a moderately wrong $\sigma_\text{data}$ costs little.
-# 3. Its ideal denoiser returns a training point as σ → 0, with zero error: the floor drops to 0
-#    at small σ. A network that reached it would only reproduce its training set (Chapter 1,
-#    exercise 2).
+#    {glue:text}`sd_ratio`) while the target (the noise) stays at {glue:text}`ex2_small_target`;
+#    at large σ the input returns to {glue:text}`ex2_large_in` and the target, now essentially
+#    $\mathbf{y}/\sigma_\text{data}$, drops to {glue:text}`ex2_large_target`. Neither strays far
+#    from 1: a moderately wrong $\sigma_\text{data}$ costs little.
 # :::

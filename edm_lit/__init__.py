@@ -10,7 +10,7 @@ its top which chapter derives it:
     edm_lit.augment      6b. Non-leaking augmentation
     edm_lit.checkpoints  A2. Checkpoints: loading official snapshots without running their code; A2b. `load_network`: our format, URLs, and what a hostile file can do
     edm_lit.cli          A1. The command line
-    edm_lit.course       A2. Checkpoints: loading official snapshots without running their code
+    edm_lit.course       4. Preconditioning and the training objective; A2. Checkpoints: loading official snapshots without running their code
     edm_lit.data         6. Data sets
     edm_lit.distributed  A5. Several processes: `torchrun` plumbing
     edm_lit.fid          8. Evaluation: generating at scale and measuring FID
@@ -55,7 +55,6 @@ _API = {
     'ImageFolderDataset': 'data',
     'InceptionV3Features': 'fid',
     'ItemDetails': 'data',
-    'Level': 'networks',
     'Linear': 'networks',
     'Mixed': 'fid',
     'NpzImages': 'fid',
@@ -112,7 +111,6 @@ _API = {
     'convert': 'checkpoints',
     'convert_dataset': 'data',
     'dataset_for_mode': 'data',
-    'decoder_roles': 'networks',
     'device_warning': 'training',
     'digit_classifier': 'data',
     'digits_detector_name': 'fid',
@@ -145,7 +143,6 @@ _API = {
     'is_safe_member_name': 'data',
     'is_url': 'checkpoints',
     'learning_rate': 'training',
-    'level_key': 'networks',
     'load_inception': 'fid',
     'load_network': 'checkpoints',
     'load_official_snapshot': 'checkpoints',
@@ -206,7 +203,6 @@ _API = {
     'training_loop': 'training',
     'transform_image': 'data',
     'translation_2d': 'augment',
-    'unet_levels': 'networks',
     'update_ema': 'training',
     'vp_fitted': 'samplers',
     'vp_sigma': 'precond',

@@ -16,15 +16,17 @@ from edm_lit.precond import vp_sigma
 # ── 04_preconditioning.py § 4.6 The training losses ──
 
 def _one_per_image(images):
-    """The shape of a per-image quantity such as the training sigma: [N, 1, 1, 1], broadcast over C, H, W."""
+    """The shape [N, 1, 1, 1] of a per-image quantity such as the training sigma."""
     return (images.shape[0], 1, 1, 1)
 
 
 class DenoisingLoss:
-    """lambda(sigma) ||D(y + n; sigma) - y||^2 per element, sigma ~ p_train (Eq. 2 weighted, Table 1). Chapter 4.
+    """lambda(sigma) ||D(y + n; sigma) - y||^2 per element, sigma ~ p_train (Eq. 2
+    weighted, Table 1). Chapter 4.
 
-    A subclass states its column of Table 1 with two methods: `draw_sigma(images)`, the training sigma of each
-    image ([N, 1, 1, 1], the first random draw), and `weight(sigma)`, lambda(sigma).
+    A subclass states its column of Table 1 with two methods: `draw_sigma(images)`, the
+    training sigma of each image ([N, 1, 1, 1], the first random draw), and
+    `weight(sigma)`, lambda(sigma).
     """
 
     def draw_sigma(self, images):
@@ -34,31 +36,34 @@ class DenoisingLoss:
         raise NotImplementedError
 
     def __call__(self, net, images, labels=None, augment_pipe=None):
-        """The unreduced loss [N, C, H, W]. Draws: sigma, then the augmentation, then the noise (randn_like)."""
+        """The unreduced loss [N, C, H, W]; draws sigma, the augmentation, the noise."""
         if images.ndim != 4:
-            raise ValueError(f"images must have shape [N, C, H, W], got {tuple(images.shape)}")
+            raise ValueError("images must have shape [N, C, H, W], "
+                             f"got {tuple(images.shape)}")
         sigma = self.draw_sigma(images)  # p_train: the first draw
         if augment_pipe is None:
             clean, augment_labels = images, None
         else:  # the augmentation draws next, and tells the network what it did
             clean, augment_labels = augment_pipe(images)
-        noisy = clean + sigma * torch.randn_like(clean)  # y + n, n ~ N(0, sigma^2 I): the last draw
+        noisy = clean + sigma * torch.randn_like(clean)  # y + n, the last draw
         error = net(noisy, sigma, labels, augment_labels=augment_labels) - clean
         return self.weight(sigma) * error.square()
 
 
 def _inverse_square(sigma):
-    """lambda(sigma) = 1 / sigma^2, the weight of the noise-predicting columns VP and VE (Table 1)."""
+    """lambda(sigma) = 1 / sigma^2, the weight of the noise predictors VP and VE."""
     return sigma.square().reciprocal()
 
 
 class VPLoss(DenoisingLoss):
-    """The VP training loss (Table 1): sigma = sigma(t), t ~ U(epsilon_t, 1), lambda = 1/sigma^2. Chapter 4."""
+    """VP training loss (Table 1): sigma(t), t ~ U(epsilon_t, 1); lambda = 1/sigma^2.
+    Chapter 4."""
 
     def __init__(self, beta_d=19.9, beta_min=0.1, epsilon_t=1e-5):
         if not (beta_d > 0 and beta_min >= 0 and 0 < epsilon_t < 1):
-            raise ValueError(f"need beta_d > 0, beta_min >= 0, 0 < epsilon_t < 1; got beta_d={beta_d}, "
-                             f"beta_min={beta_min}, epsilon_t={epsilon_t}")
+            raise ValueError("need beta_d > 0, beta_min >= 0, 0 < epsilon_t < 1; got "
+                             f"beta_d={beta_d}, beta_min={beta_min}, "
+                             f"epsilon_t={epsilon_t}")
         self.beta_d, self.beta_min, self.epsilon_t = beta_d, beta_min, epsilon_t
 
     def sigma(self, t):
@@ -66,7 +71,7 @@ class VPLoss(DenoisingLoss):
         return vp_sigma(t, self.beta_d, self.beta_min)
 
     def draw_sigma(self, images):
-        # t runs from 1 down to epsilon_t as the uniform draw u runs from 0 to 1: t = 1 - (1 - epsilon_t) u
+        # t = 1 - (1 - epsilon_t) u runs from 1 down to epsilon_t as u runs from 0 to 1
         u = torch.rand(_one_per_image(images), device=images.device)
         return self.sigma(1 - (1 - self.epsilon_t) * u)
 
@@ -75,15 +80,17 @@ class VPLoss(DenoisingLoss):
 
 
 class VELoss(DenoisingLoss):
-    """The VE training loss (Table 1): ln sigma ~ U(ln sigma_min, ln sigma_max), lambda = 1/sigma^2. Chapter 4."""
+    """VE training loss (Table 1): ln sigma ~ U(ln sigma_min, ln sigma_max);
+    lambda = 1/sigma^2. Chapter 4."""
 
     def __init__(self, sigma_min=0.02, sigma_max=100):
         if not 0 < sigma_min < sigma_max:
-            raise ValueError(f"need 0 < sigma_min < sigma_max, got sigma_min={sigma_min}, sigma_max={sigma_max}")
+            raise ValueError("need 0 < sigma_min < sigma_max, got "
+                             f"sigma_min={sigma_min}, sigma_max={sigma_max}")
         self.sigma_min, self.sigma_max = sigma_min, sigma_max
 
     def draw_sigma(self, images):
-        # log-uniform: sigma = sigma_min (sigma_max / sigma_min)^u with u uniform on [0, 1)
+        # log-uniform: sigma = sigma_min (sigma_max / sigma_min)^u, u uniform on [0, 1)
         u = torch.rand(_one_per_image(images), device=images.device)
         return self.sigma_min * torch.pow(self.sigma_max / self.sigma_min, u)
 
@@ -92,11 +99,13 @@ class VELoss(DenoisingLoss):
 
 
 class EDMLoss(DenoisingLoss):
-    """The EDM training loss (Sec. 5): ln sigma ~ N(P_mean, P_std^2), lambda = 1/c_out^2. Chapter 4."""
+    """EDM training loss (Sec. 5): ln sigma ~ N(P_mean, P_std^2); lambda = 1/c_out^2.
+    Chapter 4."""
 
     def __init__(self, P_mean=-1.2, P_std=1.2, sigma_data=0.5):
         if not (P_std >= 0 and sigma_data > 0):
-            raise ValueError(f"need P_std >= 0 and sigma_data > 0, got P_std={P_std}, sigma_data={sigma_data}")
+            raise ValueError("need P_std >= 0 and sigma_data > 0, got "
+                             f"P_std={P_std}, sigma_data={sigma_data}")
         self.P_mean, self.P_std, self.sigma_data = P_mean, P_std, sigma_data
 
     def draw_sigma(self, images):
@@ -105,5 +114,6 @@ class EDMLoss(DenoisingLoss):
         return torch.exp(self.P_mean + self.P_std * z)
 
     def weight(self, sigma):
-        # 1 / c_out(sigma)^2 with c_out = sigma sigma_data / sqrt(sigma^2 + sigma_data^2) (Sec. 4.2, App. B.6)
-        return (sigma.square() + self.sigma_data**2) / (self.sigma_data * sigma).square()
+        # 1 / c_out(sigma)^2, c_out = sigma sigma_data / sqrt(sigma^2 + sigma_data^2)
+        sd = self.sigma_data
+        return (sigma.square() + sd**2) / (sd * sigma).square()

@@ -4,8 +4,8 @@
 """networks: exported from 5. The networks (book/05_networks.py)."""
 
 __all__ = ['INIT_MODES', 'weight_init', 'Linear', 'Conv2d', 'GroupNorm', 'attention',
-           'PositionalEmbedding', 'FourierEmbedding', 'UNetBlock', 'Level',
-           'unet_levels', 'level_key', 'decoder_roles', 'SongUNet', 'DhariwalUNet']
+           'PositionalEmbedding', 'FourierEmbedding', 'UNetBlock', 'SongUNet',
+           'DhariwalUNet']
 
 
 # ── 05_networks.py § 5. The networks ──
@@ -18,13 +18,13 @@ import torch.nn.functional as F
 from torch.nn.functional import silu
 
 
-# ── 05_networks.py § Initialisation ──
+# ── 05_networks.py § 5.1 Layers ──
 
 INIT_MODES = ("xavier_uniform", "xavier_normal", "kaiming_uniform", "kaiming_normal")
 
 
 def weight_init(shape, mode: str, fan_in: int, fan_out: int) -> torch.Tensor:
-    """Random weights with variance 1/fan (Kaiming: fan_in; Xavier: mean of fan_in and fan_out). Chapter 5."""
+    """Random weights of variance 1/fan (Kaiming: fan_in; Xavier: mean). Chapter 5."""
     if mode not in INIT_MODES:
         raise ValueError(f"init mode must be one of {INIT_MODES}, got {mode!r}")
     fan = fan_in if mode.startswith("kaiming") else (fan_in + fan_out) / 2
@@ -36,53 +36,60 @@ def weight_init(shape, mode: str, fan_in: int, fan_out: int) -> torch.Tensor:
 class Linear(torch.nn.Module):
     """Fully connected layer, y = x W^T + b, computed in x's dtype. Chapter 5."""
 
-    def __init__(self, in_features, out_features, bias=True, init_mode="kaiming_normal", init_weight=1, init_bias=0):
+    def __init__(self, in_features, out_features, bias=True, init_mode="kaiming_normal",
+                 init_weight=1, init_bias=0):
         super().__init__()
         self.in_features, self.out_features = in_features, out_features
         fans = dict(mode=init_mode, fan_in=in_features, fan_out=out_features)
-        self.weight = torch.nn.Parameter(weight_init([out_features, in_features], **fans) * init_weight)
-        self.bias = torch.nn.Parameter(weight_init([out_features], **fans) * init_bias) if bias else None
+        w = weight_init([out_features, in_features], **fans) * init_weight
+        self.weight = torch.nn.Parameter(w)
+        b = weight_init([out_features], **fans) * init_bias if bias else None
+        self.bias = torch.nn.Parameter(b) if bias else None
 
     def forward(self, x):
         bias = self.bias.to(x.dtype) if self.bias is not None else None
         return F.linear(x, self.weight.to(x.dtype), bias)
 
-
-# ── 05_networks.py § Convolution with resampling ──
-
 class Conv2d(torch.nn.Module):
-    """2-D convolution with optional 2x up- or down-sampling by an FIR filter, computed in x's dtype. Chapter 5."""
+    """2-D convolution, optionally with 2x up/down-sampling (FIR filter). Chapter 5."""
 
-    def __init__(self, in_channels, out_channels, kernel, bias=True, up=False, down=False, resample_filter=(1, 1),
-                 fused_resample=False, init_mode="kaiming_normal", init_weight=1, init_bias=0):
+    def __init__(self, in_channels, out_channels, kernel, bias=True, up=False,
+                 down=False, resample_filter=(1, 1), fused_resample=False,
+                 init_mode="kaiming_normal", init_weight=1, init_bias=0):
         if up and down:
             raise ValueError("Conv2d: up and down are exclusive, got both True")
         super().__init__()
         self.in_channels, self.out_channels = in_channels, out_channels
         self.up, self.down, self.fused_resample = up, down, fused_resample
-        fans = dict(mode=init_mode, fan_in=in_channels * kernel * kernel, fan_out=out_channels * kernel * kernel)
-        self.weight = (torch.nn.Parameter(weight_init([out_channels, in_channels, kernel, kernel], **fans) * init_weight)
-                       if kernel else None)
-        self.bias = torch.nn.Parameter(weight_init([out_channels], **fans) * init_bias) if kernel and bias else None
+        k2 = kernel * kernel
+        fans = dict(mode=init_mode, fan_in=in_channels * k2, fan_out=out_channels * k2)
+        shape = [out_channels, in_channels, kernel, kernel]
+        w = weight_init(shape, **fans) * init_weight if kernel else None
+        self.weight = torch.nn.Parameter(w) if kernel else None
+        b = weight_init([out_channels], **fans) * init_bias if kernel and bias else None
+        self.bias = torch.nn.Parameter(b) if kernel and bias else None
         f = torch.as_tensor(resample_filter, dtype=torch.float32)
-        f2d = (torch.outer(f, f) / f.sum().square())[None, None]  # [1, 1, K, K], sums to 1
+        f2d = (torch.outer(f, f) / f.sum().square())[None, None]  # [1, 1, K, K], sum 1
         self.register_buffer("resample_filter", f2d if up or down else None)
-        taps = [float(t) for t in resample_filter]  # (from the list: the buffer may live on the meta device)
+        taps = [float(t) for t in resample_filter]  # (the buffer may be on 'meta')
         self._box = bool(up or down) and len(taps) == 2 and taps[0] == taps[1]
 
     def _load_from_state_dict(self, *args, **kwargs):
         super()._load_from_state_dict(*args, **kwargs)
-        f = self.resample_filter  # a loaded filter decides again whether the box shortcut applies
+        f = self.resample_filter  # a loaded filter decides again whether it is the box
         self._box = f is not None and f.shape[-1] == 2 and bool((f == 0.25).all())
 
     def _resample(self, x, pad):
-        """Up- (zero-stuffing, filter x 4) or down-sampling (filter, stride 2) of every channel by the FIR filter."""
-        f, channels = self.resample_filter.to(x.dtype), x.shape[1]
-        if self._box and pad == 0:  # the 2x2 box: nearest-neighbour repetition or 2x2 averaging
-            return x.repeat_interleave(2, dim=2).repeat_interleave(2, dim=3) if self.up else F.avg_pool2d(x, 2)
+        """2x up (zeros between pixels, filter x 4) or down (filter, stride 2)."""
+        if self._box and pad == 0:  # nearest-neighbour repetition or 2x2 averaging
+            if self.up:
+                return x.repeat_interleave(2, dim=2).repeat_interleave(2, dim=3)
+            return F.avg_pool2d(x, 2)
+        channels = x.shape[1]
+        f = self.resample_filter.to(x.dtype).expand(channels, 1, -1, -1)
         if self.up:
-            return F.conv_transpose2d(x, 4 * f.expand(channels, 1, -1, -1), stride=2, padding=pad, groups=channels)
-        return F.conv2d(x, f.expand(channels, 1, -1, -1), stride=2, padding=pad, groups=channels)
+            return F.conv_transpose2d(x, 4 * f, stride=2, padding=pad, groups=channels)
+        return F.conv2d(x, f, stride=2, padding=pad, groups=channels)
 
     def forward(self, x):
         w = None if self.weight is None else self.weight.to(x.dtype)
@@ -95,68 +102,71 @@ class Conv2d(torch.nn.Module):
         k_w = w.shape[-1]
         if not self.fused_resample:  # resample ('same' size), then a 'same' convolution
             return F.conv2d(self._resample(x, (k_f - 1) // 2), w, b, padding=k_w // 2)
-        if self.down:  # convolve at full resolution over the support both filters need, then filter and decimate
+        if self.down:  # convolve where both filters reach, then filter and decimate
             y = self._resample(F.conv2d(x, w, padding=k_w // 2 + (k_f - 1) // 2), 0)
-        else:  # up-sample to the full support (2H + k_f - 2), trim or pad it to 2H + k_w - 1, convolve 'valid'
+        else:  # the whole up-sampled image, trimmed or padded to 2H + k_w - 1, 'valid'
             full = self._resample(x, 0)
             y = F.conv2d(F.pad(full, [k_w // 2 - (k_f - 1) // 2] * 4), w)
         return y if b is None else y + b[:, None, None]
 
 
 class GroupNorm(torch.nn.Module):
-    """Group normalisation with min(32, C // 4) groups (at least 4 channels per group). Chapter 5."""
+    """Group normalisation, min(32, C // 4) groups of at least 4 channels. Chapter 5."""
 
     def __init__(self, num_channels, num_groups=32, min_channels_per_group=4, eps=1e-5):
         super().__init__()
         self.num_groups = min(num_groups, num_channels // min_channels_per_group)
         if self.num_groups < 1:
-            raise ValueError(f"GroupNorm needs num_channels >= {min_channels_per_group}, got {num_channels}")
+            raise ValueError("GroupNorm needs num_channels >= "
+                             f"{min_channels_per_group}, got {num_channels}")
         self.eps = eps
         self.weight = torch.nn.Parameter(torch.ones(num_channels))
         self.bias = torch.nn.Parameter(torch.zeros(num_channels))
 
     def forward(self, x):
-        return F.group_norm(x, self.num_groups, self.weight.to(x.dtype), self.bias.to(x.dtype), self.eps)
+        w, b = self.weight.to(x.dtype), self.bias.to(x.dtype)
+        return F.group_norm(x, self.num_groups, w, b, self.eps)
 
-
-# ── 05_networks.py § Attention ──
 
 def attention(qkv: torch.Tensor, num_heads: int) -> torch.Tensor:
-    """Multi-head self-attention over pixels from a [N, 3C, H, W] qkv map (official channel layout). Chapter 5."""
+    """Multi-head self-attention over pixels from a [N, 3C, H, W] qkv map. Chapter 5."""
     N, C3, H, W = qkv.shape
     C = C3 // 3
-    q, k, v = qkv.reshape(N * num_heads, C // num_heads, 3, H * W).unbind(2)  # each [N*heads, c, L]
-    a = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2))  # [N*heads, L, c]
+    per_head = qkv.reshape(N * num_heads, C // num_heads, 3, H * W)  # official layout
+    q, k, v = (t.transpose(1, 2) for t in per_head.unbind(2))  # each [N*heads, L, c]
+    a = F.scaled_dot_product_attention(q, k, v)
     return a.transpose(1, 2).reshape(N, C, H, W)
 
 
 # ── 05_networks.py § 5.2 Telling the network the noise level ──
 
 def _cos_sin(c: torch.Tensor, omega: torch.Tensor) -> torch.Tensor:
-    """[cos(omega_i c_n), sin(omega_i c_n)] for a batch of scalars c [N] and frequencies omega [n]: [N, 2n]."""
+    """[cos(omega_i c_n), sin(omega_i c_n)] for scalars c [N], frequencies omega [n]."""
     angles = c[:, None] * omega.to(c.dtype)[None, :]
     return torch.cat([angles.cos(), angles.sin()], dim=1)
 
 
 class PositionalEmbedding(torch.nn.Module):
-    """Sinusoidal embedding [cos(w_i c), sin(w_i c)] with w_i = (1/max_positions)^(i/n'). Chapter 5."""
+    """[cos(w_i c), sin(w_i c)], w_i = (1 / max_positions)^(i / n'). Chapter 5."""
 
     def __init__(self, num_channels, max_positions=10000, endpoint=False):
         super().__init__()
-        self.num_channels, self.max_positions, self.endpoint = num_channels, max_positions, endpoint
+        self.num_channels, self.max_positions = num_channels, max_positions
+        self.endpoint = endpoint
 
     def forward(self, x):
         n = self.num_channels // 2
-        steps = n - 1 if self.endpoint else n  # endpoint: the last frequency is exactly 1/max_positions
-        return _cos_sin(x, (1 / self.max_positions) ** (torch.arange(n, dtype=torch.float32, device=x.device) / steps))
+        steps = n - 1 if self.endpoint else n  # endpoint: the last w is 1/max_positions
+        i = torch.arange(n, dtype=torch.float32, device=x.device)
+        return _cos_sin(x, (1 / self.max_positions) ** (i / steps))
 
 
 class FourierEmbedding(torch.nn.Module):
-    """Random Fourier features [cos(2 pi f_i c), sin(2 pi f_i c)], f_i ~ N(0, scale^2) kept in buffer `freqs`. Chapter 5."""
+    """[cos(2 pi f_i c), sin(2 pi f_i c)], f_i ~ N(0, scale^2) in `freqs`. Chapter 5."""
 
     def __init__(self, num_channels, scale=16):
         super().__init__()
-        self.register_buffer("freqs", scale * torch.randn(num_channels // 2))  # drawn once, saved with the weights
+        self.register_buffer("freqs", scale * torch.randn(num_channels // 2))
 
     def forward(self, x):
         return _cos_sin(x, 2 * math.pi * self.freqs)
@@ -164,36 +174,48 @@ class FourierEmbedding(torch.nn.Module):
 
 # ── 05_networks.py § 5.3 The U-Net block ──
 
-class UNetBlock(torch.nn.Module):
-    """Residual block with embedding input, optional up/down-sampling and self-attention (DDPM++, NCSN++, ADM). Chapter 5."""
+def _init_scheme(mode, weight=1.0, bias=0.0) -> dict:
+    """Layer arguments of an initialisation: scheme, factors on weights and biases."""
+    return dict(init_mode=mode, init_weight=weight, init_bias=bias)
 
-    def __init__(self, in_channels, out_channels, emb_channels, up=False, down=False, attention=False,
-                 num_heads=None, channels_per_head=64, dropout=0, skip_scale=1, eps=1e-5, resample_filter=(1, 1),
-                 resample_proj=False, adaptive_scale=True, init=None, init_zero=None, init_attn=None):
+
+class UNetBlock(torch.nn.Module):
+    """Residual block: embedding input, optional resampling and attention. Chapter 5."""
+
+    def __init__(self, in_channels, out_channels, emb_channels, up=False, down=False,
+                 attention=False, num_heads=None, channels_per_head=64, dropout=0,
+                 skip_scale=1, eps=1e-5, resample_filter=(1, 1), resample_proj=False,
+                 adaptive_scale=True, init=None, init_zero=None, init_attn=None):
         super().__init__()
         init = dict(init or {})
         init_zero = dict(init_weight=0) if init_zero is None else dict(init_zero)
         init_attn = init if init_attn is None else dict(init_attn)
-        heads = num_heads if num_heads is not None else out_channels // channels_per_head
-        self.in_channels, self.out_channels, self.emb_channels = in_channels, out_channels, emb_channels
+        heads = out_channels // channels_per_head if num_heads is None else num_heads
+        self.in_channels, self.out_channels = in_channels, out_channels
+        self.emb_channels = emb_channels
         self.num_heads = heads if attention else 0
-        self.dropout, self.skip_scale, self.adaptive_scale = dropout, skip_scale, adaptive_scale
+        self.dropout, self.skip_scale = dropout, skip_scale
+        self.adaptive_scale = adaptive_scale
         sampling = dict(up=up, down=down, resample_filter=resample_filter)
-        # the residual branch, in the order the data flows through it (steps 1-3 of §5.3)
-        self.norm0, self.conv0 = GroupNorm(in_channels, eps=eps), Conv2d(in_channels, out_channels, 3, **sampling, **init)
-        self.affine = Linear(emb_channels, (2 if adaptive_scale else 1) * out_channels, **init)
-        self.norm1, self.conv1 = GroupNorm(out_channels, eps=eps), Conv2d(out_channels, out_channels, 3, **init_zero)
-        # the shortcut (step 4 of §5.3): identity unless the block changes the shape
-        reshapes = up or down or in_channels != out_channels
-        projects = resample_proj or in_channels != out_channels
-        self.skip = Conv2d(in_channels, out_channels, 1 if projects else 0, **sampling, **init) if reshapes else None
-        if self.num_heads:  # attention (step 5 of §5.3)
+        # the residual branch h, in the order the data flows
+        self.norm0 = GroupNorm(in_channels, eps=eps)
+        self.conv0 = Conv2d(in_channels, out_channels, 3, **sampling, **init)
+        affine_out = (2 if adaptive_scale else 1) * out_channels
+        self.affine = Linear(emb_channels, affine_out, **init)
+        self.norm1 = GroupNorm(out_channels, eps=eps)
+        self.conv1 = Conv2d(out_channels, out_channels, 3, **init_zero)
+        # the skip: the identity unless the block changes the shape
+        self.skip = None
+        if up or down or in_channels != out_channels:
+            kernel = 1 if resample_proj or in_channels != out_channels else 0
+            self.skip = Conv2d(in_channels, out_channels, kernel, **sampling, **init)
+        if self.num_heads:
             self.norm2 = GroupNorm(out_channels, eps=eps)
-            self.qkv, self.proj = Conv2d(out_channels, 3 * out_channels, 1, **init_attn), \
-                Conv2d(out_channels, out_channels, 1, **init_zero)
+            self.qkv = Conv2d(out_channels, 3 * out_channels, 1, **init_attn)
+            self.proj = Conv2d(out_channels, out_channels, 1, **init_zero)
 
     def _condition(self, h, emb):
-        """Step 2: the embedding added to the features, or as a per-channel scale and shift of norm1's output."""
+        """The embedding: added to the features, or a scale and shift after norm1."""
         e = self.affine(emb).to(h.dtype)[..., None, None]
         if not self.adaptive_scale:
             return silu(self.norm1(h + e))
@@ -203,8 +225,9 @@ class UNetBlock(torch.nn.Module):
     def forward(self, x, emb):
         shortcut = x if self.skip is None else self.skip(x)
         h = self._condition(self.conv0(silu(self.norm0(x))), emb)
-        h = self.conv1(F.dropout(h, p=self.dropout, training=self.training) if self.dropout else h)
-        out = (h + shortcut) * self.skip_scale
+        if self.dropout:
+            h = F.dropout(h, p=self.dropout, training=self.training)
+        out = (self.conv1(h) + shortcut) * self.skip_scale
         if self.num_heads:
             mixed = attention(self.qkv(self.norm2(out)), self.num_heads)
             out = (out + self.proj(mixed)) * self.skip_scale
@@ -213,7 +236,7 @@ class UNetBlock(torch.nn.Module):
 
 # ── 05_networks.py § 5.4 The plan of a U-Net: the level table ──
 
-class Level(NamedTuple):
+class _Level(NamedTuple):
     """One row of a U-Net's level table. Chapter 5."""
 
     index: int  # 0 = full resolution
@@ -223,43 +246,114 @@ class Level(NamedTuple):
     attention: bool  # resolution in attn_resolutions
 
 
-def unet_levels(img_resolution, model_channels, channel_mult, num_blocks, attn_resolutions) -> list[Level]:
-    """The level table of a U-Net, one row per resolution, from the constructor arguments. Chapter 5."""
+def _unet_levels(img_resolution, model_channels, channel_mult, num_blocks,
+                 attn_resolutions) -> list:
+    """The level table of a U-Net from its constructor arguments. Chapter 5."""
     depth = len(channel_mult)
     if depth < 1:
         raise ValueError("channel_mult must name at least one level, got an empty list")
     if img_resolution % 2 ** (depth - 1):
-        raise ValueError(f"img_resolution must be divisible by 2^(len(channel_mult) - 1) = {2 ** (depth - 1)}, "
-                         f"got {img_resolution}")
+        raise ValueError("img_resolution must be divisible by 2^(len(channel_mult) - 1)"
+                         f" = {2 ** (depth - 1)}, got {img_resolution}")
     rows = []
     for index, mult in enumerate(channel_mult):
         r = img_resolution // 2**index
-        rows.append(Level(index, r, model_channels * mult, num_blocks, r in attn_resolutions))
+        channels, attention = model_channels * mult, r in attn_resolutions
+        rows.append(_Level(index, r, channels, num_blocks, attention))
     return rows
 
 
-def level_key(level: Level, role: str) -> str:
-    """The naming rule of the official code: a module's key in `enc`/`dec` is '{r}x{r}_{role}'. Chapter 5."""
+def _level_key(level, role: str) -> str:
+    """The official naming rule: a module's key in `enc` / `dec`. Chapter 5."""
     return f"{level.resolution}x{level.resolution}_{role}"
 
 
-def decoder_roles(level: Level, levels: list[Level]) -> tuple[list[str], list[str]]:
-    """A decoder level's modules: how it enters (in0/in1 at the bottom, up elsewhere), then its blocks. Chapter 5."""
+def _decoder_roles(level, levels) -> tuple:
+    """A decoder level's entry (in0, in1 at the bottom; up elsewhere), its blocks."""
     entry = ["in0", "in1"] if level.index == len(levels) - 1 else ["up"]
     return entry, [f"block{i}" for i in range(level.num_blocks + 1)]
+
+class _LevelUNet(torch.nn.Module):
+    """What SongUNet and DhariwalUNet share: `enc`, `dec` built from the level table."""
+
+    @property
+    def levels(self) -> list:
+        """The level table the network was built from, one row per resolution."""
+        return [_Level(*row) for row in self._level_rows]
+
+    def _build(self, levels, in_channels, stem_channels, make_block, make_stem,
+               decoder_attention, encoder_extra=None, decoder_extra=None):
+        """Fill `enc`, `dec` walking the table; return the decoder's output channels."""
+        self._level_rows = [tuple(lv) for lv in levels]  # plain tuples pickle anywhere
+        self.enc, self.dec = torch.nn.ModuleDict(), torch.nn.ModuleDict()
+        handed = []  # channels of each encoder output handed to the decoder (a stack)
+        c = in_channels
+        for lv in levels:
+            if lv.index == 0:
+                self.enc[_level_key(lv, "conv")] = make_stem(c, stem_channels)
+                c = stem_channels
+            else:
+                self.enc[_level_key(lv, "down")] = make_block(c, c, down=True)
+                if encoder_extra is not None:
+                    encoder_extra(lv, c)
+            handed.append(c)
+            for i in range(lv.num_blocks):
+                key = _level_key(lv, f"block{i}")
+                self.enc[key] = make_block(c, lv.channels, attention=lv.attention)
+                c = lv.channels
+                handed.append(c)
+        for lv in reversed(levels):
+            entry, blocks = _decoder_roles(lv, levels)
+            for role in entry:
+                block = make_block(c, c, up=role == "up", attention=role == "in0")
+                self.dec[_level_key(lv, role)] = block
+            for i, role in enumerate(blocks):
+                last = i == len(blocks) - 1
+                attn = lv.attention and (last or decoder_attention == "all")
+                block = make_block(c + handed.pop(), lv.channels, attention=attn)
+                self.dec[_level_key(lv, role)] = block
+                c = lv.channels
+            if decoder_extra is not None:
+                decoder_extra(lv, c)
+        return c
+
+    def _encode(self, x, emb, join_image=None):
+        """The encoder: the bottom features and the stack of outputs handed over."""
+        handed, image = [], x
+        for lv in self.levels:
+            if lv.index == 0:
+                x = self.enc[_level_key(lv, "conv")](x)
+            else:
+                x = self.enc[_level_key(lv, "down")](x, emb)
+                if join_image is not None:
+                    x, image = join_image(lv, x, image)
+            handed.append(x)
+            for i in range(lv.num_blocks):
+                x = self.enc[_level_key(lv, f"block{i}")](x, emb)
+                handed.append(x)
+        return x, handed
+
+    def _decode(self, x, emb, handed, after_level=None):
+        """The decoder: each block takes the next handed-over tensor with its input."""
+        out, levels = None, self.levels
+        for lv in reversed(levels):
+            entry, blocks = _decoder_roles(lv, levels)
+            for role in entry:
+                x = self.dec[_level_key(lv, role)](x, emb)
+            for role in blocks:
+                x = torch.cat([x, handed.pop()], dim=1)
+                x = self.dec[_level_key(lv, role)](x, emb)
+            if after_level is not None:
+                out = after_level(lv, x, out)
+        return x, out
 
 
 # ── 05_networks.py § 5.5 DDPM++ and NCSN++: `SongUNet` ──
 
-def _init_scheme(mode, weight=1.0, bias=0.0) -> dict:
-    """Layer keyword arguments of an initialisation: the scheme and the factors on the weights and the biases."""
-    return dict(init_mode=mode, init_weight=weight, init_bias=bias)
-
-
 def _init_kwargs(local_vars: dict) -> dict:
-    """The constructor arguments, from `locals()` at the top of __init__ (sequences copied to lists)."""
-    return {k: (list(v) if isinstance(v, (list, tuple)) else v) for k, v in local_vars.items()
-            if k not in ("self", "__class__")}
+    """The constructor arguments, from `locals()` at the top of __init__."""
+    return {k: (list(v) if isinstance(v, (list, tuple)) else v)
+            for k, v in local_vars.items() if k not in ("self", "__class__")}
 
 
 def _check_choice(name, value, allowed):
@@ -268,213 +362,168 @@ def _check_choice(name, value, allowed):
 
 
 def _label_input(class_labels, layer, dropout, training, batch):
-    """Class labels for the embedding; in training, each image's label is zeroed with probability `dropout`."""
+    """Class labels for the embedding; in training each is zeroed with p = dropout."""
     if class_labels is None:
-        raise ValueError(f"class_labels are required: the network has label_dim={layer.in_features}")
+        raise ValueError("class_labels are required: the network has "
+                         f"label_dim={layer.in_features}")
     if training and dropout:
         kept = torch.rand([batch, 1], device=class_labels.device) >= dropout
         return class_labels * kept.to(class_labels.dtype)
     return class_labels
 
 
-class _LevelUNet(torch.nn.Module):
-    """What SongUNet and DhariwalUNet share: encoder and decoder built level by level from the level table."""
-
-    @property
-    def levels(self) -> list[Level]:
-        """The level table the network was built from."""
-        return [Level(*row) for row in self._level_rows]
-
-    def _build(self, levels, in_channels, stem_channels, make_block, make_stem, decoder_attention,
-               encoder_extra=None, decoder_extra=None):
-        """Fill `enc` and `dec` walking the level table; returns the channels of the decoder's output."""
-        self._level_rows = [tuple(lv) for lv in levels]  # plain tuples: the module's state pickles without our types
-        self.enc, self.dec = torch.nn.ModuleDict(), torch.nn.ModuleDict()
-        handed = []  # channels of each encoder output handed to the decoder (a stack)
-        c = in_channels
-        for lv in levels:
-            if lv.index == 0:
-                self.enc[level_key(lv, "conv")] = make_stem(c, stem_channels)
-                c = stem_channels
-            else:
-                self.enc[level_key(lv, "down")] = make_block(c, c, down=True)
-                if encoder_extra is not None:
-                    encoder_extra(lv, c)
-            handed.append(c)
-            for i in range(lv.num_blocks):
-                self.enc[level_key(lv, f"block{i}")] = make_block(c, lv.channels, attention=lv.attention)
-                c = lv.channels
-                handed.append(c)
-        for lv in reversed(levels):
-            entry, blocks = decoder_roles(lv, levels)
-            for role in entry:
-                self.dec[level_key(lv, role)] = make_block(c, c, up=role == "up", attention=role == "in0")
-            for i, role in enumerate(blocks):
-                last = i == len(blocks) - 1
-                attn = lv.attention and (last or decoder_attention == "all")
-                self.dec[level_key(lv, role)] = make_block(c + handed.pop(), lv.channels, attention=attn)
-                c = lv.channels
-            if decoder_extra is not None:
-                decoder_extra(lv, c)
-        return c
-
-    def _encode(self, x, emb, join_image=None):
-        """The encoder: returns the bottom features and the stack of outputs handed to the decoder."""
-        handed, image = [], x
-        for lv in self.levels:
-            if lv.index == 0:
-                x = self.enc[level_key(lv, "conv")](x)
-            else:
-                x = self.enc[level_key(lv, "down")](x, emb)
-                if join_image is not None:
-                    x, image = join_image(lv, x, image)
-            handed.append(x)
-            for i in range(lv.num_blocks):
-                x = self.enc[level_key(lv, f"block{i}")](x, emb)
-                handed.append(x)
-        return x, handed
-
-    def _decode(self, x, emb, handed, after_level=None):
-        """The decoder: every block takes the next handed-over tensor concatenated to its input."""
-        out, levels = None, self.levels
-        for lv in reversed(levels):
-            entry, blocks = decoder_roles(lv, levels)
-            for role in entry:
-                x = self.dec[level_key(lv, role)](x, emb)
-            for role in blocks:
-                x = self.dec[level_key(lv, role)](torch.cat([x, handed.pop()], dim=1), emb)
-            if after_level is not None:
-                out = after_level(lv, x, out)
-        return x, out
-
-
-class SongUNet(_LevelUNet):
-    """DDPM++ / NCSN++ U-Net of Song et al. (2021), official constructor arguments and state_dict keys. Chapter 5.
-
-    DDPM++: embedding_type='positional', channel_mult_noise=1, encoder_type='standard', resample_filter=[1, 1].
-    NCSN++: embedding_type='fourier', channel_mult_noise=2, encoder_type='residual', resample_filter=[1, 3, 3, 1].
-    forward(x, noise_labels, class_labels, augment_labels=None) returns F(x) with out_channels channels.
-    """
-
-    def __init__(self, img_resolution, in_channels, out_channels, label_dim=0, augment_dim=0,
-                 model_channels=128, channel_mult=(1, 2, 2, 2), channel_mult_emb=4, num_blocks=4, attn_resolutions=(16,),
-                 dropout=0.10, label_dropout=0, embedding_type="positional", channel_mult_noise=1,
-                 encoder_type="standard", decoder_type="standard", resample_filter=(1, 1)):
-        init_kwargs = _init_kwargs(locals())
-        _check_choice("embedding_type", embedding_type, ("positional", "fourier"))
-        _check_choice("encoder_type", encoder_type, ("standard", "skip", "residual"))
-        _check_choice("decoder_type", decoder_type, ("standard", "skip"))
-        levels = unet_levels(img_resolution, model_channels, channel_mult, num_blocks, attn_resolutions)
-        super().__init__()
-        self.init_kwargs = init_kwargs
-        self.label_dropout, self.encoder_type = label_dropout, encoder_type
-        # DDPM++/NCSN++ initialisation: Xavier-uniform; output layers at 1e-5; the attention's qkv at sqrt(0.2)
-        init = _init_scheme("xavier_uniform")
-        out_init, qkv_init = _init_scheme("xavier_uniform", 1e-5), _init_scheme("xavier_uniform", math.sqrt(0.2))
-        noise_channels, emb_channels = model_channels * channel_mult_noise, model_channels * channel_mult_emb
-
-        # the mapping network: noise level (+ class and augmentation labels) -> the vector every block receives
-        self.map_noise = (PositionalEmbedding(noise_channels, endpoint=True) if embedding_type == "positional"
-                          else FourierEmbedding(noise_channels))
-        self.map_label = Linear(label_dim, noise_channels, **init) if label_dim else None
-        self.map_augment = Linear(augment_dim, noise_channels, bias=False, **init) if augment_dim else None
-        self.map_layer0 = Linear(noise_channels, emb_channels, **init)
-        self.map_layer1 = Linear(emb_channels, emb_channels, **init)
-
-        def make_block(cin, cout, up=False, down=False, attention=False):
-            return UNetBlock(cin, cout, emb_channels, up=up, down=down, attention=attention, num_heads=1,
-                             dropout=dropout, skip_scale=math.sqrt(0.5), eps=1e-6, resample_filter=resample_filter,
-                             resample_proj=True, adaptive_scale=False, init=init, init_zero=out_init,
-                             init_attn=qkv_init)
-
-        image_channels = [in_channels]  # channels of the image path of the 'residual' encoder
-
-        def image_path(lv, c):  # NCSN++'s residual / the progressive encoder: the input image, down-sampled
-            if encoder_type == "skip":
-                self.enc[level_key(lv, "aux_down")] = Conv2d(in_channels, in_channels, 0, down=True,
-                                                             resample_filter=resample_filter)
-                self.enc[level_key(lv, "aux_skip")] = Conv2d(in_channels, c, 1, **init)
-            elif encoder_type == "residual":
-                self.enc[level_key(lv, "aux_residual")] = Conv2d(image_channels[-1], c, 3, down=True, fused_resample=True,
-                                                                 resample_filter=resample_filter, **init)
-                image_channels.append(c)
-
-        def image_out(lv, c):  # the output layers: at full resolution, or at every level (progressive decoder)
-            if decoder_type == "skip" or lv.index == 0:
-                if decoder_type == "skip" and lv.index < len(levels) - 1:
-                    self.dec[level_key(lv, "aux_up")] = Conv2d(out_channels, out_channels, 0, up=True,
-                                                               resample_filter=resample_filter)
-                self.dec[level_key(lv, "aux_norm")] = GroupNorm(c, eps=1e-6)
-                self.dec[level_key(lv, "aux_conv")] = Conv2d(c, out_channels, 3, **out_init)
-
-        self._build(levels, in_channels, model_channels, make_block, lambda cin, cout: Conv2d(cin, cout, 3, **init),
-                    decoder_attention="last", encoder_extra=image_path, decoder_extra=image_out)
+class _SongUNetForward(_LevelUNet):
+    """SongUNet's forward pass, over the modules its constructor makes. Chapter 5."""
 
     def _embedding(self, noise_labels, class_labels, augment_labels, batch):
         cos, sin = self.map_noise(noise_labels).chunk(2, dim=1)
-        emb = torch.cat([sin, cos], dim=1)  # the original DDPM++/NCSN++ code puts the sines first
+        emb = torch.cat([sin, cos], dim=1)  # as the original DDPM++ code: sines first
         if self.map_label is not None:
-            labels = _label_input(class_labels, self.map_label, self.label_dropout, self.training, batch)
+            labels = _label_input(class_labels, self.map_label, self.label_dropout,
+                                  self.training, batch)
             emb = emb + self.map_label(labels * math.sqrt(self.map_label.in_features))
         if self.map_augment is not None and augment_labels is not None:
             emb = emb + self.map_augment(augment_labels)
         return silu(self.map_layer1(silu(self.map_layer0(emb))))
 
     def _join_image(self, lv, x, image):
-        """Encoder, after a level's down-sampling block: the image path meets the features."""
-        if self.encoder_type == "residual":  # average of the two paths, variance kept: both continue from here
-            x = (x + self.enc[level_key(lv, "aux_residual")](image)) * math.sqrt(0.5)
+        """Encoder, after a level's down-sampling block: the image path joins in."""
+        if self.encoder_type == "residual":  # average of both paths; both go on from it
+            x = (x + self.enc[_level_key(lv, "aux_residual")](image)) * math.sqrt(0.5)
             return x, x
-        image = self.enc[level_key(lv, "aux_down")](image)  # 'skip': the down-sampled image, projected and added
-        return x + self.enc[level_key(lv, "aux_skip")](image), image
+        image = self.enc[_level_key(lv, "aux_down")](image)  # 'skip': projected, added
+        return x + self.enc[_level_key(lv, "aux_skip")](image), image
 
     def _image_out(self, lv, x, out):
-        """Decoder, after a level: the output layers where there are any (and the up-sampled coarser output)."""
-        if level_key(lv, "aux_conv") not in self.dec:
+        """Decoder, after a level: its output layers, if any, + the coarser output."""
+        if _level_key(lv, "aux_conv") not in self.dec:
             return out
-        y = self.dec[level_key(lv, "aux_conv")](silu(self.dec[level_key(lv, "aux_norm")](x)))
-        return y if out is None else y + self.dec[level_key(lv, "aux_up")](out)
+        y = silu(self.dec[_level_key(lv, "aux_norm")](x))
+        y = self.dec[_level_key(lv, "aux_conv")](y)
+        return y if out is None else y + self.dec[_level_key(lv, "aux_up")](out)
 
     def forward(self, x, noise_labels, class_labels, augment_labels=None):
         emb = self._embedding(noise_labels, class_labels, augment_labels, x.shape[0])
-        x, handed = self._encode(x, emb, None if self.encoder_type == "standard" else self._join_image)
+        join = None if self.encoder_type == "standard" else self._join_image
+        x, handed = self._encode(x, emb, join)
         return self._decode(x, emb, handed, after_level=self._image_out)[1]
+
+class SongUNet(_SongUNetForward):
+    """DDPM++ / NCSN++ U-Net (Song et al. 2021), official arguments and keys. Chapter 5.
+
+    DDPM++: embedding_type='positional', channel_mult_noise=1, encoder_type='standard',
+    resample_filter=[1, 1]; NCSN++: 'fourier', 2, 'residual', [1, 3, 3, 1].
+    """
+
+    def __init__(self, img_resolution, in_channels, out_channels, label_dim=0,
+                 augment_dim=0, model_channels=128, channel_mult=(1, 2, 2, 2),
+                 channel_mult_emb=4, num_blocks=4, attn_resolutions=(16,), dropout=0.10,
+                 label_dropout=0, embedding_type="positional", channel_mult_noise=1,
+                 encoder_type="standard", decoder_type="standard",
+                 resample_filter=(1, 1)):
+        init_kwargs = _init_kwargs(locals())
+        _check_choice("embedding_type", embedding_type, ("positional", "fourier"))
+        _check_choice("encoder_type", encoder_type, ("standard", "skip", "residual"))
+        _check_choice("decoder_type", decoder_type, ("standard", "skip"))
+        levels = _unet_levels(img_resolution, model_channels, channel_mult, num_blocks,
+                              attn_resolutions)
+        super().__init__()
+        self.init_kwargs = init_kwargs
+        self.label_dropout, self.encoder_type = label_dropout, encoder_type
+        # Xavier-uniform; the output layers at 1e-5 of it, attention's qkv at sqrt(0.2)
+        init = _init_scheme("xavier_uniform")
+        out_init = _init_scheme("xavier_uniform", 1e-5)
+        qkv_init = _init_scheme("xavier_uniform", math.sqrt(0.2))
+        noise_ch = model_channels * channel_mult_noise
+        emb_ch = model_channels * channel_mult_emb
+        rf = dict(resample_filter=resample_filter)
+
+        # the mapping network: noise level (+ labels) -> the vector every block receives
+        if embedding_type == "positional":
+            self.map_noise = PositionalEmbedding(noise_ch, endpoint=True)
+        else:
+            self.map_noise = FourierEmbedding(noise_ch)
+        self.map_label = Linear(label_dim, noise_ch, **init) if label_dim else None
+        self.map_augment = (Linear(augment_dim, noise_ch, bias=False, **init)
+                            if augment_dim else None)
+        self.map_layer0 = Linear(noise_ch, emb_ch, **init)
+        self.map_layer1 = Linear(emb_ch, emb_ch, **init)
+
+        def make_block(cin, cout, up=False, down=False, attention=False):
+            return UNetBlock(cin, cout, emb_ch, up=up, down=down, attention=attention,
+                             num_heads=1, dropout=dropout, skip_scale=math.sqrt(0.5),
+                             eps=1e-6, resample_proj=True, adaptive_scale=False,
+                             init=init, init_zero=out_init, init_attn=qkv_init, **rf)
+
+        image_ch = [in_channels]  # channels of the 'residual' encoder's image path
+
+        def image_path(lv, c):  # the input image, down-sampled level by level
+            if encoder_type == "skip":
+                self.enc[_level_key(lv, "aux_down")] = Conv2d(
+                    in_channels, in_channels, 0, down=True, **rf)
+                self.enc[_level_key(lv, "aux_skip")] = Conv2d(in_channels, c, 1, **init)
+            elif encoder_type == "residual":
+                self.enc[_level_key(lv, "aux_residual")] = Conv2d(
+                    image_ch[-1], c, 3, down=True, fused_resample=True, **rf, **init)
+                image_ch.append(c)
+
+        def image_out(lv, c):  # output layers at full resolution, or at every level
+            if decoder_type == "skip" or lv.index == 0:
+                if decoder_type == "skip" and lv.index < len(levels) - 1:
+                    self.dec[_level_key(lv, "aux_up")] = Conv2d(
+                        out_channels, out_channels, 0, up=True, **rf)
+                self.dec[_level_key(lv, "aux_norm")] = GroupNorm(c, eps=1e-6)
+                self.dec[_level_key(lv, "aux_conv")] = Conv2d(
+                    c, out_channels, 3, **out_init)
+
+        def make_stem(cin, cout):
+            return Conv2d(cin, cout, 3, **init)
+
+        self._build(levels, in_channels, model_channels, make_block, make_stem,
+                    decoder_attention="last", encoder_extra=image_path,
+                    decoder_extra=image_out)
 
 
 # ── 05_networks.py § 5.6 ADM: `DhariwalUNet` ──
 
 class DhariwalUNet(_LevelUNet):
-    """ADM U-Net of Dhariwal & Nichol (2021), official constructor arguments and state_dict keys. Chapter 5.
+    """ADM U-Net of Dhariwal & Nichol (2021), official arguments and keys. Chapter 5."""
 
-    forward(x, noise_labels, class_labels, augment_labels=None) returns F(x) with out_channels channels.
-    """
-
-    def __init__(self, img_resolution, in_channels, out_channels, label_dim=0, augment_dim=0,
-                 model_channels=192, channel_mult=(1, 2, 3, 4), channel_mult_emb=4, num_blocks=3,
-                 attn_resolutions=(32, 16, 8), dropout=0.10, label_dropout=0):
+    def __init__(self, img_resolution, in_channels, out_channels, label_dim=0,
+                 augment_dim=0, model_channels=192, channel_mult=(1, 2, 3, 4),
+                 channel_mult_emb=4, num_blocks=3, attn_resolutions=(32, 16, 8),
+                 dropout=0.10, label_dropout=0):
         init_kwargs = _init_kwargs(locals())
-        levels = unet_levels(img_resolution, model_channels, channel_mult, num_blocks, attn_resolutions)
+        levels = _unet_levels(img_resolution, model_channels, channel_mult, num_blocks,
+                              attn_resolutions)
         super().__init__()
         self.init_kwargs = init_kwargs
         self.label_dropout = label_dropout
-        # ADM initialisation: Kaiming-uniform times sqrt(1/3) on weights and biases; output layers exactly zero
-        init, zero = _init_scheme("kaiming_uniform", math.sqrt(1 / 3), math.sqrt(1 / 3)), _init_scheme("kaiming_uniform", 0, 0)
-        emb_channels = model_channels * channel_mult_emb
+        # Kaiming-uniform times sqrt(1/3) on weights and biases; output layers at zero
+        init = _init_scheme("kaiming_uniform", math.sqrt(1 / 3), math.sqrt(1 / 3))
+        zero = _init_scheme("kaiming_uniform", 0, 0)
+        emb_ch = model_channels * channel_mult_emb
 
-        # the mapping network; the class label joins after map_layer1, through a bias-free layer
+        # the mapping network; the class label joins after map_layer1, without a bias
         self.map_noise = PositionalEmbedding(model_channels)
-        self.map_augment = Linear(augment_dim, model_channels, bias=False, **zero) if augment_dim else None
-        self.map_layer0 = Linear(model_channels, emb_channels, **init)
-        self.map_layer1 = Linear(emb_channels, emb_channels, **init)
-        self.map_label = (Linear(label_dim, emb_channels, bias=False, **_init_scheme("kaiming_normal", math.sqrt(label_dim)))
+        self.map_augment = (Linear(augment_dim, model_channels, bias=False, **zero)
+                            if augment_dim else None)
+        self.map_layer0 = Linear(model_channels, emb_ch, **init)
+        self.map_layer1 = Linear(emb_ch, emb_ch, **init)
+        label_init = _init_scheme("kaiming_normal", math.sqrt(label_dim))
+        self.map_label = (Linear(label_dim, emb_ch, bias=False, **label_init)
                           if label_dim else None)
 
         def make_block(cin, cout, up=False, down=False, attention=False):
-            return UNetBlock(cin, cout, emb_channels, up=up, down=down, attention=attention, channels_per_head=64,
-                             dropout=dropout, init=init, init_zero=zero)
+            return UNetBlock(cin, cout, emb_ch, up=up, down=down, attention=attention,
+                             channels_per_head=64, dropout=dropout, init=init,
+                             init_zero=zero)
 
-        c = self._build(levels, in_channels, levels[0].channels, make_block,
-                        lambda cin, cout: Conv2d(cin, cout, 3, **init), decoder_attention="all")
+        def make_stem(cin, cout):
+            return Conv2d(cin, cout, 3, **init)
+
+        c = self._build(levels, in_channels, levels[0].channels, make_block, make_stem,
+                        decoder_attention="all")
         self.out_norm = GroupNorm(c)
         self.out_conv = Conv2d(c, out_channels, 3, **zero)
 
@@ -484,8 +533,9 @@ class DhariwalUNet(_LevelUNet):
             emb = emb + self.map_augment(augment_labels)
         emb = self.map_layer1(silu(self.map_layer0(emb)))
         if self.map_label is not None:
-            emb = emb + self.map_label(_label_input(class_labels, self.map_label, self.label_dropout, self.training,
-                                                    batch))
+            labels = _label_input(class_labels, self.map_label, self.label_dropout,
+                                  self.training, batch)
+            emb = emb + self.map_label(labels)
         return silu(emb)
 
     def forward(self, x, noise_labels, class_labels, augment_labels=None):

@@ -19,22 +19,23 @@ from edm_lit.framework import iddpm_u
 # ── 04_preconditioning.py § 4.3 Table 1 as code: the preconditioners ──
 
 def _resolve_model_type(model_type):
-    """The inner network's constructor: a class or callable as given, or a name in edm_lit.networks (Chapter 5)."""
+    """The inner network's class (or callable), or its name in edm_lit.networks."""
     if not isinstance(model_type, str):
         if not callable(model_type):
-            raise ValueError(f"model_type must be a class, a callable or a network name, got {model_type!r}")
+            raise ValueError("model_type must be a class, a callable or a network "
+                             f"name, got {model_type!r}")
         return model_type
     try:
         networks = importlib.import_module("edm_lit.networks")
     except ModuleNotFoundError as e:
         if e.name != "edm_lit.networks":
             raise
-        raise ValueError(f"model_type {model_type!r} needs edm_lit.networks (Chapter 5), which is not available; "
-                         "pass the network class instead") from None
+        raise ValueError(f"model_type {model_type!r} needs edm_lit.networks (Chapter "
+                         "5), which is not available; pass the network class") from None
     cls = getattr(networks, model_type, None)
     if not (isinstance(cls, type) and issubclass(cls, torch.nn.Module)):
-        raise ValueError(f"unknown model_type {model_type!r}: expected a network of edm_lit.networks such as "
-                         "'SongUNet' or 'DhariwalUNet', or a network class")
+        raise ValueError(f"unknown model_type {model_type!r}: expected a network of "
+                         "edm_lit.networks ('SongUNet', 'DhariwalUNet') or a class")
     return cls
 
 
@@ -46,87 +47,104 @@ def _check_count(value, name: str, minimum: int):
 
 def _check_sigma_range(sigma_min, sigma_max):
     if not 0 <= sigma_min < sigma_max:
-        raise ValueError(f"need 0 <= sigma_min < sigma_max, got sigma_min={sigma_min}, sigma_max={sigma_max}")
+        raise ValueError("need 0 <= sigma_min < sigma_max, got "
+                         f"sigma_min={sigma_min}, sigma_max={sigma_max}")
     return float(sigma_min), float(sigma_max)
 
-
 class Precond(torch.nn.Module):
-    """D(x; sigma) = c_skip x + c_out F(c_in x; c_noise) around an inner network F (Eq. 7). Chapter 4.
+    """D(x; sigma) = c_skip x + c_out F(c_in x; c_noise), Eq. 7, around F. Chapter 4.
 
-    The base of the four columns of Table 1: a subclass sets `sigma_min`, `sigma_max` and gives
-    `coefficients(sigma) -> (c_skip, c_out, c_in, c_noise)`. The inner network is `self.model`.
+    The base of the four columns of Table 1: a subclass sets `sigma_min`, `sigma_max`
+    and gives `coefficients(sigma) -> (c_skip, c_out, c_in, c_noise)`. F: `self.model`.
     """
 
-    def __init__(self, img_resolution, img_channels, label_dim=0, use_fp16=False, model_type=None,
-                 model_out_channels=None, **model_kwargs):
+    def __init__(self, img_resolution, img_channels, label_dim=0, use_fp16=False,
+                 model_type=None, model_out_channels=None, **model_kwargs):
         super().__init__()
         self.img_resolution = _check_count(img_resolution, "img_resolution", 1)
         self.img_channels = _check_count(img_channels, "img_channels", 1)
         self.label_dim = _check_count(label_dim, "label_dim", 0)
         self.use_fp16 = bool(use_fp16)
-        out_channels = self.img_channels if model_out_channels is None else model_out_channels
+        out_channels = model_out_channels
+        if out_channels is None:
+            out_channels = self.img_channels
         self.model = _resolve_model_type(model_type)(
-            img_resolution=self.img_resolution, in_channels=self.img_channels, out_channels=out_channels,
-            label_dim=self.label_dim, **model_kwargs)
+            img_resolution=self.img_resolution, in_channels=self.img_channels,
+            out_channels=out_channels, label_dim=self.label_dim, **model_kwargs)
 
     def coefficients(self, sigma):
-        """(c_skip, c_out, c_in, c_noise) at sigma, Table 1; broadcastable against sigma."""
+        """(c_skip, c_out, c_in, c_noise) at sigma (Table 1), broadcastable."""
         raise NotImplementedError
 
     def round_sigma(self, sigma):
-        """The noise level the network supports nearest to sigma: any sigma for a continuous model."""
+        """The supported noise level nearest to sigma: sigma, for a continuous model."""
         return torch.as_tensor(sigma)
 
     def _prepare(self, x, sigma, class_labels):
-        """Check shapes (no device syncs) and cast x, sigma [N,1,1,1] and the labels to float32."""
+        """Check shapes (no device syncs); x, sigma [N,1,1,1] and labels in float32."""
         C, R = self.img_channels, self.img_resolution
         if x.ndim != 4 or tuple(x.shape[1:]) != (C, R, R):
-            raise ValueError(f"x must have shape [N, {C}, {R}, {R}], got {tuple(x.shape)}")
+            raise ValueError(f"x must have shape [N, {C}, {R}, {R}], "
+                             f"got {tuple(x.shape)}")
         x = x.to(torch.float32)
-        sigma = torch.as_tensor(sigma, device=x.device).to(torch.float32).reshape(-1, 1, 1, 1)
+        sigma = torch.as_tensor(sigma, device=x.device).to(torch.float32)
+        sigma = sigma.reshape(-1, 1, 1, 1)
         if sigma.shape[0] not in (1, x.shape[0]):
-            raise ValueError(f"sigma must hold 1 or {x.shape[0]} values (one per image), got {sigma.shape[0]}")
+            raise ValueError(f"sigma must hold 1 or {x.shape[0]} values (one per "
+                             f"image), got {sigma.shape[0]}")
         if self.label_dim == 0:
             class_labels = None
-        elif class_labels is None:
-            class_labels = torch.zeros([1, self.label_dim], device=x.device)  # unconditional call: all-zero label
+        elif class_labels is None:  # an unconditional call: the all-zero label
+            class_labels = torch.zeros([1, self.label_dim], device=x.device)
         elif class_labels.ndim == 0 or class_labels.shape[-1] != self.label_dim:
-            raise ValueError(f"class_labels must have shape [N, {self.label_dim}], got {tuple(class_labels.shape)}")
+            raise ValueError(f"class_labels must have shape [N, {self.label_dim}], "
+                             f"got {tuple(class_labels.shape)}")
         else:
             class_labels = class_labels.to(torch.float32).reshape(-1, self.label_dim)
         return x, sigma, class_labels
 
     def forward(self, x, sigma, class_labels=None, force_fp32=False, **model_kwargs):
-        """D(x; sigma) by Eq. 7, float32 [N, C, H, W]; `model_kwargs` (e.g. augment_labels) go to the inner network."""
+        """D(x; sigma) by Eq. 7 in float32; model_kwargs (augment_labels) go to F."""
         x, sigma, class_labels = self._prepare(x, sigma, class_labels)
-        dtype = torch.float16 if (self.use_fp16 and not force_fp32 and x.device.type == "cuda") else torch.float32
+        fp16 = self.use_fp16 and not force_fp32 and x.device.type == "cuda"
+        dtype = torch.float16 if fp16 else torch.float32
         c_skip, c_out, c_in, c_noise = self.coefficients(sigma)
-        F_x = self.model((c_in * x).to(dtype), c_noise.flatten(), class_labels=class_labels, **model_kwargs)
-        if F_x.dtype != dtype and not torch.is_autocast_enabled(x.device.type):  # autocast may pick bf16/fp16
-            raise RuntimeError(f"the inner network returned {F_x.dtype}, expected {dtype}")
+        F_x = self.model((c_in * x).to(dtype), c_noise.flatten(),
+                         class_labels=class_labels, **model_kwargs)
+        # (under autocast the network may return bfloat16 or float16)
+        if F_x.dtype != dtype and not torch.is_autocast_enabled(x.device.type):
+            raise RuntimeError(f"the inner network returned {F_x.dtype}, "
+                               f"expected {dtype}")
         return c_skip * x + c_out * F_x[:, :self.img_channels].to(torch.float32)
 
 def vp_sigma(t, beta_d=19.9, beta_min=0.1):
-    """sigma(t) of the VP schedule (Table 1), as the official code computes it, in t's dtype. Chapter 4."""
+    """sigma(t) of VP (Table 1), in the official arithmetic, in t's dtype. Chapter 4."""
     t = torch.as_tensor(t)
     return ((0.5 * beta_d * t**2 + beta_min * t).exp() - 1).sqrt()
 
 
 def vp_sigma_inv(sigma, beta_d=19.9, beta_min=0.1):
-    """t = sigma^-1(sigma) of the VP schedule (Table 1), as the official code computes it, in sigma's dtype. Chapter 4."""
+    """t = sigma^-1(sigma) of VP (Table 1), in the official arithmetic. Chapter 4."""
     sigma = torch.as_tensor(sigma)
-    return ((beta_min**2 + 2 * beta_d * (1 + sigma**2).log()).sqrt() - beta_min) / beta_d
+    root = (beta_min**2 + 2 * beta_d * (1 + sigma**2).log()).sqrt()
+    return (root - beta_min) / beta_d
+
+
+def _check_vp(beta_d, beta_min, epsilon_t):
+    if not (beta_d > 0 and beta_min >= 0 and 0 < epsilon_t < 1):
+        raise ValueError("need beta_d > 0, beta_min >= 0, 0 < epsilon_t < 1; got "
+                         f"beta_d={beta_d}, beta_min={beta_min}, epsilon_t={epsilon_t}")
 
 
 class VPPrecond(Precond):
-    """Variance-preserving preconditioning (Table 1, column VP): predicts the noise, c_noise = (M-1) t. Chapter 4."""
+    """VP preconditioning (Table 1): noise prediction, c_noise = (M-1) t. Chapter 4."""
 
-    def __init__(self, img_resolution, img_channels, label_dim=0, use_fp16=False, beta_d=19.9, beta_min=0.1,
-                 M=1000, epsilon_t=1e-5, model_type="SongUNet", **model_kwargs):
-        if not (beta_d > 0 and beta_min >= 0 and 0 < epsilon_t < 1):
-            raise ValueError(f"need beta_d > 0, beta_min >= 0, 0 < epsilon_t < 1; got beta_d={beta_d}, "
-                             f"beta_min={beta_min}, epsilon_t={epsilon_t}")
-        super().__init__(img_resolution, img_channels, label_dim, use_fp16, model_type, **model_kwargs)
+    def __init__(self, img_resolution, img_channels, label_dim=0, use_fp16=False,
+                 beta_d=19.9, beta_min=0.1, M=1000, epsilon_t=1e-5,
+                 model_type="SongUNet", **model_kwargs):
+        _check_vp(beta_d, beta_min, epsilon_t)
+        super().__init__(img_resolution, img_channels, label_dim, use_fp16, model_type,
+                         **model_kwargs)
         self.beta_d, self.beta_min, self.epsilon_t = beta_d, beta_min, epsilon_t
         self.M = _check_count(M, "M", 2)
         self.sigma_min = float(self.sigma(epsilon_t))
@@ -141,58 +159,69 @@ class VPPrecond(Precond):
         return vp_sigma_inv(sigma, self.beta_d, self.beta_min)
 
     def coefficients(self, sigma):
-        return 1, -sigma, 1 / (sigma**2 + 1).sqrt(), (self.M - 1) * self.sigma_inv(sigma)
+        c_noise = (self.M - 1) * self.sigma_inv(sigma)
+        return 1, -sigma, 1 / (sigma**2 + 1).sqrt(), c_noise
 
 
 class VEPrecond(Precond):
-    """Variance-exploding preconditioning (Table 1, column VE): predicts the noise, c_noise = ln(sigma / 2). Chapter 4."""
+    """VE preconditioning (Table 1): predicts the noise, c_noise = ln(sigma / 2).
+    Chapter 4."""
 
-    def __init__(self, img_resolution, img_channels, label_dim=0, use_fp16=False, sigma_min=0.02, sigma_max=100,
-                 model_type="SongUNet", **model_kwargs):
+    def __init__(self, img_resolution, img_channels, label_dim=0, use_fp16=False,
+                 sigma_min=0.02, sigma_max=100, model_type="SongUNet", **model_kwargs):
         sigma_min, sigma_max = _check_sigma_range(sigma_min, sigma_max)
-        super().__init__(img_resolution, img_channels, label_dim, use_fp16, model_type, **model_kwargs)
+        super().__init__(img_resolution, img_channels, label_dim, use_fp16, model_type,
+                         **model_kwargs)
         self.sigma_min, self.sigma_max = sigma_min, sigma_max
 
     def coefficients(self, sigma):
         return 1, sigma, 1, (0.5 * sigma).log()
 
 class iDDPMPrecond(Precond):
-    """Improved-DDPM preconditioning (Table 1, column iDDPM): sigma snaps to the table u, c_noise = its index. Chapter 4."""
+    """iDDPM preconditioning (Table 1): sigma snaps to the table u, c_noise = its index.
+    Chapter 4."""
 
-    def __init__(self, img_resolution, img_channels, label_dim=0, use_fp16=False, C_1=0.001, C_2=0.008, M=1000,
-                 model_type="DhariwalUNet", **model_kwargs):
+    def __init__(self, img_resolution, img_channels, label_dim=0, use_fp16=False,
+                 C_1=0.001, C_2=0.008, M=1000, model_type="DhariwalUNet",
+                 **model_kwargs):
         M = _check_count(M, "M", 2)
         if not (0 < C_1 <= 1 and C_2 >= 0):
-            raise ValueError(f"need 0 < C_1 <= 1 and C_2 >= 0, got C_1={C_1}, C_2={C_2}")
+            raise ValueError(f"need 0 < C_1 <= 1, C_2 >= 0; got C_1={C_1}, C_2={C_2}")
+        out_channels = 2 * _check_count(img_channels, "img_channels", 1)  # + variances
         super().__init__(img_resolution, img_channels, label_dim, use_fp16, model_type,
-                         model_out_channels=2 * _check_count(img_channels, "img_channels", 1), **model_kwargs)
+                         model_out_channels=out_channels, **model_kwargs)
         self.C_1, self.C_2, self.M = C_1, C_2, M
         self.register_buffer("u", iddpm_u(M, C_1, C_2, dtype=torch.float32))
         self.sigma_min = float(self.u[M - 1])
         self.sigma_max = float(self.u[0])
 
     def round_sigma(self, sigma, return_index=False):
-        """The entry of u nearest to each sigma (sigma's dtype), or its index j (int64); sigma's shape and device."""
+        """The entry of u nearest to each sigma (in sigma's dtype), or its index j
+        (int64), in sigma's shape and on its device."""
         sigma = torch.as_tensor(sigma)
         flat = sigma.to(self.u.device).to(torch.float32).reshape(1, -1, 1)
-        index = torch.cdist(flat, self.u.reshape(1, -1, 1)).argmin(dim=2).reshape(sigma.shape)
+        distance = torch.cdist(flat, self.u.reshape(1, -1, 1))
+        index = distance.argmin(dim=2).reshape(sigma.shape)
         result = index if return_index else self.u[index].to(sigma.dtype)
         return result.to(sigma.device)
 
     def coefficients(self, sigma):
-        c_noise = self.M - 1 - self.round_sigma(sigma, return_index=True).to(torch.float32)
-        return 1, -sigma, 1 / (sigma**2 + 1).sqrt(), c_noise
+        j = self.round_sigma(sigma, return_index=True).to(torch.float32)
+        return 1, -sigma, 1 / (sigma**2 + 1).sqrt(), self.M - 1 - j
 
 class EDMPrecond(Precond):
-    """EDM preconditioning (Table 1, column EDM; App. B.6): unit-variance input and target. Chapter 4."""
+    """EDM preconditioning (Table 1; B.6): unit-variance input, target. Chapter 4."""
 
-    def __init__(self, img_resolution, img_channels, label_dim=0, use_fp16=False, sigma_min=0, sigma_max=float("inf"),
-                 sigma_data=0.5, model_type="DhariwalUNet", **model_kwargs):
+    def __init__(self, img_resolution, img_channels, label_dim=0, use_fp16=False,
+                 sigma_min=0, sigma_max=float("inf"), sigma_data=0.5,
+                 model_type="DhariwalUNet", **model_kwargs):
         sigma_min, sigma_max = _check_sigma_range(sigma_min, sigma_max)
         if not sigma_data > 0:
             raise ValueError(f"sigma_data must be > 0, got {sigma_data}")
-        super().__init__(img_resolution, img_channels, label_dim, use_fp16, model_type, **model_kwargs)
-        self.sigma_min, self.sigma_max, self.sigma_data = sigma_min, sigma_max, sigma_data
+        super().__init__(img_resolution, img_channels, label_dim, use_fp16, model_type,
+                         **model_kwargs)
+        self.sigma_min, self.sigma_max = sigma_min, sigma_max
+        self.sigma_data = sigma_data
 
     def coefficients(self, sigma):
         sd = self.sigma_data

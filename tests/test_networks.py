@@ -6,8 +6,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from edm_lit.networks import (Conv2d, DhariwalUNet, FourierEmbedding, Level, Linear, PositionalEmbedding, SongUNet,
-                              UNetBlock, attention, decoder_roles, level_key, unet_levels, weight_init)
+from edm_lit.networks import (Conv2d, DhariwalUNet, FourierEmbedding, Linear, PositionalEmbedding, SongUNet,
+                              UNetBlock, attention, weight_init)
+from edm_lit.networks import _decoder_roles, _Level, _level_key, _unet_levels  # internal: the level table
 from edm_lit.precond import EDMPrecond
 
 
@@ -334,13 +335,21 @@ def test_init_kwargs_rebuild(small):
 
 
 def test_level_table_and_naming_rule():
-    levels = unet_levels(64, 192, [1, 2, 3, 4], 3, [32, 16, 8])
-    assert levels[1] == Level(index=1, resolution=32, channels=384, num_blocks=3, attention=True)
+    levels = _unet_levels(64, 192, [1, 2, 3, 4], 3, [32, 16, 8])
+    assert levels[1] == _Level(index=1, resolution=32, channels=384, num_blocks=3, attention=True)
     assert [lv.attention for lv in levels] == [False, True, True, True]
-    assert level_key(levels[2], "block0") == "16x16_block0"
-    assert decoder_roles(levels[3], levels) == (["in0", "in1"], ["block0", "block1", "block2", "block3"])
-    assert decoder_roles(levels[0], levels)[0] == ["up"]
+    assert _level_key(levels[2], "block0") == "16x16_block0"
+    assert _decoder_roles(levels[3], levels) == (["in0", "in1"], ["block0", "block1", "block2", "block3"])
+    assert _decoder_roles(levels[0], levels)[0] == ["up"]
     net = DhariwalUNet(16, 3, 3, model_channels=32, channel_mult=[1, 2], num_blocks=1, attn_resolutions=[8])
-    assert net.levels == unet_levels(16, 32, [1, 2], 1, [8])
+    assert net.levels == _unet_levels(16, 32, [1, 2], 1, [8])
     with pytest.raises(ValueError, match="channel_mult"):
-        unet_levels(16, 32, [], 1, [])
+        _unet_levels(16, 32, [], 1, [])
+
+
+def test_public_surface():
+    """The level-table plumbing is internal: the module offers layers and the two architectures."""
+    import edm_lit.networks as networks
+    assert set(networks.__all__) == {"INIT_MODES", "weight_init", "Linear", "Conv2d", "GroupNorm", "attention",
+                                     "PositionalEmbedding", "FourierEmbedding", "UNetBlock", "SongUNet",
+                                     "DhariwalUNet"}
