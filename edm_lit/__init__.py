@@ -10,6 +10,7 @@ its top which chapter derives it:
     edm_lit.augment      6b. Non-leaking augmentation
     edm_lit.checkpoints  A2. Checkpoints: loading official snapshots without running their code
     edm_lit.cli          A1. The command line
+    edm_lit.course       7b. Training at scale; A7. From flags to a run: the training command's engineering
     edm_lit.data         6. Data sets
     edm_lit.distributed  A5. Several processes: `torchrun` plumbing
     edm_lit.fid          8. Evaluation: generating at scale and measuring FID
@@ -21,17 +22,17 @@ its top which chapter derives it:
     edm_lit.networks     5. The networks
     edm_lit.precond      4. Preconditioning and the training objective
     edm_lit.samplers     2. Deterministic sampling; 3. Stochastic sampling
-    edm_lit.train        7. The training loop
-    edm_lit.training     7. The training loop
+    edm_lit.train        7b. Training at scale; A1. The command line; A7. From flags to a run: the training command's engineering
+    edm_lit.training     7. The training loop; 7b. Training at scale; A1. The command line; A3. Files that survive `kill -9`; A7. From flags to a run: the training command's engineering
 """
 
 import importlib
 
 __version__ = "0.1.0"
 
-_MODULES = ['augment', 'checkpoints', 'cli', 'data', 'distributed', 'fid', 'files',
-            'framework', 'generate', 'loss', 'mode', 'networks', 'precond', 'samplers',
-            'train', 'training']
+_MODULES = ['augment', 'checkpoints', 'cli', 'course', 'data', 'distributed', 'fid',
+            'files', 'framework', 'generate', 'loss', 'mode', 'networks', 'precond',
+            'samplers', 'train', 'training']
 
 # public name -> the module that defines it
 _API = {
@@ -68,7 +69,6 @@ _API = {
     'SeedBatches': 'generate',
     'Seeds': 'generate',
     'ShardedStream': 'training',
-    'SigmaProbe': 'training',
     'SnapshotUnpickler': 'checkpoints',
     'SongUNet': 'networks',
     'Source': 'data',
@@ -88,6 +88,7 @@ _API = {
     'add_generate_command': 'generate',
     'affine_2d': 'augment',
     'agree_on_error': 'distributed',
+    'append_durable': 'files',
     'apply_color': 'augment',
     'archive_name': 'data',
     'at_least': 'generate',
@@ -99,7 +100,6 @@ _API = {
     'capture_rng': 'training',
     'check_choice': 'samplers',
     'check_denoiser': 'generate',
-    'check_flags': 'training',
     'check_init_kwargs': 'checkpoints',
     'check_num_steps': 'samplers',
     'check_real': 'samplers',
@@ -111,14 +111,12 @@ _API = {
     'claim_run_dir': 'training',
     'class_labels_for': 'generate',
     'compare_detectors': 'fid',
-    'compare_models': 'training',
     'construct': 'training',
     'convert': 'checkpoints',
     'convert_dataset': 'data',
     'convert_destination': 'checkpoints',
     'dataset_for_mode': 'data',
     'decoder_roles': 'networks',
-    'device_warning': 'training',
     'digit_classifier': 'data',
     'digits_detector_name': 'fid',
     'digits_path': 'training',
@@ -136,7 +134,6 @@ _API = {
     'find_training_state': 'training',
     'frechet_distance': 'fid',
     'fsync_dir': 'files',
-    'full_size_flags': 'training',
     'gather': 'distributed',
     'iDDPMPrecond': 'precond',
     'iddpm_u': 'framework',
@@ -157,7 +154,6 @@ _API = {
     'load_reference': 'fid',
     'load_training_state': 'training',
     'local_rank': 'distributed',
-    'loss_per_bucket': 'training',
     'make_loader': 'training',
     'materialize': 'checkpoints',
     'measure_fid': 'fid',
@@ -177,7 +173,6 @@ _API = {
     'place_network': 'generate',
     'png_bytes': 'files',
     'quick_dataset': 'data',
-    'random_seed': 'training',
     'read_npz': 'fid',
     'read_official_pickle': 'checkpoints',
     'read_regular_file': 'checkpoints',
@@ -196,10 +191,8 @@ _API = {
     'save_network': 'checkpoints',
     'save_reference': 'fid',
     'save_training_state': 'training',
-    'scalar_stat': 'training',
     'scaling_2d': 'augment',
     'seed_batches': 'generate',
-    'seed_rank': 'training',
     'sigma_range': 'samplers',
     'solve_ode_rk4': 'framework',
     'split_batch': 'training',
@@ -210,7 +203,6 @@ _API = {
     'toy_image_mixture': 'framework',
     'trace_sqrt_product': 'fid',
     'train_digit_classifier': 'data',
-    'train_quick': 'training',
     'training_loop': 'training',
     'transform_image': 'data',
     'translation_2d': 'augment',
