@@ -596,8 +596,8 @@ _add_methods(TrainingRun, _build=_build)
 from edm_lit.course import RandomImageSet
 
 
-def flat(tensors):
-    return torch.cat([t.detach().flatten() for t in tensors])
+def flat(tensors):  # one vector on the CPU
+    return torch.cat([t.detach().cpu().flatten() for t in tensors])
 
 
 common = dict(dataset=RandomImageSet(), network_kwargs=tiny, device=MODE.device,
@@ -752,7 +752,8 @@ snap = load_network(parts / "network-snapshot-000000.json")
 assert torch.equal(flat(snap.parameters()), flat(run.ema.parameters()))
 header, tensors = read_training_state(parts / "training-state-000000.json")
 assert (header["cur_nimg"], header["cur_tick"]) == (64, 2)
-assert all(torch.equal(tensors[f"net.{k}"], v) for k, v in run.net.state_dict().items())
+assert torch.equal(flat(tensors[f"net.{k}"] for k in run.net.state_dict()),
+                   flat(run.net.state_dict().values()))
 print(sorted(p.name for p in parts.iterdir() if not p.name.endswith(".safetensors")))
 
 # %% [markdown]
