@@ -1,4 +1,4 @@
-"""Training throughput of edm_lit's loop (Chapter 7): CPU quick configuration; on a GPU the paper's CIFAR-10 DDPM++.
+"""Training throughput of edm_lit's loop (Chapters 7, 7b): CPU quick configuration; on a GPU the paper's CIFAR-10 DDPM++.
 
     python benchmarks/bench_training.py [--steps 20] [--seconds 60] [--out book/results/bench_training.json]
                                         [--cpu-only | --gpu-only] [--variants fp32 fp16 ...]
@@ -9,7 +9,7 @@ backward, the nan guard, Adam, the EMA update — for the quick configuration of
 
 GPU part (when CUDA is available): the paper's class-conditional CIFAR-10 DDPM++ (55.7 M parameters, 32x32,
 batch `--gpu-batch`, dropout 0.13, augmentation off) through the same `TrainingRun.step()`, one row per
-variant, each the loop with the flags of `edm-lit train` named in the row: fp32 (no flag), fp16 (`--fp16=1`),
+variant, each the loop with the flags of `edm-lit train` (7b) named in the row: fp32 (no flag), fp16 (`--fp16=1`),
 bf16 (`--bf16=1`), fused_adam (`--fused-adam=1`), channels_last (`--channels-last=1`), compile (`--compile=1`),
 and all (`--fp16=1 --fused-adam=1 --channels-last=1 --compile=1`). It reports images/s and the achieved TFLOP/s,
 counting about 127 GFLOP per trained image (forward + backward of DDPM++ at 32x32), against the GPU's dense

@@ -1833,7 +1833,7 @@ digit_features = DigitsExtractor(detector)
 # %% [markdown]
 # ### The protocol, in miniature
 #
-# The model is the quick-mode model that Chapter 7 trains: `edm_lit.training.train_quick(run_dir,
+# The model is the quick-mode model that Chapter 7 trains: `edm_lit.course.train_quick(run_dir,
 # seed=0)`, an `EDMPrecond` around a tiny DDPM++ U-Net trained for 30 kimg on the digits. It is a
 # committed file, `book/results/quick_digits.json` + weights, made by `tools/make_quick_model.py`
 # (which calls `train_quick`; under a minute on one CPU core); Chapter 7 asserts that its own run

@@ -390,7 +390,8 @@ plt.show()
 # %%
 import tempfile
 
-from edm_lit.training import QUICK_FLAGS, TrainingRun, build_options
+from edm_lit.course import QUICK_FLAGS
+from edm_lit.training import TrainingRun, build_options
 
 P_TRAIN = {"EDM: P_mean = −1.2, P_std = 1.2": (-1.2, 1.2),  # the committed quick model
            "high σ: P_mean = +1.2, P_std = 1.2": (1.2, 1.2),
@@ -616,7 +617,7 @@ glue("headline_note", headline, display=False)
 #   CIFAR-10 FID.
 #
 # **Exercises.**
-# 1. Train a shorter quick model, `train_quick(run_dir, duration=0.01)` (`edm_lit.training`, Chapter 7),
+# 1. Train a shorter quick model, `train_quick(run_dir, duration=0.01)` (`edm_lit.course`, Chapter 7),
 #    and redo §9.1 with it. Which curve moves most?
 # 2. Replace S_tmin = 0.05, S_tmax = 50 by 0 and ∞ in §9.2. What happens at large S_churn?
 #

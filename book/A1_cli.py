@@ -257,6 +257,269 @@ assert {m for m, api in mapped.items() if api} == offered
 # ## A1.2 `edm-lit train`
 #
 # The flags of the official `train.py`, their checks, and the conversion back to a command line.
+# `edm_lit.train` is the command (`python -m edm_lit.train`, `edm-lit train`): this section
+# parses its flags, Chapter 7b and Appendix A7 run it; `edm_lit.training` is the loop it drives
+# (Chapters 7 and 7b).
+# The names, meanings and defaults are the official ones (`TRAIN_DEFAULTS`, Chapter 7.1), and
+# so is the spelling of booleans: the official tool parses them with click, which takes
+# `--cond=1`, `--cond=true`, `--cond=yes`.
+
+# %% tags=["export:train"]
+import argparse
+import re
+
+from edm_lit import training
+
+
+def parse_bool(text: str) -> bool:
+    """'1/0', 'true/false', 'yes/no', 'on/off' (any case), as click's BOOL.
+    Appendix A1."""
+    value = str(text).strip().lower()
+    if value in ("1", "true", "t", "yes", "y", "on"):
+        return True
+    if value in ("0", "false", "f", "no", "n", "off"):
+        return False
+    raise argparse.ArgumentTypeError("expected a boolean (1/0, true/false, yes/no), "
+                                     f"got {text!r}")
+
+
+def parse_int_list(text: str) -> list:
+    """'1,2,5-7' -> [1, 2, 5, 6, 7]; '' -> [] (which build_options refuses for --cres,
+    in one line). Appendix A1."""
+    values = []
+    if not str(text).strip():
+        return values
+    for part in str(text).split(","):
+        bounds = re.fullmatch(r"\s*(\d+)\s*-\s*(\d+)\s*", part)
+        try:
+            values += (list(range(int(bounds[1]), int(bounds[2]) + 1)) if bounds
+                       else [int(part)])
+        except ValueError:
+            raise argparse.ArgumentTypeError("expected integers and ranges such as "
+                                             f"1,2,5-7, got {text!r}") from None
+    return values
+
+
+# %% [markdown]
+# **Check.** Booleans in click's spellings, lists with ranges; anything else is an argparse
+# error (usage message, exit status 2).
+
+# %% tags=["hide-input"]
+from edm_lit.train import parse_bool, parse_int_list
+
+assert [parse_bool(t) for t in ["1", "True", "yes", "off", "0"]] == [1, 1, 1, 0, 0]
+assert parse_int_list("1,2,5-7") == [1, 2, 5, 6, 7] and parse_int_list(" ") == []
+for parse, text in [(parse_bool, "maybe"), (parse_int_list, "1,x")]:
+    try:
+        parse(text)
+        raise AssertionError(f"{text!r} must be refused")
+    except argparse.ArgumentTypeError as e:
+        print(e)
+
+# %% [markdown]
+# The parser has the official groups and help texts, and a group of our additions: `--bf16`
+# (bfloat16 autocast), `--lr-rampup` (the ramp-up in Mimg, officially fixed at 10), `--grid`
+# (images per snapshot grid) and the speed options of Chapter 7b.
+
+# %% tags=["export:train"]
+def _main_options(parser, d: dict) -> None:
+    main = parser.add_argument_group("main options")
+    main.add_argument("--outdir", required=True, metavar="DIR",
+                      help="where to save the results")
+    main.add_argument("--data", required=True, metavar="ZIP|DIR",
+                      help="path to the data set, or 'digits' (quick mode)")
+    main.add_argument("--cond", type=parse_bool, default=d["cond"], metavar="BOOL",
+                      help="train a class-conditional model")
+    main.add_argument("--arch", choices=sorted(training.ARCH_PRESETS),
+                      default=d["arch"], help="network architecture")
+    main.add_argument("--precond", choices=sorted(training.PRECOND_CLASSES),
+                      default=d["precond"], help="preconditioning and loss function")
+
+
+def _hyperparameters(parser, d: dict) -> None:
+    hyper = parser.add_argument_group("hyperparameters")
+    for flag, kind, meta, text in [
+            ("--duration", float, "MIMG", "training duration"),
+            ("--batch", int, "INT", "total batch size"),
+            ("--batch-gpu", int, "INT",
+             "limit batch size per GPU (gradient accumulation)"),
+            ("--cbase", int, "INT", "channel multiplier [default: varies]"),
+            ("--cres", parse_int_list, "LIST",
+             "channels per resolution [default: varies]"),
+            ("--lr", float, "FLOAT", "learning rate"),
+            ("--ema", float, "MIMG", "EMA half-life"),
+            ("--dropout", float, "FLOAT", "dropout probability"),
+            ("--augment", float, "FLOAT", "augment probability"),
+            ("--xflip", parse_bool, "BOOL", "enable data-set x-flips")]:
+        default = d[flag[2:].replace("-", "_")]
+        hyper.add_argument(flag, type=kind, default=default, metavar=meta, help=text)
+
+
+# %% tags=["export:train"]
+def _performance_and_io(parser, d: dict) -> None:
+    perf = parser.add_argument_group("performance")
+    for flag, kind, meta, text in [
+            ("--fp16", parse_bool, "BOOL", "mixed-precision training (CUDA)"),
+            ("--ls", float, "FLOAT", "loss scaling"),
+            ("--bench", parse_bool, "BOOL", "enable cuDNN benchmarking"),
+            ("--cache", parse_bool, "BOOL", "cache data set in CPU memory"),
+            ("--workers", int, "INT", "DataLoader worker processes")]:
+        perf.add_argument(flag, type=kind, default=d[flag[2:]], metavar=meta, help=text)
+    io = parser.add_argument_group("I/O")
+    io.add_argument("--desc", default=d["desc"], metavar="STR",
+                    help="string to include in result dir name")
+    io.add_argument("--nosubdir", action="store_true",
+                    help="do not create a subdirectory for results")
+    for flag, meta, text in [("--tick", "KIMG", "how often to print progress"),
+                             ("--snap", "TICKS", "how often to save snapshots"),
+                             ("--dump", "TICKS", "how often to dump state"),
+                             ("--seed", "INT", "random seed [default: random]")]:
+        io.add_argument(flag, type=int, default=d[flag[2:]], metavar=meta, help=text)
+    io.add_argument("--transfer", default=d["transfer"], metavar="PKL|URL",
+                    help="transfer learning from a network snapshot (ours or an "
+                         "official .pkl)")
+    io.add_argument("--resume", default=d["resume"], metavar="STATE|DIR",
+                    help="resume from training-state-NNNNNN.json, or the latest "
+                         "complete state in a run directory")
+    io.add_argument("-n", "--dry-run", action="store_true",
+                    help="print training options and exit")
+
+
+def _our_additions(parser, d: dict) -> None:
+    ours = parser.add_argument_group("edm_lit additions")
+    for flag, kind, meta, text in [
+            ("--bf16", parse_bool, "BOOL", "bfloat16 autocast (CPU or GPU)"),
+            ("--lr-rampup", float, "MIMG", "learning-rate ramp-up (official: 10)"),
+            ("--grid", int, "INT", "sample-grid images per snapshot, 0 = none"),
+            ("--channels-last", parse_bool, "BOOL",
+             "network and input images in channels_last memory format"),
+            ("--compile", parse_bool, "BOOL", "torch.compile the trained network"),
+            ("--fused-adam", parse_bool, "BOOL",
+             "Adam's fused kernel (torch.optim.Adam(fused=True))")]:
+        default = d[flag[2:].replace("-", "_")]
+        ours.add_argument(flag, type=kind, default=default, metavar=meta, help=text)
+
+
+def add_train_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """The official train.py's options (same names, meanings, defaults) and ours.
+    Appendix A1."""
+    for add in [_main_options, _hyperparameters, _performance_and_io, _our_additions]:
+        add(parser, training.TRAIN_DEFAULTS)
+    return parser
+
+
+# %% [markdown]
+# The numbers are checked one by one before anything is built, in one line that names the flag:
+# not a number, not finite, out of range. `build_options` (Chapter 7.1) calls the check, so it
+# is part of `edm_lit.training` and holds for a configuration given from Python too.
+
+# %% tags=["export:training"]
+import math
+import numbers
+
+# Ranges of the numeric flags: (low, high, low excluded); every value must be finite.
+_FLOAT_RANGES = {"duration": (0, None, True), "lr": (0, None, True),
+                 "ls": (0, None, True), "ema": (0, None, False),
+                 "lr_rampup": (0, None, False), "dropout": (0, 1, False),
+                 "augment": (0, 1, False)}
+# (low, high); None (no value given) is allowed for batch_gpu, cbase and seed. The
+# official loop seeds numpy with the seed modulo 2^31 and draws its seeds below 2^31.
+_INT_RANGES = {"batch": (1, None), "batch_gpu": (1, None), "cbase": (1, None),
+               "tick": (1, None), "snap": (1, None), "dump": (1, None),
+               "workers": (1, None), "seed": (0, 2**31 - 1), "grid": (0, 1024)}
+
+
+def _flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def _check_numbers(f: dict) -> None:
+    for name, (low, high, open_low) in _FLOAT_RANGES.items():
+        value = f[name]
+        if isinstance(value, bool) or not isinstance(value, numbers.Real) \
+                or not math.isfinite(value):
+            raise ValueError(f"{_flag(name)} must be a finite number, got {value!r}")
+        above = high is not None and value > high
+        if value < low or (open_low and value == low) or above:
+            bounds = ("(" if open_low else "[") + f"{low}, " + (
+                "inf)" if high is None else f"{high}]")
+            raise ValueError(f"{_flag(name)} must be in {bounds}, got {value}")
+    for name, (low, high) in _INT_RANGES.items():
+        value = f[name]
+        if value is None and name in ("batch_gpu", "cbase", "seed"):
+            continue
+        integer = isinstance(value, numbers.Integral) and not isinstance(value, bool)
+        if not integer or not low <= value <= (value if high is None else high):
+            raise ValueError(f"{_flag(name)} must be an integer in [{low}, "
+                             f"{high or 'inf'}], got {value!r}")
+
+
+def _check_flags(f: dict) -> None:
+    """One-line ValueError naming a flag that cannot train."""
+    _check_numbers(f)
+    cres = f["cres"]
+    if cres is not None and (not isinstance(cres, (list, tuple)) or not cres or not all(
+            isinstance(m, numbers.Integral) and not isinstance(m, bool) and m >= 1
+            for m in cres)):
+        raise ValueError("--cres must be a non-empty list of integers >= 1 (1,2,2,2), "
+                         f"got {cres!r}")
+    if f["desc"] is not None and any(c in str(f["desc"]) for c in "/\\\0"):
+        raise ValueError("--desc is part of a directory name: no '/', '\\' or NUL, "
+                         f"got {f['desc']!r}")
+
+
+# %% [markdown]
+# The way back, `to_argv`, turns flags given as a dictionary (the names of `build_options`)
+# into the command line that gives them: Chapter 7b's full mode runs the command this way, and
+# a reader can print the command a configuration stands for. `python -m edm_lit.train` parses
+# with these flags (`build_parser`, Chapter 7b), and so does the subcommand `edm-lit train` of
+# §A1.1, with `add_train_arguments`; both run `run_train` (Appendix A7.2).
+
+# %% tags=["export:train"]
+def to_argv(flags: dict) -> list:
+    """Flags as a dict (build_options' names) -> the command line giving them:
+    ['--batch=32', ...]. Appendix A1."""
+    def text(value):
+        if isinstance(value, bool):
+            return "1" if value else "0"
+        if isinstance(value, (list, tuple)):
+            return ",".join(str(v) for v in value)
+        return str(value)
+    argv = []
+    for name, value in flags.items():
+        switch = name in ("nosubdir", "dry_run")  # flags without a value
+        unset = value is None or (switch and not value)
+        if name not in training.TRAIN_DEFAULTS or unset:
+            continue
+        flag = "--" + name.replace("_", "-")
+        argv.append(flag if switch else f"{flag}={text(value)}")
+    return argv
+
+
+# %% [markdown]
+# **Check.** A configuration goes to the command line and back unchanged; the defaults are the
+# official ones; a flag out of range is refused in one line naming it.
+
+# %% tags=["hide-input"]
+from edm_lit import train as train_command
+from edm_lit.training import TRAIN_DEFAULTS, build_options
+
+flags = dict(data="digits", arch="ddpmpp-tiny", cres=[1, 2], lr=2e-3, xflip=True,
+             nosubdir=True, fused_adam=False, seed=3)
+argv = train_command.to_argv(flags)
+print(" ".join(argv))
+parsed = vars(train_command.build_parser().parse_args(["--outdir=runs", *argv]))
+assert {k: parsed[k] for k in flags} == flags
+defaults = vars(train_command.build_parser().parse_args(["--outdir=o", "--data=d"]))
+assert {k: defaults[k] for k in TRAIN_DEFAULTS if k not in ("outdir", "data")} == {
+    k: v for k, v in TRAIN_DEFAULTS.items() if k not in ("outdir", "data")}
+for bad in [dict(lr=float("inf")), dict(dropout=1.5), dict(seed=-1), dict(cres=[1, 0])]:
+    try:
+        build_options(dict(data="no-such-data", **bad), device="cpu")
+        raise AssertionError(f"{bad} must be refused")
+    except ValueError as e:
+        print(e)
+        assert _flag(next(iter(bad))) in str(e)
 
 # %% [markdown]
 # ## A1.3 `edm-lit generate` and `edm-lit fid`

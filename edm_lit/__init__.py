@@ -10,7 +10,7 @@ its top which chapter derives it:
     edm_lit.augment      6b. Non-leaking augmentation
     edm_lit.checkpoints  A2. Checkpoints: loading official snapshots without running their code; A2b. `load_network`: our format, URLs, and what a hostile file can do
     edm_lit.cli          A1. The command line
-    edm_lit.course       4. Preconditioning and the training objective; A2. Checkpoints: loading official snapshots without running their code
+    edm_lit.course       4. Preconditioning and the training objective; 7b. Training at scale; A2. Checkpoints: loading official snapshots without running their code; A7. From flags to a run: the training command's engineering
     edm_lit.data         6. Data sets
     edm_lit.distributed  A5. Several processes: `torchrun` plumbing
     edm_lit.fid          8. Evaluation: generating at scale and measuring FID
@@ -22,8 +22,8 @@ its top which chapter derives it:
     edm_lit.networks     5. The networks
     edm_lit.precond      4. Preconditioning and the training objective
     edm_lit.samplers     2. Deterministic sampling; 3. Stochastic sampling
-    edm_lit.train        7. The training loop
-    edm_lit.training     7. The training loop
+    edm_lit.train        7b. Training at scale; A1. The command line; A7. From flags to a run: the training command's engineering
+    edm_lit.training     7. The training loop; 7b. Training at scale; A1. The command line; A3. Files that survive `kill -9`; A7. From flags to a run: the training command's engineering
 """
 
 import importlib
@@ -68,7 +68,6 @@ _API = {
     'SeedBatches': 'generate',
     'Seeds': 'generate',
     'ShardedStream': 'training',
-    'SigmaProbe': 'training',
     'SongUNet': 'networks',
     'Source': 'data',
     'Stats': 'training',
@@ -87,6 +86,7 @@ _API = {
     'add_generate_command': 'generate',
     'affine_2d': 'augment',
     'agree_on_error': 'distributed',
+    'append_durable': 'files',
     'apply_color': 'augment',
     'archive_name': 'data',
     'at_least': 'generate',
@@ -96,7 +96,6 @@ _API = {
     'capture_rng': 'training',
     'check_choice': 'samplers',
     'check_denoiser': 'generate',
-    'check_flags': 'training',
     'check_num_steps': 'samplers',
     'check_real': 'samplers',
     'check_sampler_inputs': 'samplers',
@@ -106,12 +105,10 @@ _API = {
     'claim_run_dir': 'training',
     'class_labels_for': 'generate',
     'compare_detectors': 'fid',
-    'compare_models': 'training',
     'construct': 'training',
     'convert': 'checkpoints',
     'convert_dataset': 'data',
     'dataset_for_mode': 'data',
-    'device_warning': 'training',
     'digit_classifier': 'data',
     'digits_detector_name': 'fid',
     'digits_path': 'training',
@@ -129,7 +126,6 @@ _API = {
     'find_training_state': 'training',
     'frechet_distance': 'fid',
     'fsync_dir': 'files',
-    'full_size_flags': 'training',
     'gather': 'distributed',
     'iDDPMPrecond': 'precond',
     'iddpm_u': 'framework',
@@ -149,7 +145,6 @@ _API = {
     'load_reference': 'fid',
     'load_training_state': 'training',
     'local_rank': 'distributed',
-    'loss_per_bucket': 'training',
     'make_loader': 'training',
     'measure_fid': 'fid',
     'mirror_index': 'augment',
@@ -167,7 +162,6 @@ _API = {
     'place_network': 'generate',
     'png_bytes': 'files',
     'quick_dataset': 'data',
-    'random_seed': 'training',
     'read_npz': 'fid',
     'read_official_pickle': 'checkpoints',
     'read_training_state': 'training',
@@ -185,10 +179,8 @@ _API = {
     'save_network': 'checkpoints',
     'save_reference': 'fid',
     'save_training_state': 'training',
-    'scalar_stat': 'training',
     'scaling_2d': 'augment',
     'seed_batches': 'generate',
-    'seed_rank': 'training',
     'sigma_range': 'samplers',
     'solve_ode_rk4': 'framework',
     'split_batch': 'training',
@@ -199,7 +191,6 @@ _API = {
     'toy_image_mixture': 'framework',
     'trace_sqrt_product': 'fid',
     'train_digit_classifier': 'data',
-    'train_quick': 'training',
     'training_loop': 'training',
     'transform_image': 'data',
     'translation_2d': 'augment',

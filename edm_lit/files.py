@@ -4,7 +4,7 @@
 """files: exported from A3. Files that survive `kill -9` (book/A3_files.py)."""
 
 __all__ = ['TEMP_FILE', 'fsync_dir', 'write_atomic', 'remove_stale_temp_files',
-           'check_writable', 'png_bytes', 'write_png', 'image_grid']
+           'check_writable', 'png_bytes', 'write_png', 'image_grid', 'append_durable']
 
 
 # ── A3_files.py § A3.1 All or nothing: a temporary name, then a rename ──
@@ -142,3 +142,14 @@ def image_grid(images, columns: int, gap: int = 0, fill: int = 255) -> np.ndarra
         top, left = (i // columns) * (h + gap), (i % columns) * (w + gap)
         grid[top:top + h, left:left + w] = pixels[i].permute(1, 2, 0)
     return grid.numpy()
+
+
+# ── A3_files.py § A3.6 An append-only statistics file ──
+
+def append_durable(path, data: bytes) -> None:
+    """Append `data` to `path` and return once the disk holds it (`fsync`): a kill loses
+    at most the piece being written. Appendix A3."""
+    with open(path, "ab") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())

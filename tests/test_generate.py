@@ -177,8 +177,8 @@ def test_torchrun_two_processes_match_one(net_file, tmp_path):
 
 def test_quick_model_script_reproduces_committed_file(tmp_path):
     """tools/make_quick_model.py rerun vs book/results/quick_digits: bit-identical on the machine that made it;
-    on another CPU, rounding drift within edm_lit.training.REPRODUCTION_TOLERANCE (the check Chapter 7 makes)."""
-    from edm_lit.training import REPRODUCTION_TOLERANCE, compare_models
+    on another CPU, rounding drift within edm_lit.course.REPRODUCTION_TOLERANCE (the check Chapter 7 makes)."""
+    from edm_lit.course import REPRODUCTION_TOLERANCE, compare_models
 
     committed = ROOT / "book" / "results" / "quick_digits"
     meta = json.loads(Path(str(committed) + ".meta.json").read_text())

@@ -1,4 +1,5 @@
-"""Chapter 7 (edm_lit.training, edm_lit.train): schedules, exact resume after SIGKILL, DDP equivalence, bad input."""
+"""Chapters 7 and 7b (edm_lit.training, edm_lit.train): schedules, exact resume after SIGKILL, DDP equivalence,
+bad input."""
 import copy
 import json
 import math
@@ -102,6 +103,19 @@ def test_sharded_stream_resumes_and_shards():
             it = iter(ShardedStream(7, rank, world, seed=5, start=8))
             parts.append([next(it) for _ in range(20 // world)])
         assert [parts[p % world][p // world] for p in range(20)] == stream[8:28]
+
+
+def test_public_surface_is_the_loop():
+    """Book helpers live in edm_lit.course, not in the library; TrainingRun's parts are one class."""
+    from edm_lit import course
+
+    for name in ["train_quick", "compare_models", "QUICK_FLAGS", "REPRODUCTION_TOLERANCE", "loss_per_bucket",
+                 "full_size_flags", "RandomImageSet"]:
+        assert name not in training.__all__ and name in course.__all__, name
+    for name in ["random_seed", "check_flags", "seed_rank", "SigmaProbe", "scalar_stat", "device_warning"]:
+        assert not hasattr(training, name), name
+    assert {"step", "maintenance", "run"} <= set(vars(TrainingRun))
+    assert TrainingRun.step.__qualname__ == "TrainingRun.step" and TrainingRun.run.__name__ == "run"
 
 
 # --- bad input ---------------------------------------------------------------------------------------
@@ -305,7 +319,8 @@ def test_committed_quick_model_loss_per_sigma_bucket_vs_floor():
     from edm_lit.checkpoints import load_network
     from edm_lit.data import ImageFolderDataset, quick_dataset
     from edm_lit.framework import GaussianMixture
-    from edm_lit.training import digits_path, loss_per_bucket
+    from edm_lit.course import loss_per_bucket
+    from edm_lit.training import digits_path
 
     torch.set_num_threads(1)
     net = load_network(ROOT / "book" / "results" / "quick_digits.json")

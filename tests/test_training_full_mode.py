@@ -1,4 +1,4 @@
-"""Chapter 7's full mode and the device: the paper's recipe per resolution through the command line, --fp16 per device."""
+"""Chapter 7b's full mode and the device: the paper's recipe per resolution through the command line, --fp16 per device."""
 import json
 from pathlib import Path
 
@@ -7,7 +7,8 @@ import pytest
 import torch
 
 from edm_lit import train as train_cli
-from edm_lit.training import full_size_flags, paper_recipe
+from edm_lit.course import full_size_flags
+from edm_lit.training import paper_recipe
 
 
 def rgb_folder(root, resolution, n=4, classes=0):

@@ -1,7 +1,7 @@
 """Run every chapter on this machine's GPU and record the result: book/results/gpu_notebooks.json.
 
 Quick mode: each chapter under nbval (`pytest --nbval-lax book/NN.ipynb`), several at once. Full mode
-(`--full-data`): Chapters 6-9 executed with EDM_LIT_MODE=full on the given data set; a chapter that fell back
+(`--full-data`): Chapters 3 and 6-9 executed with EDM_LIT_MODE=full on the given data set; a chapter that fell back
 to its quick version (a `full mode: ... running the quick version` line) is recorded as such, not as full.
 
     python tools/gpu_notebooks.py [--jobs 8] [--timeout 900] [--chapters 07_training ...]
@@ -24,7 +24,8 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 BOOK = ROOT / "book"
-FULL_CHAPTERS = ["06_data", "06b_augment", "07_training", "08_evaluation", "09_reproduction"]
+FULL_CHAPTERS = ["03_stochastic", "06_data", "06b_augment", "07_training", "07b_at_scale",
+                 "08_evaluation", "09_reproduction"]
 FALLBACK = "running the quick version"
 
 
