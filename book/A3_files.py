@@ -275,8 +275,9 @@ import torch
 
 
 def image_grid(images, columns: int, gap: int = 0, fill: int = 255) -> np.ndarray:
-    """Images in [-1, 1], [N, C, H, W] -> one uint8 [H', W', C] grid of `columns` columns,
-    `gap` pixels of value `fill` between neighbours; empty cells are `fill`. Appendix A3."""
+    """Images in [-1, 1], [N, C, H, W] -> one uint8 [H', W', C] grid of `columns`
+    columns, `gap` pixels of value `fill` between neighbours; empty cells are `fill`.
+    Appendix A3."""
     n, c, h, w = images.shape
     rows = -(-n // columns)
     pixels = (images.detach().float().cpu() * 127.5 + 128).clip(0, 255).to(torch.uint8)
