@@ -22,7 +22,7 @@ ROOT = Path(__file__).resolve().parents[1]
 MAX_CHAPTER_LINES = 1000
 MAX_CELL_LINES = 80
 MAX_CODE_WIDTH = 88
-SECTION = re.compile(r"^## (\d+b?\.\d+)\s", re.M)
+SECTION = re.compile(r"^# ## (\d+b?\.\d+)\s", re.M)
 
 
 def cells(path: Path) -> list:
