@@ -10,6 +10,7 @@ its top which chapter derives it:
     edm_lit.augment      6b. Non-leaking augmentation
     edm_lit.checkpoints  A2. Checkpoints: loading official snapshots without running their code
     edm_lit.cli          A1. The command line
+    edm_lit.course       2. Deterministic sampling
     edm_lit.data         6. Data sets
     edm_lit.distributed  A5. Several processes: `torchrun` plumbing
     edm_lit.fid          8. Evaluation: generating at scale and measuring FID
@@ -29,9 +30,9 @@ import importlib
 
 __version__ = "0.1.0"
 
-_MODULES = ['augment', 'checkpoints', 'cli', 'data', 'distributed', 'fid', 'files',
-            'framework', 'generate', 'loss', 'mode', 'networks', 'precond', 'samplers',
-            'train', 'training']
+_MODULES = ['augment', 'checkpoints', 'cli', 'course', 'data', 'distributed', 'fid',
+            'files', 'framework', 'generate', 'loss', 'mode', 'networks', 'precond',
+            'samplers', 'train', 'training']
 
 # public name -> the module that defines it
 _API = {
@@ -82,7 +83,6 @@ _API = {
     'VPPrecond': 'precond',
     'ablation_sampler': 'samplers',
     'ablation_setup': 'samplers',
-    'ablation_sigma_steps': 'samplers',
     'accumulate_gradients': 'training',
     'add_fid_command': 'fid',
     'add_generate_command': 'generate',
@@ -97,15 +97,10 @@ _API = {
     'build_options': 'training',
     'cache_dir': 'checkpoints',
     'capture_rng': 'training',
-    'check_choice': 'samplers',
     'check_denoiser': 'generate',
     'check_flags': 'training',
     'check_init_kwargs': 'checkpoints',
-    'check_num_steps': 'samplers',
-    'check_real': 'samplers',
-    'check_sampler_inputs': 'samplers',
     'check_shapes': 'checkpoints',
-    'check_t_steps': 'samplers',
     'check_writable': 'files',
     'churn': 'samplers',
     'claim_run_dir': 'training',
@@ -200,7 +195,6 @@ _API = {
     'scaling_2d': 'augment',
     'seed_batches': 'generate',
     'seed_rank': 'training',
-    'sigma_range': 'samplers',
     'solve_ode_rk4': 'framework',
     'split_batch': 'training',
     'stat_names': 'training',
@@ -216,7 +210,6 @@ _API = {
     'translation_2d': 'augment',
     'unet_levels': 'networks',
     'update_ema': 'training',
-    'vp_fitted': 'samplers',
     'vp_sigma': 'precond',
     'vp_sigma_inv': 'precond',
     'warp_affine': 'augment',
