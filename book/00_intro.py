@@ -19,6 +19,10 @@
 # %% [markdown]
 # # 0. EDM, line by line
 #
+# > We argue that the theory and practice of diffusion-based generative models are currently
+# > unnecessarily convoluted and seek to remedy the situation by presenting a design space that
+# > clearly separates the concrete design choices. (Abstract)
+#
 # Diffusion models turn noise into data by running a differential equation backwards. Many
 # papers built such models, each with its own notation, schedules, network wrappers and
 # samplers, so it was hard to tell which choice mattered. Karras, Aittala, Aila and Laine,
@@ -42,17 +46,22 @@
 # %% [markdown]
 # ## How to read a chapter
 #
-# Each chapter follows the same rhythm: *why* (one or two sentences), *the paper* (the
-# equation with its number), *derivation* (only the steps you need), *code* (short, named
-# after the paper's symbols), *check* (an `assert` that the property holds — if it ever stops
-# holding, the test suite fails), and *look* (a figure). Chapters end with a summary of what
-# was exported and a few exercises; their answers are folded away.
+# Each numbered section follows the same rhythm: *the paper* (its words, quoted with the
+# section they come from, or the equation with its number), *why* and *derivation* (only the
+# steps you need), *code* (short, named after the paper's symbols), *check* (an `assert` that
+# the property holds — if it ever stops holding, the test suite fails), and *look* (a
+# figure). Chapters end with a summary of what was exported and a few exercises; their
+# answers are folded away.
 #
 # Code cells come in two kinds. **Exported** cells are library code: they go verbatim into a
 # module of `edm_lit`, and the generated file names the chapter and section they came from.
 # All other cells are exploration — plots, sweeps, checks — and import the exported functions
-# rather than defining them again. Later chapters import what earlier chapters exported, never
-# the other way round.
+# rather than defining them again. Cells that only hold checks or glue numbers into the text
+# are collapsed ("Show code cell source" opens them), so the derivation's own code is what
+# you see first; an exported cell is never collapsed. Later chapters import what earlier
+# chapters exported, never the other way round. The engineering that a user of the package
+# needs but a reader of the derivation does not (files, bad data, several processes, the
+# command line) lives in the appendices, written as reference.
 
 # %% [markdown]
 # ## The map: chapters and modules
@@ -62,35 +71,51 @@
 # | 0 intro | how to read and run the book; the quick/full switch | `edm_lit.mode` |
 # | 1 framework | σ(t), s(t), the probability-flow ODE (Eq. 1, 4), denoiser ↔ score (Eq. 3), Table 1 as schedule objects, ground-truth denoisers | `edm_lit.framework` |
 # | 2 deterministic sampling | Euler vs Heun (Alg. 1), the time steps (Eq. 5), the original samplers re-expressed | `edm_lit.samplers` |
-# | 3 stochastic sampling | Alg. 2: churn, S_tmin/S_tmax, S_noise | `edm_lit.samplers` |
+# | 3 stochastic sampling | Alg. 2: churn, S_tmin/S_tmax, S_noise; the pretrained network sampled | `edm_lit.samplers` |
 # | 4 preconditioning & loss | c_skip, c_out, c_in, c_noise, λ(σ), p_train | `edm_lit.precond`, `edm_lit.loss` |
-# | 5 networks | DDPM++/NCSN++ and ADM; a first training | `edm_lit.networks` |
-# | 6 data | the official data-set format, a real quick-mode data set with no download | `edm_lit.data` |
+# | 5 networks | DDPM++/NCSN++ and ADM, built from a table of levels | `edm_lit.networks` |
+# | 5b the loss floor | where training pays (Fig. 5a): the floor, p_train, a first training, precision | `edm_lit.course` |
+# | 6 data | the official data-set format, a real quick-mode data set with no download, the digits judge | `edm_lit.data` |
 # | 6b augmentation | non-leaking augmentation and its labels | `edm_lit.augment` |
-# | 7 training | the paper's loop: EMA, mixed precision, DDP, snapshots and exact resume; `edm-lit train` | `edm_lit.training`, `edm_lit.train` |
-# | 8 evaluation | generation at scale, FID | `edm_lit.generate`, `edm_lit.fid` |
+# | 7 the training loop | the paper's loop: the optimizer, the learning-rate ramp-up, the EMA | `edm_lit.training` |
+# | 7b training at scale | mixed precision, several GPUs, snapshots and exact resume; `edm-lit train` | `edm_lit.training`, `edm_lit.train` |
+# | 8 evaluation | generation per seed, FID | `edm_lit.generate`, `edm_lit.fid` |
 # | 9 reproduction | the paper's tables beside ours | (reads `book/results/`) |
 # | A1 command line | `edm-lit` and its subcommands | `edm_lit.cli` |
-# | A2 checkpoints | official snapshots loaded without running their code; our safetensors format | `edm_lit.checkpoints` |
+# | A2 checkpoints | official snapshots read as data, never run | `edm_lit.checkpoints` |
+# | A2b `load_network` | our safetensors format, downloads, what a hostile file can do | `edm_lit.checkpoints` |
 # | A3 files | files that survive `kill -9`; outputs checked before the work; the one PNG writer | `edm_lit.files` |
+# | A4 bad data | what the data loader refuses, and why | `edm_lit.data` |
 # | A5 several processes | `torchrun`: a process's place, shared errors, gathering | `edm_lit.distributed` |
+# | A6 generation and FID at scale | many GPUs, many images, reference statistics | `edm_lit.generate`, `edm_lit.fid` |
+# | A7 the train command | the machinery of `edm-lit train`: options, ranks, the tick's row | `edm_lit.training`, `edm_lit.train` |
+# | (all chapters) | helpers the chapters share: quick-mode models, comparisons, numbers for the prose; *not* library API | `edm_lit.course` |
 #
-# Chapters are added in this order; the table of contents lists those written so far. The
-# cell below lists the modules the package has *now* (it reads the package, so the list is as
-# current as the build) and checks that every one of them is on this map.
+# Two modules have similar names and different jobs. `edm_lit.training` is the loop itself
+# (Chapters 7 and 7b), functions you call from Python with a network, data and options;
+# `edm_lit.train` is the command around it (`edm-lit train`, or `python -m edm_lit.train`
+# under `torchrun`), which reads the official `train.py`'s flags, sets up the processes
+# (Appendix A5) and calls the loop.
+#
+# The table of contents lists the chapters written so far. The cell below lists the modules
+# the package has *now* (it reads the package, so the list is as current as the build) and
+# checks that every one of them is on this map.
 
-# %%
+# %% tags=["hide-input"]
 import pkgutil
 import re
 
 import edm_lit
 
-MAP = {"mode", "framework", "samplers", "precond", "loss", "networks", "checkpoints", "augment",
-       "data", "training", "train", "generate", "fid", "cli", "files", "distributed", "course"}
+MAP = {"mode", "framework", "samplers", "precond", "loss", "networks", "data",
+       "augment", "training", "train", "generate", "fid", "cli", "checkpoints", "files",
+       "distributed", "course"}
 present = {m.name for m in pkgutil.iter_modules(edm_lit.__path__)}
-print(f"modules exported so far ({len(present)} of {len(MAP)}):", ", ".join(sorted(present)))
+print(f"modules exported so far ({len(present)} of {len(MAP)}):",
+      ", ".join(sorted(present)))
 assert present <= MAP, f"modules missing from the map: {present - MAP}"
-assert {"mode", "framework", "samplers"} <= present  # the chapters that the next ones build on
+# the chapters that the next ones build on, and the helpers they share
+assert {"mode", "framework", "samplers", "course"} <= present
 
 # %% [markdown]
 # ## How the export works
@@ -123,7 +148,7 @@ assert {"mode", "framework", "samplers"} <= present  # the chapters that the nex
 # it imports and runs with no Jupyter installed. The cell below reads that list and, for each
 # entry, the modules of `edm_lit` that import it. {glue:text}`planned_note`
 
-# %%
+# %% tags=["hide-input"]
 import ast
 import sys
 import tomllib
@@ -132,32 +157,48 @@ from pathlib import Path
 from myst_nb import glue
 
 ROOT = Path(edm_lit.__file__).resolve().parents[1]
-declared = [re.split(r"[<>=!~ \[;]", d, maxsplit=1)[0] for d in
-            tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["dependencies"]]
-PLANNED = {}  # dependency -> the chapter that will use it, for one declared ahead of its use (none now)
+project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+declared = [re.split(r"[<>=!~ \[;]", d, maxsplit=1)[0] for d in project["dependencies"]]
+# dependency -> the chapter that will use it, if declared ahead of its use (none now)
+PLANNED = {}
 IMPORT_NAME = {"pillow": "PIL"}  # distributions imported under another name
-OPTIONAL = {"sklearn": "scikit-learn: the quick-mode digits, Chapter 6 (the `notebooks` extra)",
-            "psutil": "psutil: memory in the training statistics, when installed"}  # imported lazily, with a fallback
+# imported lazily, with a fallback
+OPTIONAL = {
+    "sklearn": "scikit-learn: the quick-mode digits, Chapter 6 (the `notebooks` extra)",
+    "psutil": "psutil: memory in the training statistics, when installed"}
+
+
+def imported_names(node):
+    """The modules an import statement names (absolute imports only)."""
+    if isinstance(node, ast.Import):
+        return [a.name for a in node.names]
+    if isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+        return [node.module]
+    return []
+
+
 users, imported = {IMPORT_NAME.get(d, d): [] for d in declared}, set()
 for path in sorted((ROOT / "edm_lit").glob("*.py")):
     for node in ast.walk(ast.parse(path.read_text())):
-        names = [a.name for a in node.names] if isinstance(node, ast.Import) else \
-            [node.module] if isinstance(node, ast.ImportFrom) and node.level == 0 and node.module else []
-        imported |= {n.split(".")[0] for n in names}
-        for top in {n.split(".")[0] for n in names} & set(users):
+        tops = {n.split(".")[0] for n in imported_names(node)}
+        imported |= tops
+        for top in tops & set(users):
             users[top].append(path.stem)
 third_party = imported - set(sys.stdlib_module_names) - {"edm_lit"} - set(OPTIONAL)
-assert third_party <= set(users), f"imported but not declared in pyproject.toml: {third_party - set(users)}"
+assert third_party <= set(users), \
+    f"imported but not declared in pyproject.toml: {third_party - set(users)}"
 for dep, mods in users.items():
-    print(f"{dep:12s} imported by: {', '.join(sorted(set(mods))) or '(none yet: ' + PLANNED.get(dep, '?') + ')'}")
+    who = ", ".join(sorted(set(mods))) or f"(none yet: {PLANNED.get(dep, '?')})"
+    print(f"{dep:12s} imported by: {who}")
     assert mods or dep in PLANNED, f"{dep} is declared but no module uses it"
 nbtools_lines = len((ROOT / "tools" / "nbtools.py").read_text().splitlines())
 glue("dependencies", ", ".join(declared[:-1]) + f" and {declared[-1]}", display=False)
 glue("nbtools_lines", str(nbtools_lines), display=False)
 ahead = [d for d in users if not users[d]]
 print("optional, imported only where needed:", "; ".join(OPTIONAL.values()))
-glue("planned_note", " ".join(f"{d} is declared ahead of its use ({PLANNED[d]}): no module imports it yet." for d in ahead)
-     or "Every one of them is imported by some module.", display=False)
+note = " ".join(f"{d} is declared ahead of its use ({PLANNED[d]}): nothing imports it."
+                for d in ahead) or "Every one of them is imported by some module."
+glue("planned_note", note, display=False)
 
 # %% [markdown]
 # ## Quick and full mode
@@ -173,8 +214,8 @@ glue("planned_note", " ".join(f"{d} is declared ahead of its use ({PLANNED[d]}):
 #
 # | variable | what | used by |
 # |---|---|---|
-# | `EDM_LIT_DATA` | a data set made by `edm-lit dataset` (ZIP or folder; labelled or not) | Chapters 6, 6b, 7, 8 |
-# | `EDM_LIT_KIMG` | the training budget in thousands of images, your choice (the paper: 200,000) | Chapter 7 |
+# | `EDM_LIT_DATA` | a data set made by `edm-lit dataset` (ZIP or folder; labelled or not) | Chapters 6, 6b, 7, 7b, 8 |
+# | `EDM_LIT_KIMG` | the training budget in thousands of images, your choice (the paper: 200,000) | Chapters 7, 7b |
 # | `EDM_LIT_INCEPTION` | the FID feature network's weights (Chapter 8.4 says which file) | Chapters 8, 9 |
 # | `EDM_LIT_PRETRAINED` | a pretrained snapshot, path or URL (default: the official CIFAR-10 network) | Chapters 3, 8, 9 |
 #
@@ -192,15 +233,17 @@ import torch
 MODE_ENV = "EDM_LIT_MODE"
 MODES = ("quick", "full")
 # full mode's inputs: Mode field -> environment variable
-FULL_ENV = {"data": "EDM_LIT_DATA", "kimg": "EDM_LIT_KIMG", "inception": "EDM_LIT_INCEPTION",
-            "pretrained": "EDM_LIT_PRETRAINED"}
-# the paper's class-conditional CIFAR-10 network (VP column of Table 2), as NVIDIA publishes it
-PRETRAINED_CIFAR10 = "https://nvlabs-fi-cdn.nvidia.com/edm/pretrained/edm-cifar10-32x32-cond-vp.pkl"
+FULL_ENV = {"data": "EDM_LIT_DATA", "kimg": "EDM_LIT_KIMG",
+            "inception": "EDM_LIT_INCEPTION", "pretrained": "EDM_LIT_PRETRAINED"}
+# the paper's class-conditional CIFAR-10 network (VP column of Table 2), NVIDIA's copy
+PRETRAINED_CIFAR10 = ("https://nvlabs-fi-cdn.nvidia.com/edm/pretrained/"
+                      "edm-cifar10-32x32-cond-vp.pkl")
 
 
 @dataclass(frozen=True)
 class Mode:
-    """How big to run: 'quick' (CPU-sized, the default) or 'full' (paper-sized, GPU). Chapter 0."""
+    """How big to run: 'quick' (CPU-sized, the default) or 'full' (paper-sized, GPU).
+    Chapter 0."""
 
     name: str
     device: torch.device
@@ -222,23 +265,26 @@ class Mode:
         return quick if self.quick else full
 
     def missing(self, gpu: bool = True, needs=()) -> list:
-        """What a full-size part lacks here: 'a CUDA GPU' and/or the unset variables of `needs`."""
+        """What a full-size part lacks: 'a CUDA GPU', unset variables of `needs`."""
         lacking = ["a CUDA GPU"] if gpu and self.device.type != "cuda" else []
         return lacking + [FULL_ENV[n] for n in needs if getattr(self, n) is None]
 
     def require(self, what: str, gpu: bool = True, needs=()) -> "Mode":
-        """This mode if `what` can run at full size; else print one line saying why and return quick mode."""
+        """This mode if `what` can run at full size; else print one line saying why and
+        return quick mode."""
         if self.quick:
             return self
         lacking = self.missing(gpu, needs)
         if not lacking:
             return self
-        print(f"full mode: {what} needs {' and '.join(lacking)}; running the quick version")
+        print(f"full mode: {what} needs {' and '.join(lacking)}; "
+              "running the quick version")
         return Mode("quick", self.device)
 
 
 def _full_inputs(environ) -> dict:
-    """Full mode's variables, checked: an existing data set path, a finite kimg > 0, strings otherwise."""
+    """Full mode's variables, checked: an existing data set path, a finite kimg > 0,
+    strings otherwise."""
     values = {}
     for field, var in FULL_ENV.items():
         text = (environ.get(var) or "").strip()
@@ -250,17 +296,20 @@ def _full_inputs(environ) -> dict:
             except ValueError:
                 kimg = math.nan
             if not (math.isfinite(kimg) and kimg > 0):
-                raise ValueError(f"{var} must be a number of thousands of images > 0, got {text!r}")
+                raise ValueError(f"{var} must be a number of thousands of images > 0, "
+                                 f"got {text!r}")
             values[field] = kimg
         elif field == "data" and not os.path.exists(text):
-            raise ValueError(f"{var}: no such data set: {text!r} (a ZIP or folder made by `edm-lit dataset`)")
+            raise ValueError(f"{var}: no such data set: {text!r} "
+                             "(a ZIP or folder made by `edm-lit dataset`)")
         else:
             values[field] = text
     return values
 
 
 def get_mode(environ=None) -> Mode:
-    """Read the one switch, `EDM_LIT_MODE` ('quick' when unset), its full-mode inputs, and the device. Chapter 0."""
+    """Read the one switch, `EDM_LIT_MODE` ('quick' when unset), its full-mode inputs,
+    and the device. Chapter 0."""
     environ = os.environ if environ is None else environ
     name = environ.get(MODE_ENV, "quick").strip().lower() or "quick"
     if name not in MODES:
@@ -283,6 +332,15 @@ from edm_lit.mode import get_mode
 MODE = get_mode()
 print(f"mode: {MODE.name}, device: {MODE.device.type}")
 num_images = MODE.pick(quick=1_000, full=50_000)
+full = get_mode({"EDM_LIT_MODE": "full", "EDM_LIT_KIMG": "200"})
+fallback = full.require("this example", needs=("data", "kimg"))  # no data set named
+
+# %% [markdown]
+# **Check** — an unset or oddly spelled switch is quick mode; a misspelt mode, an infinite
+# budget and a data set that does not exist are refused when the switch is read, not hours
+# later; and a full mode that lacks an input falls back to quick mode on the same device.
+
+# %% tags=["hide-input"]
 assert get_mode({}).name == "quick" and get_mode({"EDM_LIT_MODE": "Quick "}).quick
 for bad in [{"EDM_LIT_MODE": "fast"}, {"EDM_LIT_MODE": "full", "EDM_LIT_KIMG": "inf"},
             {"EDM_LIT_MODE": "full", "EDM_LIT_DATA": "/no/such/cifar10-32x32.zip"}]:
@@ -292,9 +350,7 @@ for bad in [{"EDM_LIT_MODE": "fast"}, {"EDM_LIT_MODE": "full", "EDM_LIT_KIMG": "
         print("refused:", e)
     else:
         raise AssertionError(f"{bad} must be refused")
-full = get_mode({"EDM_LIT_MODE": "full", "EDM_LIT_KIMG": "200"})
 assert full.full and full.kimg == 200.0 and full.data is None
-fallback = full.require("this example", needs=("data", "kimg"))  # no data set named: quick, with a reason
 assert fallback.quick and fallback.device == full.device
 
 # %% [markdown]

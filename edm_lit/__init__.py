@@ -10,7 +10,7 @@ its top which chapter derives it:
     edm_lit.augment      6b. Non-leaking augmentation
     edm_lit.checkpoints  A2. Checkpoints: loading official snapshots without running their code; A2b. `load_network`: our format, URLs, and what a hostile file can do
     edm_lit.cli          A1. The command line
-    edm_lit.course       4. Preconditioning and the training objective; 7b. Training at scale; A2. Checkpoints: loading official snapshots without running their code; A7. From flags to a run: the training command's engineering
+    edm_lit.course       2. Deterministic sampling; 4. Preconditioning and the training objective; 7b. Training at scale; A2. Checkpoints: loading official snapshots without running their code; A7. From flags to a run: the training command's engineering
     edm_lit.data         6. Data sets
     edm_lit.distributed  A5. Several processes: `torchrun` plumbing
     edm_lit.fid          8. Evaluation: generating at scale and measuring FID
@@ -80,7 +80,6 @@ _API = {
     'VPPrecond': 'precond',
     'ablation_sampler': 'samplers',
     'ablation_setup': 'samplers',
-    'ablation_sigma_steps': 'samplers',
     'accumulate_gradients': 'training',
     'add_fid_command': 'fid',
     'add_generate_command': 'generate',
@@ -94,12 +93,7 @@ _API = {
     'build_options': 'training',
     'cache_dir': 'checkpoints',
     'capture_rng': 'training',
-    'check_choice': 'samplers',
     'check_denoiser': 'generate',
-    'check_num_steps': 'samplers',
-    'check_real': 'samplers',
-    'check_sampler_inputs': 'samplers',
-    'check_t_steps': 'samplers',
     'check_writable': 'files',
     'churn': 'samplers',
     'claim_run_dir': 'training',
@@ -181,7 +175,6 @@ _API = {
     'save_training_state': 'training',
     'scaling_2d': 'augment',
     'seed_batches': 'generate',
-    'sigma_range': 'samplers',
     'solve_ode_rk4': 'framework',
     'split_batch': 'training',
     'stat_names': 'training',
@@ -195,7 +188,6 @@ _API = {
     'transform_image': 'data',
     'translation_2d': 'augment',
     'update_ema': 'training',
-    'vp_fitted': 'samplers',
     'vp_sigma': 'precond',
     'vp_sigma_inv': 'precond',
     'warp_affine': 'augment',

@@ -18,7 +18,10 @@ import torch
 # ── 01_framework.py § Ground truth: a Gaussian mixture ──
 
 def _as_f64(value, name: str) -> torch.Tensor:
-    t = value.detach().to(torch.float64) if torch.is_tensor(value) else torch.as_tensor(value, dtype=torch.float64)
+    if torch.is_tensor(value):
+        t = value.detach().to(torch.float64)
+    else:
+        t = torch.as_tensor(value, dtype=torch.float64)
     if torch.isnan(t).any():
         raise ValueError(f"{name} must not be NaN")
     return t
@@ -28,49 +31,72 @@ def _check_sigma(sigma, name: str = "sigma") -> torch.Tensor:
     """Noise levels as float64; refuses negative, infinite or NaN values."""
     sigma = _as_f64(sigma, name)
     if not torch.isfinite(sigma).all() or (sigma < 0).any():
-        raise ValueError(f"{name} must be finite and >= 0, got min {sigma.min().item():g}, max {sigma.max().item():g}")
+        raise ValueError(f"{name} must be finite and >= 0, got min "
+                         f"{sigma.min().item():g}, max {sigma.max().item():g}")
     return sigma
 
 
-class GaussianMixture:
-    """p_data = sum_k w_k N(mu_k, s_k^2 I): closed-form p(x; sigma), score and ideal denoiser (Eq. 2, 3). Chapter 1.
+def _mixture_args(means, stds, weights):
+    """A mixture's means [K, *shape], stds [K] and normalised weights [K], checked."""
+    means = _as_f64(means, "means")
+    if means.ndim < 2:
+        raise ValueError("means must be [K, *shape] with at least one event dimension, "
+                         f"got shape {tuple(means.shape)}")
+    K = means.shape[0]
+    stds = _as_f64(stds, "stds")
+    if stds.numel() == 1:
+        stds = stds.reshape(()).expand(K).clone()
+    if stds.shape != (K,):
+        raise ValueError(f"stds must be a scalar or have shape [{K}], "
+                         f"got {tuple(stds.shape)}")
+    if (stds < 0).any() or not torch.isfinite(stds).all():
+        raise ValueError("stds must be finite and >= 0")
+    if weights is None:
+        weights = torch.full((K,), 1.0 / K, dtype=torch.float64)
+    weights = _as_f64(weights, "weights")
+    if weights.shape != (K,) or (weights <= 0).any():
+        raise ValueError(f"weights must be [{K}] and positive, "
+                         f"got {tuple(weights.shape)}")
+    return means, stds, weights / weights.sum()
 
-    `means` is [K, *shape] (any event shape, e.g. [K, C, H, W]); `stds` is a scalar or [K] (0 gives a point
-    mass, so `GaussianMixture.from_data(images)` is the ideal denoiser of a finite data set); `weights` [K].
-    Calling the object, `gm(x, sigma, class_labels=None)`, returns D(x; sigma) like a trained network.
+
+def _flatten(x, sigma, shape, device):
+    """x [N, *shape] as float64 [N, D], and sigma (a scalar or [N]) as float64 [N]."""
+    if tuple(x.shape[1:]) != shape:
+        raise ValueError(f"x must have shape [N, {', '.join(map(str, shape))}], "
+                         f"got {tuple(x.shape)}")
+    N = x.shape[0]
+    sigma = _check_sigma(sigma).to(device).reshape(-1)
+    if sigma.numel() not in (1, N):
+        raise ValueError("sigma must be a scalar or hold one value per sample "
+                         f"({N}), got {sigma.numel()} values")
+    return x.to(torch.float64).reshape(N, -1), sigma.expand(N)
+
+class GaussianMixture:
+    """p_data = sum_k w_k N(mu_k, s_k^2 I): closed-form p(x; sigma), score and ideal
+    denoiser (Eq. 2, 3). Chapter 1.
+
+    `means` [K, *shape] (e.g. [K, C, H, W]); `stds` a scalar or [K] (0 gives a point
+    mass: `GaussianMixture.from_data(images)` is a finite data set); `weights` [K].
+    `gm(x, sigma, class_labels=None)` returns D(x; sigma) like a trained network.
     """
 
-    sigma_min = 0.0
-    sigma_max = float("inf")
-    label_dim = 0
+    sigma_min, sigma_max, label_dim = 0.0, float("inf"), 0  # the denoiser interface
 
     def __init__(self, means, stds=0.0, weights=None):
-        means = _as_f64(means, "means")
-        if means.ndim < 2:
-            raise ValueError(f"means must be [K, *shape] with at least one event dimension, got shape {tuple(means.shape)}")
-        K = means.shape[0]
-        stds = _as_f64(stds, "stds")
-        if stds.numel() == 1:
-            stds = stds.reshape(()).expand(K).clone()
-        if stds.shape != (K,):
-            raise ValueError(f"stds must be a scalar or have shape [{K}], got {tuple(stds.shape)}")
-        if (stds < 0).any() or not torch.isfinite(stds).all():
-            raise ValueError("stds must be finite and >= 0")
-        weights = torch.full((K,), 1.0 / K, dtype=torch.float64) if weights is None else _as_f64(weights, "weights")
-        if weights.shape != (K,) or (weights <= 0).any():
-            raise ValueError(f"weights must be [{K}] and positive, got {tuple(weights.shape)}")
-        self.means, self.stds, self.weights = means, stds, weights / weights.sum()
-        self.shape = tuple(means.shape[1:])
+        self.means, self.stds, self.weights = _mixture_args(means, stds, weights)
+        self.shape = tuple(self.means.shape[1:])
         self.dim = math.prod(self.shape)
         image = len(self.shape) == 3 and self.shape[1] == self.shape[2]
         self.img_channels = self.shape[0] if image else None
         self.img_resolution = self.shape[1] if image else None
-        self._mu = means.reshape(K, -1)
+        self._mu = self.means.reshape(len(self.weights), -1)
         self._mu_sq = self._mu.square().sum(1)
 
     @classmethod
     def from_data(cls, data):
-        """The empirical distribution of a finite data set [N, *shape]: its ideal denoiser memorises the data."""
+        """The empirical distribution of a finite data set [N, *shape]: its ideal
+        denoiser memorises the data."""
         return cls(data, stds=0.0)
 
     def __repr__(self):
@@ -78,48 +104,46 @@ class GaussianMixture:
 
     @property
     def data_std(self) -> float:
-        """Standard deviation of all coordinates of y ~ p_data pooled (sigma_data of the paper)."""
+        """Standard deviation of all coordinates of y ~ p_data pooled (sigma_data)."""
         mean = (self.weights @ self._mu).mean()
-        var = self.weights @ ((self._mu - mean).square().sum(1) + self.dim * self.stds.square())
-        return math.sqrt(var.item() / self.dim)
+        spread = (self._mu - mean).square().sum(1) + self.dim * self.stds.square()
+        return math.sqrt((self.weights @ spread).item() / self.dim)
 
     def to(self, device):
         """Move the mixture's tensors to `device` (the computations stay in float64)."""
         new = GaussianMixture.__new__(GaussianMixture)
-        new.__dict__.update({k: (v.to(device) if torch.is_tensor(v) else v) for k, v in self.__dict__.items()})
+        new.__dict__.update({k: (v.to(device) if torch.is_tensor(v) else v)
+                             for k, v in self.__dict__.items()})
         return new
 
     def sample(self, n: int, generator=None) -> torch.Tensor:
         """Draw n samples y ~ p_data as float64 [n, *shape]."""
-        k = torch.multinomial(self.weights.cpu(), n, replacement=True, generator=generator).to(self._mu.device)
-        eps = torch.randn((n, self.dim), dtype=torch.float64, generator=generator).to(self._mu.device)
+        k = torch.multinomial(self.weights.cpu(), n, replacement=True,
+                              generator=generator)
+        eps = torch.randn((n, self.dim), dtype=torch.float64, generator=generator)
+        k, eps = k.to(self._mu.device), eps.to(self._mu.device)
         return (self._mu[k] + self.stds[k, None] * eps).reshape(n, *self.shape)
 
     def round_sigma(self, sigma):
-        """Any noise level is supported: identity (the interface of the official networks)."""
+        """Any noise level is supported: identity (the official nets' interface)."""
         return torch.as_tensor(sigma)
 
     def _flat(self, x, sigma):
-        if tuple(x.shape[1:]) != self.shape:
-            raise ValueError(f"x must have shape [N, {', '.join(map(str, self.shape))}], got {tuple(x.shape)}")
-        N = x.shape[0]
-        sigma = _check_sigma(sigma).to(self._mu.device).reshape(-1)
-        if sigma.numel() not in (1, N):
-            raise ValueError(f"sigma must be a scalar or hold one value per sample ({N}), got {sigma.numel()} values")
-        return x.to(torch.float64).reshape(N, -1), sigma.expand(N)
+        return _flatten(x, sigma, self.shape, self._mu.device)
 
     def _log_resp(self, x, sigma):
-        """log of w_k N(x; mu_k, v_k I) per sample and component, and v = s^2 + sigma^2 [N, K]."""
+        """log w_k N(x; mu_k, v_k I) per sample and component, and v = s^2 + sigma^2."""
         v = self.stds.square()[None, :] + sigma.square()[:, None]
         if (v == 0).any():
-            raise ValueError("sigma must be > 0 for point masses (stds == 0), e.g. a finite data set")
-        d2 = (x.square().sum(1, keepdim=True) - 2 * x @ self._mu.T + self._mu_sq[None, :]).clamp_min(0)
-        return self.weights.log()[None, :] - 0.5 * self.dim * torch.log(2 * math.pi * v) - 0.5 * d2 / v, v
+            raise ValueError("sigma must be > 0 for point masses (stds == 0), "
+                             "e.g. a finite data set")
+        d2 = x.square().sum(1, keepdim=True) - 2 * x @ self._mu.T + self._mu_sq[None, :]
+        log_norm = 0.5 * self.dim * torch.log(2 * math.pi * v)
+        return self.weights.log()[None, :] - log_norm - 0.5 * d2.clamp_min(0) / v, v
 
     def log_prob(self, x, sigma) -> torch.Tensor:
         """log p(x; sigma), one value per sample [N]."""
-        xf, s = self._flat(x, sigma)
-        logw, _ = self._log_resp(xf, s)
+        logw, _ = self._log_resp(*self._flat(x, sigma))
         return torch.logsumexp(logw, dim=1)
 
     def score(self, x, sigma) -> torch.Tensor:
@@ -143,19 +167,23 @@ class GaussianMixture:
         """D(x; sigma) in x's dtype: the interface of a trained denoiser network."""
         return self.denoise(x, sigma).to(x.dtype)
 
-def toy_image_mixture(num_components: int = 8, channels: int = 3, resolution: int = 8, std: float = 0.1,
-                      seed: int = 0) -> GaussianMixture:
-    """An image-shaped Gaussian mixture: smooth random 'images' in [-1, 1] as means, isotropic noise. Chapter 1."""
+def toy_image_mixture(num_components: int = 8, channels: int = 3, resolution: int = 8,
+                      std: float = 0.1, seed: int = 0) -> GaussianMixture:
+    """An image-shaped Gaussian mixture: smooth random 'images' in [-1, 1] as means,
+    isotropic noise. Chapter 1."""
     g = torch.Generator().manual_seed(seed)
-    coarse = torch.rand((num_components, channels, 2, 2), generator=g, dtype=torch.float64) * 2 - 1
-    means = torch.nn.functional.interpolate(coarse, size=(resolution, resolution), mode="bilinear", align_corners=True)
+    shape = (num_components, channels, 2, 2)
+    coarse = torch.rand(shape, generator=g, dtype=torch.float64) * 2 - 1
+    means = torch.nn.functional.interpolate(coarse, size=(resolution, resolution),
+                                            mode="bilinear", align_corners=True)
     return GaussianMixture(means, stds=std)
 
 
 # ── 01_framework.py § 1.2 The probability-flow ODE ──
 
 def ode_slope(schedule, denoiser, x, t, class_labels=None) -> torch.Tensor:
-    """dx/dt of the probability-flow ODE (Eq. 4 with Eq. 3, as in Algorithm 1), for t > 0. Chapter 1."""
+    """dx/dt of the probability-flow ODE (Eq. 4 with Eq. 3, as in Algorithm 1), for
+    t > 0. Chapter 1."""
     t = _as_f64(t, "t")
     sigma, s = schedule.sigma(t), schedule.s(t)
     if (sigma == 0).any():
@@ -166,16 +194,21 @@ def ode_slope(schedule, denoiser, x, t, class_labels=None) -> torch.Tensor:
 
 
 def solve_ode_rk4(schedule, denoiser, x, t_grid, class_labels=None) -> torch.Tensor:
-    """Reference solution of the ODE along `t_grid` (all t > 0) by classical RK4; returns every state [T, *x.shape].
+    """Reference solution of the ODE along `t_grid` (all t > 0) by classical RK4;
+    returns every state [T, *x.shape].
 
-    Not a sampler: it spends 4 denoiser calls per step to get an accurate ground truth. Chapter 1.
+    Not a sampler: it spends 4 denoiser calls per step to get an accurate ground truth.
+    Chapter 1.
     """
     t_grid = _as_f64(t_grid, "t_grid").to(x.device)
     if t_grid.ndim != 1 or len(t_grid) < 2 or (t_grid <= 0).any():
         raise ValueError("t_grid must be 1-D with at least two times, all > 0")
     x = x.to(torch.float64)
     states = [x]
-    f = lambda x_, t_: ode_slope(schedule, denoiser, x_, t_, class_labels)
+
+    def f(x_, t_):
+        return ode_slope(schedule, denoiser, x_, t_, class_labels)
+
     for t0, t1 in zip(t_grid[:-1], t_grid[1:]):
         h = t1 - t0
         k1 = f(x, t0)
@@ -190,38 +223,44 @@ def solve_ode_rk4(schedule, denoiser, x, t_grid, class_labels=None) -> torch.Ten
 # ── 01_framework.py § 1.3 Table 1: four models, one framework ──
 
 class Schedule:
-    """One column of Table 1: sigma(t), s(t), their derivatives, sigma^-1 and the time steps. Chapter 1.
+    """One column of Table 1: sigma(t), s(t), their derivatives, sigma^-1 and the time
+    steps. Chapter 1.
 
-    Subclasses give the formulas (`_sigma`, `_sigma_deriv`, `_sigma_inv`, `_s`, `_s_deriv`, `_time_steps`);
-    the public methods take floats or tensors, validate the range and return float64 tensors.
+    Subclasses give the formulas (`_sigma`, `_sigma_deriv`, `_sigma_inv`, `_s`,
+    `_s_deriv`, `_time_steps`); the public methods take floats or tensors, validate the
+    range and return float64 tensors.
     """
 
     name = "schedule"
 
     def __init__(self, sigma_min: float, sigma_max: float):
         if not (0 < sigma_min < sigma_max < math.inf):
-            raise ValueError(f"need 0 < sigma_min < sigma_max < inf, got sigma_min={sigma_min}, sigma_max={sigma_max}")
+            raise ValueError("need 0 < sigma_min < sigma_max < inf, got "
+                             f"sigma_min={sigma_min}, sigma_max={sigma_max}")
         self.sigma_min, self.sigma_max = float(sigma_min), float(sigma_max)
 
     def __repr__(self):
-        return f"{type(self).__name__}(sigma_min={self.sigma_min:g}, sigma_max={self.sigma_max:g})"
+        return (f"{type(self).__name__}(sigma_min={self.sigma_min:g}, "
+                f"sigma_max={self.sigma_max:g})")
 
     @property
     def t_max(self) -> float:
-        """The time at which sigma(t) = sigma_max; the schedule is defined on [0, t_max]."""
+        """The time at which sigma(t) = sigma_max; the schedule lives on [0, t_max]."""
         return float(self._sigma_inv(torch.tensor(self.sigma_max, dtype=torch.float64)))
 
     def _t_gap(self) -> float:
-        """Times in (0, _t_gap()) have no real sigma(t): 0 here; a VP schedule with beta_min < 0 has a gap."""
+        """Times in (0, _t_gap()) have no real sigma(t): 0 here; a VP schedule with
+        beta_min < 0 has a gap."""
         return 0.0
 
     def _check_t(self, t) -> torch.Tensor:
         t = _as_f64(t, "t")
         t_max, gap = self.t_max, self._t_gap()
-        if (not torch.isfinite(t).all() or (t < 0).any() or (t > t_max * (1 + 1e-12)).any()
-                or ((t > 0) & (t < gap)).any()):
-            raise ValueError(f"{self.name}: t must lie in [0, {t_max:g}]" + (f" outside (0, {gap:g})" if gap else "")
-                             + f", got values in [{t.min().item():g}, {t.max().item():g}]")
+        outside = (t < 0) | (t > t_max * (1 + 1e-12)) | ((t > 0) & (t < gap))
+        if not torch.isfinite(t).all() or outside.any():
+            where = f"[0, {t_max:g}]" + (f" outside (0, {gap:g})" if gap else "")
+            raise ValueError(f"{self.name}: t must lie in {where}, got values in "
+                             f"[{t.min().item():g}, {t.max().item():g}]")
         return t
 
     def sigma(self, t) -> torch.Tensor:
@@ -243,7 +282,8 @@ class Schedule:
         """t_0 > ... > t_{N-1} of Table 1, then t_N = 0: N + 1 float64 values."""
         if int(num_steps) != num_steps or num_steps < 1:
             raise ValueError(f"num_steps must be an integer >= 1, got {num_steps}")
-        frac = torch.arange(num_steps, dtype=torch.float64) / max(num_steps - 1, 1)  # i / (N - 1)
+        # i / (N - 1)
+        frac = torch.arange(num_steps, dtype=torch.float64) / max(num_steps - 1, 1)
         return torch.cat([self._time_steps(frac), torch.zeros(1, dtype=torch.float64)])
 
     def sigma_steps(self, num_steps: int) -> torch.Tensor:
@@ -267,25 +307,37 @@ class Schedule:
         return torch.zeros_like(t)
 
 class VP(Schedule):
-    """Variance preserving (Table 1, column VP): sigma(t) = sqrt(exp(beta_d t^2/2 + beta_min t) - 1). Chapter 1."""
+    """Variance preserving (Table 1, column VP):
+    sigma(t) = sqrt(exp(beta_d t^2/2 + beta_min t) - 1). Chapter 1."""
 
     name = "vp"
 
-    def __init__(self, beta_d: float = 19.9, beta_min: float = 0.1, epsilon_s: float = 1e-3):
-        if not (beta_d > 0 and 0 < epsilon_s < 1 and 0.5 * beta_d * epsilon_s + beta_min > 0):
-            raise ValueError(f"need beta_d > 0, 0 < epsilon_s < 1 and sigma(epsilon_s) > 0 (beta_min > -beta_d epsilon_s / 2); "
-                             f"got beta_d={beta_d}, beta_min={beta_min}, epsilon_s={epsilon_s}")
-        self.beta_d, self.beta_min, self.epsilon_s = float(beta_d), float(beta_min), float(epsilon_s)
-        f = lambda t: 0.5 * beta_d * t**2 + beta_min * t
-        super().__init__(math.sqrt(math.expm1(f(epsilon_s))), math.sqrt(math.expm1(f(1.0))))
+    def __init__(self, beta_d: float = 19.9, beta_min: float = 0.1,
+                 epsilon_s: float = 1e-3):
+        positive = 0.5 * beta_d * epsilon_s + beta_min > 0  # sigma(epsilon_s) > 0
+        if not (beta_d > 0 and 0 < epsilon_s < 1 and positive):
+            raise ValueError("need beta_d > 0, 0 < epsilon_s < 1 and "
+                             "sigma(epsilon_s) > 0 (beta_min > -beta_d epsilon_s / 2); "
+                             "got beta_d="
+                             f"{beta_d}, beta_min={beta_min}, epsilon_s={epsilon_s}")
+        self.beta_d, self.beta_min = float(beta_d), float(beta_min)
+        self.epsilon_s = float(epsilon_s)
+
+        def f(t):
+            return 0.5 * beta_d * t**2 + beta_min * t
+
+        super().__init__(math.sqrt(math.expm1(f(epsilon_s))),
+                         math.sqrt(math.expm1(f(1.0))))
 
     @classmethod
-    def from_sigma_range(cls, sigma_min: float, sigma_max: float, epsilon_s: float = 1e-3) -> "VP":
-        """The VP schedule whose t in [epsilon_s, 1] spans exactly [sigma_min, sigma_max].
+    def from_sigma_range(cls, sigma_min: float, sigma_max: float,
+                         epsilon_s: float = 1e-3) -> "VP":
+        """The VP schedule whose t in [epsilon_s, 1] spans [sigma_min, sigma_max].
 
-        beta_min comes out >= 0 only for epsilon_s <= sqrt(ln(1 + sigma_min^2) / ln(1 + sigma_max^2)); a negative one
-        (e.g. sigma in [0.002, 80], as the ablation sampler of Chapter 2 asks for) leaves sigma(t) real on [epsilon_s, 1]
-        but not on (0, -2 beta_min / beta_d), where the public methods refuse t.
+        beta_min comes out >= 0 only for epsilon_s <= sqrt(ln(1 + sigma_min^2) /
+        ln(1 + sigma_max^2)); a negative one (e.g. sigma in [0.002, 80], as the ablation
+        sampler of Chapter 2 asks for) leaves sigma(t) real on [epsilon_s, 1] but not on
+        (0, -2 beta_min / beta_d), where the public methods refuse t.
         """
         a, b = math.log(sigma_min**2 + 1), math.log(sigma_max**2 + 1)
         beta_d = 2 * (a / epsilon_s - b) / (epsilon_s - 1)
@@ -305,7 +357,8 @@ class VP(Schedule):
         return 0.5 * (self.beta_min + self.beta_d * t) * (sigma + 1 / sigma)
 
     def _sigma_inv(self, sigma):
-        return ((self.beta_min**2 + 2 * self.beta_d * torch.log1p(sigma**2)).sqrt() - self.beta_min) / self.beta_d
+        root = (self.beta_min**2 + 2 * self.beta_d * torch.log1p(sigma**2)).sqrt()
+        return (root - self.beta_min) / self.beta_d
 
     def _s(self, t):
         return torch.exp(-0.5 * self._f(t))
@@ -317,7 +370,8 @@ class VP(Schedule):
         return 1 + frac * (self.epsilon_s - 1)
 
 class VE(Schedule):
-    """Variance exploding (Table 1, column VE): sigma(t) = sqrt(t), s(t) = 1. Chapter 1."""
+    """Variance exploding (Table 1, column VE): sigma(t) = sqrt(t), s(t) = 1.
+    Chapter 1."""
 
     name = "ve"
 
@@ -336,13 +390,17 @@ class VE(Schedule):
     def _time_steps(self, frac):
         return self.sigma_max**2 * (self.sigma_min**2 / self.sigma_max**2) ** frac
 
-def iddpm_u(M: int = 1000, C_1: float = 0.001, C_2: float = 0.008, dtype=torch.float64) -> torch.Tensor:
-    """The iDDPM noise-level table u_0 > ... > u_M = 0 (Table 1, footnote of column iDDPM), M + 1 values. Chapter 1."""
+def iddpm_u(M: int = 1000, C_1: float = 0.001, C_2: float = 0.008,
+            dtype=torch.float64) -> torch.Tensor:
+    """The iDDPM noise-level table u_0 > ... > u_M = 0 (Table 1, footnote of column
+    iDDPM), M + 1 values. Chapter 1."""
     if int(M) != M or M < 2:
         raise ValueError(f"M must be an integer >= 2, got {M}")
-    j = torch.arange(M + 1)  # integer indices: alpha_bar is computed in float32, as in the official code
+    # integer indices: alpha_bar is computed in float32, as in the official code
+    j = torch.arange(M + 1)
     alpha_bar = (0.5 * math.pi * j / M / (C_2 + 1)).sin() ** 2
-    ratio = (alpha_bar[:-1] / alpha_bar[1:]).clip(min=C_1).to(dtype)  # alpha_bar_{j-1} / alpha_bar_j, j = 1..M
+    # alpha_bar_{j-1} / alpha_bar_j, j = 1..M
+    ratio = (alpha_bar[:-1] / alpha_bar[1:]).clip(min=C_1).to(dtype)
     u = torch.zeros(M + 1, dtype=dtype)
     for k in range(M, 0, -1):
         u[k - 1] = ((u[k] ** 2 + 1) / ratio[k - 1] - 1).sqrt()
@@ -350,11 +408,13 @@ def iddpm_u(M: int = 1000, C_1: float = 0.001, C_2: float = 0.008, dtype=torch.f
 
 
 class IDDPM(Schedule):
-    """Improved DDPM + DDIM (Table 1, column iDDPM): sigma(t) = t on the table u; steps u_{floor(j0 + ...)}. Chapter 1."""
+    """Improved DDPM + DDIM (Table 1, column iDDPM): sigma(t) = t on the table u;
+    steps u_{floor(j0 + ...)}. Chapter 1."""
 
     name = "iddpm"
 
-    def __init__(self, C_1: float = 0.001, C_2: float = 0.008, M: int = 1000, j_0: int = 8):
+    def __init__(self, C_1: float = 0.001, C_2: float = 0.008, M: int = 1000,
+                 j_0: int = 8):
         if not 0 <= j_0 < M - 1:
             raise ValueError(f"j_0 must lie in [0, M - 1), got {j_0}")
         self.C_1, self.C_2, self.M, self.j_0 = C_1, C_2, int(M), int(j_0)
@@ -365,33 +425,39 @@ class IDDPM(Schedule):
         j = torch.floor(self.j_0 + (self.M - 1 - self.j_0) * frac + 0.5).to(torch.int64)
         return self.u[j]
 
-def edm_sigma_steps(num_steps: int, sigma_min: float = 0.002, sigma_max: float = 80.0, rho: float = 7.0,
-                    device=None) -> torch.Tensor:
-    """sigma_0 > ... > sigma_{N-1} of Eq. 5 (without the final 0), float64. Chapter 1; derived in Chapter 2."""
+def edm_sigma_steps(num_steps: int, sigma_min: float = 0.002, sigma_max: float = 80.0,
+                    rho: float = 7.0, device=None) -> torch.Tensor:
+    """sigma_0 > ... > sigma_{N-1} of Eq. 5 (without the final 0), float64. Chapter 1;
+    derived in Chapter 2."""
     if int(num_steps) != num_steps or num_steps < 1:
         raise ValueError(f"num_steps must be an integer >= 1, got {num_steps}")
     if not (0 < sigma_min < sigma_max < math.inf):
-        raise ValueError(f"need 0 < sigma_min < sigma_max < inf, got sigma_min={sigma_min}, sigma_max={sigma_max}")
+        raise ValueError("need 0 < sigma_min < sigma_max < inf, got "
+                         f"sigma_min={sigma_min}, sigma_max={sigma_max}")
     if not rho > 0:
         raise ValueError(f"rho must be > 0, got {rho}")
     i = torch.arange(num_steps, dtype=torch.float64, device=device)
     frac = i / (num_steps - 1) if num_steps > 1 else i
-    return (sigma_max ** (1 / rho) + frac * (sigma_min ** (1 / rho) - sigma_max ** (1 / rho))) ** rho
+    lo, hi = sigma_min ** (1 / rho), sigma_max ** (1 / rho)
+    return (hi + frac * (lo - hi)) ** rho
 
 
 class EDM(Schedule):
-    """EDM (Table 1, column EDM): sigma(t) = t, s(t) = 1, time steps by Eq. 5. Chapter 1."""
+    """EDM (Table 1, column EDM): sigma(t) = t, s(t) = 1, time steps by Eq. 5.
+    Chapter 1."""
 
     name = "edm"
 
-    def __init__(self, sigma_min: float = 0.002, sigma_max: float = 80.0, rho: float = 7.0):
+    def __init__(self, sigma_min: float = 0.002, sigma_max: float = 80.0,
+                 rho: float = 7.0):
         super().__init__(sigma_min, sigma_max)
         if not rho > 0:
             raise ValueError(f"rho must be > 0, got {rho}")
         self.rho = float(rho)
 
     def __repr__(self):
-        return f"EDM(sigma_min={self.sigma_min:g}, sigma_max={self.sigma_max:g}, rho={self.rho:g})"
+        return (f"EDM(sigma_min={self.sigma_min:g}, sigma_max={self.sigma_max:g}, "
+                f"rho={self.rho:g})")
 
     def time_steps(self, num_steps: int) -> torch.Tensor:
         steps = edm_sigma_steps(num_steps, self.sigma_min, self.sigma_max, self.rho)

@@ -17,15 +17,17 @@ import torch
 MODE_ENV = "EDM_LIT_MODE"
 MODES = ("quick", "full")
 # full mode's inputs: Mode field -> environment variable
-FULL_ENV = {"data": "EDM_LIT_DATA", "kimg": "EDM_LIT_KIMG", "inception": "EDM_LIT_INCEPTION",
-            "pretrained": "EDM_LIT_PRETRAINED"}
-# the paper's class-conditional CIFAR-10 network (VP column of Table 2), as NVIDIA publishes it
-PRETRAINED_CIFAR10 = "https://nvlabs-fi-cdn.nvidia.com/edm/pretrained/edm-cifar10-32x32-cond-vp.pkl"
+FULL_ENV = {"data": "EDM_LIT_DATA", "kimg": "EDM_LIT_KIMG",
+            "inception": "EDM_LIT_INCEPTION", "pretrained": "EDM_LIT_PRETRAINED"}
+# the paper's class-conditional CIFAR-10 network (VP column of Table 2), NVIDIA's copy
+PRETRAINED_CIFAR10 = ("https://nvlabs-fi-cdn.nvidia.com/edm/pretrained/"
+                      "edm-cifar10-32x32-cond-vp.pkl")
 
 
 @dataclass(frozen=True)
 class Mode:
-    """How big to run: 'quick' (CPU-sized, the default) or 'full' (paper-sized, GPU). Chapter 0."""
+    """How big to run: 'quick' (CPU-sized, the default) or 'full' (paper-sized, GPU).
+    Chapter 0."""
 
     name: str
     device: torch.device
@@ -47,23 +49,26 @@ class Mode:
         return quick if self.quick else full
 
     def missing(self, gpu: bool = True, needs=()) -> list:
-        """What a full-size part lacks here: 'a CUDA GPU' and/or the unset variables of `needs`."""
+        """What a full-size part lacks: 'a CUDA GPU', unset variables of `needs`."""
         lacking = ["a CUDA GPU"] if gpu and self.device.type != "cuda" else []
         return lacking + [FULL_ENV[n] for n in needs if getattr(self, n) is None]
 
     def require(self, what: str, gpu: bool = True, needs=()) -> "Mode":
-        """This mode if `what` can run at full size; else print one line saying why and return quick mode."""
+        """This mode if `what` can run at full size; else print one line saying why and
+        return quick mode."""
         if self.quick:
             return self
         lacking = self.missing(gpu, needs)
         if not lacking:
             return self
-        print(f"full mode: {what} needs {' and '.join(lacking)}; running the quick version")
+        print(f"full mode: {what} needs {' and '.join(lacking)}; "
+              "running the quick version")
         return Mode("quick", self.device)
 
 
 def _full_inputs(environ) -> dict:
-    """Full mode's variables, checked: an existing data set path, a finite kimg > 0, strings otherwise."""
+    """Full mode's variables, checked: an existing data set path, a finite kimg > 0,
+    strings otherwise."""
     values = {}
     for field, var in FULL_ENV.items():
         text = (environ.get(var) or "").strip()
@@ -75,17 +80,20 @@ def _full_inputs(environ) -> dict:
             except ValueError:
                 kimg = math.nan
             if not (math.isfinite(kimg) and kimg > 0):
-                raise ValueError(f"{var} must be a number of thousands of images > 0, got {text!r}")
+                raise ValueError(f"{var} must be a number of thousands of images > 0, "
+                                 f"got {text!r}")
             values[field] = kimg
         elif field == "data" and not os.path.exists(text):
-            raise ValueError(f"{var}: no such data set: {text!r} (a ZIP or folder made by `edm-lit dataset`)")
+            raise ValueError(f"{var}: no such data set: {text!r} "
+                             "(a ZIP or folder made by `edm-lit dataset`)")
         else:
             values[field] = text
     return values
 
 
 def get_mode(environ=None) -> Mode:
-    """Read the one switch, `EDM_LIT_MODE` ('quick' when unset), its full-mode inputs, and the device. Chapter 0."""
+    """Read the one switch, `EDM_LIT_MODE` ('quick' when unset), its full-mode inputs,
+    and the device. Chapter 0."""
     environ = os.environ if environ is None else environ
     name = environ.get(MODE_ENV, "quick").strip().lower() or "quick"
     if name not in MODES:

@@ -3,12 +3,8 @@
 
 """samplers: exported from 2. Deterministic sampling and 3. Stochastic sampling (book/02_deterministic.py, book/03_stochastic.py)."""
 
-__all__ = ['SOLVERS', 'DISCRETIZATIONS', 'SCHEDULES', 'SCALINGS', 'check_choice',
-           'check_real', 'check_num_steps', 'check_t_steps', 'SamplerSchedule',
-           'vp_fitted', 'ode_step', 'check_sampler_inputs', 'sigma_range',
-           'edm_time_steps', 'sample_ode', 'ABLATION_SIGMA_RANGE',
-           'ablation_sigma_steps', 'ablation_setup', 'churn', 'sample_sde',
-           'edm_sampler', 'ablation_sampler']
+__all__ = ['SamplerSchedule', 'ode_step', 'edm_time_steps', 'sample_ode',
+           'ablation_setup', 'churn', 'sample_sde', 'edm_sampler', 'ablation_sampler']
 
 
 # ── 02_deterministic.py § 2. Deterministic sampling ──
@@ -20,20 +16,23 @@ import torch
 
 from edm_lit.framework import VE, VP, edm_sigma_steps, iddpm_u
 
-SOLVERS = ("euler", "heun")
-DISCRETIZATIONS = ("vp", "ve", "iddpm", "edm")
-SCHEDULES = ("vp", "ve", "linear")
-SCALINGS = ("vp", "none")
+# the names the samplers accept for each choice (Table 1's rows)
+_SOLVERS = ("euler", "heun")
+_DISCRETIZATIONS = ("vp", "ve", "iddpm", "edm")
+_SCHEDULES = ("vp", "ve", "linear")
+_SCALINGS = ("vp", "none")
 
-def check_choice(value, name, choices):
-    """`value` if it is one of the strings `choices`; else a ValueError naming `name`. Chapter 2."""
+def _check_choice(value, name, choices):
+    """`value` if it is one of the strings `choices`; else a ValueError naming it."""
     if not isinstance(value, str) or value not in choices:
-        raise ValueError(f"{name} must be one of {', '.join(map(repr, choices))}; got {value!r}")
+        raise ValueError(f"{name} must be one of {', '.join(map(repr, choices))}; "
+                         f"got {value!r}")
     return value
 
 
-def check_real(value, name, minimum=None, strict=True):
-    """`value` as a float; refuses NaN and, if `minimum` is given, values below it (or equal, if strict). Chapter 2."""
+def _check_real(value, name, minimum=None, strict=True):
+    """`value` as a float; refuses NaN and, if `minimum` is given, values below it (or
+    equal, if strict)."""
     try:
         value = float(value)
     except (TypeError, ValueError, RuntimeError):
@@ -41,49 +40,57 @@ def check_real(value, name, minimum=None, strict=True):
     if math.isnan(value):
         raise ValueError(f"{name} must not be NaN")
     if minimum is not None and (value <= minimum if strict else value < minimum):
-        raise ValueError(f"{name} must be {'>' if strict else '>='} {minimum:g}, got {value}")
+        raise ValueError(f"{name} must be {'>' if strict else '>='} {minimum:g}, "
+                         f"got {value}")
     return value
 
 
-def check_num_steps(num_steps):
-    """`num_steps` as an int >= 1 (an integral float is accepted); else a ValueError. Chapter 2."""
+def _check_num_steps(num_steps):
+    """`num_steps` as an int >= 1 (an integral float is accepted); else a ValueError."""
     ok = isinstance(num_steps, numbers.Real) and not isinstance(num_steps, bool)
-    if not ok or not math.isfinite(num_steps) or num_steps != int(num_steps) or num_steps < 1:
+    if (not ok or not math.isfinite(num_steps) or num_steps != int(num_steps)
+            or num_steps < 1):
         raise ValueError(f"num_steps must be an integer >= 1, got {num_steps!r}")
     return int(num_steps)
 
 
-def check_t_steps(t_steps, device=None):
-    """Time steps t_0 > ... > t_N = 0 as a float64 tensor on `device`; else a ValueError. Chapter 2."""
+def _check_t_steps(t_steps, device=None):
+    """Time steps t_0 > ... > t_N = 0 as float64 on `device`; else a ValueError."""
     t_steps = torch.as_tensor(t_steps, dtype=torch.float64, device=device)
-    if t_steps.ndim != 1 or len(t_steps) < 2 or t_steps[-1] != 0 or not bool((t_steps[:-1] > 0).all()):
-        raise ValueError("t_steps must be 1-D with at least two entries, all > 0 except the last, which must be 0")
+    if (t_steps.ndim != 1 or len(t_steps) < 2 or t_steps[-1] != 0
+            or not bool((t_steps[:-1] > 0).all())):
+        raise ValueError("t_steps must be 1-D with at least two entries, all > 0 "
+                         "except the last, which must be 0")
     return t_steps
 
 
 # ── 02_deterministic.py § 2.1 A sampler's view of time ──
 
 class SamplerSchedule:
-    """The sigma(t) and s(t) a sampler steps in, and the ODE slope they give (Eq. 4 with Eq. 3). Chapter 2.
+    """The sigma(t) and s(t) a sampler steps in, and the ODE slope they give (Eq. 4 with
+    Eq. 3). Chapter 2.
 
-    `sigma`: a schedule of edm_lit.framework (VP, VE, ...) supplying sigma(t), its derivative and inverse, or None
-    for sigma(t) = t; `scaling`: 'none' (s(t) = 1) or 'vp' (s(t) = 1 / sqrt(1 + sigma(t)^2)). None and 'none' is
-    EDM's choice. The methods take float64 tensors and are unchecked: they serve the sampling loop.
+    `sigma`: a schedule of edm_lit.framework (VP, VE, ...) supplying sigma(t), its
+    derivative and inverse, or None for sigma(t) = t; `scaling`: 'none' (s(t) = 1) or
+    'vp' (s(t) = 1 / sqrt(1 + sigma(t)^2)). None and 'none' is EDM's choice. The methods
+    take float64 tensors and are unchecked: they serve the sampling loop.
     """
 
     def __init__(self, sigma=None, scaling="none"):
-        self.base, self.scaling = sigma, check_choice(scaling, "scaling", SCALINGS)
+        self.base, self.scaling = sigma, _check_choice(scaling, "scaling", _SCALINGS)
         self.plain = sigma is None and scaling == "none"
 
     def __repr__(self):
         return f"SamplerSchedule(sigma={self.base!r}, scaling={self.scaling!r})"
 
     @classmethod
-    def from_names(cls, schedule="linear", scaling="none", sigma_min=0.002, sigma_max=80.0, epsilon_s=1e-3):
-        """By the ablation sampler's names: schedule 'vp' (fitted to [sigma_min, sigma_max]), 've' or 'linear'."""
-        check_choice(schedule, "schedule", SCHEDULES)
+    def from_names(cls, schedule="linear", scaling="none", sigma_min=0.002,
+                   sigma_max=80.0, epsilon_s=1e-3):
+        """By the ablation sampler's names: schedule 'vp' (fitted to [sigma_min,
+        sigma_max]), 've' or 'linear'."""
+        _check_choice(schedule, "schedule", _SCHEDULES)
         if schedule == "vp":
-            return cls(vp_fitted(sigma_min, sigma_max, epsilon_s), scaling)
+            return cls(_vp_fitted(sigma_min, sigma_max, epsilon_s), scaling)
         return cls(VE(sigma_min, sigma_max) if schedule == "ve" else None, scaling)
 
     def sigma(self, t):
@@ -96,36 +103,48 @@ class SamplerSchedule:
         return sigma if self.base is None else self.base._sigma_inv(sigma)
 
     def s(self, t):
-        return torch.ones_like(t) if self.scaling == "none" else 1 / (1 + self.sigma(t) ** 2).sqrt()
+        if self.scaling == "none":
+            return torch.ones_like(t)
+        return 1 / (1 + self.sigma(t) ** 2).sqrt()
 
     def s_deriv(self, t):
-        return torch.zeros_like(t) if self.scaling == "none" else -self.sigma(t) * self.sigma_deriv(t) * self.s(t) ** 3
+        if self.scaling == "none":
+            return torch.zeros_like(t)
+        return -self.sigma(t) * self.sigma_deriv(t) * self.s(t) ** 3
 
     def derivative(self, net, x, t, class_labels=None):
-        """dx/dt at (x, t), float64: one call of the denoiser `net` (Algorithm 1, lines 4 and 7)."""
+        """dx/dt at (x, t), float64: one call of the denoiser `net` (Algorithm 1,
+        lines 4 and 7)."""
         if self.plain:  # sigma(t) = t, s(t) = 1
             return (x - net(x, t, class_labels).to(torch.float64)) / t
-        sigma, dsigma, s, ds = self.sigma(t), self.sigma_deriv(t), self.s(t), self.s_deriv(t)
-        denoised = net(x if self.scaling == "none" else x / s, sigma, class_labels).to(torch.float64)
+        sigma, dsigma = self.sigma(t), self.sigma_deriv(t)
+        s, ds = self.s(t), self.s_deriv(t)
+        x_in = x if self.scaling == "none" else x / s
+        denoised = net(x_in, sigma, class_labels).to(torch.float64)
         return (dsigma / sigma + ds / s) * x - dsigma * s / sigma * denoised
 
 
-def vp_fitted(sigma_min, sigma_max, epsilon_s=1e-3):
-    """The VP schedule with sigma(epsilon_s) = sigma_min and sigma(1) = sigma_max, as the ablation sampler fits it."""
-    epsilon_s = check_real(epsilon_s, "epsilon_s", 0)
-    floor = math.log1p(sigma_min**2) / math.log1p(sigma_max**2)  # below it, beta_d would come out <= 0
+def _vp_fitted(sigma_min, sigma_max, epsilon_s=1e-3):
+    """The VP schedule with sigma(epsilon_s) = sigma_min and sigma(1) = sigma_max, as
+    the ablation sampler fits it."""
+    epsilon_s = _check_real(epsilon_s, "epsilon_s", 0)
+    # below this floor, beta_d would come out <= 0
+    floor = math.log1p(sigma_min**2) / math.log1p(sigma_max**2)
     if not floor < epsilon_s < 1:
-        raise ValueError(f"epsilon_s must lie in ({floor:.3g}, 1) for a VP schedule on [{sigma_min:g}, {sigma_max:g}], "
-                         f"got {epsilon_s}")
+        raise ValueError(f"epsilon_s must lie in ({floor:.3g}, 1) for a VP schedule on "
+                         f"[{sigma_min:g}, {sigma_max:g}], got {epsilon_s}")
     return VP.from_sigma_range(sigma_min, sigma_max, epsilon_s)
 
 
 # ── 02_deterministic.py § 2.2 Euler and Heun ──
 
-def ode_step(net, schedule, x_hat, t_hat, t_next, class_labels=None, second_order=True, alpha=1.0):
-    """One step of Algorithm 1 from (x_hat, t_hat) to t_next: Euler (lines 4-5), then Heun's correction (6-8). Chapter 2.
+def ode_step(net, schedule, x_hat, t_hat, t_next, class_labels=None, second_order=True,
+             alpha=1.0):
+    """One step of Algorithm 1 from (x_hat, t_hat) to t_next: Euler (lines 4-5), then
+    Heun's correction (6-8). Chapter 2.
 
-    `alpha` puts the second evaluation at t_hat + alpha h (2nd-order Runge-Kutta; 1 is Heun's method, 1/2 the midpoint).
+    `alpha` puts the second evaluation at t_hat + alpha h (2nd-order Runge-Kutta; 1 is
+    Heun's method, 1/2 the midpoint).
     """
     h = t_next - t_hat
     d_cur = schedule.derivative(net, x_hat, t_hat, class_labels)
@@ -139,108 +158,139 @@ def ode_step(net, schedule, x_hat, t_hat, t_next, class_labels=None, second_orde
 
 # ── 02_deterministic.py § 2.3 Where to put the steps: Eq. 5 ──
 
-def check_sampler_inputs(net, latents, class_labels=None):
-    """Refuse a net without the denoiser interface and latents or labels that do not fit. Chapter 2."""
-    missing = [a for a in ("sigma_min", "sigma_max", "round_sigma") if not hasattr(net, a)]
+def _check_sampler_inputs(net, latents, class_labels=None):
+    """Refuse a net that is no denoiser, and latents or labels that do not fit."""
+    interface = ("sigma_min", "sigma_max", "round_sigma")
+    missing = [a for a in interface if not hasattr(net, a)]
     if missing or not callable(net):
-        raise ValueError("net must be a denoiser net(x, sigma, class_labels) with sigma_min, sigma_max and "
-                         f"round_sigma; {type(net).__name__} lacks {', '.join(missing) or '__call__'}")
-    if not torch.is_tensor(latents) or latents.ndim < 1 or not latents.is_floating_point():
-        what = f"a {latents.dtype} tensor of shape {tuple(latents.shape)}" if torch.is_tensor(latents) else repr(type(latents))
-        raise ValueError(f"latents must be a floating-point tensor [N, ...], got {what}")
-    if class_labels is not None and (not torch.is_tensor(class_labels) or class_labels.ndim < 1
+        raise ValueError("net must be a denoiser net(x, sigma, class_labels) with "
+                         f"sigma_min, sigma_max and round_sigma; {type(net).__name__} "
+                         f"lacks {', '.join(missing) or '__call__'}")
+    is_tensor = torch.is_tensor(latents)
+    if not is_tensor or latents.ndim < 1 or not latents.is_floating_point():
+        what = (f"a {latents.dtype} tensor of shape {tuple(latents.shape)}" if is_tensor
+                else repr(type(latents)))
+        raise ValueError(f"latents must be a floating-point tensor [N, ...], "
+                         f"got {what}")
+    if class_labels is not None and (not torch.is_tensor(class_labels)
+                                     or class_labels.ndim < 1
                                      or class_labels.shape[0] != latents.shape[0]):
-        got = tuple(class_labels.shape) if torch.is_tensor(class_labels) else repr(type(class_labels))
-        raise ValueError(f"class_labels must be a tensor with one row per latent ({latents.shape[0]}), got {got}")
+        got = (tuple(class_labels.shape) if torch.is_tensor(class_labels)
+               else repr(type(class_labels)))
+        raise ValueError("class_labels must be a tensor with one row per latent "
+                         f"({latents.shape[0]}), got {got}")
 
 
-def sigma_range(net, sigma_min, sigma_max):
-    """The noise range a sampler covers: [sigma_min, sigma_max] clamped to the network's. Chapter 2."""
-    sigma_min, sigma_max = check_real(sigma_min, "sigma_min", 0), check_real(sigma_max, "sigma_max", 0)
+def _sigma_range(net, sigma_min, sigma_max):
+    """The noise range a sampler covers: [sigma_min, sigma_max] clamped to the net's."""
+    sigma_min = _check_real(sigma_min, "sigma_min", 0)
+    sigma_max = _check_real(sigma_max, "sigma_max", 0)
     if not sigma_min < sigma_max < math.inf:
-        raise ValueError(f"need sigma_min < sigma_max < inf, got sigma_min={sigma_min:g}, sigma_max={sigma_max:g}")
+        raise ValueError("need sigma_min < sigma_max < inf, got "
+                         f"sigma_min={sigma_min:g}, sigma_max={sigma_max:g}")
     lo, hi = max(sigma_min, float(net.sigma_min)), min(sigma_max, float(net.sigma_max))
     if not lo < hi:
-        raise ValueError(f"the sigma range [{sigma_min:g}, {sigma_max:g}] does not overlap the network's "
-                         f"[{float(net.sigma_min):g}, {float(net.sigma_max):g}]")
+        net_range = f"[{float(net.sigma_min):g}, {float(net.sigma_max):g}]"
+        raise ValueError(f"the sigma range [{sigma_min:g}, {sigma_max:g}] does not "
+                         f"overlap the network's {net_range}")
     return lo, hi
 
 
-def edm_time_steps(net, num_steps=18, sigma_min=0.002, sigma_max=80.0, rho=7.0, device=None):
-    """EDM's t_0 > ... > t_{N-1} (Eq. 5) on the network's range and grid (round_sigma), then t_N = 0. Chapter 2."""
-    num_steps, rho = check_num_steps(num_steps), check_real(rho, "rho", 0)
-    sigma_min, sigma_max = sigma_range(net, sigma_min, sigma_max)
-    t_steps = torch.as_tensor(net.round_sigma(edm_sigma_steps(num_steps, sigma_min, sigma_max, rho, device=device)))
+def edm_time_steps(net, num_steps=18, sigma_min=0.002, sigma_max=80.0, rho=7.0,
+                   device=None):
+    """EDM's t_0 > ... > t_{N-1} (Eq. 5) on the network's range and grid (round_sigma),
+    then t_N = 0. Chapter 2."""
+    num_steps, rho = _check_num_steps(num_steps), _check_real(rho, "rho", 0)
+    sigma_min, sigma_max = _sigma_range(net, sigma_min, sigma_max)
+    sigmas = edm_sigma_steps(num_steps, sigma_min, sigma_max, rho, device=device)
+    t_steps = torch.as_tensor(net.round_sigma(sigmas))
     return torch.cat([t_steps, torch.zeros_like(t_steps[:1])])
 
 
 # ── 02_deterministic.py § 2.4 Algorithm 1 ──
 
-def sample_ode(net, latents, t_steps, schedule=None, class_labels=None, solver="heun", alpha=1.0):
-    """Algorithm 1: deterministic sampling along t_steps (t_N = 0) from x_0 = latents sigma(t_0) s(t_0). Chapter 2.
+def sample_ode(net, latents, t_steps, schedule=None, class_labels=None, solver="heun",
+               alpha=1.0):
+    """Algorithm 1: deterministic sampling along t_steps (t_N = 0) from
+    x_0 = latents sigma(t_0) s(t_0). Chapter 2.
 
-    `schedule` is a SamplerSchedule (None: sigma(t) = t, s(t) = 1). N steps of Heun cost 2N - 1 network calls: the
-    last step, to sigma = 0, is an Euler step. float64 throughout, like the official samplers.
+    `schedule` is a SamplerSchedule (None: sigma(t) = t, s(t) = 1). N steps of Heun cost
+    2N - 1 network calls: the last step, to sigma = 0, is an Euler step. float64
+    throughout, like the official samplers.
     """
-    check_sampler_inputs(net, latents, class_labels)
-    second_order = check_choice(solver, "solver", SOLVERS) == "heun"
-    alpha = check_real(alpha, "alpha", 0)
+    _check_sampler_inputs(net, latents, class_labels)
+    second_order = _check_choice(solver, "solver", _SOLVERS) == "heun"
+    alpha = _check_real(alpha, "alpha", 0)
     schedule = SamplerSchedule() if schedule is None else schedule
-    t_steps = check_t_steps(t_steps, latents.device)
+    t_steps = _check_t_steps(t_steps, latents.device)
     num_steps = len(t_steps) - 1
-    x_next = latents.to(torch.float64) * (schedule.sigma(t_steps[0]) * schedule.s(t_steps[0]))
+    t_0 = t_steps[0]
+    x_next = latents.to(torch.float64) * (schedule.sigma(t_0) * schedule.s(t_0))
     for i, (t_cur, t_next) in enumerate(zip(t_steps[:-1], t_steps[1:])):
-        x_next = ode_step(net, schedule, x_next, t_cur, t_next, class_labels, second_order and i < num_steps - 1, alpha)
+        heun = second_order and i < num_steps - 1
+        x_next = ode_step(net, schedule, x_next, t_cur, t_next, class_labels, heun,
+                          alpha)
     return x_next
 
 
 # ── 02_deterministic.py § 2.7 The original samplers, re-expressed ──
 
-ABLATION_SIGMA_RANGE = {"ve": (0.02, 100.0), "iddpm": (0.002, 81.0), "edm": (0.002, 80.0)}  # 'vp': from VP()
+# default sigma ranges per discretization; 'vp' takes its own from VP()
+_ABLATION_SIGMA_RANGE = {"ve": (0.02, 100.0), "iddpm": (0.002, 81.0),
+                         "edm": (0.002, 80.0)}
 
 
-def ablation_sigma_steps(num_steps, sigma_min, sigma_max, discretization="edm", rho=7.0, epsilon_s=1e-3,
-                         C_1=0.001, C_2=0.008, M=1000, device=None):
-    """sigma_0 > ... > sigma_{N-1} of a column of Table 1 ('time steps' row) on [sigma_min, sigma_max]. Chapter 2."""
-    check_choice(discretization, "discretization", DISCRETIZATIONS)
+def _ablation_sigma_steps(num_steps, sigma_min, sigma_max, discretization="edm",
+                          rho=7.0, epsilon_s=1e-3, C_1=0.001, C_2=0.008, M=1000,
+                          device=None):
+    """sigma_0 > ... > sigma_{N-1} of a column of Table 1 ('time steps' row) on
+    [sigma_min, sigma_max]."""
+    _check_choice(discretization, "discretization", _DISCRETIZATIONS)
     i = torch.arange(num_steps, dtype=torch.float64, device=device)
     frac = i / max(num_steps - 1, 1)
     if discretization == "vp":
-        vp = vp_fitted(sigma_min, sigma_max, epsilon_s)
+        vp = _vp_fitted(sigma_min, sigma_max, epsilon_s)
         return vp._sigma(vp._time_steps(frac))
     if discretization == "ve":
         ve = VE(sigma_min, sigma_max)
         return ve._sigma(ve._time_steps(frac))
-    if discretization == "iddpm":  # N entries of the table u inside the range, evenly spaced by index
+    if discretization == "iddpm":  # N entries of u in the range, evenly spaced by index
         u = iddpm_u(M, C_1, C_2).to(device)
         u = u[(u >= sigma_min) & (u <= sigma_max)]
         if len(u) == 0:
-            raise ValueError(f"no entry of the iDDPM table u lies in [{sigma_min:g}, {sigma_max:g}]")
+            raise ValueError(f"no entry of the iDDPM table u lies in "
+                             f"[{sigma_min:g}, {sigma_max:g}]")
         return u[((len(u) - 1) / max(num_steps - 1, 1) * i).round().to(torch.int64)]
     return edm_sigma_steps(num_steps, sigma_min, sigma_max, rho, device=device)
 
 
-def ablation_setup(net, num_steps=18, sigma_min=None, sigma_max=None, rho=7.0, discretization="edm",
-                   schedule="linear", scaling="none", epsilon_s=1e-3, C_1=0.001, C_2=0.008, M=1000, device=None):
-    """Time steps t_0 > ... > t_N = 0 and the SamplerSchedule of any mix of Table 1's choices (Sec. 3). Chapter 2.
+def ablation_setup(net, num_steps=18, sigma_min=None, sigma_max=None, rho=7.0,
+                   discretization="edm", schedule="linear", scaling="none",
+                   epsilon_s=1e-3, C_1=0.001, C_2=0.008, M=1000, device=None):
+    """Time steps t_0 > ... > t_N = 0 and the SamplerSchedule of any mix of Table 1's
+    choices (Sec. 3). Chapter 2.
 
-    Returns (t_steps, schedule) for `sample_ode` (and Chapter 3's samplers); the arguments are the official
-    ablation sampler's.
+    Returns (t_steps, schedule) for `sample_ode` (and Chapter 3's samplers); the
+    arguments are the official ablation sampler's.
     """
-    num_steps, rho = check_num_steps(num_steps), check_real(rho, "rho", 0)
-    check_choice(discretization, "discretization", DISCRETIZATIONS)
-    check_choice(schedule, "schedule", SCHEDULES)
-    check_choice(scaling, "scaling", SCALINGS)
-    epsilon_s = check_real(epsilon_s, "epsilon_s", 0)
+    num_steps, rho = _check_num_steps(num_steps), _check_real(rho, "rho", 0)
+    _check_choice(discretization, "discretization", _DISCRETIZATIONS)
+    _check_choice(schedule, "schedule", _SCHEDULES)
+    _check_choice(scaling, "scaling", _SCALINGS)
+    epsilon_s = _check_real(epsilon_s, "epsilon_s", 0)
     if not epsilon_s < 1:
         raise ValueError(f"epsilon_s must lie in (0, 1), got {epsilon_s}")
-    default = (VP(epsilon_s=epsilon_s).sigma_min, VP().sigma_max) if discretization == "vp" \
-        else ABLATION_SIGMA_RANGE[discretization]
-    sigma_min, sigma_max = sigma_range(net, default[0] if sigma_min is None else sigma_min,
-                                       default[1] if sigma_max is None else sigma_max)
-    sched = SamplerSchedule.from_names(schedule, scaling, sigma_min, sigma_max, epsilon_s)
-    sigma_steps = ablation_sigma_steps(num_steps, sigma_min, sigma_max, discretization, rho, epsilon_s, C_1, C_2, M,
-                                       device=device)
+    if discretization == "vp":
+        default = (VP(epsilon_s=epsilon_s).sigma_min, VP().sigma_max)
+    else:
+        default = _ABLATION_SIGMA_RANGE[discretization]
+    lo = default[0] if sigma_min is None else sigma_min
+    hi = default[1] if sigma_max is None else sigma_max
+    sigma_min, sigma_max = _sigma_range(net, lo, hi)
+    sched = SamplerSchedule.from_names(schedule, scaling, sigma_min, sigma_max,
+                                       epsilon_s)
+    sigma_steps = _ablation_sigma_steps(num_steps, sigma_min, sigma_max, discretization,
+                                        rho, epsilon_s, C_1, C_2, M, device=device)
     t_steps = sched.sigma_inv(torch.as_tensor(net.round_sigma(sigma_steps)))
     return torch.cat([t_steps, torch.zeros_like(t_steps[:1])]), sched
 
@@ -248,75 +298,96 @@ def ablation_setup(net, num_steps=18, sigma_min=None, sigma_max=None, rho=7.0, d
 # ── 03_stochastic.py § 3.2 Algorithm 2: churn ──
 
 def _churn_args(S_churn, S_min, S_max, S_noise):
-    return (check_real(S_churn, "S_churn", 0, strict=False), check_real(S_min, "S_min"), check_real(S_max, "S_max"),
-            check_real(S_noise, "S_noise", 0, strict=False))
+    return (_check_real(S_churn, "S_churn", 0, strict=False),
+            _check_real(S_min, "S_min"), _check_real(S_max, "S_max"),
+            _check_real(S_noise, "S_noise", 0, strict=False))
 
 
-def churn(net, schedule, x_cur, t_cur, gamma, S_min=0.0, S_max=math.inf, S_noise=1.0, randn_like=torch.randn_like):
-    """Algorithm 2, lines 4-6: raise the noise level from sigma(t_cur) to (1 + gamma) sigma(t_cur) with fresh noise. Chapter 3.
+def churn(net, schedule, x_cur, t_cur, gamma, S_min=0.0, S_max=math.inf, S_noise=1.0,
+          randn_like=torch.randn_like):
+    """Algorithm 2, lines 4-6: raise the noise level from sigma(t_cur) to
+    (1 + gamma) sigma(t_cur) with fresh noise. Chapter 3.
 
-    gamma applies only where S_min <= sigma(t_cur) <= S_max. The noise is drawn at every step, also where
-    gamma = 0, so that one noise stream gives the same images as the official sampler. Returns (x_hat, t_hat).
+    gamma applies only where S_min <= sigma(t_cur) <= S_max. The noise is drawn at every
+    step, also where gamma = 0, so that one noise stream gives the same images as the
+    official sampler. Returns (x_hat, t_hat).
     """
     sigma_cur = schedule.sigma(t_cur)
     if not S_min <= sigma_cur <= S_max:
         gamma = 0
-    t_hat = schedule.sigma_inv(torch.as_tensor(net.round_sigma(sigma_cur + gamma * sigma_cur)))
+    sigma_up = torch.as_tensor(net.round_sigma(sigma_cur + gamma * sigma_cur))
+    t_hat = schedule.sigma_inv(sigma_up)
     sigma_hat, s_hat = schedule.sigma(t_hat), schedule.s(t_hat)
     if schedule.scaling != "none":
         x_cur = s_hat / schedule.s(t_cur) * x_cur
     scale = (sigma_hat**2 - sigma_cur**2).clip(min=0).sqrt() * s_hat * S_noise
     noise = randn_like(x_cur)  # drawn even when scale == 0
-    return (x_cur if scale == 0 else x_cur + scale * noise), t_hat  # x + 0 * noise is x: skip two passes over x
+    # x + 0 * noise is x: skip two passes over x
+    return (x_cur if scale == 0 else x_cur + scale * noise), t_hat
 
 
 # ── 03_stochastic.py § 3.3 The samplers ──
 
-def sample_sde(net, latents, t_steps, schedule=None, class_labels=None, randn_like=torch.randn_like, solver="heun",
-               alpha=1.0, S_churn=0.0, S_min=0.0, S_max=math.inf, S_noise=1.0):
-    """Algorithm 2 along t_steps: churn (lines 4-6), then Algorithm 1's step from (x_hat, t_hat) (lines 7-10). Chapter 3.
+def sample_sde(net, latents, t_steps, schedule=None, class_labels=None,
+               randn_like=torch.randn_like, solver="heun", alpha=1.0, S_churn=0.0,
+               S_min=0.0, S_max=math.inf, S_noise=1.0):
+    """Algorithm 2 along t_steps: churn (lines 4-6), then Algorithm 1's step from
+    (x_hat, t_hat) (lines 7-10). Chapter 3.
 
-    With S_churn = 0 the result equals sample_ode's bit for bit (one noise draw per step is still made).
+    With S_churn = 0 the result equals sample_ode's bit for bit (one noise draw per step
+    is still made).
     """
-    check_sampler_inputs(net, latents, class_labels)
-    second_order = check_choice(solver, "solver", SOLVERS) == "heun"
-    alpha = check_real(alpha, "alpha", 0)
+    _check_sampler_inputs(net, latents, class_labels)
+    second_order = _check_choice(solver, "solver", _SOLVERS) == "heun"
+    alpha = _check_real(alpha, "alpha", 0)
     S_churn, S_min, S_max, S_noise = _churn_args(S_churn, S_min, S_max, S_noise)
     schedule = SamplerSchedule() if schedule is None else schedule
-    t_steps = check_t_steps(t_steps, latents.device)
+    t_steps = _check_t_steps(t_steps, latents.device)
     num_steps = len(t_steps) - 1
     gamma = min(S_churn / num_steps, math.sqrt(2) - 1)
-    x_next = latents.to(torch.float64) * (schedule.sigma(t_steps[0]) * schedule.s(t_steps[0]))
+    t_0 = t_steps[0]
+    x_next = latents.to(torch.float64) * (schedule.sigma(t_0) * schedule.s(t_0))
     for i, (t_cur, t_next) in enumerate(zip(t_steps[:-1], t_steps[1:])):
-        x_hat, t_hat = churn(net, schedule, x_next, t_cur, gamma, S_min, S_max, S_noise, randn_like)
-        x_next = ode_step(net, schedule, x_hat, t_hat, t_next, class_labels, second_order and i < num_steps - 1, alpha)
+        x_hat, t_hat = churn(net, schedule, x_next, t_cur, gamma, S_min, S_max, S_noise,
+                             randn_like)
+        heun = second_order and i < num_steps - 1
+        x_next = ode_step(net, schedule, x_hat, t_hat, t_next, class_labels, heun,
+                          alpha)
     return x_next
 
 
-def edm_sampler(net, latents, class_labels=None, randn_like=torch.randn_like, num_steps=18, sigma_min=0.002,
-                sigma_max=80, rho=7, S_churn=0, S_min=0, S_max=float("inf"), S_noise=1):
-    """EDM's sampler, Algorithm 2 (Algorithm 1 when S_churn = 0), with the official `edm_sampler`'s interface. Chapter 3.
+def edm_sampler(net, latents, class_labels=None, randn_like=torch.randn_like,
+                num_steps=18, sigma_min=0.002, sigma_max=80, rho=7, S_churn=0, S_min=0,
+                S_max=float("inf"), S_noise=1):
+    """EDM's sampler, Algorithm 2 (Algorithm 1 when S_churn = 0), with the official
+    `edm_sampler`'s interface. Chapter 3.
 
     Runs in float64 and returns float64; 18 steps make 35 network calls.
     """
-    check_sampler_inputs(net, latents, class_labels)
-    t_steps = edm_time_steps(net, num_steps, sigma_min, sigma_max, rho, device=latents.device)
-    return sample_sde(net, latents, t_steps, None, class_labels, randn_like, "heun", 1.0, S_churn, S_min, S_max, S_noise)
+    _check_sampler_inputs(net, latents, class_labels)
+    t_steps = edm_time_steps(net, num_steps, sigma_min, sigma_max, rho,
+                             device=latents.device)
+    return sample_sde(net, latents, t_steps, None, class_labels, randn_like, "heun",
+                      1.0, S_churn, S_min, S_max, S_noise)
 
 
-def ablation_sampler(net, latents, class_labels=None, randn_like=torch.randn_like, num_steps=18, sigma_min=None,
-                     sigma_max=None, rho=7, solver="heun", discretization="edm", schedule="linear", scaling="none",
-                     epsilon_s=1e-3, C_1=0.001, C_2=0.008, M=1000, alpha=1, S_churn=0, S_min=0, S_max=float("inf"),
-                     S_noise=1):
-    """Every sampler of the paper in one (Sec. 3-4, Fig. 2), with the official `ablation_sampler`'s interface. Chapter 3.
+def ablation_sampler(net, latents, class_labels=None, randn_like=torch.randn_like,
+                     num_steps=18, sigma_min=None, sigma_max=None, rho=7, solver="heun",
+                     discretization="edm", schedule="linear", scaling="none",
+                     epsilon_s=1e-3, C_1=0.001, C_2=0.008, M=1000, alpha=1, S_churn=0,
+                     S_min=0, S_max=float("inf"), S_noise=1):
+    """Every sampler of the paper in one (Sec. 3-4, Fig. 2), with the official
+    `ablation_sampler`'s interface. Chapter 3.
 
-    solver 'euler'/'heun'; discretization 'vp'/'ve'/'iddpm'/'edm'; schedule 'vp'/'ve'/'linear'; scaling 'vp'/'none'.
+    solver 'euler'/'heun'; discretization 'vp'/'ve'/'iddpm'/'edm'; schedule
+    'vp'/'ve'/'linear'; scaling 'vp'/'none'.
     """
-    check_sampler_inputs(net, latents, class_labels)
-    check_choice(solver, "solver", SOLVERS)
+    _check_sampler_inputs(net, latents, class_labels)
+    _check_choice(solver, "solver", _SOLVERS)
     _churn_args(S_churn, S_min, S_max, S_noise)
-    check_real(alpha, "alpha", 0)
-    t_steps, sched = ablation_setup(net, num_steps, sigma_min, sigma_max, rho, discretization, schedule, scaling,
-                                    epsilon_s, C_1, C_2, M, device=latents.device)
-    return sample_sde(net, latents, t_steps, sched, class_labels, randn_like, solver, alpha, S_churn, S_min, S_max,
-                      S_noise)
+    _check_real(alpha, "alpha", 0)
+    t_steps, sched = ablation_setup(net, num_steps, sigma_min, sigma_max, rho,
+                                    discretization, schedule, scaling, epsilon_s, C_1,
+                                    C_2, M, device=latents.device)
+    return sample_sde(net, latents, t_steps, sched, class_labels, randn_like, solver,
+                      alpha, S_churn, S_min, S_max, S_noise)

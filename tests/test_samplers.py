@@ -1,4 +1,5 @@
 """Chapters 2-3 (edm_lit.samplers): parity with the official samplers, NFE, convergence order, determinism, bad input."""
+import inspect
 import math
 
 import pytest
@@ -341,3 +342,54 @@ def test_bad_latents_and_net():
         sample_ode(IdentityNet(), torch.zeros(2, 3), torch.tensor([1.0, 0.5]))
     with pytest.raises(ValueError, match="scaling"):
         SamplerSchedule(scaling="exp")
+
+
+# ---------------------------------------------------------------- the public surface
+
+# the official samplers' parameters and defaults, in order (facts of NVlabs/edm's generate.py
+# and its ablation sampler)
+OFFICIAL_EDM_SAMPLER = [
+    ("net", "required"), ("latents", "required"), ("class_labels", None), ("randn_like", torch.randn_like),
+    ("num_steps", 18), ("sigma_min", 0.002), ("sigma_max", 80), ("rho", 7), ("S_churn", 0),
+    ("S_min", 0), ("S_max", float("inf")), ("S_noise", 1)]
+OFFICIAL_ABLATION_SAMPLER = OFFICIAL_EDM_SAMPLER[:5] + [
+    ("sigma_min", None), ("sigma_max", None), ("rho", 7), ("solver", "heun"),
+    ("discretization", "edm"), ("schedule", "linear"), ("scaling", "none"), ("epsilon_s", 1e-3),
+    ("C_1", 0.001), ("C_2", 0.008), ("M", 1000), ("alpha", 1), ("S_churn", 0), ("S_min", 0),
+    ("S_max", float("inf")), ("S_noise", 1)]
+
+
+@pytest.mark.parametrize("sampler,official", [(edm_sampler, OFFICIAL_EDM_SAMPLER),
+                                              (ablation_sampler, OFFICIAL_ABLATION_SAMPLER)])
+def test_official_signatures(sampler, official):
+    params = inspect.signature(sampler).parameters.values()
+    empty = inspect.Parameter.empty
+    ours = [(p.name, "required" if p.default is empty else p.default) for p in params]
+    assert ours == official
+    assert all(p.kind == inspect.Parameter.POSITIONAL_OR_KEYWORD for p in params)
+
+
+def test_public_surface_is_the_samplers_and_their_parts():
+    import edm_lit
+    import edm_lit.samplers as samplers
+    assert set(samplers.__all__) == {"SamplerSchedule", "ode_step", "edm_time_steps", "sample_ode",
+                                     "ablation_setup", "churn", "sample_sde", "edm_sampler",
+                                     "ablation_sampler"}
+    for name in samplers.__all__:
+        assert getattr(edm_lit, name) is getattr(samplers, name)
+    # the argument checks are private helpers, not API
+    for name in ["check_choice", "check_real", "check_num_steps", "check_t_steps",
+                 "check_sampler_inputs", "sigma_range", "vp_fitted", "ablation_sigma_steps"]:
+        assert not hasattr(samplers, name) and hasattr(samplers, "_" + name)
+        with pytest.raises(AttributeError):
+            getattr(edm_lit, name)
+
+
+def test_course_helpers():
+    from edm_lit.course import Recording, pct, sci
+    assert sci(3.7e-5) == "3.7 × 10⁻⁵" and sci(1234.5, digits=2) == "1.23 × 10³"
+    assert pct(0.1234) == "12.3 %"
+    rec = Recording(IdentityNet())
+    edm_sampler(rec, torch.randn(2, 3), num_steps=4)
+    assert len(rec.sigmas) == 7 and rec.sigmas[0] == 80.0
+    assert set(rec.inputs) == {(F64, F64, 0)}  # float64 x and a 0-dim float64 sigma
