@@ -10,7 +10,8 @@ its top which chapter derives it:
     edm_lit.augment      6b. Non-leaking augmentation
     edm_lit.checkpoints  A2. Checkpoints: loading official snapshots without running their code
     edm_lit.cli          A1. The command line
-    edm_lit.data         6. Data sets
+    edm_lit.course       6. Data sets
+    edm_lit.data         6. Data sets; A4. Bad data: what `edm-lit dataset` and the reader refuse, and why
     edm_lit.distributed  A5. Several processes: `torchrun` plumbing
     edm_lit.fid          8. Evaluation: generating at scale and measuring FID
     edm_lit.files        A3. Files that survive `kill -9`
@@ -29,9 +30,9 @@ import importlib
 
 __version__ = "0.1.0"
 
-_MODULES = ['augment', 'checkpoints', 'cli', 'data', 'distributed', 'fid', 'files',
-            'framework', 'generate', 'loss', 'mode', 'networks', 'precond', 'samplers',
-            'train', 'training']
+_MODULES = ['augment', 'checkpoints', 'cli', 'course', 'data', 'distributed', 'fid',
+            'files', 'framework', 'generate', 'loss', 'mode', 'networks', 'precond',
+            'samplers', 'train', 'training']
 
 # public name -> the module that defines it
 _API = {
