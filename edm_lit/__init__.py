@@ -10,8 +10,8 @@ its top which chapter derives it:
     edm_lit.augment      6b. Non-leaking augmentation
     edm_lit.checkpoints  A2. Checkpoints: loading official snapshots without running their code; A2b. `load_network`: our format, URLs, and what a hostile file can do
     edm_lit.cli          A1. The command line
-    edm_lit.course       2. Deterministic sampling; 4. Preconditioning and the training objective; 7b. Training at scale; A2. Checkpoints: loading official snapshots without running their code; A7. From flags to a run: the training command's engineering
-    edm_lit.data         6. Data sets
+    edm_lit.course       2. Deterministic sampling; 4. Preconditioning and the training objective; 6. Data sets; 7b. Training at scale; A2. Checkpoints: loading official snapshots without running their code; A7. From flags to a run: the training command's engineering
+    edm_lit.data         6. Data sets; A4. Bad data: what `edm-lit dataset` and the reader refuse, and why
     edm_lit.distributed  A5. Several processes: `torchrun` plumbing
     edm_lit.fid          8. Evaluation: generating at scale and measuring FID
     edm_lit.files        A3. Files that survive `kill -9`

@@ -4,12 +4,12 @@
 """augment: exported from 6b. Non-leaking augmentation (book/06b_augment.py)."""
 
 __all__ = ['affine_2d', 'rotation_2d', 'scaling_2d', 'translation_2d', 'mirror_index',
-           'BLITS', 'GEOMETRIC', 'SYM6', 'warp_affine', 'COLOR', 'apply_color',
-           'LABEL_SIZES', 'AugmentPipe']
+           'SYM6', 'warp_affine', 'apply_color', 'LABEL_SIZES', 'AugmentPipe']
 
 
 # ── 06b_augment.py § 6b. Non-leaking augmentation ──
 
+import functools
 import math
 
 import torch
@@ -19,11 +19,13 @@ import torch.nn.functional as F
 # ── 06b_augment.py § 6b.2 The transformations as matrices ──
 
 def affine_2d(a, b, c, d, tx=0.0, ty=0.0):
-    """Batched homogeneous matrices [[a, b, tx], [c, d, ty], [0, 0, 1]] from tensors [N] or numbers. Chapter 6b."""
+    """Batched homogeneous matrices [[a, b, tx], [c, d, ty], [0, 0, 1]] from tensors [N]
+    or numbers. Chapter 6b."""
     entries = (a, b, tx, c, d, ty)
     ref = next((e for e in entries if torch.is_tensor(e)), None)
     if ref is None:
-        raise ValueError("affine_2d needs at least one tensor entry (it sets the batch shape, dtype and device)")
+        raise ValueError("affine_2d needs at least one tensor entry "
+                         "(it sets the batch shape, dtype and device)")
     out = torch.zeros(*ref.shape, 3, 3, dtype=ref.dtype, device=ref.device)
     for k, e in enumerate(entries):
         out[..., k // 3, k % 3] = e
@@ -51,7 +53,8 @@ def translation_2d(tx, ty):
 # ── 06b_augment.py § 6b.3 Random draws, one transformation at a time ──
 
 def _keep(value, prob, shape):
-    """`value` where a fresh uniform draw (one per image, `shape`) is below `prob`, else 0: the gate."""
+    """`value` where a fresh uniform draw (one per image, `shape`) is below `prob`, else
+    0: the gate."""
     draw = torch.rand(shape, device=value.device)
     return torch.where(draw < prob, value, torch.zeros_like(value))
 
@@ -62,12 +65,13 @@ def _symmetric_uniform(shape, device):
 
 
 def _pick(k, options):
-    """Image i of options[k[i]]: an exact per-image choice among whole-batch variants."""
+    """Image i of options[k[i]]: an exact per-image choice among whole-batch images."""
     return torch.stack(options)[k, torch.arange(len(k), device=k.device)]
 
 
 def mirror_index(i, n):
-    """Fold integer positions `i` into [0, n) by mirroring at the edges without repeating them (period 2n-2)."""
+    """Fold integer positions `i` into [0, n) by mirroring at the edges without
+    repeating them (period 2n - 2). Chapter 6b."""
     period = 2 * n - 2
     folded = torch.remainder(i, period)
     return torch.where(folded < n, folded, period - folded)
@@ -94,18 +98,20 @@ def _blit_rotate_int(pipe, images):
 
 def _blit_translate_int(pipe, images):
     N, C, H, W = images.shape
-    frac = _keep(_symmetric_uniform((2, N), images.device), pipe.translate_int * pipe.p, (1, N))
+    gate = pipe.translate_int * pipe.p
+    frac = _keep(_symmetric_uniform((2, N), images.device), gate, (1, N))
     dx = (frac[0] * (W * pipe.translate_int_max)).round().long()
     dy = (frac[1] * (H * pipe.translate_int_max)).round().long()
     cols = mirror_index(torch.arange(W, device=images.device) - dx[:, None], W)
     rows = mirror_index(torch.arange(H, device=images.device) + dy[:, None], H)
     images = images.gather(3, cols[:, None, None, :].expand(N, C, H, W))
     images = images.gather(2, rows[:, None, :, None].expand(N, C, H, W))
-    return images, [dx / (W * pipe.translate_int_max), dy / (H * pipe.translate_int_max)]
+    return images, [dx / (W * pipe.translate_int_max),
+                    dy / (H * pipe.translate_int_max)]
 
 
-BLITS = (("xflip", _blit_xflip), ("yflip", _blit_yflip), ("rotate_int", _blit_rotate_int),
-         ("translate_int", _blit_translate_int))
+_BLITS = (("xflip", _blit_xflip), ("yflip", _blit_yflip),
+          ("rotate_int", _blit_rotate_int), ("translate_int", _blit_translate_int))
 
 def _geo_scale(pipe, n, height, width, device):
     w = _keep(torch.randn(n, device=device), pipe.scale * pipe.p, n)
@@ -114,7 +120,8 @@ def _geo_scale(pipe, n, height, width, device):
 
 
 def _geo_rotate_frac(pipe, n, height, width, device):
-    theta = _keep(_symmetric_uniform(n, device) * (math.pi * pipe.rotate_frac_max), pipe.rotate_frac * pipe.p, n)
+    theta = _symmetric_uniform(n, device) * (math.pi * pipe.rotate_frac_max)
+    theta = _keep(theta, pipe.rotate_frac * pipe.p, n)
     return rotation_2d(theta), [theta.cos() - 1, theta.sin()]
 
 
@@ -130,39 +137,64 @@ def _geo_aniso(pipe, n, height, width, device):
 
 def _geo_translate_frac(pipe, n, height, width, device):
     t = _keep(torch.randn(2, n, device=device), pipe.translate_frac * pipe.p, (1, n))
-    shift_x, shift_y = t[0] * (width * pipe.translate_frac_std), t[1] * (height * pipe.translate_frac_std)
+    shift_x = t[0] * (width * pipe.translate_frac_std)
+    shift_y = t[1] * (height * pipe.translate_frac_std)
     return translation_2d(-shift_x, -shift_y), [t[0], t[1]]
 
 
-GEOMETRIC = (("scale", _geo_scale), ("rotate_frac", _geo_rotate_frac), ("aniso", _geo_aniso),
-             ("translate_frac", _geo_translate_frac))
+_GEOMETRIC = (("scale", _geo_scale), ("rotate_frac", _geo_rotate_frac),
+              ("aniso", _geo_aniso), ("translate_frac", _geo_translate_frac))
 
 
 # ── 06b_augment.py § 6b.4 Resampling without aliasing ──
 
-# Low-pass decomposition filter of the Daubechies symlet with 6 vanishing moments (`sym6` in
-# standard wavelet tables such as PyWavelets').
+# Low-pass decomposition filter of the Daubechies symlet with 6 vanishing moments
+# (`sym6` in standard wavelet tables such as PyWavelets').
 SYM6 = (
-    0.015404109327027373, 0.0034907120842174702, -0.11799011114819057, -0.048311742585633,
-    0.4910559419267466, 0.787641141030194, 0.3379294217276218, -0.07263752278646252,
-    -0.021060292512300564, 0.04472490177066578, 0.0017677118642428036, -0.007800708325034148,
+    0.015404109327027373, 0.0034907120842174702, -0.11799011114819057,
+    -0.048311742585633, 0.4910559419267466, 0.787641141030194, 0.3379294217276218,
+    -0.07263752278646252, -0.021060292512300564, 0.04472490177066578,
+    0.0017677118642428036, -0.007800708325034148,
 )
 
 
+@functools.lru_cache(maxsize=64)
+def _constant(values: tuple, dtype, device) -> torch.Tensor:
+    """A small constant on `device`, copied once: a copy per call waits for the GPU."""
+    return torch.tensor(values, dtype=dtype, device=device)
+
+
 def _reflect_pads(inverse, height, width, slack):
-    """Mirror padding (left, right, top, bottom) reaching the warped corners of every image, plus `slack`."""
-    cx, cy = (width - 1) / 2, (height - 1) / 2
-    corners = torch.tensor([[sx * cx, sy * cy, 1.0] for sx in (-1, 1) for sy in (-1, 1)], device=inverse.device)
-    src = inverse[:, :2, :].to(corners.dtype) @ corners.T
-    xs, ys = src[:, 0], src[:, 1]
-    reach = torch.stack([(-xs).max(), xs.max(), (-ys).max(), ys.max()])
-    reach = reach + torch.tensor([slack - cx, slack - cx, slack - cy, slack - cy], device=reach.device)
-    limits = (width - 1, width - 1, height - 1, height - 1)
-    return [min(max(math.ceil(r), 0), lim) for r, lim in zip(reach.tolist(), limits)]
+    """Mirror padding [left, right, top, bottom] reaching the warped corners of every
+    image, plus `slack`, at most the image size less a pixel; 0-dim device tensors."""
+    half_w, half_h = (width - 1) / 2, (height - 1) / 2
+    pads = []
+    for row, centre, cap in ((inverse[:, 0], half_w, width - 1),
+                             (inverse[:, 1], half_h, height - 1)):
+        row = row.float()  # the farthest corner along this axis, then either side of it
+        corner = row[:, 0].abs() * half_w + row[:, 1].abs() * half_h
+        for side in (-1, 1):
+            reach = (corner + side * row[:, 2]).amax() + (slack - centre)
+            pads.append(reach.ceil().clamp(0, cap))
+    return pads
+
+
+def _window(height, width, pads, upsampled, dtype, device):
+    """1 on the samples of an image mirror-padded by its size less one on every side (2x
+    upsampled or not) within `pads` = [left, right, top, bottom] of it, else 0."""
+    scale = 2 if upsampled else 1
+
+    def inside(n, before, after):
+        position = torch.arange(scale * (3 * n - 2), device=device) // scale - (n - 1)
+        return (position >= -before) & (position <= n - 1 + after)
+
+    left, right, top, bottom = pads
+    return (inside(height, top, bottom)[:, None] & inside(width, left, right)).to(dtype)
 
 
 def _separable(x, taps, transpose, stride, axis):
-    """Depthwise 1-D filtering along `axis` (3 = width, 2 = height), strided or transposed-strided."""
+    """Depthwise 1-D filtering along `axis` (3: width, 2: height), strided or
+    transposed-strided."""
     C, k = x.shape[1], len(taps)
     weight = taps.view(1, 1, 1, k).expand(C, 1, 1, k)
     if axis == 2:
@@ -173,32 +205,34 @@ def _separable(x, taps, transpose, stride, axis):
         return F.conv_transpose2d(x, weight, stride=strides, padding=pad, groups=C)
     return F.conv2d(x, weight, stride=strides, groups=C)
 
-
 def warp_affine(images, inverse, taps=SYM6):
-    """Resample `images` [N, C, H, W] so that output pixel q shows input position inverse[n] @ q. Chapter 6b.
-
-    Positions are in pixels from the image centre. 2x oversampled between two `taps` low-pass filters,
-    bilinear in between, mirrored borders; the identity matrix returns the images unchanged.
-    """
+    """Resample `images` [N, C, H, W] so that output pixel q shows input position
+    inverse[n] @ q (pixels from the image centre): 2x oversampled between two `taps`
+    low-pass filters, bilinear in between, mirrored borders. Chapter 6b."""
     N, C, H, W = images.shape
     if inverse.shape != (N, 3, 3):
-        raise ValueError(f"inverse must have shape [{N}, 3, 3], got {tuple(inverse.shape)}")
-    h = torch.tensor(taps, dtype=images.dtype, device=images.device)
-    P = len(taps) // 4
-    left, right, top, bottom = _reflect_pads(inverse, H, W, 2 * P)
-    x = F.pad(images, (left, right, top, bottom), mode="reflect")
+        raise ValueError(f"inverse must have shape [{N}, 3, 3], got "
+                         f"{tuple(inverse.shape)}")
+    dev, P = images.device, len(taps) // 4
+    h = _constant(tuple(taps), images.dtype, dev)
+    pads = _reflect_pads(inverse, H, W, 2 * P)
+    x = F.pad(images, (W - 1, W - 1, H - 1, H - 1), mode="reflect")  # the cap, always
+    x = x * _window(H, W, pads, False, x.dtype, dev)  # zero beyond the reach, as if ...
     x = _separable(_separable(x, h, True, 2, axis=3), h, True, 2, axis=2)
-    # Output sample i sits at position i/2 - P (pixel units); map it through `inverse`, then to the
-    # upsampled padded input (sample index 2 * padded position) in grid_sample's [-1, 1] units.
-    ys = torch.arange(2 * (H + 2 * P), dtype=torch.float64, device=images.device) / 2 - P - (H - 1) / 2
-    xs = torch.arange(2 * (W + 2 * P), dtype=torch.float64, device=images.device) / 2 - P - (W - 1) / 2
+    x = x * _window(H, W, pads, True, x.dtype, dev)  # ... padded by the reach alone
+    # Output sample i sits at position i/2 - P (pixels); map it through `inverse`, then
+    # to the upsampled padded input (sample 2 * padded position), in grid_sample units.
+    f64 = dict(dtype=torch.float64, device=dev)
+    ys = torch.arange(2 * (H + 2 * P), **f64) / 2 - P - (H - 1) / 2
+    xs = torch.arange(2 * (W + 2 * P), **f64) / 2 - P - (W - 1) / 2
     gy, gx = torch.meshgrid(ys, xs, indexing="ij")
     pos = torch.stack([gx, gy, torch.ones_like(gx)], -1)
     src = torch.einsum("nij,hwj->nhwi", inverse[:, :2].double(), pos)
-    index = 2 * (src + torch.tensor([(W - 1) / 2 + left, (H - 1) / 2 + top], dtype=torch.float64, device=src.device))
-    size = torch.tensor([x.shape[3], x.shape[2]], dtype=torch.float64, device=src.device)
-    grid = ((2 * index + 1) / size - 1).to(images.dtype)
-    x = F.grid_sample(x, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
+    ix = 2 * (src[..., 0] + ((W - 1) / 2 + W - 1))
+    iy = 2 * (src[..., 1] + ((H - 1) / 2 + H - 1))
+    grid = torch.stack([(2 * ix + 1) / x.shape[3], (2 * iy + 1) / x.shape[2]], -1) - 1
+    x = F.grid_sample(x, grid.to(images.dtype), mode="bilinear", padding_mode="zeros",
+                      align_corners=False)
     start = 2 * P - (len(taps) - 1) // 2
     x = _separable(x[:, :, :, start:], h, False, 2, axis=3)
     return _separable(x[:, :, start:, :], h, False, 2, axis=2)
@@ -206,7 +240,7 @@ def warp_affine(images, inverse, taps=SYM6):
 
 # ── 06b_augment.py § 6b.5 Colour, and the pipeline ──
 
-_LUMA = (1 / math.sqrt(3),) * 3
+_LUMA = 1 / math.sqrt(3)
 
 
 def _color_affine(linear, offset):
@@ -217,77 +251,90 @@ def _color_affine(linear, offset):
 
 
 def _luma(n, device):
-    """The grey axis a [3] and its projector a a^T, and the identity, each batched to [n, 3, 3]."""
-    a = torch.tensor(_LUMA, device=device)
-    return a, torch.outer(a, a).expand(n, 3, 3), torch.eye(3, device=device).expand(n, 3, 3)
+    """The projector a a^T on the grey axis, and the identity, batched to [n, 3, 3]."""
+    a = _constant((_LUMA,) * 3, torch.float32, device)
+    eye = torch.eye(3, device=device)
+    return torch.outer(a, a).expand(n, 3, 3), eye.expand(n, 3, 3)
 
 
 def _col_brightness(pipe, n, device):
     w = _keep(torch.randn(n, device=device), pipe.brightness * pipe.p, n)
-    _, _, eye = _luma(n, device)
+    _, eye = _luma(n, device)
     return _color_affine(eye, (w * pipe.brightness_std)[:, None].expand(n, 3)), [w]
 
 
 def _col_contrast(pipe, n, device):
     w = _keep(torch.randn(n, device=device), pipe.contrast * pipe.p, n)
-    _, _, eye = _luma(n, device)
-    return _color_affine(eye * torch.exp2(w * pipe.contrast_std)[:, None, None], torch.zeros(n, 3, device=device)), [w]
+    _, eye = _luma(n, device)
+    gain = torch.exp2(w * pipe.contrast_std)[:, None, None]
+    return _color_affine(eye * gain, torch.zeros(n, 3, device=device)), [w]
 
 
 def _col_lumaflip(pipe, n, device):
     k = _keep(torch.randint(2, (n,), device=device), pipe.lumaflip * pipe.p, n)
-    _, proj, eye = _luma(n, device)
-    return _color_affine(eye - 2 * proj * k[:, None, None], torch.zeros(n, 3, device=device)), [k]
+    proj, eye = _luma(n, device)
+    flip = eye - 2 * proj * k[:, None, None]
+    return _color_affine(flip, torch.zeros(n, 3, device=device)), [k]
 
 
 def _col_hue(pipe, n, device):
-    theta = _keep(_symmetric_uniform(n, device) * (math.pi * pipe.hue_max), pipe.hue * pipe.p, n)
-    a, proj, eye = _luma(n, device)
-    cross = torch.tensor([[0.0, -a[2], a[1]], [a[2], 0.0, -a[0]], [-a[1], a[0], 0.0]], device=device)
+    theta = _symmetric_uniform(n, device) * (math.pi * pipe.hue_max)
+    theta = _keep(theta, pipe.hue * pipe.p, n)
+    proj, eye = _luma(n, device)
+    s = _LUMA  # the cross-product matrix of a
+    cross = _constant(((0.0, -s, s), (s, 0.0, -s), (-s, s, 0.0)), torch.float32, device)
     cos, sin = theta.cos()[:, None, None], theta.sin()[:, None, None]
     rot = cos * eye + sin * cross + (1 - cos) * proj
-    return _color_affine(rot, torch.zeros(n, 3, device=device)), [theta.cos() - 1, theta.sin()]
+    labels = [theta.cos() - 1, theta.sin()]
+    return _color_affine(rot, torch.zeros(n, 3, device=device)), labels
 
 
 def _col_saturation(pipe, n, device):
     w = _keep(torch.randn(n, device=device), pipe.saturation * pipe.p, n)
-    _, proj, eye = _luma(n, device)
+    proj, eye = _luma(n, device)
     linear = proj + (eye - proj) * torch.exp2(w * pipe.saturation_std)[:, None, None]
     return _color_affine(linear, torch.zeros(n, 3, device=device)), [w]
 
 
-COLOR = (("brightness", _col_brightness), ("contrast", _col_contrast), ("lumaflip", _col_lumaflip),
-         ("hue", _col_hue), ("saturation", _col_saturation))
+_COLOR = (("brightness", _col_brightness), ("contrast", _col_contrast),
+          ("lumaflip", _col_lumaflip), ("hue", _col_hue),
+          ("saturation", _col_saturation))
 
 
 def apply_color(images, matrix):
-    """Apply per-image colour maps [N, 4, 4] to RGB or grey images [N, C, H, W], C in (1, 3). Chapter 6b."""
+    """Apply per-image colour maps [N, 4, 4] to RGB or grey images [N, C, H, W], C in
+    (1, 3). Chapter 6b."""
     C = images.shape[1]
     if C not in (1, 3):
-        raise ValueError(f"colour augmentation needs RGB (3 channels) or grey (1 channel) images, got {C} channels")
-    linear, offset = matrix[:, :3, :3].to(images.dtype), matrix[:, :3, 3].to(images.dtype)
+        raise ValueError("colour augmentation needs RGB (3 channels) or grey (1 "
+                         f"channel) images, got {C} channels")
+    matrix = matrix.to(images.dtype)
+    linear, offset = matrix[:, :3, :3], matrix[:, :3, 3]
     if C == 3:
         return torch.einsum("nij,njhw->nihw", linear, images) + offset[:, :, None, None]
     gain, shift = linear.sum(2).mean(1), offset.mean(1)
     return images * gain[:, None, None, None] + shift[:, None, None, None]
 
-LABEL_SIZES = {"xflip": 1, "yflip": 1, "rotate_int": 2, "translate_int": 2, "scale": 1, "rotate_frac": 2,
-               "aniso": 2, "translate_frac": 2, "brightness": 1, "contrast": 1, "lumaflip": 1, "hue": 2,
-               "saturation": 1}
+LABEL_SIZES = {"xflip": 1, "yflip": 1, "rotate_int": 2, "translate_int": 2, "scale": 1,
+               "rotate_frac": 2, "aniso": 2, "translate_frac": 2, "brightness": 1,
+               "contrast": 1, "lumaflip": 1, "hue": 2, "saturation": 1}
 
 
 class AugmentPipe:
-    """Non-leaking augmentation (Sec. 5): `pipe(images) -> (images, augment_labels)`. Chapter 6b.
+    """Non-leaking augmentation (Sec. 5): `pipe(images) -> (images, augment_labels)`.
 
-    Constructor arguments, defaults, label layout and random-draw order are those of the official
-    `AugmentPipe`; every transformation is off (multiplier 0) by default. The paper's CIFAR-10 setting is
-    `AugmentPipe(p=0.12, xflip=1e8, yflip=1, scale=1, rotate_frac=1, aniso=1, translate_frac=1)`.
+    Constructor arguments, defaults, label layout and random-draw order are those of the
+    official `AugmentPipe`; every transformation is off (multiplier 0) by default. The
+    paper's CIFAR-10 setting is `AugmentPipe(p=0.12, xflip=1e8, yflip=1, scale=1,
+    rotate_frac=1, aniso=1, translate_frac=1)`. Chapter 6b.
     """
 
-    def __init__(self, p=1, xflip=0, yflip=0, rotate_int=0, translate_int=0, translate_int_max=0.125, scale=0,
-                 rotate_frac=0, aniso=0, translate_frac=0, scale_std=0.2, rotate_frac_max=1, aniso_std=0.2,
-                 aniso_rotate_prob=0.5, translate_frac_std=0.125, brightness=0, contrast=0, lumaflip=0, hue=0,
-                 saturation=0, brightness_std=0.2, contrast_std=0.5, hue_max=1, saturation_std=1):
+    def __init__(self, p=1, xflip=0, yflip=0, rotate_int=0, translate_int=0,
+                 translate_int_max=0.125, scale=0, rotate_frac=0, aniso=0,
+                 translate_frac=0, scale_std=0.2, rotate_frac_max=1, aniso_std=0.2,
+                 aniso_rotate_prob=0.5, translate_frac_std=0.125, brightness=0,
+                 contrast=0, lumaflip=0, hue=0, saturation=0, brightness_std=0.2,
+                 contrast_std=0.5, hue_max=1, saturation_std=1):
         settings = {k: v for k, v in locals().items() if k != "self"}
         for name, value in settings.items():
             try:
@@ -300,8 +347,8 @@ class AugmentPipe:
         self.init_kwargs = settings
 
     def __repr__(self):
-        on = ", ".join(f"{k}={getattr(self, k):g}" for k in ("p", *LABEL_SIZES) if k == "p" or getattr(self, k) > 0)
-        return f"AugmentPipe({on})"
+        on = [k for k in ("p", *LABEL_SIZES) if k == "p" or getattr(self, k) > 0]
+        return "AugmentPipe(" + ", ".join(f"{k}={getattr(self, k):g}" for k in on) + ")"
 
     def enabled(self):
         """Names of the transformations with a nonzero multiplier, in label order."""
@@ -309,39 +356,41 @@ class AugmentPipe:
 
     @property
     def augment_dim(self) -> int:
-        """Length of the label vector (9 for the paper's setting): the network's `augment_dim`."""
+        """Length of the label vector (9 for the paper's setting), the network's
+        augment_dim."""
         return sum(LABEL_SIZES[name] for name in self.enabled())
 
     def __call__(self, images):
-        """Augment a batch [N, C, H, W]; returns (images, labels [N, augment_dim] float32)."""
-        if not torch.is_tensor(images) or images.ndim != 4 or not images.is_floating_point():
-            raise ValueError(f"images must be a floating-point tensor [N, C, H, W], got "
+        """Augment a batch [N, C, H, W]: (images, labels [N, augment_dim] float32)."""
+        floating = torch.is_tensor(images) and images.is_floating_point()
+        if not floating or images.ndim != 4:
+            raise ValueError("images must be a floating-point tensor [N, C, H, W], got "
                              f"{getattr(images, 'shape', type(images))}")
         N, C, H, W = images.shape
-        on = set(self.enabled())
+        on, dev, labels = set(self.enabled()), images.device, []
         if "rotate_int" in on and H != W:
             raise ValueError(f"rotate_int needs square images, got {H}x{W}")
         if "translate_int" in on and min(H, W) < 2:
-            raise ValueError(f"translate_int needs images of at least 2x2 pixels, got {H}x{W}")
-        labels = []
-        for name, blit in BLITS:
+            raise ValueError("translate_int needs images of at least 2x2 pixels, got "
+                             f"{H}x{W}")
+        for name, blit in _BLITS:
             if name in on:
                 images, new = blit(self, images)
                 labels += new
-        steps = [draw(self, N, H, W, images.device) for name, draw in GEOMETRIC if name in on]
+        steps = [draw(self, N, H, W, dev) for name, draw in _GEOMETRIC if name in on]
         if steps:
-            inverse = torch.eye(3, device=images.device).expand(N, 3, 3)
+            inverse = torch.eye(3, device=dev).expand(N, 3, 3)
             for step, new in steps:
                 inverse = inverse @ step
                 labels += new
             images = warp_affine(images, inverse)
-        steps = [draw(self, N, images.device) for name, draw in COLOR if name in on]
+        steps = [draw(self, N, dev) for name, draw in _COLOR if name in on]
         if steps:
-            matrix = torch.eye(4, device=images.device).expand(N, 4, 4)
+            matrix = torch.eye(4, device=dev).expand(N, 4, 4)
             for step, new in steps:
                 matrix = step @ matrix
                 labels += new
             images = apply_color(images, matrix)
         if not labels:
-            return images, torch.zeros(N, 0, device=images.device)
+            return images, torch.zeros(N, 0, device=dev)
         return images, torch.stack([label.to(torch.float32) for label in labels], 1)

@@ -333,3 +333,24 @@ def test_pipe_in_the_loss_feeds_the_network_augment_labels():
     loss = EDMLoss()(net, images(4, res=8), augment_pipe=AugmentPipe(**PAPER))
     assert loss.shape == (4, 3, 8, 8) and torch.isfinite(loss).all()
     assert len(seen) == 1 and seen[0].shape == (4, 9)
+
+
+def test_pipeline_never_reads_values_back_from_the_device(monkeypatch):
+    """No .item(), .tolist(), bool(), int() or float() of a tensor and no tensor built from host
+    data per call: on a GPU each would make the training step wait for the device. Checked on the
+    CPU by making them fail after a first call (which copies the small constants once)."""
+    pipe = AugmentPipe(**ALL_GEOMETRIC, **ALL_COLOR)
+    x = images(4, res=16)
+    torch.manual_seed(19)
+    expected = pipe(x)
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("the augment pipe read a value back from the device")
+
+    for name in ("item", "tolist", "__bool__", "__int__", "__float__", "__index__"):
+        monkeypatch.setattr(torch.Tensor, name, refuse)
+    monkeypatch.setattr(torch, "tensor", refuse)
+    torch.manual_seed(19)
+    out, labels = pipe(x)
+    monkeypatch.undo()
+    assert torch.equal(out, expected[0]) and torch.equal(labels, expected[1])

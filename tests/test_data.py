@@ -167,6 +167,8 @@ def test_unlabelled_and_vector_labels(tmp_path):
 
 
 def test_quick_dataset_is_the_digits(tmp_path):
+    """The book's one loader of the digits (`digits_source`, written by `quick_dataset`) against its source:
+    scikit-learn's own loader is the independent reference here, and only here."""
     datasets = pytest.importorskip("sklearn.datasets")
     digits = datasets.load_digits()
     ds = ImageFolderDataset(quick_dataset(tmp_path / "digits.zip"), use_labels=True)
@@ -494,3 +496,24 @@ def test_digits_without_scikit_learn_says_what_to_install(monkeypatch, tmp_path)
     with pytest.raises(ImportError, match="pip install scikit-learn"):
         quick_dataset(tmp_path / "d.zip")
     assert not (tmp_path / "d.zip").exists()
+
+
+def test_course_helpers_read_a_dataset_and_train_a_small_denoiser(tmp_path):
+    """edm_lit.course (Chapter 6): dataset_tensors maps uint8 -> [-1, 1] exactly, with one-hot labels;
+    train_denoiser takes the steps it is asked for, with finite losses, and changes the network."""
+    from edm_lit.course import dataset_tensors, small_denoiser, train_denoiser
+
+    pixels = [np.full([8, 8], v, np.uint8) for v in (0, 128, 255)]
+    items = ((i, image, i % 2) for i, image in enumerate(pixels))
+    ds = ImageFolderDataset(write_dataset(Source(3, items, True), tmp_path / "d.zip", progress=False),
+                            use_labels=True)
+    images, labels = dataset_tensors(ds)
+    assert images.shape == (3, 1, 8, 8) and images.dtype == torch.float32
+    assert torch.equal(images[:, 0, 0, 0], torch.tensor([0, 128, 255]) / 127.5 - 1)
+    assert torch.equal(labels, torch.tensor([[1.0, 0.0], [0.0, 1.0], [1.0, 0.0]]))
+    torch.manual_seed(0)
+    net = small_denoiser(8, 1, label_dim=2)
+    before = [p.detach().clone() for p in net.parameters()]
+    losses = train_denoiser(net, images, labels, steps=3, batch=4)
+    assert losses.shape == (3,) and torch.isfinite(losses).all()
+    assert any(not torch.equal(a, b) for a, b in zip(before, net.parameters()))
