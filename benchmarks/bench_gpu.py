@@ -87,19 +87,21 @@ def make_data(work: Path, smoke: bool, env: dict) -> str:
         source = "digits"
     else:
         import PIL.Image
-        from sklearn.datasets import load_digits
 
-        digits, rng, source = load_digits(), np.random.default_rng(0), work / "images"
+        from edm_lit.data import digits_source
+
+        digits = [(image, label) for _, image, label in digits_source().items]
+        rng, source = np.random.default_rng(0), work / "images"
         for i in range(5000):
-            k = int(rng.integers(len(digits.images)))
-            glyph = PIL.Image.fromarray(np.uint8(digits.images[k] * 255 / 16)).resize((24, 24), PIL.Image.BILINEAR)
+            image, label = digits[int(rng.integers(len(digits)))]
+            glyph = PIL.Image.fromarray(image).resize((24, 24), PIL.Image.BILINEAR)
             alpha = np.asarray(glyph, np.float32)[..., None] / 255
             ink, paper = rng.uniform(0.3, 1, 3), rng.uniform(0, 0.4, 3)
             canvas = np.tile(paper, (32, 32, 1))
             y, x = rng.integers(0, 9, 2)
             canvas[y:y + 24, x:x + 24] = alpha * ink + (1 - alpha) * paper
-            (source / str(digits.target[k])).mkdir(parents=True, exist_ok=True)
-            PIL.Image.fromarray(np.uint8(canvas * 255)).save(source / str(digits.target[k]) / f"{i:05d}.png")
+            (source / str(label)).mkdir(parents=True, exist_ok=True)
+            PIL.Image.fromarray(np.uint8(canvas * 255)).save(source / str(label) / f"{i:05d}.png")
     subprocess.run([sys.executable, "-m", "edm_lit.cli", "dataset", f"--source={source}", f"--dest={dest}"],
                    env=env, check=True, cwd=ROOT)
     return str(dest)
