@@ -10,12 +10,13 @@ its top which chapter derives it:
     edm_lit.augment      6b. Non-leaking augmentation
     edm_lit.checkpoints  A2. Checkpoints: loading official snapshots without running their code
     edm_lit.cli          A1. The command line
+    edm_lit.course       8. Evaluation: generating at scale and measuring FID
     edm_lit.data         6. Data sets
     edm_lit.distributed  A5. Several processes: `torchrun` plumbing
-    edm_lit.fid          8. Evaluation: generating at scale and measuring FID
+    edm_lit.fid          8. Evaluation: generating at scale and measuring FID; A1. The command line; A6b. FID at scale: the engineering
     edm_lit.files        A3. Files that survive `kill -9`
     edm_lit.framework    1. The unified framework
-    edm_lit.generate     8. Evaluation: generating at scale and measuring FID
+    edm_lit.generate     8. Evaluation: generating at scale and measuring FID; A1. The command line; A6. Generation and FID at scale: the engineering
     edm_lit.loss         4. Preconditioning and the training objective
     edm_lit.mode         0. EDM, line by line
     edm_lit.networks     5. The networks
@@ -29,17 +30,15 @@ import importlib
 
 __version__ = "0.1.0"
 
-_MODULES = ['augment', 'checkpoints', 'cli', 'data', 'distributed', 'fid', 'files',
-            'framework', 'generate', 'loss', 'mode', 'networks', 'precond', 'samplers',
-            'train', 'training']
+_MODULES = ['augment', 'checkpoints', 'cli', 'course', 'data', 'distributed', 'fid',
+            'files', 'framework', 'generate', 'loss', 'mode', 'networks', 'precond',
+            'samplers', 'train', 'training']
 
 # public name -> the module that defines it
 _API = {
     'AugmentPipe': 'augment',
-    'Autocast': 'generate',
     'CheckpointError': 'checkpoints',
     'Conv2d': 'networks',
-    'ConvBN': 'fid',
     'DatasetError': 'data',
     'DenoisingLoss': 'loss',
     'DhariwalUNet': 'networks',
@@ -56,8 +55,6 @@ _API = {
     'ItemDetails': 'data',
     'Level': 'networks',
     'Linear': 'networks',
-    'Mixed': 'fid',
-    'NpzImages': 'fid',
     'PerSeedRandom': 'generate',
     'PersistentObject': 'checkpoints',
     'PngWriter': 'generate',
@@ -65,7 +62,6 @@ _API = {
     'Precond': 'precond',
     'SamplerSchedule': 'samplers',
     'Schedule': 'framework',
-    'SeedBatches': 'generate',
     'Seeds': 'generate',
     'ShardedStream': 'training',
     'SigmaProbe': 'training',
@@ -90,7 +86,6 @@ _API = {
     'agree_on_error': 'distributed',
     'apply_color': 'augment',
     'archive_name': 'data',
-    'at_least': 'generate',
     'attention': 'networks',
     'build_meta_network': 'checkpoints',
     'build_network': 'checkpoints',
@@ -109,7 +104,6 @@ _API = {
     'check_writable': 'files',
     'churn': 'samplers',
     'claim_run_dir': 'training',
-    'class_labels_for': 'generate',
     'compare_detectors': 'fid',
     'compare_models': 'training',
     'construct': 'training',
@@ -164,7 +158,6 @@ _API = {
     'mirror_index': 'augment',
     'module_device': 'generate',
     'network_config': 'checkpoints',
-    'npz_output': 'generate',
     'npz_path': 'generate',
     'ode_slope': 'framework',
     'ode_step': 'samplers',
