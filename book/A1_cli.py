@@ -524,4 +524,280 @@ for bad in [dict(lr=float("inf")), dict(dropout=1.5), dict(seed=-1), dict(cres=[
 # %% [markdown]
 # ## A1.3 `edm-lit generate` and `edm-lit fid`
 #
-# The flags of the official `generate.py` and `fid.py`, and the functions they call.
+# The flags of the official `generate.py` and `fid.py`, with their meanings, and the
+# functions they call: `edm_lit.generate.generate` (Chapter 8.1, Appendix A6) and
+# `edm_lit.fid.fid_ref` / `fid_calc` (Chapter 8.5). Ours add `--fp16`/`--bf16` and
+# `--writers` to `generate` (Appendix A6.3–A6.4) and `--detector`, `--weights` and
+# `--allow-detector-mismatch` to `fid` (Chapter 8.4). A value the parser can judge alone
+# (a seed list, a batch size, a noise level) is refused by the parser, with exit status 2
+# and the flag's name; everything else a user can get wrong (a file that is not there or
+# not what it claims, an output that cannot be written, statistics of another feature
+# network) ends with exit status 1 and one line `edm-lit generate: error: ...`.
+
+# %% tags=["export:generate"]
+import argparse
+import math
+import sys
+
+
+def _positive(text):
+    value = float(text)
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"must be > 0, got {text}")
+    return value
+
+
+def _nonnegative(text):
+    value = float(text)
+    if not value >= 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0, got {text}")
+    return value
+
+
+def _at_least(low):
+    """An argparse type: an integer >= `low`, with a message that says so."""
+    def integer(text):
+        try:
+            value = int(text)
+        except ValueError:
+            message = f"must be an integer, got {text!r}"
+            raise argparse.ArgumentTypeError(message) from None
+        if value < low:
+            raise argparse.ArgumentTypeError(f"must be >= {low}, got {text}")
+        return value
+    return integer
+
+
+def _seeds_argument(text):
+    try:
+        return parse_seeds(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
+# %% [markdown]
+# `generate` takes the official flags: `--network`, `--outdir`, `--seeds`, `--subdirs`,
+# `--class`, `--batch`; the sampler's `--steps`, `--sigma_min`, …, `--S_noise`; and the
+# ablation's `--solver`, `--disc`, `--schedule`, `--scaling`, any of which selects the
+# `ablation_sampler` (Chapter 2), as in the official script.
+
+# %% tags=["export:generate"]
+_SAMPLER_FLAGS = ("num_steps", "sigma_min", "sigma_max", "rho", "S_churn", "S_min",
+                 "S_max", "S_noise", "solver", "discretization", "schedule", "scaling")
+
+
+def _add_sampler_flags(p):
+    real = dict(type=_nonnegative, metavar="FLOAT")
+    p.add_argument("--steps", dest="num_steps", type=_at_least(1), default=18,
+                   metavar="INT", help="sampling steps (18)")
+    for bound in ("min", "max"):
+        p.add_argument(f"--sigma_{bound}", type=_positive, metavar="FLOAT",
+                       help=f"{bound}imum noise level (default: the sampler's)")
+    p.add_argument("--rho", type=_positive, default=7.0, metavar="FLOAT",
+                   help="time step exponent (7)")
+    p.add_argument("--S_churn", default=0.0, help="stochasticity strength (0)", **real)
+    p.add_argument("--S_min", default=0.0, help="stochasticity from this sigma (0)",
+                   **real)
+    p.add_argument("--S_max", default=math.inf, help="stochasticity up to this sigma "
+                   "(inf)", **real)
+    p.add_argument("--S_noise", type=float, default=1.0, metavar="FLOAT",
+                   help="stochastic noise inflation (1)")
+    p.add_argument("--solver", choices=["euler", "heun"], help="ablate the ODE solver")
+    p.add_argument("--disc", dest="discretization", help="ablate the time steps",
+                   choices=["vp", "ve", "iddpm", "edm"])
+    p.add_argument("--schedule", choices=["vp", "ve", "linear"],
+                   help="ablate the noise schedule sigma(t)")
+    p.add_argument("--scaling", choices=["vp", "none"],
+                   help="ablate the signal scaling s(t)")
+
+
+def add_generate_command(subparsers):
+    """Register `edm-lit generate` (the official generate.py flags). Appendix A1.3."""
+    from edm_lit.train import parse_bool
+
+    p = subparsers.add_parser(
+        "generate", help="generate images, one PNG per seed (official flags)",
+        description="Generate images with the EDM sampler; an image depends only on "
+                    "its seed.")
+    p.add_argument("--network", required=True, metavar="PATH|URL",
+                   help="official .pkl, our .json/.safetensors, or a URL")
+    p.add_argument("--outdir", required=True, metavar="DIR",
+                   help="where to write {seed:06d}.png")
+    p.add_argument("--seeds", type=_seeds_argument, default="0-63", metavar="LIST",
+                   help="e.g. 1,2,5-10 (default 0-63)")
+    p.add_argument("--subdirs", action="store_true",
+                   help="one subdirectory per 1000 seeds")
+    p.add_argument("--class", dest="class_idx", type=_at_least(0), default=None,
+                   metavar="INT", help="class label (default: random)")
+    p.add_argument("--batch", dest="max_batch_size", type=_at_least(1), default=64,
+                   metavar="INT", help="maximum batch size (64)")
+    p.add_argument("--npz", default=None, metavar="FILE",
+                   help="also write all images, in seed order, to this .npz")
+    _add_sampler_flags(p)
+    for name, dtype in (("fp16", "float16"), ("bf16", "bfloat16")):
+        p.add_argument(f"--{name}", type=parse_bool, default=False, metavar="BOOL",
+                       help=f"network in {dtype} autocast (False)")
+    p.add_argument("--writers", type=_at_least(0), default=4, metavar="INT",
+                   help="PNG writer threads (4; 0: write in the sampling thread)")
+    p.set_defaults(func=run_generate_command)
+    return p
+
+
+def run_generate_command(args):
+    """Run `edm-lit generate`: exit status 0, or 1 with one line. Appendix A1.3."""
+    from edm_lit.checkpoints import CheckpointError
+
+    sampler_kwargs = {k: getattr(args, k) for k in _SAMPLER_FLAGS}
+    batch = args.max_batch_size
+    try:
+        n = generate(args.network, args.outdir, args.seeds, args.subdirs,
+                     args.class_idx, batch, args.npz, fp16=args.fp16, bf16=args.bf16,
+                     writers=args.writers, **sampler_kwargs)
+    except (CheckpointError, ValueError, OSError) as e:  # OSError: e.g. a full disk
+        print(f"edm-lit generate: error: {e}", file=sys.stderr)
+        return 1
+    except (MemoryError, torch.cuda.OutOfMemoryError):
+        print(f"edm-lit generate: error: out of memory at --batch={batch}; use a "
+              f"smaller --batch", file=sys.stderr)
+        return 1
+    also = "" if args.npz is None else f" and {npz_path(args.npz)}"
+    print(f"wrote {n} image{'s' * (n != 1)} to {args.outdir}{also}")
+    return 0
+
+
+# %% [markdown]
+# `fid ref --data=... --dest=...` writes reference statistics; `fid calc --images=...
+# --ref=...` prints the FID with six significant digits, as the official script does;
+# `--num` (50,000) and `--seed` choose the images as the official flags do.
+
+# %% tags=["export:fid"]
+import sys
+
+from edm_lit.checkpoints import CheckpointError
+from edm_lit.data import DatasetError
+
+
+def _add_fid_flags(q):
+    from edm_lit.generate import _at_least
+
+    q.add_argument("--batch", type=_at_least(1), default=64, metavar="INT",
+                   help="maximum batch size (64)")
+    q.add_argument("--detector", choices=DETECTORS, default="inception",
+                   help="feature network: inception (the paper's FID, default) or "
+                        "digits (Chapter 8.7: the 8x8 digits classifier, built and "
+                        "cached on first use; not comparable with Inception)")
+    q.add_argument("--weights", default=None, metavar="PTH",
+                   help=f"Inception weights {INCEPTION_FILE} (default: "
+                        f"${INCEPTION_ENV} or the cache)")
+
+
+def add_fid_command(subparsers):
+    """Register `edm-lit fid ref|calc` (the official fid.py flags). Appendix A1.3."""
+    from edm_lit.generate import _at_least
+
+    p = subparsers.add_parser(
+        "fid", help="FID: reference statistics (ref) or the FID of images (calc)",
+        description="Frechet Inception Distance with the 2015-12-05 Inception-v3 "
+                    "(or, with --detector=digits, the quick-mode digits FID).")
+    sub = p.add_subparsers(dest="fid_command", required=True, metavar="ref|calc")
+    calc = sub.add_parser("calc", help="FID of images against reference statistics")
+    calc.add_argument("--images", required=True, metavar="PATH|ZIP",
+                      help="folder, .zip or .npz of images")
+    calc.add_argument("--ref", required=True, metavar="NPZ|URL",
+                      help="reference statistics (mu, sigma)")
+    calc.add_argument("--num", type=_at_least(2), default=50000, metavar="INT",
+                      help="number of images to use (50000)")
+    calc.add_argument("--seed", type=int, default=0, metavar="INT",
+                      help="seed for choosing the images (0)")
+    calc.add_argument("--allow-detector-mismatch", action="store_true",
+                      help="compare even if another feature network made the "
+                           "reference (warns)")
+    ref = sub.add_parser("ref", help="reference statistics of a data set (.npz)")
+    ref.add_argument("--data", required=True, metavar="PATH|ZIP",
+                     help="folder or .zip of the data set's images")
+    ref.add_argument("--dest", required=True, metavar="NPZ",
+                     help="where to write the statistics ('.npz' appended if missing)")
+    for q in (calc, ref):
+        _add_fid_flags(q)
+    p.set_defaults(func=run_fid_command)
+    return p
+
+
+def run_fid_command(args):
+    """Run `edm-lit fid ref|calc`: exit status 0, or 1 with one line. Appendix A1.3."""
+    from edm_lit.generate import npz_path
+
+    where = f"edm-lit fid {args.fid_command}"
+
+    def warn(message):
+        print(f"{where}: warning: {message}", file=sys.stderr)
+
+    try:
+        if args.fid_command == "ref":
+            fid_ref(args.data, args.dest, args.batch, weights=args.weights,
+                    detector=args.detector)
+            print(f"wrote {npz_path(args.dest)}")
+        else:
+            value = fid_calc(args.images, args.ref, args.num, args.seed, args.batch,
+                             weights=args.weights, detector=args.detector, warn=warn,
+                             allow_detector_mismatch=args.allow_detector_mismatch)
+            print(f"{value:g}")
+    except (CheckpointError, DatasetError, ValueError, OSError) as e:
+        print(f"{where}: error: {e}", file=sys.stderr)
+        return 1
+    return 0
+
+
+# %% [markdown]
+# **Check** — the commands on Chapter 7's committed quick model, as a user runs them:
+# `edm-lit dataset` makes the digits data set, `generate` writes 100 images,
+# `fid ref --detector=digits` makes a reference that records its detector, and the FID
+# that `fid calc` prints equals the one `fid_calc` returns for the same folder, to the six
+# digits printed. Then what the parser refuses (exit status 2, naming the flag) and what
+# the command refuses (exit status 1, one line): a calc with the Inception detector
+# against this digits reference, before any Inception weights are looked for.
+
+# %%
+import contextlib
+import io
+import tempfile
+from pathlib import Path
+
+from edm_lit.fid import fid_calc, reference_detector
+
+
+def run(*argv):
+    """`edm-lit ARGV...` in this process: (exit status, stdout, stderr)."""
+    out, err, code = io.StringIO(), io.StringIO(), None
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        try:
+            code = main(list(argv))
+        except SystemExit as e:  # argparse refuses with exit status 2
+            code = e.code
+    return code, out.getvalue().strip(), err.getvalue().strip()
+
+
+with tempfile.TemporaryDirectory() as tmp:
+    tmp = Path(tmp)
+    quick = f"--network={Path('results') / 'quick_digits.json'}"
+    data, ref, out = tmp / "digits.zip", tmp / "ref.npz", tmp / "out"
+    digits = "--detector=digits"
+    assert run("dataset", "--source=digits", f"--dest={data}")[0] == 0
+    code, said, _ = run("generate", quick, f"--outdir={out}", "--seeds=0-99")
+    assert code == 0 and said == f"wrote 100 images to {out}", said
+    assert run("fid", "ref", f"--data={data}", f"--dest={ref}", digits)[0] == 0
+    calc = ("fid", "calc", f"--images={out}", f"--ref={ref}", "--num=100")
+    code, printed, _ = run(*calc, digits)
+    api = fid_calc(out, ref, num=100, detector="digits", progress=False)
+    print(f"edm-lit fid calc: {printed}; fid_calc: {api:.6g}")
+    assert code == 0 and abs(float(printed) - api) <= 5e-6 * api
+    assert reference_detector(ref).startswith("digits:")
+    for argv in (["generate", quick, "--outdir=x", "--batch=0"],
+                 ["generate", quick, "--outdir=x", "--seeds=5-3"],
+                 ["fid", "calc", f"--images={out}", f"--ref={ref}", "--num=1"]):
+        code, _, err = run(*argv)
+        print(err.splitlines()[-1])
+        assert code == 2 and "error: argument --" in err
+    code, _, err = run(*calc)  # the default detector, Inception
+    print(err.split("; FIDs")[0].replace(str(tmp), "TMP"))
+    assert code == 1 and "'digits:" in err and "'inception-pytorch-fid:" in err

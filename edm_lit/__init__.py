@@ -10,13 +10,13 @@ its top which chapter derives it:
     edm_lit.augment      6b. Non-leaking augmentation
     edm_lit.checkpoints  A2. Checkpoints: loading official snapshots without running their code; A2b. `load_network`: our format, URLs, and what a hostile file can do
     edm_lit.cli          A1. The command line
-    edm_lit.course       2. Deterministic sampling; 4. Preconditioning and the training objective; 6. Data sets; 7b. Training at scale; A2. Checkpoints: loading official snapshots without running their code; A7. From flags to a run: the training command's engineering
+    edm_lit.course       2. Deterministic sampling; 4. Preconditioning and the training objective; 6. Data sets; 7b. Training at scale; 8. Evaluation: generating at scale and measuring FID; A2. Checkpoints: loading official snapshots without running their code; A7. From flags to a run: the training command's engineering
     edm_lit.data         6. Data sets; A4. Bad data: what `edm-lit dataset` and the reader refuse, and why
     edm_lit.distributed  A5. Several processes: `torchrun` plumbing
-    edm_lit.fid          8. Evaluation: generating at scale and measuring FID
+    edm_lit.fid          8. Evaluation: generating at scale and measuring FID; A1. The command line; A6b. FID at scale: the engineering
     edm_lit.files        A3. Files that survive `kill -9`
     edm_lit.framework    1. The unified framework
-    edm_lit.generate     8. Evaluation: generating at scale and measuring FID
+    edm_lit.generate     8. Evaluation: generating at scale and measuring FID; A1. The command line; A6. Generation and FID at scale: the engineering
     edm_lit.loss         4. Preconditioning and the training objective
     edm_lit.mode         0. EDM, line by line
     edm_lit.networks     5. The networks
@@ -37,10 +37,8 @@ _MODULES = ['augment', 'checkpoints', 'cli', 'course', 'data', 'distributed', 'f
 # public name -> the module that defines it
 _API = {
     'AugmentPipe': 'augment',
-    'Autocast': 'generate',
     'CheckpointError': 'checkpoints',
     'Conv2d': 'networks',
-    'ConvBN': 'fid',
     'DatasetError': 'data',
     'DenoisingLoss': 'loss',
     'DhariwalUNet': 'networks',
@@ -56,8 +54,6 @@ _API = {
     'InceptionV3Features': 'fid',
     'ItemDetails': 'data',
     'Linear': 'networks',
-    'Mixed': 'fid',
-    'NpzImages': 'fid',
     'PerSeedRandom': 'generate',
     'PersistentObject': 'checkpoints',
     'PngWriter': 'generate',
@@ -65,7 +61,6 @@ _API = {
     'Precond': 'precond',
     'SamplerSchedule': 'samplers',
     'Schedule': 'framework',
-    'SeedBatches': 'generate',
     'Seeds': 'generate',
     'ShardedStream': 'training',
     'SongUNet': 'networks',
@@ -88,7 +83,6 @@ _API = {
     'append_durable': 'files',
     'apply_color': 'augment',
     'archive_name': 'data',
-    'at_least': 'generate',
     'attention': 'networks',
     'build_options': 'training',
     'cache_dir': 'checkpoints',
@@ -97,7 +91,6 @@ _API = {
     'check_writable': 'files',
     'churn': 'samplers',
     'claim_run_dir': 'training',
-    'class_labels_for': 'generate',
     'compare_detectors': 'fid',
     'construct': 'training',
     'convert': 'checkpoints',
@@ -144,7 +137,6 @@ _API = {
     'mirror_index': 'augment',
     'module_device': 'generate',
     'network_config': 'checkpoints',
-    'npz_output': 'generate',
     'npz_path': 'generate',
     'ode_slope': 'framework',
     'ode_step': 'samplers',

@@ -194,11 +194,11 @@ def test_fid_bad_input(tiny_net, tmp_path, monkeypatch, capsys):
 
 def test_digit_features_learn_the_digits():
     pytest.importorskip("sklearn")
-    from sklearn.datasets import load_digits
+    from edm_lit.data import digits_source  # the one digits loader (Chapter 6)
 
-    d = load_digits()
-    images = torch.from_numpy(np.round(d.images * 255 / 16).astype(np.uint8))[:, None]
-    labels = torch.from_numpy(d.target)
+    items = list(digits_source().items)
+    images = torch.from_numpy(np.stack([np.asarray(image) for _, image, _ in items]))[:, None]
+    labels = torch.tensor([label for _, _, label in items])
     model = train_digit_classifier(images[:1500], labels[:1500], steps=300)
     acc = (model(images[1500:]).argmax(1) == labels[1500:]).float().mean().item()
     assert acc > 0.85
@@ -299,3 +299,20 @@ def test_digits_detector_is_cached_and_mismatches_are_refused(detector_cache, tm
         fid_calc(tmp_path / "imgs", tmp_path / "plain.npz", num=6, detector="clip", progress=False)
     with pytest.raises(ValueError, match="grey 8x8"):
         fid.DigitsExtractor(a)(torch.zeros(2, 3, 32, 32, dtype=torch.uint8))
+
+
+def test_course_digits_fid_equals_fid_calc(detector_cache, tmp_path):
+    """edm_lit.course.DigitsFID (images in memory, Chapters 8.7 and 9) is fid_calc --detector=digits."""
+    pytest.importorskip("sklearn")
+    from edm_lit.course import DigitsFID
+    from edm_lit.data import quick_dataset
+
+    judge = DigitsFID()
+    images = judge.real[100:160]
+    for i, image in enumerate(images):
+        write_png(tmp_path / "imgs" / f"{i:06d}.png", image.permute(1, 2, 0))
+    fid_ref(quick_dataset(tmp_path / "d.zip"), tmp_path / "ref.npz", detector="digits", progress=False)
+    api = fid_calc(tmp_path / "imgs", tmp_path / "ref.npz", num=60, detector="digits", progress=False)
+    in_memory = judge(judge.features(images))
+    assert in_memory == pytest.approx(api, rel=1e-6) and in_memory > 0  # float32 batches
+    assert torch.equal(judge.features(images), judge.features(images.permute(0, 2, 3, 1)))
