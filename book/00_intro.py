@@ -87,7 +87,8 @@
 # | A3 files | files that survive `kill -9`; outputs checked before the work; the one PNG writer | `edm_lit.files` |
 # | A4 bad data | what the data loader refuses, and why | `edm_lit.data` |
 # | A5 several processes | `torchrun`: a process's place, shared errors, gathering | `edm_lit.distributed` |
-# | A6 generation and FID at scale | many GPUs, many images, reference statistics | `edm_lit.generate`, `edm_lit.fid` |
+# | A6 generation at scale | seeds, batches, writer threads, the streamed `.npz` | `edm_lit.generate` |
+# | A6b FID at scale | the Inception-v3 port and its weights, reference files, detectors | `edm_lit.fid` |
 # | A7 the train command | the machinery of `edm-lit train`: options, ranks, the tick's row | `edm_lit.training`, `edm_lit.train` |
 # | (all chapters) | helpers the chapters share: quick-mode models, comparisons, numbers for the prose; *not* library API | `edm_lit.course` |
 #
