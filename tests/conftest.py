@@ -20,6 +20,12 @@ def parity():
 
 
 @pytest.fixture(scope="session")
+def ref(parity):
+    """precond_edm.pt: the official small EDMPrecond(SongUNet), its weights, inputs and outputs."""
+    return parity("precond_edm.pt")
+
+
+@pytest.fixture(scope="session")
 def parity_net(parity):
     """The official small EDMPrecond(SongUNet) of precond_edm.pt with its weights, in eval mode, no grad."""
     from edm_lit.precond import EDMPrecond

@@ -69,11 +69,6 @@ def trojan(marker) -> str:
 
 
 @pytest.fixture(scope="module")
-def ref(parity):
-    return parity("precond_edm.pt")
-
-
-@pytest.fixture(scope="module")
 def official(ref):
     net = EDMPrecond(**ref["kwargs"]).eval().requires_grad_(False)
     net.load_state_dict(ref["state_dict"], strict=True)

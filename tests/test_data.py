@@ -6,6 +6,7 @@ dataset_sources.zip (source images), dataset_official.zip (written by the offici
 dataset_tool_refs.pt (the official tool's outputs), dataset_refs.pt (the official ImageFolderDataset's items).
 """
 import contextlib
+import importlib.util
 import io
 import json
 import pickle
@@ -27,14 +28,16 @@ from edm_lit.data import (DatasetError, ImageFolderDataset, Source, archive_name
                           parse_resolution, quick_dataset, subset_indices, write_dataset)
 
 DATA = Path(__file__).parent / "data"
-READER_CASES = {
-    "plain": {},
-    "labels": dict(use_labels=True),
-    "labels_xflip": dict(use_labels=True, xflip=True),
-    "labels_max10_seed3": dict(use_labels=True, max_size=10, random_seed=3),
-    "max10_bigseed_xflip": dict(max_size=10, random_seed=12345678901, xflip=True),
-    "resolution16_cache": dict(resolution=16, cache=True, use_labels=True),
-}
+
+def _reference_script():
+    """tests/data/make_dataset_refs.py, the script that made the references (its tables, not its main)."""
+    spec = importlib.util.spec_from_file_location("make_dataset_refs", DATA / "make_dataset_refs.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+READER_CASES = _reference_script().READER_CASES  # the constructor arguments the references were made with
 TOOL_CASES = {
     "square": ("square", {}),
     "square_8x8_max10": ("square", dict(resolution="8x8", max_images=10)),

@@ -10,15 +10,7 @@ from edm_lit.networks import (Conv2d, DhariwalUNet, FourierEmbedding, Linear, Po
                               UNetBlock, attention, weight_init)
 from edm_lit.networks import _decoder_roles, _Level, _level_key, _unet_levels  # internal: the level table
 from edm_lit.precond import EDMPrecond
-
-
-def rel_err(a, b):
-    return ((a.float() - b.float()).abs().max() / b.float().abs().max()).item()
-
-
-@pytest.fixture(scope="module")
-def ref(parity):
-    return parity("precond_edm.pt")
+from helpers import rel_err
 
 
 @pytest.fixture(scope="module")

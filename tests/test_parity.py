@@ -14,15 +14,7 @@ import torch
 from edm_lit.loss import EDMLoss
 from edm_lit.precond import EDMPrecond
 from edm_lit.samplers import edm_sampler
-
-
-def rel(a, b):
-    return ((a.double() - b.double()).abs().max() / b.double().abs().max()).item()
-
-
-@pytest.fixture(scope="module")
-def ref(parity):
-    return parity("precond_edm.pt")
+from helpers import rel_err as rel
 
 
 @pytest.fixture(scope="module")

@@ -8,12 +8,9 @@ import torch
 from edm_lit.framework import iddpm_u
 from edm_lit.loss import EDMLoss, VELoss, VPLoss
 from edm_lit.precond import EDMPrecond, Precond, VEPrecond, VPPrecond, iDDPMPrecond, vp_sigma, vp_sigma_inv
+from helpers import rel_err as rel
 
 PRECONDS = [VPPrecond, VEPrecond, iDDPMPrecond, EDMPrecond]
-
-
-def rel(a, b):
-    return ((a.double() - b.double()).abs().max() / b.double().abs().max()).item()
 
 
 class FakeModel(torch.nn.Module):

@@ -18,6 +18,7 @@ import torch
 from edm_lit import training
 from edm_lit.training import (ARCH_PRESETS, ShardedStream, TrainingRun, build_options, ema_beta, learning_rate,
                               read_training_state)
+from helpers import ArrayDataset
 
 ROOT = Path(__file__).resolve().parents[1]
 ENV = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
@@ -37,21 +38,6 @@ def image_folder(root, n=64, resolution=8, seed=0, classes=0):
     if classes:
         (root / "dataset.json").write_text(json.dumps({"labels": labels}))
     return root
-
-
-class ArrayDataset(torch.utils.data.Dataset):
-    """The official data-set interface over an in-memory uint8 array [N, C, R, R]."""
-
-    def __init__(self, images):
-        self.images = images
-        self.name, self.resolution, self.num_channels = "array", images.shape[-1], images.shape[1]
-        self.label_dim, self.has_labels = 0, False
-
-    def __len__(self):
-        return len(self.images)
-
-    def __getitem__(self, i):
-        return self.images[i].copy(), np.zeros([0], dtype=np.float32)
 
 
 TINY = dict(ARCH_PRESETS["ddpmpp-tiny"], class_name="edm_lit.precond.EDMPrecond", model_channels=8, dropout=0.0,

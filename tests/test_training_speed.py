@@ -14,6 +14,7 @@ import torch
 import edm_lit
 from edm_lit import training
 from edm_lit.training import ARCH_PRESETS, SIGMA_BUCKETS, Stats, TrainingRun, build_options, read_training_state
+from helpers import ArrayDataset
 
 # torch.compile's default backend (inductor) compiles C++ kernels: 160-200 s per test on the 2-core CI machine.
 # The CI checks --compile's wiring and resume with the "eager" backend; EDM_LIT_TEST_COMPILE=1 uses inductor.
@@ -23,21 +24,6 @@ inductor_only = pytest.mark.skipif(not INDUCTOR, reason="torch.compile with indu
 
 TINY = dict(ARCH_PRESETS["ddpmpp-tiny"], class_name="edm_lit.precond.EDMPrecond", model_channels=8, dropout=0.0,
             use_fp16=False)
-
-
-class ArrayDataset(torch.utils.data.Dataset):
-    """The official data-set interface over an in-memory uint8 array [N, C, R, R]."""
-
-    def __init__(self, images):
-        self.images = images
-        self.name, self.resolution, self.num_channels = "array", images.shape[-1], images.shape[1]
-        self.label_dim, self.has_labels = 0, False
-
-    def __len__(self):
-        return len(self.images)
-
-    def __getitem__(self, i):
-        return self.images[i].copy(), np.zeros([0], dtype=np.float32)
 
 
 def random_images(n=32, channels=1, resolution=8, seed=0):
