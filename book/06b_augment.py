@@ -592,20 +592,16 @@ class AugmentPipe:
             if name in on:
                 images, new = blit(self, images)
                 labels += new
-        steps = [draw(self, N, H, W, dev) for name, draw in _GEOMETRIC if name in on]
-        if steps:
-            inverse = torch.eye(3, device=dev).expand(N, 3, 3)
-            for step, new in steps:
-                inverse = inverse @ step
-                labels += new
-            images = warp_affine(images, inverse)
-        steps = [draw(self, N, dev) for name, draw in _COLOR if name in on]
-        if steps:
-            matrix = torch.eye(4, device=dev).expand(N, 4, 4)
-            for step, new in steps:
-                matrix = step @ matrix
-                labels += new
-            images = apply_color(images, matrix)
+        # geometry chains inverse matrices on the right, colour chains matrices on the left
+        for table, args, size, apply, right in [(_GEOMETRIC, (N, H, W, dev), 3, warp_affine, 1),
+                                                (_COLOR, (N, dev), 4, apply_color, 0)]:
+            steps = [draw(self, *args) for name, draw in table if name in on]
+            if steps:
+                matrix = torch.eye(size, device=dev).expand(N, size, size)
+                for step, new in steps:
+                    matrix = matrix @ step if right else step @ matrix
+                    labels += new
+                images = apply(images, matrix)
         if not labels:
             return images, torch.zeros(N, 0, device=dev)
         return images, torch.stack([label.to(torch.float32) for label in labels], 1)

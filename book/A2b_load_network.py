@@ -26,6 +26,7 @@
 
 # %% tags=["hide-input"]
 import copy
+import functools
 import math
 import os
 import pickle
@@ -39,6 +40,7 @@ from edm_lit.checkpoints import (  # Appendix A2
     _build_network, _check_init_kwargs, _check_shapes, _ints, _materialize, _parameters,
     _read_regular_file, _SCALARS, _INTERFACE, read_official_pickle)
 from edm_lit import precond
+from edm_lit import course
 from edm_lit.course import official_layout_pickle
 from edm_lit.loss import EDMLoss
 from edm_lit.precond import EDMPrecond
@@ -50,14 +52,7 @@ workdir = Path(tempfile.mkdtemp())
 pkl = workdir / "network-snapshot-000000.pkl"  # an official-layout snapshot (A2.4)
 pkl.write_bytes(official_layout_pickle(dict(ema=official, loss_fn=EDMLoss())))
 
-
-def refusal(load, *args) -> str:
-    """The message of the CheckpointError that load(*args) raises; none is a failure."""
-    try:
-        load(*args)
-    except CheckpointError as e:
-        return str(e).replace(str(workdir), "…")
-    raise AssertionError(f"{getattr(load, '__name__', load)}{args} must be refused")
+refusal = functools.partial(course.refusal, hide=workdir)  # Appendix A2
 
 # %% [markdown]
 # ## A2b.1 Our own format

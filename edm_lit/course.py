@@ -4,9 +4,10 @@
 """course: exported from 2. Deterministic sampling and 4. Preconditioning and the training objective and 6. Data sets and 7b. Training at scale and 8. Evaluation: generating at scale and measuring FID and A2. Checkpoints: loading official snapshots without running their code and A7. From flags to a run: the training command's engineering (book/02_deterministic.py, book/04_preconditioning.py, book/06_data.py, book/07b_at_scale.py, book/08_evaluation.py, book/A2_checkpoints.py, book/A7_train_command.py)."""
 
 __all__ = ['sci', 'pct', 'Recording', 'IdealF', 'dataset_tensors', 'small_denoiser',
-           'train_denoiser', 'full_size_flags', 'DigitsFID', 'official_layout_pickle',
-           'RandomImageSet', 'random_image_folder', 'QUICK_FLAGS', 'train_quick',
-           'REPRODUCTION_TOLERANCE', 'compare_models', 'loss_per_bucket']
+           'train_denoiser', 'full_size_flags', 'DigitsFID', 'refusal',
+           'official_layout_pickle', 'RandomImageSet', 'random_image_folder',
+           'QUICK_FLAGS', 'train_quick', 'REPRODUCTION_TOLERANCE', 'compare_models',
+           'loss_per_bucket']
 
 
 # ── 02_deterministic.py § 2. Deterministic sampling ──
@@ -172,6 +173,18 @@ class DigitsFID:
         parts = [sample_seeds(net, seeds[i:i + batch], **sampler_kwargs)
                  for i in range(0, len(seeds), batch)]
         return torch.cat([self.features(images) for images in parts])
+
+
+# ── A2_checkpoints.py § A2. Checkpoints: loading official snapshots without running their code ──
+
+def refusal(load, *args, hide=None) -> str:
+    """The message of the ValueError (CheckpointError, DatasetError, ...) that load(*args)
+    raises, with the folder `hide` written as '…'; no error is a failure. Appendix A2."""
+    try:
+        load(*args)
+    except ValueError as e:
+        return str(e) if hide is None else str(e).replace(str(hide), "…")
+    raise AssertionError(f"{getattr(load, '__name__', load)}{args} must be refused")
 
 
 # ── A2_checkpoints.py § A2.4 From records to a network, sizes first ──

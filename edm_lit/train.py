@@ -3,7 +3,7 @@
 
 """train: exported from 7b. Training at scale and A1. The command line and A7. From flags to a run: the training command's engineering (book/07b_at_scale.py, book/A1_cli.py, book/A7_train_command.py)."""
 
-__all__ = ['build_parser', 'main', 'parse_bool', 'parse_int_list',
+__all__ = ['build_parser', 'main', 'parse_bool', 'parse_int_list', 'TRAIN_FLAGS',
            'add_train_arguments', 'to_argv', 'device_warning', 'run_train']
 
 
@@ -68,87 +68,72 @@ def parse_int_list(text: str) -> list:
                                              f"1,2,5-7, got {text!r}") from None
     return values
 
-def _main_options(parser, d: dict) -> None:
-    main = parser.add_argument_group("main options")
-    main.add_argument("--outdir", required=True, metavar="DIR",
-                      help="where to save the results")
-    main.add_argument("--data", required=True, metavar="ZIP|DIR",
-                      help="path to the data set, or 'digits' (quick mode)")
-    main.add_argument("--cond", type=parse_bool, default=d["cond"], metavar="BOOL",
-                      help="train a class-conditional model")
-    main.add_argument("--arch", choices=sorted(training.ARCH_PRESETS),
-                      default=d["arch"], help="network architecture")
-    main.add_argument("--precond", choices=sorted(training.PRECOND_CLASSES),
-                      default=d["precond"], help="preconditioning and loss function")
+def _flag(kind, meta, text, **more) -> dict:
+    return dict(type=kind, metavar=meta, help=text, **more)
 
 
-def _hyperparameters(parser, d: dict) -> None:
-    hyper = parser.add_argument_group("hyperparameters")
-    for flag, kind, meta, text in [
-            ("--duration", float, "MIMG", "training duration"),
-            ("--batch", int, "INT", "total batch size"),
-            ("--batch-gpu", int, "INT",
-             "limit batch size per GPU (gradient accumulation)"),
-            ("--cbase", int, "INT", "channel multiplier [default: varies]"),
-            ("--cres", parse_int_list, "LIST",
-             "channels per resolution [default: varies]"),
-            ("--lr", float, "FLOAT", "learning rate"),
-            ("--ema", float, "MIMG", "EMA half-life"),
-            ("--dropout", float, "FLOAT", "dropout probability"),
-            ("--augment", float, "FLOAT", "augment probability"),
-            ("--xflip", parse_bool, "BOOL", "enable data-set x-flips")]:
-        default = d[flag[2:].replace("-", "_")]
-        hyper.add_argument(flag, type=kind, default=default, metavar=meta, help=text)
-
-def _performance_and_io(parser, d: dict) -> None:
-    perf = parser.add_argument_group("performance")
-    for flag, kind, meta, text in [
-            ("--fp16", parse_bool, "BOOL", "mixed-precision training (CUDA)"),
-            ("--ls", float, "FLOAT", "loss scaling"),
-            ("--bench", parse_bool, "BOOL", "enable cuDNN benchmarking"),
-            ("--cache", parse_bool, "BOOL", "cache data set in CPU memory"),
-            ("--workers", int, "INT", "DataLoader worker processes")]:
-        perf.add_argument(flag, type=kind, default=d[flag[2:]], metavar=meta, help=text)
-    io = parser.add_argument_group("I/O")
-    io.add_argument("--desc", default=d["desc"], metavar="STR",
-                    help="string to include in result dir name")
-    io.add_argument("--nosubdir", action="store_true",
-                    help="do not create a subdirectory for results")
-    for flag, meta, text in [("--tick", "KIMG", "how often to print progress"),
-                             ("--snap", "TICKS", "how often to save snapshots"),
-                             ("--dump", "TICKS", "how often to dump state"),
-                             ("--seed", "INT", "random seed [default: random]")]:
-        io.add_argument(flag, type=int, default=d[flag[2:]], metavar=meta, help=text)
-    io.add_argument("--transfer", default=d["transfer"], metavar="PKL|URL",
-                    help="transfer learning from a network snapshot (ours or an "
-                         "official .pkl)")
-    io.add_argument("--resume", default=d["resume"], metavar="STATE|DIR",
-                    help="resume from training-state-NNNNNN.json, or the latest "
-                         "complete state in a run directory")
-    io.add_argument("-n", "--dry-run", action="store_true",
-                    help="print training options and exit")
-
-
-def _our_additions(parser, d: dict) -> None:
-    ours = parser.add_argument_group("edm_lit additions")
-    for flag, kind, meta, text in [
-            ("--bf16", parse_bool, "BOOL", "bfloat16 autocast (CPU or GPU)"),
-            ("--lr-rampup", float, "MIMG", "learning-rate ramp-up (official: 10)"),
-            ("--grid", int, "INT", "sample-grid images per snapshot, 0 = none"),
-            ("--channels-last", parse_bool, "BOOL",
-             "network and input images in channels_last memory format"),
-            ("--compile", parse_bool, "BOOL", "torch.compile the trained network"),
-            ("--fused-adam", parse_bool, "BOOL",
-             "Adam's fused kernel (torch.optim.Adam(fused=True))")]:
-        default = d[flag[2:].replace("-", "_")]
-        ours.add_argument(flag, type=kind, default=default, metavar=meta, help=text)
+# flag -> argparse keywords, per group, in the official order; defaults from TRAIN_DEFAULTS
+TRAIN_FLAGS = {
+    "main options": {
+        "--outdir": dict(required=True, metavar="DIR", help="where to save the results"),
+        "--data": dict(required=True, metavar="ZIP|DIR",
+                       help="path to the data set, or 'digits' (quick mode)"),
+        "--cond": _flag(parse_bool, "BOOL", "train a class-conditional model"),
+        "--arch": dict(choices=sorted(training.ARCH_PRESETS), help="network architecture"),
+        "--precond": dict(choices=sorted(training.PRECOND_CLASSES),
+                          help="preconditioning and loss function")},
+    "hyperparameters": {
+        "--duration": _flag(float, "MIMG", "training duration"),
+        "--batch": _flag(int, "INT", "total batch size"),
+        "--batch-gpu": _flag(int, "INT", "limit batch size per GPU (gradient accumulation)"),
+        "--cbase": _flag(int, "INT", "channel multiplier [default: varies]"),
+        "--cres": _flag(parse_int_list, "LIST", "channels per resolution [default: varies]"),
+        "--lr": _flag(float, "FLOAT", "learning rate"),
+        "--ema": _flag(float, "MIMG", "EMA half-life"),
+        "--dropout": _flag(float, "FLOAT", "dropout probability"),
+        "--augment": _flag(float, "FLOAT", "augment probability"),
+        "--xflip": _flag(parse_bool, "BOOL", "enable data-set x-flips")},
+    "performance": {
+        "--fp16": _flag(parse_bool, "BOOL", "mixed-precision training (CUDA)"),
+        "--ls": _flag(float, "FLOAT", "loss scaling"),
+        "--bench": _flag(parse_bool, "BOOL", "enable cuDNN benchmarking"),
+        "--cache": _flag(parse_bool, "BOOL", "cache data set in CPU memory"),
+        "--workers": _flag(int, "INT", "DataLoader worker processes")},
+    "I/O": {
+        "--desc": _flag(str, "STR", "string to include in result dir name"),
+        "--nosubdir": dict(action="store_true", help="do not create a subdirectory for results"),
+        "--tick": _flag(int, "KIMG", "how often to print progress"),
+        "--snap": _flag(int, "TICKS", "how often to save snapshots"),
+        "--dump": _flag(int, "TICKS", "how often to dump state"),
+        "--seed": _flag(int, "INT", "random seed [default: random]"),
+        "--transfer": _flag(str, "PKL|URL", "transfer learning from a network snapshot "
+                            "(ours or an official .pkl)"),
+        "--resume": _flag(str, "STATE|DIR", "resume from training-state-NNNNNN.json, or the "
+                          "latest complete state in a run directory"),
+        "--dry-run": dict(action="store_true", help="print training options and exit")},
+    "edm_lit additions": {
+        "--bf16": _flag(parse_bool, "BOOL", "bfloat16 autocast (CPU or GPU)"),
+        "--lr-rampup": _flag(float, "MIMG", "learning-rate ramp-up (official: 10)"),
+        "--grid": _flag(int, "INT", "sample-grid images per snapshot, 0 = none"),
+        "--channels-last": _flag(parse_bool, "BOOL",
+                                 "network and input images in channels_last memory format"),
+        "--compile": _flag(parse_bool, "BOOL", "torch.compile the trained network"),
+        "--fused-adam": _flag(parse_bool, "BOOL",
+                              "Adam's fused kernel (torch.optim.Adam(fused=True))")},
+}
 
 
 def add_train_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
-    """The official train.py's options (same names, meanings, defaults) and ours.
+    """The official train.py's options (same names, meanings, defaults, groups) and ours.
     Appendix A1."""
-    for add in [_main_options, _hyperparameters, _performance_and_io, _our_additions]:
-        add(parser, training.TRAIN_DEFAULTS)
+    for title, flags in TRAIN_FLAGS.items():
+        group = parser.add_argument_group(title)
+        for flag, options in flags.items():
+            name = flag[2:].replace("-", "_")
+            if not options.get("required") and options.get("action") is None:
+                options = dict(options, default=training.TRAIN_DEFAULTS[name])
+            names = ["-n", flag] if flag == "--dry-run" else [flag]
+            group.add_argument(*names, **options)
     return parser
 
 def to_argv(flags: dict) -> list:
