@@ -27,6 +27,7 @@
 # and cannot do. Both are reference: short blocks, each followed by its check.
 
 # %% tags=["hide-input"]
+import functools
 import os
 import pickle
 import tempfile
@@ -39,21 +40,17 @@ from edm_lit.precond import EDMPrecond
 PARITY = torch.load(Path("data") / "precond_edm.pt", weights_only=True)
 workdir = Path(tempfile.mkdtemp())
 
-
 # %% tags=["export:course"]
 def refusal(load, *args, hide=None) -> str:
-    """The message of the ValueError (CheckpointError, DatasetError, ...) that load(*args)
-    raises, with the folder `hide` written as '…'; no error is a failure. Appendix A2."""
+    """The message of the ValueError that load(*args) raises, the folder `hide` shown
+    as '…'; no error is a failure. Appendix A2."""
     try:
         load(*args)
     except ValueError as e:
         return str(e) if hide is None else str(e).replace(str(hide), "…")
     raise AssertionError(f"{getattr(load, '__name__', load)}{args} must be refused")
 
-
 # %%
-import functools
-
 refusal = functools.partial(refusal, hide=workdir)
 
 # %% [markdown]

@@ -377,9 +377,11 @@ class AugmentPipe:
             if name in on:
                 images, new = blit(self, images)
                 labels += new
-        # geometry chains inverse matrices on the right, colour chains matrices on the left
-        for table, args, size, apply, right in [(_GEOMETRIC, (N, H, W, dev), 3, warp_affine, 1),
-                                                (_COLOR, (N, dev), 4, apply_color, 0)]:
+        # geometry chains inverse matrices on the right, colour chains matrices on
+        # the left
+        stages = [(_GEOMETRIC, (N, H, W, dev), 3, warp_affine, 1),
+                  (_COLOR, (N, dev), 4, apply_color, 0)]
+        for table, args, size, apply, right in stages:
             steps = [draw(self, *args) for name, draw in table if name in on]
             if steps:
                 matrix = torch.eye(size, device=dev).expand(N, size, size)

@@ -178,8 +178,8 @@ class DigitsFID:
 # ── A2_checkpoints.py § A2. Checkpoints: loading official snapshots without running their code ──
 
 def refusal(load, *args, hide=None) -> str:
-    """The message of the ValueError (CheckpointError, DatasetError, ...) that load(*args)
-    raises, with the folder `hide` written as '…'; no error is a failure. Appendix A2."""
+    """The message of the ValueError that load(*args) raises, the folder `hide` shown
+    as '…'; no error is a failure. Appendix A2."""
     try:
         load(*args)
     except ValueError as e:

@@ -72,22 +72,27 @@ def _flag(kind, meta, text, **more) -> dict:
     return dict(type=kind, metavar=meta, help=text, **more)
 
 
-# flag -> argparse keywords, per group, in the official order; defaults from TRAIN_DEFAULTS
+# flag -> argparse keywords, per group, in the official order; the defaults are
+# TRAIN_DEFAULTS
 TRAIN_FLAGS = {
     "main options": {
-        "--outdir": dict(required=True, metavar="DIR", help="where to save the results"),
+        "--outdir": dict(required=True, metavar="DIR",
+                         help="where to save the results"),
         "--data": dict(required=True, metavar="ZIP|DIR",
                        help="path to the data set, or 'digits' (quick mode)"),
         "--cond": _flag(parse_bool, "BOOL", "train a class-conditional model"),
-        "--arch": dict(choices=sorted(training.ARCH_PRESETS), help="network architecture"),
+        "--arch": dict(choices=sorted(training.ARCH_PRESETS),
+                       help="network architecture"),
         "--precond": dict(choices=sorted(training.PRECOND_CLASSES),
                           help="preconditioning and loss function")},
     "hyperparameters": {
         "--duration": _flag(float, "MIMG", "training duration"),
         "--batch": _flag(int, "INT", "total batch size"),
-        "--batch-gpu": _flag(int, "INT", "limit batch size per GPU (gradient accumulation)"),
+        "--batch-gpu": _flag(int, "INT",
+                             "limit batch size per GPU (gradient accumulation)"),
         "--cbase": _flag(int, "INT", "channel multiplier [default: varies]"),
-        "--cres": _flag(parse_int_list, "LIST", "channels per resolution [default: varies]"),
+        "--cres": _flag(parse_int_list, "LIST",
+                        "channels per resolution [default: varies]"),
         "--lr": _flag(float, "FLOAT", "learning rate"),
         "--ema": _flag(float, "MIMG", "EMA half-life"),
         "--dropout": _flag(float, "FLOAT", "dropout probability"),
@@ -101,22 +106,23 @@ TRAIN_FLAGS = {
         "--workers": _flag(int, "INT", "DataLoader worker processes")},
     "I/O": {
         "--desc": _flag(str, "STR", "string to include in result dir name"),
-        "--nosubdir": dict(action="store_true", help="do not create a subdirectory for results"),
+        "--nosubdir": dict(action="store_true",
+                           help="do not create a subdirectory for results"),
         "--tick": _flag(int, "KIMG", "how often to print progress"),
         "--snap": _flag(int, "TICKS", "how often to save snapshots"),
         "--dump": _flag(int, "TICKS", "how often to dump state"),
         "--seed": _flag(int, "INT", "random seed [default: random]"),
         "--transfer": _flag(str, "PKL|URL", "transfer learning from a network snapshot "
                             "(ours or an official .pkl)"),
-        "--resume": _flag(str, "STATE|DIR", "resume from training-state-NNNNNN.json, or the "
-                          "latest complete state in a run directory"),
+        "--resume": _flag(str, "STATE|DIR", "resume from training-state-NNNNNN.json, "
+                          "or the latest complete state in a run directory"),
         "--dry-run": dict(action="store_true", help="print training options and exit")},
     "edm_lit additions": {
         "--bf16": _flag(parse_bool, "BOOL", "bfloat16 autocast (CPU or GPU)"),
         "--lr-rampup": _flag(float, "MIMG", "learning-rate ramp-up (official: 10)"),
         "--grid": _flag(int, "INT", "sample-grid images per snapshot, 0 = none"),
         "--channels-last": _flag(parse_bool, "BOOL",
-                                 "network and input images in channels_last memory format"),
+                                 "network and input images in channels_last format"),
         "--compile": _flag(parse_bool, "BOOL", "torch.compile the trained network"),
         "--fused-adam": _flag(parse_bool, "BOOL",
                               "Adam's fused kernel (torch.optim.Adam(fused=True))")},
@@ -124,8 +130,8 @@ TRAIN_FLAGS = {
 
 
 def add_train_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
-    """The official train.py's options (same names, meanings, defaults, groups) and ours.
-    Appendix A1."""
+    """The official train.py's options (same names, meanings, defaults, groups) and
+    ours. Appendix A1."""
     for title, flags in TRAIN_FLAGS.items():
         group = parser.add_argument_group(title)
         for flag, options in flags.items():
