@@ -881,7 +881,7 @@ for key, value in dict(digits_fid=digits_fid, digits_fid_real=real_fid, digits_n
                        digits_ratio=digits_fid / real_fid, bias_predicted=1 / predicted,
                        bias_measured=1 / measured, spread_100=spread[100],
                        spread_N=spread[N]).items():
-    glue(key, value, display=False)
+    glue(key, value if isinstance(value, int) else float(value), display=False)
 glue("digits_fid_runs", ", ".join(f"{f:.3g}" for f in run_fids), display=False)
 assert abs(max(real[M])) < 1e-6  # all the digits: the reference itself
 assert all(np.mean(real[a]) > np.mean(real[b]) for a, b in zip(NS, NS[1:]))
