@@ -247,6 +247,43 @@ assert keys["Mixed_7c.branch_pool.conv.weight"].shape == (192, 2048, 1, 1)
 assert keys["Mixed_6b.branch7x7_2.conv.weight"].shape == (128, 128, 1, 7)
 
 # %% [markdown]
+# **Look** — what the port does to an image: every image is resized to 299×299, and the
+# blocks trade resolution for channels until 2,048 channels of 8×8 remain, which the final
+# average turns into the feature vector. Measured with forward hooks on the network above:
+
+# %%
+import matplotlib.pyplot as plt
+
+blocks = [n for n, _ in inception.named_children() if n != "fc"]
+shapes = {}
+
+
+def record(name):
+    def hook(module, args, out):  # returns None: the output is kept as it is
+        shapes[name] = tuple(out.shape[1:])
+    return hook
+
+
+hooks = [getattr(inception, n).register_forward_hook(record(n)) for n in blocks]
+with torch.no_grad():
+    inception(torch.zeros(1, 3, 32, 32, dtype=torch.uint8))
+for hook in hooks:
+    hook.remove()
+names = [n for n in blocks if n in shapes]
+fig, ax = plt.subplots(figsize=(9, 3))
+ax.bar(range(len(names)), [shapes[n][0] for n in names], color="C0", label="channels")
+ax2 = ax.twinx()
+ax2.plot(range(len(names)), [shapes[n][1] for n in names], "o-", color="C1",
+         label="side (pixels)")
+ax.set_xticks(range(len(names)), names, rotation=60, ha="right", fontsize=8)
+ax.set_ylabel("channels")
+ax2.set_ylabel("feature map side (pixels)")
+ax.set_title("Inception-v3 of FID: a 32x32 image, resized to 299x299, block by block")
+fig.tight_layout()
+plt.show()
+assert shapes[names[-1]] == (2048, 8, 8) and shapes["Conv2d_1a_3x3"][1] == 149
+
+# %% [markdown]
 # ## A6b.2 The weights file
 #
 # The weights are `pt_inception-2015-12-05-6726825d.pth` from the `pytorch-fid` releases:
