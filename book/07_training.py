@@ -20,14 +20,12 @@
 # # 7. The training loop
 #
 # Chapters 4–6 gave the loss of a batch, the networks and the data. This chapter puts them into
-# the loop that trains a model — the paper's recipe (App. F.2, Table 7), the order of the
-# images, the learning-rate ramp-up and the exponential moving average (EMA) of the weights, one
-# Adam step, the loop, the loss per noise level of Fig. 5a — and ends with a real run: the tiny
-# DDPM++ on the 1,797 UCI digits, on one CPU core, the model Chapters 8 and 9 evaluate. Chapter
-# 7b takes the loop to scale; the engineering is reference in Appendices A1.2 (flags),
-# A3.5–A3.7 (files), A5 (`torchrun`) and A7 (from flags to a run). **`edm_lit.training` is the
-# loop** (Chapters 7 and 7b); **`edm_lit.train` is the command** that runs it,
-# `python -m edm_lit.train` or `edm-lit train`, with the official `train.py`'s flags (7b).
+# the loop: the paper's recipe (App. F.3, Table 7), the order of the images, the learning-rate
+# ramp-up and the exponential moving average (EMA) of the weights, one Adam step, the loop, the
+# loss per noise level of Fig. 5a; then a real run, the tiny DDPM++ on the 1,797 UCI digits on
+# one CPU core, the model Chapters 8 and 9 evaluate. Chapter 7b takes it to scale; Appendices
+# A1.2, A3.5–A3.7, A5 and A7 hold the engineering. **`edm_lit.training` is the loop**;
+# **`edm_lit.train` is the command** (`edm-lit train`, the official `train.py`'s flags, 7b).
 
 # %% tags=["export"]
 # edm_lit.training is the training loop (Chapters 7 and 7b; Appendices A1.2, A3.5-A3.7,
@@ -64,6 +62,10 @@ scratch = Path(tempfile.mkdtemp(prefix="ch7-"))
 # %% [markdown]
 # ## 7.1 The recipe as one configuration
 #
+# > We trained each model until a total of 200 million images had been drawn from the
+# > training set […]; this corresponds to a total of ∼400,000 training iterations using a
+# > batch size of 512. — Karras et al. 2022, App. F.3
+#
 # The loop minimises the paper's training loss (Section 5): the denoising error of Eq. 2,
 # weighted by $\lambda(\sigma)$, with $\sigma$ drawn from $p_\text{train}$ — Eq. 8 once the
 # preconditioning of Chapter 4 is written out:
@@ -73,16 +75,13 @@ scratch = Path(tempfile.mkdtemp(prefix="ch7-"))
 # \Big[\lambda(\sigma)\,\big\|D_\theta(\mathbf y + \mathbf n; \sigma) - \mathbf y\big\|_2^2\Big].$$
 #
 # Everything else is a setting. The official `train.py` resolves its flags into one dictionary
-# of options (`training_options.json`) that it hands to the loop as keyword arguments;
-# `build_options` (Chapter 7b.5) does the same, key for key. The defaults are CIFAR-10's
-# recipe, the presets facts of App. F.2; ours, `ddpmpp-tiny` (16 and 32 channels, one block per
-# level), is the quick-mode network on the same loop. `construct` (Appendix A7.1) builds the
-# classes the options name. **Check** — the defaults are Table 7's; the tiny preset builds from
-# an official class name.
+# of options (`training_options.json`) passed to the loop as keyword arguments; so does
+# `build_options` (7b.5), key for key. The defaults are CIFAR-10's recipe; `ddpmpp-tiny` (16,
+# 32 channels, one block per level) is quick mode's network; `construct` (A7.1) builds the
+# classes named. **Check** — the defaults are Table 7's; the tiny preset builds from its name.
 
 # %% tags=["export"]
-# --arch presets: SongUNet / DhariwalUNet arguments (paper App. F.2) and our CPU-sized
-# 'ddpmpp-tiny'.
+# --arch presets: the paper's networks (App. F.4) and our CPU-sized 'ddpmpp-tiny'.
 _DDPMPP = {"model_type": "SongUNet", "embedding_type": "positional",
            "encoder_type": "standard", "decoder_type": "standard",
            "channel_mult_noise": 1, "resample_filter": [1, 1]}
@@ -143,9 +142,8 @@ assert type(net.model).__name__ == "SongUNet"
 #
 # with $\pi_e$ a permutation seeded with $(\text{seed}, e)$, one per epoch $e$; the ranks
 # interleave, as in the official loop. The loader's position *is* the progress $n$: resuming
-# at $n$ needs no saved loader state. **Check** — two ranks together take the positions of one,
-# in the same steps; a stream started at $n$ continues the uninterrupted one; every epoch
-# visits every image once.
+# needs no loader state. **Check** — two ranks together take the positions of one, in the same
+# steps; a stream started at $n$ continues the uninterrupted one; an epoch visits every image.
 
 # %% tags=["export"]
 class ShardedStream(torch.utils.data.Sampler):
@@ -212,6 +210,10 @@ print("global stream:", one[:12], "...\nrank 0:", two[0][:6], " rank 1:", two[1]
 # %% [markdown]
 # ## 7.3 The learning-rate ramp-up and the EMA half-life
 #
+# > […] we increase the learning rate from 0.0002 to 0.001 for CIFAR-10, ramping it up during
+# > the first 10 million images, and standardize the half-life of the exponential moving
+# > average of $\theta$ to 0.5 million images. — App. F.3
+#
 # The learning rate of a step taken after $n$ images, and the decay $\beta$ of the average
 # $\theta_\text{ema} \leftarrow \beta\,\theta_\text{ema} + (1-\beta)\,\theta$, with $B$ images
 # per step:
@@ -219,13 +221,13 @@ print("global stream:", one[:12], "...\nrank 0:", two[0][:6], " rank 1:", two[1]
 # $$\eta(n) = \eta_\text{base}\,\min\!\Big(\frac{n}{n_\text{ramp}},\,1\Big), \qquad
 # \beta = 0.5^{\,B / h}, \qquad h = \min\big(h_\text{target},\; r\,n\big).$$
 #
-# The rate ramps up over $n_\text{ramp}$ (10 Mimg in the paper's recipes), then stays: the
-# EMA does what a decay would do. It is computed from the images seen *before* the step, so the
-# first step has rate 0 and only initialises Adam's moments. The paper gives the average by its
-# **half-life in images** $h$ (`--ema`, 0.5 Mimg for CIFAR-10), capped at $r = 5\,\%$ of the
-# images seen — early on, a long average would remember the random start. In images, the EMA
-# does not depend on the batch: $\beta^2$ at $B/2$ equals $\beta$ at $B$. **Check** — a unit
-# step reaches ½ in the EMA after $h$ images whatever the batch; the cap; the ramp's ends.
+# The rate ramps up over $n_\text{ramp}$, then stays: the EMA does what a decay would do. It
+# is computed from the images seen *before* the step, so the first step has rate 0 and only
+# initialises Adam's moments. The **half-life in images** $h$ (`--ema`) is capped at
+# $r = 5\,\%$ of the images seen: early on, a long average would remember the random start.
+# In images, the EMA does not depend on the batch: $\beta^2$ at $B/2$ equals $\beta$ at $B$.
+# **Check** — a unit step reaches ½ in the EMA after $h$ images whatever the batch; the cap;
+# the ramp's ends.
 
 # %% tags=["export"]
 def learning_rate(base_lr: float, cur_nimg: int, lr_rampup_kimg: float) -> float:
@@ -281,6 +283,9 @@ plt.tight_layout()
 
 # %% [markdown]
 # ## 7.4 One optimiser step
+#
+# > We also disable gradient clipping […] that we found to provide no benefit in practice.
+# > — App. F.3
 #
 # With $B$ images, a loss scale $s$ and the per-image loss $\ell_i$ of Chapter 4, Adam moves
 # the weights by its bias-corrected moments $\hat{\mathbf m}, \hat{\mathbf v}$ of $\mathbf g$:
@@ -364,20 +369,22 @@ assert p.grad.tolist() == [0.0, 1e5, -1e5, 2.0]
 # %% [markdown]
 # ## 7.5 The loss per σ, in the statistics
 #
-# The paper's Fig. 5a plots a trained network's loss against σ. The loop measures it while it
-# trains: the images fall into σ buckets $[\sigma_k, \sigma_{k+1})$, each reporting the mean
-# weighted loss per pixel of its images,
+# > Inspecting the per-$\sigma$ loss after training […] reveals that a significant reduction is
+# > possible only at intermediate noise levels […] — §5, on Fig. 5a
+#
+# The loop measures that loss while it trains: the images fall into σ buckets
+# $[\sigma_k, \sigma_{k+1})$, each reporting the mean weighted loss per pixel of its images,
 #
 # $$L_k = \frac{1}{|I_k|} \sum_{i \in I_k} \frac{\lambda(\sigma_i)}{CHW}\,
 # \big\|D_\theta(\mathbf y_i + \mathbf n_i; \sigma_i) - \mathbf y_i\big\|_2^2, \qquad
 # I_k = \{\, i : \sigma_k \le \sigma_i < \sigma_{k+1} \,\}.$$
 #
-# Each tick writes a line of statistics (Appendix A3.6) in the official layout — `Loss/loss`,
-# `Timing/sec_per_kimg`, ... mapped to `{"num", "mean", "std"}` over the tick and the ranks —
-# plus our buckets, `Loss/sigma_LO_HI`. `Stats` keeps count, sum and sum of squares on the
-# device (the buckets filled with `index_add_` where `torch.bucketize` says), so that no step
-# waits for the GPU; a tick sums them over the ranks in one `all_reduce`. **Check** — the mean
-# and deviation of all values; each σ in the bucket whose edges enclose it.
+# Each tick writes a line of statistics (A3.6) in the official layout (`Loss/loss`,
+# `Timing/sec_per_kimg`, ... → `{"num", "mean", "std"}` over the tick and the ranks) plus our
+# buckets, `Loss/sigma_LO_HI`. `Stats` keeps count, sum and sum of squares on the device
+# (buckets filled by `index_add_` where `torch.bucketize` says), so no step waits for the GPU;
+# a tick sums them over the ranks in one `all_reduce`. **Check** — the mean and deviation of
+# all values; each σ in the bucket whose edges enclose it.
 
 # %% tags=["export"]
 # edges of the Loss/sigma_LO_HI statistics
@@ -466,8 +473,7 @@ print({k: v["num"] for k, v in got.items()})
 # %% [markdown]
 # ## 7.6 The loop
 #
-# `TrainingRun` puts the pieces together. With $n$ the images trained so far, $B$ the batch
-# and $\kappa$ the images per tick, it repeats
+# `TrainingRun` puts the pieces together. With $n$ images trained, batch $B$, $\kappa$ per tick:
 #
 # $$\theta \leftarrow \text{step}(\theta;\ \text{stream}[\,n, n+B\,)), \quad n \leftarrow n + B,
 # \quad \text{and a tick when } n \ge n_\text{tick} + \kappa \ \text{ or } \ n \ge n_\text{total}.$$
@@ -477,10 +483,9 @@ print({k: v["num"] for k, v in got.items()})
 #
 # ### 7.6.1 Construction
 #
-# The constructor builds the data stream, the network for the data set's resolution, channels
-# and labels, its EMA copy, Adam and the augmentation; it restores a training state or
-# transfers weights when asked (Chapter 7b.4). The initial weights come from the seed alone,
-# so that runs on one process and on several start alike (each rank's seeds: Chapter 7b.3).
+# The constructor builds the data stream, the network for the data set, its EMA copy, Adam and
+# the augmentation; it restores a state or transfers weights when asked (7b.4). The initial
+# weights come from the seed alone, so one process and several start alike (7b.3).
 
 # %% tags=["export"]
 def _add_methods(cls, **methods) -> None:
@@ -587,10 +592,9 @@ _add_methods(TrainingRun, _build=_build)
 
 
 # %% [markdown]
-# **Check** (on random images in memory, `RandomImageSet`, A7.4) — the EMA starts equal to the
-# network, in eval mode, without gradients; Adam trains exactly the network's parameters at
-# the configured rate; `batch_gpu` half the batch gives two rounds; the seed alone sets the
-# initial weights.
+# **Check** (random images in memory, `RandomImageSet`, A7.4) — the EMA starts equal to the
+# network, in eval mode, without gradients; Adam trains exactly the network's parameters at the
+# set rate; `batch_gpu` half the batch gives two rounds; the seed alone sets the weights.
 
 # %% tags=["hide-input"]
 from edm_lit.course import RandomImageSet
@@ -617,9 +621,9 @@ print(f"{sum(p.numel() for p in run.net.parameters()):,} parameters; "
 # %% [markdown]
 # ### 7.6.2 One step
 #
-# A step takes the next `batch_size` images of the stream (they travel as uint8 and become
-# floats on the device), accumulates the gradients, sets the rate of §7.3, applies the guard,
-# takes Adam's step and updates the EMA; nothing in it waits for the GPU.
+# A step takes the next `batch_size` images (uint8, made floats on the device), accumulates the
+# gradients, sets the rate of §7.3, applies the guard, steps Adam, updates the EMA; nothing in
+# it waits for the GPU.
 
 # %% tags=["export"]
 def _next_rounds(self) -> list:
@@ -664,10 +668,9 @@ _add_methods(TrainingRun, _next_rounds=_next_rounds, _on_loss=_on_loss, step=_st
 
 
 # %% [markdown]
-# **Check** — a step changes the weights as §7.4 says. The first step has rate 0: the weights
-# stay, the EMA copies them ($\beta = 0$). In the second, the weights move by
-# $-\eta\,\hat m / (\sqrt{\hat v} + \epsilon)$, computed here by hand from Adam's moments and
-# the step's gradient, and the EMA by the $\beta$ of §7.3.
+# **Check** — a step changes the weights as §7.4 says. The first has rate 0: the weights stay,
+# the EMA copies them ($\beta = 0$). In the second they move by $-\eta\,\hat m / (\sqrt{\hat
+# v} + \epsilon)$, computed by hand from Adam's moments, and the EMA by the $\beta$ of §7.3.
 
 # %% tags=["hide-input"]
 params = list(run.net.parameters())
@@ -727,10 +730,9 @@ _add_methods(TrainingRun, maintenance=_maintenance)
 
 
 # %% [markdown]
-# **Check** — tick 0, after the first step, writes a line and a snapshot, no state; the last
-# tick, after the second step, a line with the progress, a snapshot equal to the EMA (named by
-# the progress in kimg, still 0: it replaces the first) with its grid, and a training state
-# holding this very network and the progress.
+# **Check** — tick 0, after the first step, writes a line and a snapshot, no state; the last,
+# after the second step, a line, a snapshot equal to the EMA (named by the progress in kimg,
+# still 0: it replaces the first) with its grid, and a state holding this network and progress.
 
 # %% tags=["hide-input"]
 from edm_lit.checkpoints import load_network
@@ -806,8 +808,8 @@ def training_loop(**options) -> torch.nn.Module:
 
 
 # %% [markdown]
-# **Check** — a whole run of 2 kimg in ticks of 1 kimg: a line per tick in one file, only
-# appended to (the same inode at every tick), snapshots with their grids, the final state.
+# **Check** — a run of 2 kimg in ticks of 1 kimg: a line per tick in one file, only appended
+# to (the same inode), snapshots with their grids, the final state.
 
 # %% tags=["hide-input"]
 first_run, inodes = scratch / "first-run", []
@@ -834,18 +836,19 @@ assert len(list(first_run.glob("samples-*.png"))) == 3
 # %% [markdown]
 # ## 7.7 A real run: the digits on a CPU
 #
-# For a finite training set $\{\mathbf y_j\}$ the ideal denoiser is known exactly (Chapter 1),
+# > Note that [the ideal denoiser] is feasible to compute in practice for small datasets […] — App. B.3
+#
+# For a finite training set $\{\mathbf y_j\}$ that ideal denoiser is known exactly (Chapter 1),
 #
 # $$D^\star(\mathbf x; \sigma) = \sum_j w_j(\mathbf x)\, \mathbf y_j, \qquad
 # w_j(\mathbf x) \propto \exp\!\Big(-\frac{\|\mathbf x - \mathbf y_j\|^2}{2\sigma^2}\Big),$$
 #
 # so the loss of §7.5 has an exact **floor** in every σ bucket. We train the tiny DDPM++ on the
-# 1,797 UCI digits (8×8, grey; Chapter 6) for 30 kimg — `train_quick` (A7.4): the command's code
-# path with `QUICK_FLAGS`, in one thread, bitwise reproducible for a torch build and CPU — and
-# compare its loss per σ with that floor. Chapters 8 and 9 evaluate this model, committed as
-# `book/results/quick_digits.json`. **Check** — this run is the committed model within the
-# `REPRODUCTION_TOLERANCE` of `compare_models` (A7.4), room for another CPU's rounding; the
-# same run's network *before* the EMA lies far outside.
+# 1,797 UCI digits (8×8; Chapter 6) for 30 kimg with `train_quick` (A7.4: the command's code
+# path, one thread, bitwise reproducible per torch build and CPU) and compare its loss per σ
+# with the floor. Chapters 8 and 9 evaluate this model (`book/results/quick_digits.json`).
+# **Check** — this run is the committed model within `compare_models`' tolerance (A7.4, room
+# for another CPU's rounding); the same run's network *before* the EMA lies far outside.
 
 # %% tags=["hide-input"]
 from edm_lit.course import REPRODUCTION_TOLERANCE, compare_models, train_quick
@@ -873,11 +876,10 @@ assert loss_diff <= REPRODUCTION_TOLERANCE["final_loss"]
 
 # %% [markdown]
 # **Loss per σ against the floor.** At small σ the floor of a finite set is 0 (the noisy image
-# tells its training image: memorisation), which no network that *generalises* reaches; at
-# large σ it nears the loss of predicting the mean. `loss_per_bucket` (A7.4) measures, on fixed
-# draws (σ from $p_\text{train}$ within each bucket, Eq. 8's weighted loss per pixel): the EMA
-# and raw networks, the floor, and the best *linear* denoiser (a Gaussian fit to the data), the
-# level a network reaches by learning only the data's mean and covariance.
+# tells its training image: memorisation), which no *generalising* network reaches; at large σ
+# it nears the loss of predicting the mean. `loss_per_bucket` (A7.4) measures on fixed draws
+# (Eq. 8's weighted loss per pixel) the EMA and raw networks, the floor, and the best *linear*
+# denoiser (a Gaussian fit: what knowing only the data's mean and covariance reaches).
 
 # %% tags=["hide-input"]
 from myst_nb import glue
@@ -953,14 +955,13 @@ assert rows[-1]["Loss/loss"]["mean"] < 0.5 * rows[0]["Loss/loss"]["mean"]  # it 
 # **Check** — where the model stands after 30 kimg:
 #
 # - σ ≥ 3: near the floor (network / floor {glue:text}`ratio_3:.3f`, {glue:text}`ratio_10:.3f`)
-#   but a few per cent *worse* than the best linear denoiser (network / linear
-#   {glue:text}`lin_3:.3f`, {glue:text}`lin_10:.3f`): the answer is near the data mean, which a
-#   Gaussian fit knows exactly and 30 kimg have not quite taught the network;
+#   but a few per cent *worse* than the best linear denoiser ({glue:text}`lin_3:.3f`,
+#   {glue:text}`lin_10:.3f`): the answer is near the data mean, which a Gaussian fit knows;
 # - σ in [1, 3): {glue:text}`ratio_1:.2f` times the floor, a little better than linear
 #   ({glue:text}`lin_1:.3f` of its loss): room for longer training;
-# - σ in [0.3, 1): clearly better than linear ({glue:text}`lin_03:.2f`) — it must know what
-#   digits look like — but {glue:text}`ratio_03:.1f` times the floor, which is low because the
-#   ideal denoiser of 1,797 images can still tell which one was noised;
+# - σ in [0.3, 1): clearly better than linear ({glue:text}`lin_03:.2f`) — it knows what digits
+#   look like — but {glue:text}`ratio_03:.1f` times the floor, low because the ideal denoiser
+#   of 1,797 images can still tell which one was noised;
 # - σ < 0.3: floor at most {glue:text}`small_floor_max:.1e` (memorisation), the network's loss
 #   at least {glue:text}`small_net_min:.2f`: it has not learned the digits by heart.
 #
@@ -982,8 +983,7 @@ assert np.all(ema_vs_raw < 1.0) and 0.95 < ema_vs_raw.mean() < 0.99
 # `edm_lit.training`: `ARCH_PRESETS`, `PRECOND_CLASSES`, `TRAIN_DEFAULTS`; `ShardedStream`,
 # `make_loader`; `learning_rate`, `ema_beta`, `update_ema`; `accumulate_gradients`,
 # `sanitize_gradients`; `SIGMA_BUCKETS`, `Stats`, `stat_names`; `TrainingRun` (construction,
-# `step`, `maintenance`, `run`), `training_loop`. Chapter 7b and Appendices A1.2, A3.5–A3.7, A7
-# complete it.
+# `step`, `maintenance`, `run`), `training_loop`; completed by 7b, A1.2, A3.5–A3.7 and A7.
 #
 # ## Exercises
 #
@@ -992,9 +992,9 @@ assert np.all(ema_vs_raw < 1.0) and 0.95 < ema_vs_raw.mean() < 0.99
 # 2. Why does the loop compute the rate and β from the images seen *before* the step?
 #
 # :::{dropdown} Answers
-# 1. Without the EMA the model is the last, jittering weights: the raw network above. A 20 kimg
-#    half-life is capped at 5 % of the progress anyway (1.5 kimg at 30 kimg); without the cap
-#    (`ema_rampup_ratio=None`) the average would still remember the untrained start.
+# 1. Without the EMA the model is the last, jittering weights (the raw network above). A 20 kimg
+#    half-life is capped at 5 % of the progress (1.5 kimg at 30 kimg); without the cap
+#    (`ema_rampup_ratio=None`) the average would remember the untrained start.
 # 2. Both depend on the progress n at the start of the step; at n = 0 the rate is 0 (Adam only
 #    initialises its moments) and β = 0 (the EMA starts as a copy of the network).
 # :::

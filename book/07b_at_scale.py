@@ -19,6 +19,9 @@
 # %% [markdown]
 # # 7b. Training at scale
 #
+# > The training and sampling of diffusion models needs a lot of electricity; our project
+# > consumed ∼250MWh on an in-house cluster of NVIDIA V100s. — Karras et al. 2022, §6
+#
 # Chapter 7's loop trains the tiny network on one CPU core; the paper's runs take days on 8 to
 # 32 GPUs. It is the same loop. This chapter adds what scale asks of it:
 # lower precision, the speed options, several GPUs, snapshots and a resume that continues a
@@ -89,6 +92,10 @@ def flat(tensors):  # one float64 vector on the CPU
 
 # %% [markdown]
 # ## 7b.1 Mixed precision
+#
+# > In practice, we store the trainable parameters as FP32 but cast them to FP16 when
+# > evaluating $F_\theta$, except for the embedding and self-attention layers, where we found
+# > the limited exponent range of FP16 to occasionally lead to stability issues. — App. F.3
 #
 # Half-precision floats are twice as fast on a GPU's tensor cores and take half the memory,
 # but fp16 covers a narrow range, while bfloat16 keeps fp32's exponent:
@@ -221,6 +228,9 @@ plt.tight_layout()
 #
 # ## 7b.3 Several GPUs
 #
+# > Specifically, we increase the parallelism from 4 to 8 GPUs and batch size from 128 to 512
+# > or 256, depending on the resolution. — App. F.3
+#
 # Under `torchrun` each of $W$ ranks takes $B/W$ images of the step (§7.2), computes their
 # gradient, and DistributedDataParallel averages the ranks' gradients:
 #
@@ -330,6 +340,9 @@ except ValueError as e:
 
 # %% [markdown]
 # ## 7b.4 Snapshots and exact resume
+#
+# > We saved a snapshot of the model every 2.5 million images and reported results for the
+# > snapshot that achieved the lowest FID […] — App. F.3
 #
 # A run of days will be interrupted. What it needs to continue is its **state** after $n$
 # images — everything the future depends on — and the state after the next step is a function
@@ -634,6 +647,9 @@ for case, flags in bad_inputs.items():
 # %% [markdown]
 # ## 7b.6 A run that diverges
 #
+# > Instead of improving FID per se, the main benefit of our preconditioning is that it makes
+# > the training more robust […] — §5
+#
 # The nan/inf guard of §7.4 absorbs one batch whose loss overflows. It cannot absorb weights
 # that are no longer finite (too large a learning rate, a broken `--transfer` network), and it
 # hides a loss that is never finite any more, by zeroing every gradient: either way the run
@@ -700,8 +716,10 @@ assert names == ["network-snapshot-000000.json"]
 # %% [markdown]
 # ## 7b.7 Full mode: the paper's recipe on your data set
 #
-# The paper trains DDPM++ with EDM's preconditioning and loss at two resolutions (App. F.2,
-# Table 7):
+# > Table 7 shows the exact set of hyperparameters that we used in our training experiments
+# > reported in Section 5. — App. F.3
+#
+# The paper trains DDPM++ with EDM's preconditioning and loss at two resolutions:
 #
 # $$32^2\!:\ B = 512,\ \eta = 10^{-3},\ p_\text{drop} = 0.13,\ p_\text{aug} = 0.12; \qquad
 # 64^2\!:\ B = 256,\ \eta = 2 \cdot 10^{-4},\ p_\text{drop} = 0.05,\ p_\text{aug} = 0.15,$$
@@ -716,7 +734,7 @@ assert names == ["network-snapshot-000000.json"]
 
 # %% tags=["export"]
 def paper_recipe(resolution: int, labelled: bool) -> dict:
-    """The paper's train flags for data of this resolution (App. F.2, Table 7): DDPM++,
+    """The paper's train flags for data of this resolution (App. F.3, Table 7): DDPM++,
     EDM. Chapter 7b.
 
     32x32: the CIFAR-10 recipe (the official defaults); 64x64: the FFHQ/AFHQv2 recipe

@@ -522,14 +522,12 @@ plt.show()
 # same images. The pytorch-fid port is documented to differ slightly from the TensorFlow original (§8.4).
 #
 # **The ImageNet rows.** The pre-trained ADM network with EDM's stochastic sampler (1.55) uses the sampler
-# settings of the paper's Table 5 (Appendix E) for that network: S_churn = 80, S_tmin = 0.05,
-# S_tmax = 50, S_noise = 1.003, as quoted from Table 5 by the defaults of lucidrains'
-# `denoising-diffusion-pytorch` (`ElucidatedDiffusion`: "parameters for stochastic sampling - depends on
-# dataset, Table 5 in paper"); we could not open the paper's table itself in this build, so check it before
-# relying on the number. The step count, 256 (511 NFE), is that of the official README's ImageNet command.
+# settings of the paper's Table 5 (App. E.2, "Stochastic sampling parameters", ImageNet column "Pre-trained"):
+# S_churn = 80, S_tmin = 0.05, S_tmax = 50, S_noise = 1.003. The step count, 256 (511 NFE), is that of
+# the paper's Fig. 5c and of the official README's ImageNet command.
 # Its reference, `imagenet-64x64-baseline.npz`, exists only as statistics (derived from Dhariwal and
 # Nichol's, on slightly different training data), so that row is compared with the official `fid.py`. EDM's
-# own ImageNet network uses the README's settings (S_churn = 40, otherwise the same).
+# own ImageNet network uses Table 5's "Our model" column, as the README does (S_churn = 40, otherwise the same).
 
 # %%
 import os

@@ -34,8 +34,7 @@ from edm_lit.files import append_durable, remove_stale_temp_files, write_atomic 
 
 # ── 07_training.py § 7.1 The recipe as one configuration ──
 
-# --arch presets: SongUNet / DhariwalUNet arguments (paper App. F.2) and our CPU-sized
-# 'ddpmpp-tiny'.
+# --arch presets: the paper's networks (App. F.4) and our CPU-sized 'ddpmpp-tiny'.
 _DDPMPP = {"model_type": "SongUNet", "embedding_type": "positional",
            "encoder_type": "standard", "decoder_type": "standard",
            "channel_mult_noise": 1, "resample_filter": [1, 1]}
@@ -750,7 +749,7 @@ def _check_finite(run) -> None:
 # ── 07b_at_scale.py § 7b.7 Full mode: the paper's recipe on your data set ──
 
 def paper_recipe(resolution: int, labelled: bool) -> dict:
-    """The paper's train flags for data of this resolution (App. F.2, Table 7): DDPM++,
+    """The paper's train flags for data of this resolution (App. F.3, Table 7): DDPM++,
     EDM. Chapter 7b.
 
     32x32: the CIFAR-10 recipe (the official defaults); 64x64: the FFHQ/AFHQv2 recipe
