@@ -257,7 +257,9 @@ assert Path(options["run_dir"]).name == expected
 # `log.txt` for people. Each step that can fail shares its error with every rank
 # (`agree_on_error`, Appendix A5) before going on: all ranks exit together with status 1 and
 # one line, none waits for the others forever. A run that fails while being built leaves no
-# directory behind. The module ends here, with the lines that make `python -m edm_lit.train`
+# directory behind. Running out of memory (GPU or CPU), while building or training, is one
+# line naming `--batch-gpu`, the flag that helps; the snapshots and states already written
+# stay. The module ends here, with the lines that make `python -m edm_lit.train`
 # run `main` (Chapter 7b).
 
 # %% tags=["export:train"]
@@ -277,6 +279,19 @@ def device_warning(options: dict, device) -> str:
                 "configuration above is valid, but a run of it here is refused (on a "
                 "CPU use --bf16)")
     return None
+
+
+def out_of_memory(e: BaseException, split: tuple, device) -> str | None:
+    """The one line for an allocation that failed (a GPU's or the CPU's), naming the
+    flag that helps; None for any other error. `split` is (images per round, rounds).
+    Appendix A7."""
+    cpu = isinstance(e, RuntimeError) and "can't allocate memory" in str(e)
+    if not (isinstance(e, (torch.OutOfMemoryError, MemoryError)) or cpu):
+        return None
+    per_round, rounds = split
+    return (f"out of {torch.device(device).type} memory with {per_round} images per "
+            f"round ({rounds} round(s) per step): use a smaller --batch-gpu (the batch "
+            "stays --batch, the rounds add up)")
 
 
 def _agreed_failure(error, rank: int) -> bool:
@@ -328,13 +343,17 @@ def run_train(args: argparse.Namespace, out=None) -> int:
                 print(f"edm-lit train: warning: {warning}", file=sys.stderr)
             say("Dry run; exiting.")
             return 0
-        return _claim_build_train(args, flags, options, out, rank, device)
+        return _claim_build_train(args, flags, options, out, (rank, world_size),
+                                  device)
     finally:
         if torch.distributed.is_available() and torch.distributed.is_initialized():
             torch.distributed.destroy_process_group()
 
 
-def _claim_build_train(args, flags: dict, options: dict, out, rank: int, device) -> int:
+# %% tags=["export:train"]
+def _claim_build_train(args, flags: dict, options: dict, out, ranks: tuple,
+                       device) -> int:
+    rank, world_size = ranks
     run_dir, log_file, created, error = None, None, [], None
     if rank == 0:  # claim before building anything (a test that it can be written)
         try:
@@ -346,10 +365,16 @@ def _claim_build_train(args, flags: dict, options: dict, out, rank: int, device)
     if _agreed_failure(error, rank):
         return 1
     trainer, error = None, None
+    split = training.split_batch(options["batch_size"], world_size,
+                                 options["batch_gpu"])
     try:  # builds everything and loads --resume/--transfer; writes nothing yet
         trainer = training.TrainingRun(**options, device=device, progress_bar=rank == 0)
     except ValueError as e:
         error = str(e)
+    except (RuntimeError, MemoryError) as e:
+        error = out_of_memory(e, split, device)
+        if error is None:
+            raise
     if _agreed_failure(error, rank):
         if log_file is not None:
             log_file.close()
@@ -369,6 +394,13 @@ def _claim_build_train(args, flags: dict, options: dict, out, rank: int, device)
     except training.TrainingDiverged as e:  # raised on every rank at the same tick
         if rank == 0:
             print(f"edm-lit train: error: {e}", file=sys.stderr)
+        return 1
+    except (RuntimeError, MemoryError) as e:  # this rank's; torchrun stops the others
+        error = out_of_memory(e, split, device)
+        if error is None:
+            raise
+        where = f" (rank {rank})" if world_size > 1 else ""
+        print(f"edm-lit train: error{where}: {error}", file=sys.stderr)
         return 1
     finally:
         if log_file is not None:
@@ -411,6 +443,45 @@ with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(err):
 print(err.getvalue().strip())
 assert status == 1 and err.getvalue().count("\n") == 1
 assert not (WORK / "failed").exists()
+
+# %% [markdown]
+# **Check** — a run whose step runs out of memory (here the step raises what PyTorch's CPU
+# allocator raises; a GPU's `torch.OutOfMemoryError` is handled alike, `tests/`) ends in one
+# line naming `--batch-gpu`, status 1, its first snapshot kept; any other error in the step
+# is not dressed up as one.
+
+
+# %% tags=["hide-input"]
+def failing_step(error):
+    def step(self):  # the first step trains (tick 0 writes a snapshot), the next fails
+        if self.cur_nimg > 0:
+            raise error
+        real_step(self)
+    return step
+
+
+real_step, lines, statuses = training.TrainingRun.step, {}, {}
+for name, error in [("oom", RuntimeError("DefaultCPUAllocator: can't allocate memory: "
+                                          "you tried to allocate 2147483648 bytes.")),
+                    ("bug", RuntimeError("a bug, not a lack of memory"))]:
+    training.TrainingRun.step = failing_step(error)
+    err = io.StringIO()
+    try:
+        with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(err):
+            status = train_command.main([f"--outdir={WORK / name}", *flags])
+    except RuntimeError as e:
+        status = f"raised {type(e).__name__}: {e}"
+    finally:
+        training.TrainingRun.step = real_step
+    last = [line.rsplit("\r", 1)[-1] for line in err.getvalue().splitlines()]
+    lines[name] = [line for line in last if line.strip() and " kimg [" not in line]
+    statuses[name] = status
+    print(name, status, lines[name])
+(oom_dir,) = (WORK / "oom").iterdir()
+assert statuses["oom"] == 1 and len(lines["oom"]) == 1
+assert "--batch-gpu" in lines["oom"][0]
+assert (oom_dir / "network-snapshot-000000.json").exists()
+assert statuses["bug"] == "raised RuntimeError: a bug, not a lack of memory"
 
 # %% [markdown]
 # ## A7.3 The statistics of a tick

@@ -4,7 +4,8 @@
 """train: exported from 7b. Training at scale and A1. The command line and A7. From flags to a run: the training command's engineering (book/07b_at_scale.py, book/A1_cli.py, book/A7_train_command.py)."""
 
 __all__ = ['build_parser', 'main', 'parse_bool', 'parse_int_list', 'TRAIN_FLAGS',
-           'add_train_arguments', 'to_argv', 'device_warning', 'run_train']
+           'add_train_arguments', 'to_argv', 'device_warning', 'out_of_memory',
+           'run_train']
 
 
 # ── 07b_at_scale.py § 7b.5 The command line ──
@@ -182,6 +183,19 @@ def device_warning(options: dict, device) -> str:
     return None
 
 
+def out_of_memory(e: BaseException, split: tuple, device) -> str | None:
+    """The one line for an allocation that failed (a GPU's or the CPU's), naming the
+    flag that helps; None for any other error. `split` is (images per round, rounds).
+    Appendix A7."""
+    cpu = isinstance(e, RuntimeError) and "can't allocate memory" in str(e)
+    if not (isinstance(e, (torch.OutOfMemoryError, MemoryError)) or cpu):
+        return None
+    per_round, rounds = split
+    return (f"out of {torch.device(device).type} memory with {per_round} images per "
+            f"round ({rounds} round(s) per step): use a smaller --batch-gpu (the batch "
+            "stays --batch, the rounds add up)")
+
+
 def _agreed_failure(error, rank: int) -> bool:
     """Every rank learns every rank's error (rank 0 prints it): all stop together."""
     error = distributed.agree_on_error(error)
@@ -229,13 +243,15 @@ def run_train(args: argparse.Namespace, out=None) -> int:
                 print(f"edm-lit train: warning: {warning}", file=sys.stderr)
             say("Dry run; exiting.")
             return 0
-        return _claim_build_train(args, flags, options, out, rank, device)
+        return _claim_build_train(args, flags, options, out, (rank, world_size),
+                                  device)
     finally:
         if torch.distributed.is_available() and torch.distributed.is_initialized():
             torch.distributed.destroy_process_group()
 
-
-def _claim_build_train(args, flags: dict, options: dict, out, rank: int, device) -> int:
+def _claim_build_train(args, flags: dict, options: dict, out, ranks: tuple,
+                       device) -> int:
+    rank, world_size = ranks
     run_dir, log_file, created, error = None, None, [], None
     if rank == 0:  # claim before building anything (a test that it can be written)
         try:
@@ -247,10 +263,16 @@ def _claim_build_train(args, flags: dict, options: dict, out, rank: int, device)
     if _agreed_failure(error, rank):
         return 1
     trainer, error = None, None
+    split = training.split_batch(options["batch_size"], world_size,
+                                 options["batch_gpu"])
     try:  # builds everything and loads --resume/--transfer; writes nothing yet
         trainer = training.TrainingRun(**options, device=device, progress_bar=rank == 0)
     except ValueError as e:
         error = str(e)
+    except (RuntimeError, MemoryError) as e:
+        error = out_of_memory(e, split, device)
+        if error is None:
+            raise
     if _agreed_failure(error, rank):
         if log_file is not None:
             log_file.close()
@@ -270,6 +292,13 @@ def _claim_build_train(args, flags: dict, options: dict, out, rank: int, device)
     except training.TrainingDiverged as e:  # raised on every rank at the same tick
         if rank == 0:
             print(f"edm-lit train: error: {e}", file=sys.stderr)
+        return 1
+    except (RuntimeError, MemoryError) as e:  # this rank's; torchrun stops the others
+        error = out_of_memory(e, split, device)
+        if error is None:
+            raise
+        where = f" (rank {rank})" if world_size > 1 else ""
+        print(f"edm-lit train: error{where}: {error}", file=sys.stderr)
         return 1
     finally:
         if log_file is not None:

@@ -279,3 +279,46 @@ def test_a_tick_without_one_finite_loss_stops_the_run(tmp_path):
     with pytest.raises(training.TrainingDiverged, match="no loss of the last 16 steps was finite"):
         run.run()
     assert sorted(p.name for p in tmp_path.glob("*.json")) == ["network-snapshot-000000.json"]  # tick 0: one step
+
+
+def fail_after_first_step(monkeypatch, error):
+    """The run's first step trains (tick 0 writes its snapshot); every later one raises `error`."""
+    real_step = training.TrainingRun.step
+
+    def step(self):
+        if self.cur_nimg > 0:
+            raise error
+        real_step(self)
+    monkeypatch.setattr(training.TrainingRun, "step", step)
+
+
+@pytest.mark.parametrize("error", [
+    torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB (GPU 0; 139.8 GiB total capacity)"),
+    RuntimeError("[enforce fail at alloc_cpu.cpp:127] DefaultCPUAllocator: can't allocate memory: you tried to "
+                 "allocate 40000000000000 bytes. Error code 12 (Cannot allocate memory)"),
+    MemoryError()], ids=["cuda", "cpu", "python"])
+def test_out_of_memory_while_training_is_one_line_naming_batch_gpu(tmp_path, capsys, monkeypatch, error):
+    fail_after_first_step(monkeypatch, error)
+    data, run_dir = image_folder(tmp_path / "data"), tmp_path / "run"
+    status = train_cli.main(["--outdir", str(run_dir), "--nosubdir", "--batch-gpu=8", *tiny_flags(data)])
+    err = one_line_error(capsys, status)
+    assert "out of " in err and "8 images per round (4 round(s) per step)" in err and "--batch-gpu" in err
+    assert (run_dir / "network-snapshot-000000.json").exists()  # what was written stays
+
+
+def test_out_of_memory_while_building_is_one_line_and_leaves_no_directory(tmp_path, capsys, monkeypatch):
+    def build(self, *args, **kwargs):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 MiB")
+    monkeypatch.setattr(training.TrainingRun, "_build", build)
+    data = image_folder(tmp_path / "data")
+    status = train_cli.main(["--outdir", str(tmp_path / "runs"), *tiny_flags(data)])
+    err = one_line_error(capsys, status)
+    assert "out of " in err and "--batch-gpu" in err
+    assert not (tmp_path / "runs").exists() or not any((tmp_path / "runs").iterdir())
+
+
+def test_another_runtime_error_in_a_step_is_not_called_out_of_memory(tmp_path, monkeypatch):
+    fail_after_first_step(monkeypatch, RuntimeError("a bug"))
+    data = image_folder(tmp_path / "data")
+    with pytest.raises(RuntimeError, match="a bug"):
+        train_cli.main(["--outdir", str(tmp_path / "run"), "--nosubdir", *tiny_flags(data)])
