@@ -244,6 +244,12 @@ def resolution_1x1(w, run):
     run(["dataset", "--source=digits", f"--dest={w / 'o.zip'}", "--resolution=1x1"])
 
 
+def as_in_a_terminal():
+    """In the command's process: Ctrl-C (SIGINT) acts as in a terminal. A survey started in the background
+    (`cmd &` in a script) runs with SIGINT ignored, and its children would inherit that."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def wait_for_partial(w: Path, proc, limit=60):
     """Until the converter has started writing (a new hidden or partial file beside --dest)."""
     end = time.time() + limit
@@ -679,8 +685,9 @@ class Runner:
         cmd = [sys.executable, "-m", "edm_lit.cli", *args]
         if start:
             return subprocess.Popen(cmd, env=self.env, cwd=self.w, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                                    text=True)
-        run = subprocess.run(cmd, env=self.env, cwd=self.w, capture_output=True, text=True, timeout=self.timeout)
+                                    text=True, preexec_fn=as_in_a_terminal)
+        run = subprocess.run(cmd, env=self.env, cwd=self.w, capture_output=True, text=True, timeout=self.timeout,
+                             preexec_fn=as_in_a_terminal)
         if check and run.returncode:
             raise RuntimeError(f"setup failed: {' '.join(args)}: {run.stderr[-500:]}")
         if not check:
