@@ -289,9 +289,10 @@ def out_of_memory(e: BaseException, split: tuple, device) -> str | None:
     if not (isinstance(e, (torch.OutOfMemoryError, MemoryError)) or cpu):
         return None
     per_round, rounds = split
+    rounds = f"{rounds} rounds" if rounds > 1 else "1 round"
     return (f"out of {torch.device(device).type} memory with {per_round} images per "
-            f"round ({rounds} round(s) per step): use a smaller --batch-gpu (the batch "
-            "stays --batch, the rounds add up)")
+            f"round ({rounds} per step): use a smaller --batch-gpu (the batch stays "
+            "--batch, the rounds add up)")
 
 
 def _agreed_failure(error, rank: int) -> bool:

@@ -113,6 +113,7 @@ def _blit_translate_int(pipe, images):
 _BLITS = (("xflip", _blit_xflip), ("yflip", _blit_yflip),
           ("rotate_int", _blit_rotate_int), ("translate_int", _blit_translate_int))
 
+
 def _geo_scale(pipe, n, height, width, device):
     w = _keep(torch.randn(n, device=device), pipe.scale * pipe.p, n)
     factor = torch.exp2(w * pipe.scale_std)
@@ -204,6 +205,7 @@ def _separable(x, taps, transpose, stride, axis):
         pad = (0, (k - 1) // 2) if axis == 3 else ((k - 1) // 2, 0)
         return F.conv_transpose2d(x, weight, stride=strides, padding=pad, groups=C)
     return F.conv2d(x, weight, stride=strides, groups=C)
+
 
 def warp_affine(images, inverse, taps=SYM6):
     """Resample `images` [N, C, H, W] so that output pixel q shows input position
@@ -314,6 +316,7 @@ def apply_color(images, matrix):
         return torch.einsum("nij,njhw->nihw", linear, images) + offset[:, :, None, None]
     gain, shift = linear.sum(2).mean(1), offset.mean(1)
     return images * gain[:, None, None, None] + shift[:, None, None, None]
+
 
 LABEL_SIZES = {"xflip": 1, "yflip": 1, "rotate_int": 2, "translate_int": 2, "scale": 1,
                "rotate_frac": 2, "aniso": 2, "translate_frac": 2, "brightness": 1,

@@ -48,6 +48,7 @@ _MAX_LIST = 16  # entries of a list argument (channel_mult, attn_resolutions, ..
 _MAX_INT = 1 << 16  # an integer constructor argument (channels, resolution, ...)
 _CAPS = {"num_blocks": 64, "M": 10_000}  # a number of modules; iDDPM's CPU table
 
+
 def _read_regular_file(path, max_bytes=None) -> bytearray:
     """The bytes of a regular file of at most max_bytes (else MAX_FILE_BYTES); FIFOs,
     devices and directories are refused without blocking."""
@@ -176,6 +177,7 @@ class _SnapshotUnpickler:
             raise self.fail("the pickle does not end with exactly one value")
         return self.stack.pop()
 
+
 def _extend(m, values, what):
     m.grow(m.top((list,), what), values).extend(values)
 
@@ -245,6 +247,7 @@ def _persistent(m):
         raise CheckpointError("refusing a pickle with persistent ids: not the official "
                               "snapshot format")
     return m.persistent_load(pid)
+
 
 def _proto(m):
     if m.uint(1) > 5:
@@ -395,6 +398,7 @@ def _reconstruct_persistent_obj(meta):
                               "a checkpoint: not an allowed class")
     return PersistentObject(name, meta["state"])  # meta["module_src"] is never read
 
+
 _STORAGE_TYPES = {("torch", f"{name}Storage"): dtype for name, dtype in [
     ("Float", torch.float32), ("Double", torch.float64), ("Half", torch.float16),
     ("BFloat16", torch.bfloat16), ("Long", torch.int64), ("Int", torch.int32),
@@ -478,6 +482,7 @@ def _rebuild_tensor(storage, offset, size, stride, requires_grad=False,
     if storage.used > have:
         raise CheckpointError("tensors in the pickle share storage elements: refused")
     return torch.as_strided(storage.flat, tuple(size), tuple(stride), offset)
+
 
 def _scalar_set(items=()):
     """builtins.set in a pickle: scalar members only, so hashing is cheap."""
@@ -631,6 +636,7 @@ def _check_shapes(expected: dict, found: dict, source) -> None:
         raise CheckpointError(f"{source} does not fit the network: "
                               + "; ".join(problems))
 
+
 def _collect(record, module, prefix, out, owner):
     """The tensors of a record tree into out[dotted name], walking along our module
     tree; `owner` (id -> entry) lets a tensor object fill one entry only."""
@@ -782,6 +788,7 @@ def network_config(net) -> dict:
     kwargs.update((k, v) for k, v in inner_kwargs if k not in _INTERFACE)
     return {"class_name": cls.__name__, "init_kwargs": kwargs}
 
+
 def _config_path(path) -> Path:
     """The .json of a pair from its name with either suffix or none (weights may carry
     their hash)."""
@@ -848,6 +855,7 @@ def _safetensors_shapes(data: bytes, source) -> dict:
         raise CheckpointError(f"{source} is not a complete safetensors file "
                               "(truncated?)")
     return shapes
+
 
 def save_network(net, path) -> tuple:
     """Write `net` as PATH.json + PATH-<hash>.safetensors, atomically as a pair; returns
@@ -983,6 +991,7 @@ def _verify_complete(part: Path, name: str, url: str) -> None:
         raise CheckpointError(f"could not download {url}: the server sent no "
                               "Content-Length and the file it sent is incomplete or "
                               f"corrupt ({e}); nothing was cached") from None
+
 
 @contextlib.contextmanager
 def _exclusive(lock: Path):

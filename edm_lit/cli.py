@@ -57,6 +57,7 @@ def _package_map() -> str:
     columns = f"  {'module':<13} {'what':<50}  book"
     return "\n".join([head, "", columns, *rows, "", _TRAIN_NOTE])
 
+
 def _info(args) -> int:
     try:
         mode = get_mode()
@@ -106,6 +107,7 @@ def _dataset(args) -> int:
         return 130
     print(f"wrote {dest}")
     return 0
+
 
 def build_parser() -> argparse.ArgumentParser:
     """The `edm-lit` argument parser with one subparser per subcommand. Appendix A1."""

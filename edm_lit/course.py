@@ -287,6 +287,7 @@ def random_image_folder(root, n=16, resolution=32, channels=3, classes=10,
         (root / "dataset.json").write_text(json.dumps({"labels": labels}))
     return root
 
+
 QUICK_FLAGS = dict(data="digits", arch="ddpmpp-tiny", cond=False, duration=0.03,
                    batch=64, lr=2e-3, lr_rampup=0.001, ema=0.002, dropout=0.0,
                    augment=0.0, tick=5, snap=3, dump=6, workers=1, grid=64)
@@ -321,6 +322,7 @@ def train_quick(run_dir, seed: int = 0, log=None, device="cpu", **overrides):
         finally:
             torch.set_num_threads(threads)
     return load_network(final)
+
 
 # How close a rerun of the quick model must be to the committed one (relative L2).
 REPRODUCTION_TOLERANCE = {"outputs": 2e-4, "weights": 3e-3, "final_loss": 1e-5}
@@ -361,6 +363,7 @@ def compare_models(a, b, sigmas=(0.01, 0.1, 0.5, 1.0, 5.0, 50.0), n: int = 64,
         outputs[float(sigma)] = ((da - db).norm() / db.norm()).item()
     worst = max(per_tensor.items(), key=lambda kv: kv[1])
     return {"weights": total, "worst_tensor": worst, "outputs": outputs}
+
 
 @torch.no_grad()
 def loss_per_bucket(denoise, data: torch.Tensor, n: int = 512, seed: int = 1,

@@ -259,6 +259,7 @@ def _store_source(store, where: str, max_images, is_folder: bool) -> Source:
 
     return Source(count, items(), bool(labels), lambda i: f"{where}/{names[i]}")
 
+
 TRANSFORMS = ("center-crop", "center-crop-wide")
 
 
@@ -294,6 +295,7 @@ def transform_image(image: np.ndarray, resolution=None, transform=None):
     canvas = np.zeros([out_w, out_w, 3], np.uint8)
     canvas[offset:offset + out_h] = _resized(image[top:top + band], (out_w, out_h))
     return canvas
+
 
 def _write(open_items, dest, resolution, transform, progress) -> Path:
     """Claim a temporary output, then read the source (`open_items()`) and write it."""
@@ -338,6 +340,7 @@ def write_dataset(source: Source, dest, resolution=None, transform=None, progres
     """Write `source` as a data set in the official layout at `dest` (.zip or folder),
     atomically; returns `dest` as a Path. Chapter 6."""
     return _write(lambda: source, dest, resolution, transform, progress)
+
 
 def open_source(source, max_images=None) -> Source:
     """Recognise a source: 'digits', an image folder, a .zip of images or
@@ -588,6 +591,7 @@ class _FolderStore:
 
     def close(self):
         pass
+
 
 class _ZipStore:
     """Members of a ZIP archive, opened lazily, and again in every other process."""
@@ -995,6 +999,7 @@ def _remove_stale_partials(dest: Path):
                 _remove(path)
         finally:
             os.close(fd)
+
 
 def _claim(temp: Path, dest: Path, as_zip: bool):
     """Give the finished `temp` its final name `dest`, never replacing a data set."""

@@ -383,6 +383,7 @@ class _Mixed(torch.nn.Module):
             outputs.append(y)
         return torch.cat(outputs, 1)
 
+
 _ROW7, _COL7 = ((1, 7), 1, (0, 3)), ((7, 1), 1, (3, 0))
 _ROW3, _COL3 = ((1, 3), 1, (0, 1)), ((3, 1), 1, (1, 0))
 
@@ -434,6 +435,7 @@ def _reduction_7a():
                 ("branch7x7x3_3", 192, 192, *_COL7), ("branch7x7x3_4", 192, 192, 3, 2)],
          []),
         ("max/2", [], [])])
+
 
 INCEPTION_RESOLUTION = 299
 INCEPTION_FEATURES = 2048
@@ -605,6 +607,7 @@ def save_reference(path, mu, sigma, detector=None):
     np.savez(buffer, mu=mu, sigma=sigma, **record)
     write_atomic(path, buffer.getvalue())
 
+
 def _declared(z, info, path, size):
     """The shape of an .npy member, refused if it claims more than the file holds."""
     with z.open(info) as f:
@@ -658,6 +661,7 @@ def read_npz(path, keys, optional=(), what="an .npz"):
                          f"{e}); truncated, damaged, or not an .npz (e.g. an .npy "
                          f"renamed)") from None
 
+
 def _read_reference(path_or_url, cache=None):
     """(mu, sigma, detector) of a reference, each checked, errors naming the file."""
     path = download(path_or_url, cache) if is_url(path_or_url) else path_or_url
@@ -683,6 +687,7 @@ def reference_detector(path_or_url, cache=None):
     """The feature network a reference records (NVIDIA_DETECTOR when none).
     Appendix A6b.3."""
     return _read_reference(path_or_url, cache)[2]
+
 
 import warnings
 

@@ -127,6 +127,7 @@ def write_png(path, image, durable: bool = False) -> Path:
     `durable`). Appendix A3."""
     return write_atomic(path, png_bytes(image), durable=durable)
 
+
 import torch
 
 

@@ -72,6 +72,7 @@ def _flatten(x, sigma, shape, device):
                          f"({N}), got {sigma.numel()} values")
     return x.to(torch.float64).reshape(N, -1), sigma.expand(N)
 
+
 class GaussianMixture:
     """p_data = sum_k w_k N(mu_k, s_k^2 I): closed-form p(x; sigma), score and ideal
     denoiser (Eq. 2, 3). Chapter 1.
@@ -166,6 +167,7 @@ class GaussianMixture:
     def __call__(self, x, sigma, class_labels=None, **kwargs):
         """D(x; sigma) in x's dtype: the interface of a trained denoiser network."""
         return self.denoise(x, sigma).to(x.dtype)
+
 
 def toy_image_mixture(num_components: int = 8, channels: int = 3, resolution: int = 8,
                       std: float = 0.1, seed: int = 0) -> GaussianMixture:
@@ -306,6 +308,7 @@ class Schedule:
     def _s_deriv(self, t):
         return torch.zeros_like(t)
 
+
 class VP(Schedule):
     """Variance preserving (Table 1, column VP):
     sigma(t) = sqrt(exp(beta_d t^2/2 + beta_min t) - 1). Chapter 1."""
@@ -369,6 +372,7 @@ class VP(Schedule):
     def _time_steps(self, frac):
         return 1 + frac * (self.epsilon_s - 1)
 
+
 class VE(Schedule):
     """Variance exploding (Table 1, column VE): sigma(t) = sqrt(t), s(t) = 1.
     Chapter 1."""
@@ -389,6 +393,7 @@ class VE(Schedule):
 
     def _time_steps(self, frac):
         return self.sigma_max**2 * (self.sigma_min**2 / self.sigma_max**2) ** frac
+
 
 def iddpm_u(M: int = 1000, C_1: float = 0.001, C_2: float = 0.008,
             dtype=torch.float64) -> torch.Tensor:
@@ -424,6 +429,7 @@ class IDDPM(Schedule):
     def _time_steps(self, frac):
         j = torch.floor(self.j_0 + (self.M - 1 - self.j_0) * frac + 0.5).to(torch.int64)
         return self.u[j]
+
 
 def edm_sigma_steps(num_steps: int, sigma_min: float = 0.002, sigma_max: float = 80.0,
                     rho: float = 7.0, device=None) -> torch.Tensor:

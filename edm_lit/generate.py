@@ -155,6 +155,7 @@ def _seeds_argument(text):
     except ValueError as e:
         raise argparse.ArgumentTypeError(str(e)) from None
 
+
 _SAMPLER_FLAGS = ("num_steps", "sigma_min", "sigma_max", "rho", "S_churn", "S_min",
                  "S_max", "S_noise", "solver", "discretization", "schedule", "scaling")
 
@@ -304,6 +305,7 @@ class Seeds(collections.abc.Sequence):
             return ",".join(map(str, p))
         return "Seeds(" + ",".join(text(p) for p in self.parts) + ")"
 
+
 def _seed_part(part, text):
     match = _RANGE.match(part)
     if match:
@@ -419,6 +421,7 @@ def place_network(network, device=None, default_device="cpu"):
         network = copy.deepcopy(network).to(device).eval().requires_grad_(False)
     return network, device
 
+
 _PRECISIONS = {"fp16": torch.float16, "bf16": torch.bfloat16}
 
 
@@ -495,6 +498,7 @@ class PngWriter:
         self.pending.clear()
         if failed and kind is None:
             raise failed[0]
+
 
 def npz_path(path):
     """The file np.savez writes for `path`: '.npz' appended unless the name ends with

@@ -50,6 +50,7 @@ class Linear(torch.nn.Module):
         bias = self.bias.to(x.dtype) if self.bias is not None else None
         return F.linear(x, self.weight.to(x.dtype), bias)
 
+
 class Conv2d(torch.nn.Module):
     """2-D convolution, optionally with 2x up/down-sampling (FIR filter). Chapter 5."""
 
@@ -273,6 +274,7 @@ def _decoder_roles(level, levels) -> tuple:
     entry = ["in0", "in1"] if level.index == len(levels) - 1 else ["up"]
     return entry, [f"block{i}" for i in range(level.num_blocks + 1)]
 
+
 class _LevelUNet(torch.nn.Module):
     """What SongUNet and DhariwalUNet share: `enc`, `dec` built from the level table."""
 
@@ -407,6 +409,7 @@ class _SongUNetForward(_LevelUNet):
         join = None if self.encoder_type == "standard" else self._join_image
         x, handed = self._encode(x, emb, join)
         return self._decode(x, emb, handed, after_level=self._image_out)[1]
+
 
 class SongUNet(_SongUNetForward):
     """DDPM++ / NCSN++ U-Net (Song et al. 2021), official arguments and keys. Chapter 5.

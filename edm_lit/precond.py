@@ -51,6 +51,7 @@ def _check_sigma_range(sigma_min, sigma_max):
                          f"sigma_min={sigma_min}, sigma_max={sigma_max}")
     return float(sigma_min), float(sigma_max)
 
+
 class Precond(torch.nn.Module):
     """D(x; sigma) = c_skip x + c_out F(c_in x; c_noise), Eq. 7, around F. Chapter 4.
 
@@ -117,6 +118,7 @@ class Precond(torch.nn.Module):
                                f"expected {dtype}")
         return c_skip * x + c_out * F_x[:, :self.img_channels].to(torch.float32)
 
+
 def vp_sigma(t, beta_d=19.9, beta_min=0.1):
     """sigma(t) of VP (Table 1), in the official arithmetic, in t's dtype. Chapter 4."""
     t = torch.as_tensor(t)
@@ -177,6 +179,7 @@ class VEPrecond(Precond):
     def coefficients(self, sigma):
         return 1, sigma, 1, (0.5 * sigma).log()
 
+
 class iDDPMPrecond(Precond):
     """iDDPM preconditioning (Table 1): sigma snaps to the table u, c_noise = its index.
     Chapter 4."""
@@ -208,6 +211,7 @@ class iDDPMPrecond(Precond):
     def coefficients(self, sigma):
         j = self.round_sigma(sigma, return_index=True).to(torch.float32)
         return 1, -sigma, 1 / (sigma**2 + 1).sqrt(), self.M - 1 - j
+
 
 class EDMPrecond(Precond):
     """EDM preconditioning (Table 1; B.6): unit-variance input, target. Chapter 4."""

@@ -22,6 +22,7 @@ _DISCRETIZATIONS = ("vp", "ve", "iddpm", "edm")
 _SCHEDULES = ("vp", "ve", "linear")
 _SCALINGS = ("vp", "none")
 
+
 def _check_choice(value, name, choices):
     """`value` if it is one of the strings `choices`; else a ValueError naming it."""
     if not isinstance(value, str) or value not in choices:

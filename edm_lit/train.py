@@ -69,6 +69,7 @@ def parse_int_list(text: str) -> list:
                                              f"1,2,5-7, got {text!r}") from None
     return values
 
+
 def _flag(kind, meta, text, **more) -> dict:
     return dict(type=kind, metavar=meta, help=text, **more)
 
@@ -143,6 +144,7 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPar
             group.add_argument(*names, **options)
     return parser
 
+
 def to_argv(flags: dict) -> list:
     """Flags as a dict (build_options' names) -> the command line giving them:
     ['--batch=32', ...]. Appendix A1."""
@@ -191,9 +193,10 @@ def out_of_memory(e: BaseException, split: tuple, device) -> str | None:
     if not (isinstance(e, (torch.OutOfMemoryError, MemoryError)) or cpu):
         return None
     per_round, rounds = split
+    rounds = f"{rounds} rounds" if rounds > 1 else "1 round"
     return (f"out of {torch.device(device).type} memory with {per_round} images per "
-            f"round ({rounds} round(s) per step): use a smaller --batch-gpu (the batch "
-            "stays --batch, the rounds add up)")
+            f"round ({rounds} per step): use a smaller --batch-gpu (the batch stays "
+            "--batch, the rounds add up)")
 
 
 def _agreed_failure(error, rank: int) -> bool:
@@ -218,6 +221,7 @@ def _announce(options: dict, flags: dict, world_size: int, say) -> None:
                          ("Mixed-precision",
                           net["use_fp16"] or options["autocast_dtype"] or False)]:
         say(f"{label + ':':<25}{value}")
+
 
 def run_train(args: argparse.Namespace, out=None) -> int:
     """Resolve, print, and (unless --dry-run) train. Returns an exit status, the same on
@@ -248,6 +252,7 @@ def run_train(args: argparse.Namespace, out=None) -> int:
     finally:
         if torch.distributed.is_available() and torch.distributed.is_initialized():
             torch.distributed.destroy_process_group()
+
 
 def _claim_build_train(args, flags: dict, options: dict, out, ranks: tuple,
                        device) -> int:

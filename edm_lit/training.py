@@ -269,6 +269,7 @@ def _add_methods(cls, **methods) -> None:
         function.__name__, function.__qualname__ = name, f"{cls.__name__}.{name}"
         setattr(cls, name, function)
 
+
 class TrainingRun:
     """The paper's training loop over one configuration (`build_options`): one CPU, one
     GPU or torchrun. Chapter 7.
@@ -331,6 +332,7 @@ class TrainingRun:
         self.batches = make_loader(self.dataset, self.batch_gpu, self.rank,
                                    self.world_size, self.seed, self.cur_nimg,
                                    **self.loader_kwargs)
+
 
 def _build(self, network_kwargs, loss_kwargs, optimizer_kwargs, augment_kwargs, loss_fn,
            torch_compile) -> None:
@@ -612,6 +614,7 @@ def _dump_state(run, kimg: int) -> None:
                             optimizer=run.optimizer, options=run.options, rng=rng,
                             progress=progress)
 
+
 def _transfer(run, source) -> None:
     """--transfer: start net and EMA from a snapshot's weights (ours or an official
     .pkl, loaded safely, Appendix A2)."""
@@ -881,6 +884,7 @@ def _open_log(run_dir: Path, in_place: bool, created: list):
         created.append(run_dir / "log.txt")
     return log
 
+
 def claim_run_dir(planned, nosubdir: bool, resume=None) -> tuple:
     """Create and claim the run directory build_options planned: (run_dir, log.txt,
     created). Appendix A3.
@@ -1020,6 +1024,7 @@ def state_path(run_dir, kimg: int) -> Path:
     .safetensors. Appendix A3."""
     return Path(run_dir) / f"training-state-{kimg:06d}.json"
 
+
 import hashlib
 
 
@@ -1065,6 +1070,7 @@ def save_training_state(path, *, net, ema, optimizer, progress: dict, options: d
               "options": _json_safe(options), "tensors": tensors_path.name,
               "tensors_sha256": hashlib.sha256(data).hexdigest()}
     return write_atomic(header_path, (json.dumps(header, indent=1) + "\n").encode())
+
 
 # The header's entries and their JSON types: nothing else is a state this code wrote.
 _STATE_HEADER = {"cur_nimg": int, "cur_tick": int, "world_size": int, "network": dict,
@@ -1117,6 +1123,7 @@ def read_training_state(path) -> tuple:
         raise ValueError(f"{tensors_path} is not a readable safetensors file: "
                          f"{e}") from None
 
+
 def find_training_state(path) -> tuple:
     """(header path, cur_nimg) of a training state given by file, or the latest complete
     one in a run directory. Appendix A3."""
@@ -1146,6 +1153,7 @@ def _state_seed(resume_state):
     seed = json.loads(Path(resume_state[0]).read_text())["options"].get("seed")
     valid = isinstance(seed, int) and not isinstance(seed, bool) and 0 <= seed < 2**31
     return seed if valid else None
+
 
 def _check_network(header: dict, net, path) -> None:
     """ValueError naming the arguments in which the state's network differs."""
@@ -1186,6 +1194,7 @@ def _match_layouts(optimizer) -> None:
                         and value.stride() != p.stride():
                     optimizer.state[p][name] = torch.empty_like(p, dtype=value.dtype)
                     optimizer.state[p][name].copy_(value)
+
 
 def load_training_state(path, *, net, ema, optimizer, rank: int, world_size: int,
                         device) -> dict:
@@ -1247,6 +1256,7 @@ def construct(class_name: str, **kwargs):
                          f"(from class_name {class_name!r})") from None
     return cls(**kwargs)
 
+
 def digits_path() -> Path:
     """Where `--data=digits` keeps the quick data set: $EDM_LIT_CACHE (else
     ~/.cache/edm_lit)/digits-8x8.zip. Appendix A7."""
@@ -1289,6 +1299,7 @@ def _dataset_kwargs(flags: dict) -> dict:
     return dict(class_name="edm_lit.data.ImageFolderDataset", path=str(data),
                 use_labels=bool(flags["cond"]), xflip=bool(flags["xflip"]),
                 cache=bool(flags["cache"]))
+
 
 def _refuse(f: dict, device: torch.device) -> None:
     """One-line ValueError, before any work, for flags that cannot train together."""

@@ -302,7 +302,7 @@ def test_out_of_memory_while_training_is_one_line_naming_batch_gpu(tmp_path, cap
     data, run_dir = image_folder(tmp_path / "data"), tmp_path / "run"
     status = train_cli.main(["--outdir", str(run_dir), "--nosubdir", "--batch-gpu=8", *tiny_flags(data)])
     err = one_line_error(capsys, status)
-    assert "out of " in err and "8 images per round (4 round(s) per step)" in err and "--batch-gpu" in err
+    assert "out of " in err and "8 images per round (4 rounds per step)" in err and "--batch-gpu" in err
     assert (run_dir / "network-snapshot-000000.json").exists()  # what was written stays
 
 

@@ -132,6 +132,8 @@ def render(module: str, blocks) -> str:
         if (path, section) != last:
             out.append(f"\n# ── {path.name} § {section} ──\n")
             last = (path, section)
+        else:
+            out.append("")  # two blank lines between blocks, as between top-level definitions
         out.append(code + "\n")
     return "\n".join(out).rstrip() + "\n"
 
